@@ -1,0 +1,1 @@
+"""cnnflow components: the registry and everything registered in it."""

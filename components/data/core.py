@@ -1,0 +1,191 @@
+"""What every data source shares: partitions, split strings, the fixed-seed split and the tf.data pipeline.
+
+A data source (registered as kind "dataset") returns a `Source`: its features (`DataInfo`) and its
+partitions ("train", "test", ...) as arrays. Which examples train, validate and test is set by
+TFDS-style split strings (`train`, `test[:8000]`, `train[10%:]`) and sizes, the same for every source:
+
+    train_split: train     valid_split: null (carve valid_size from the shuffled train pool)
+    train_size: 50000      valid_size: 10000     shuffle_buffer: 10000     test_split: test
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cnnflow.components import registry
+
+
+class DataError(registry.UserError, ValueError):
+    """Data that cannot be found, read or split as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Partition:
+    images: np.ndarray  # (n, height, width, channels) uint8
+    labels: np.ndarray  # (n,) int64
+
+
+class Source(Protocol):
+    info: DataInfo
+
+    def partition(self, name: str) -> Partition: ...
+
+
+# Class names of the datasets that come as bare label numbers.
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+}
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+def source_from(data: dict[str, Any]) -> Source:
+    """The configured data source, built once per process for the same settings."""
+    return _cached_source(data["source"], data["name"], data.get("path"), data.get("data_dir"), data.get("manual_dir"))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_source(source: str, name: str, path: str | None, data_dir: str | None, manual_dir: str | None) -> Source:
+    return registry.build("dataset", source, name=name, path=path, data_dir=data_dir, manual_dir=manual_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_partition(source: Source, partition: str) -> Partition:
+    return source.partition(partition)
+
+
+def partition_of(data: dict[str, Any], partition: str) -> Partition:
+    return _cached_partition(source_from(data), partition)
+
+
+# ---------------------------------------------------------------------------------- split strings
+
+_SPLIT = re.compile(r"^(?P<name>[A-Za-z_][\w-]*)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+def parse_split(split: str) -> tuple[str, slice]:
+    """`'test[:8000]'` -> ('test', slice(None, 8000)); percents (`train[:10%]`) as in TFDS."""
+    match = _SPLIT.match(split.replace(" ", ""))
+    if not match:
+        raise DataError(f"Bad split string {split!r}; use a partition name with an optional slice, "
+                        f"like 'train', 'test[:8000]', 'train[8000:]' or 'train[:10%]'")
+    return match["name"], slice(match["start"], match["stop"])
+
+
+def split_positions(split: str, partition_size: int) -> np.ndarray:
+    """Positions in the partition that a split string selects, in file order."""
+    _, bounds = parse_split(split)
+
+    def resolve(bound: str | None) -> int | None:
+        if bound is None:
+            return None
+        if bound.endswith("%"):
+            return round(int(bound[:-1]) * partition_size / 100)
+        return int(bound)
+
+    return np.arange(partition_size)[resolve(bounds.start) : resolve(bounds.stop)]
+
+
+# ------------------------------------------------------------------------------------------ split
+
+@dataclass(frozen=True)
+class Split:
+    """Which examples of which partition each of train/valid/test uses."""
+
+    partitions: dict[str, str]  # role -> partition name
+    indices: dict[str, np.ndarray]  # role -> positions in that partition
+
+    def sizes(self) -> dict[str, int]:
+        return {role: len(positions) for role, positions in self.indices.items()}
+
+    def save(self, path: str | Path) -> str:
+        np.savez(path, **{f"{role}_indices": pos for role, pos in self.indices.items()},
+                 **{f"{role}_partition": np.array(name) for role, name in self.partitions.items()})
+        return str(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Split:
+        with np.load(path) as saved:
+            roles = [key.removesuffix("_indices") for key in saved.files if key.endswith("_indices")]
+            return cls({r: str(saved[f"{r}_partition"]) for r in roles}, {r: saved[f"{r}_indices"] for r in roles})
+
+
+def shuffled(positions: np.ndarray, buffer_size: int, seed: int) -> np.ndarray:
+    """The order tf.data's `shuffle(buffer_size, seed, reshuffle_each_iteration=False)` gives once.
+
+    A buffer smaller than the data shuffles only locally, exactly like the chapter's pipeline.
+    """
+    if buffer_size <= 1 or len(positions) <= 1:
+        return positions
+    import tensorflow as tf
+
+    order = tf.data.Dataset.range(len(positions)).shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
+    return positions[next(iter(order.batch(len(positions)))).numpy()]
+
+
+def make_split(data: dict[str, Any], seed: int) -> Split:
+    """Train, validation and test positions as `data` configures them; same settings, same split."""
+    pool_name, _ = parse_split(data["train_split"])
+    pool = shuffled(split_positions(data["train_split"], len(partition_of(data, pool_name).labels)),
+                    data.get("shuffle_buffer") or 0, seed)
+    valid_size, train_size = data.get("valid_size"), data.get("train_size")
+    if data.get("valid_split"):
+        valid_name, _ = parse_split(data["valid_split"])
+        valid = split_positions(data["valid_split"], len(partition_of(data, valid_name).labels))[:valid_size]
+        train = pool[:train_size]
+    else:
+        valid_name, valid_size = pool_name, valid_size or 0
+        if valid_size >= len(pool):
+            raise DataError(f"data.valid_size={valid_size} leaves no training examples: "
+                            f"{data['train_split']!r} has only {len(pool)}")
+        valid = pool[:valid_size]
+        train = pool[valid_size:][:train_size]
+    test_name, _ = parse_split(data["test_split"])
+    test = split_positions(data["test_split"], len(partition_of(data, test_name).labels))
+    wanted = {"train": (train, train_size), "valid": (valid, valid_size)}
+    for role, (positions, size) in wanted.items():
+        if size is not None and len(positions) < size:
+            raise DataError(f"data.{role}_size={size} but only {len(positions)} examples are available "
+                            f"for {role}; lower data.{role}_size or widen the split")
+    return Split({"train": pool_name, "valid": valid_name, "test": test_name},
+                 {"train": train, "valid": valid, "test": test})
+
+
+# ---------------------------------------------------------------------------------------- tf.data
+
+def examples(data: dict[str, Any], split: Split, role: str) -> Partition:
+    """The images and labels of one role (train, valid or test) of a split."""
+    partition = partition_of(data, split.partitions[role])
+    positions = split.indices[role]
+    return Partition(partition.images[positions], partition.labels[positions])
+
+
+def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int):
+    """A batched, prefetched tf.data pipeline for one role; train-time transforms only for "train"."""
+    import tensorflow as tf
+
+    from cnnflow.components.augment import compose
+
+    chosen = examples(data, split, role)
+    training = role == "train"
+    transform = compose(data["transforms"]["train" if training else "eval"])
+    dataset = tf.data.Dataset.from_tensor_slices((chosen.images, chosen.labels))
+    if training and data.get("shuffle_each_epoch"):
+        dataset = dataset.shuffle(data["shuffle_each_epoch"], seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.map(lambda image, label: (transform(image), label), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(data["batch_size"]).prefetch(tf.data.AUTOTUNE)

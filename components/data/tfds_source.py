@@ -1,0 +1,79 @@
+"""TensorFlow Datasets: downloads for users with internet, reads a prepared `data_dir`, and takes the
+original files from `manual_dir` for users who fetched them by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnnflow.components.data.core import DataError, DataInfo, Partition
+from cnnflow.components.registry import register
+
+
+class TfdsSource:
+    def __init__(self, name: str, data_dir: str | None, manual_dir: str | None):
+        import tensorflow_datasets as tfds
+
+        try:
+            self.builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise DataError(f"TFDS has no dataset {name!r}; check data.name (e.g. mnist, fashion_mnist)") from None
+        if not manual_dir and not _is_prepared(self.builder) and not _online():
+            raise DataError(f"TFDS needs internet to download {name!r} and this machine has none; " + _LOCAL_HINT)
+        try:
+            self.builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+            )
+        except Exception as error:  # TFDS raises many types for a failed download; all mean the same here
+            raise DataError(
+                f"TFDS could not download or prepare {name!r} ({type(error).__name__}: {_first_line(error)}); "
+                + _LOCAL_HINT
+            ) from error
+        features = self.builder.info.features
+        self.info = DataInfo(
+            image_shape=tuple(features["image"].shape),
+            num_classes=features["label"].num_classes,
+            class_names=tuple(features["label"].names),
+        )
+
+    def partition(self, name: str) -> Partition:
+        import tensorflow_datasets as tfds
+
+        if name not in self.builder.info.splits:
+            raise DataError(f"TFDS {self.builder.name!r} has partitions {sorted(self.builder.info.splits)}, not {name!r}")
+        dataset = self.builder.as_dataset(split=name, shuffle_files=False, as_supervised=True, batch_size=-1)
+        images, labels = tfds.as_numpy(dataset)
+        return Partition(images, labels.astype(np.int64))
+
+
+_LOCAL_HINT = (
+    "point cnnflow at local files: data.source=idx data.path=<folder with the original *-ubyte.gz files>, "
+    "or data.manual_dir=<that folder> to let TFDS use them, or data.data_dir=<an already prepared TFDS data_dir>."
+)
+
+
+def _is_prepared(builder) -> bool:
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(str(builder.data_path / "dataset_info.json"))
+
+
+def _online(host: str = "storage.googleapis.com") -> bool:
+    """Whether the TFDS download host resolves: fails in milliseconds where TFDS would retry for minutes."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else "no message"
+
+
+@register("dataset", "tfds")
+def tfds_dataset(name: str, path=None, data_dir: str | None = None, manual_dir: str | None = None) -> TfdsSource:
+    """The TFDS dataset `name` (mnist, fashion_mnist, ...)."""
+    return TfdsSource(name, data_dir, manual_dir)

@@ -1,0 +1,181 @@
+"""`cnnflow`: the command line. It only turns arguments into flow calls; settings are Hydra's.
+
+    cnnflow train                                  # offline quickstart
+    cnnflow train experiment=mnist train.epochs=2 data.batch_size=128 seed=7
+    cnnflow train --multirun experiment=quickstart seed=1,2,3
+    cnnflow components                             # what is registered, by kind
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+import uuid
+
+from cnnflow.flows.config import GROUPS, choices
+
+USAGE_EXAMPLES = """examples:
+  cnnflow train                                    offline quickstart on bundled digits (~1 min)
+  cnnflow train experiment=mnist                   the chapter's MNIST CNN (TFDS downloads 11 MB)
+  cnnflow train experiment=fashion_mnist data.source=idx data.path=DIR   from local IDX files
+  cnnflow train experiment=mnist train.epochs=2 data.batch_size=128 seed=7
+  cnnflow train --multirun experiment=quickstart seed=1,2,3
+"""
+
+
+def _groups_text() -> str:
+    lines = ["config groups (choose with GROUP=CHOICE, e.g. data=fashion_mnist):"]
+    lines += [f"  {group:<11} {', '.join(choices(group))}" for group in GROUPS]
+    lines.append("any setting can be overridden with KEY=VALUE (e.g. train.epochs=2); +KEY=VALUE adds one")
+    return "\n".join(lines)
+
+
+def _components_text() -> str:
+    from cnnflow.components import registry
+
+    lines = ["registered components (the `name:` a config selects):"]
+    lines += [f"  {kind:<10} {', '.join(registry.names(kind))}" for kind in registry.KINDS]
+    return "\n".join(lines)
+
+
+class _HelpWithComponents(argparse.Action):
+    """`cnnflow train --help` lists the registered components too (needs the TF import, so only here)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        print("\n" + _components_text())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnflow",
+        description="Train, track and evaluate CNN image classifiers: Prefect flows, Hydra settings, MLflow runs.",
+        epilog=_groups_text() + "\n\n" + USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser(
+        "train", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a model as an experiment plus overrides say; one Prefect flow run and one MLflow run",
+        description="Run the train flow: load data -> split -> build model -> train -> evaluate -> plot.",
+        epilog=_groups_text() + "\n\n" + USAGE_EXAMPLES,
+    )
+    train.add_argument("-h", "--help", action=_HelpWithComponents, help="show this help and the registered components")
+    train.add_argument("-m", "--multirun", action="store_true",
+                       help="sweep: a,b,c values expand to one run per combination")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="experiment=NAME picks the recipe (default quickstart); others override settings")
+    components = commands.add_parser("components", help="list the registered components of each kind")
+    components.add_argument("kind", nargs="?", help="only this kind")
+    return parser
+
+
+def split_experiment(overrides: list[str]) -> tuple[str, list[str]]:
+    """`experiment=X` is the flow's first parameter; everything else stays an override."""
+    experiment, rest = "quickstart", []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "experiment":
+            experiment = value
+        else:
+            rest.append(override)
+    return experiment, rest
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Hydra's sweep syntax (`seed=1,2,3`, `range(1,4)`, `choice(a,b)`): the cartesian product of jobs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from cnnflow.flows.config import ConfigError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    axes = []
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            axes.append([override.input_line])
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def _quiet_tracebacks_of_user_errors() -> None:
+    """Prefect logs every failed task with a traceback; for a user's mistake the message is enough."""
+    from cnnflow.components.registry import UserError
+
+    class DropUserErrorTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], UserError):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(DropUserErrorTraceback())
+
+
+def run_train(overrides: list[str], multirun: bool) -> int:
+    from cnnflow.components.registry import UserError
+    from cnnflow.flows.config import compose_config
+    from cnnflow.flows.train import train_flow
+
+    jobs = sweep_jobs(overrides) if multirun else [overrides]
+    sweep_id = uuid.uuid4().hex[:8]
+    outcomes = []
+    for number, job in enumerate(jobs, start=1):
+        experiment, job_overrides = split_experiment(job)
+        if multirun:
+            job_overrides += [f"+tags.sweep={sweep_id}", f"+tags.sweep_job={number}"]
+            print(f"[sweep {sweep_id}] job {number}/{len(jobs)}: experiment={experiment} {' '.join(job)}", flush=True)
+        try:
+            compose_config(experiment, job_overrides)  # a bad setting fails here, before any server starts
+            outcomes.append((job, "ok", train_flow(experiment, job_overrides)))
+        except UserError as error:
+            outcomes.append((job, "error", str(error)))
+            print(f"cnnflow: error: {error}", file=sys.stderr)
+        except Exception as error:  # one failed sweep job must not stop the others
+            if not multirun:
+                raise
+            outcomes.append((job, "failed", f"{type(error).__name__}: {error}"))
+    if multirun:
+        print(f"\nsweep {sweep_id}: {sum(o[1] == 'ok' for o in outcomes)}/{len(outcomes)} jobs succeeded")
+        for job, status, detail in outcomes:
+            print(f"  {status:<6} {' '.join(job) or '(no overrides)'}  ->  {'run ' + detail if status == 'ok' else detail}")
+    return 0 if all(status == "ok" for _, status, _ in outcomes) else (2 if len(jobs) == 1 else 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter is not for users
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a closed network
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "components":
+        from cnnflow.components import registry
+
+        if args.kind and args.kind not in registry.KINDS:
+            parser.error(f"unknown kind {args.kind!r}; the kinds are: {', '.join(registry.KINDS)}")
+        print(_components_text() if not args.kind else "\n".join(registry.names(args.kind)))
+        return 0
+    if args.command != "train":
+        parser.print_help()
+        return 0
+    _quiet_tracebacks_of_user_errors()
+    try:
+        return run_train(args.overrides, args.multirun)
+    except KeyboardInterrupt:
+        print("cnnflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

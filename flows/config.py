@@ -1,0 +1,82 @@
+"""The one place settings are parsed: an experiment name plus `key=value` overrides, composed by Hydra.
+
+The CLI, Prefect deployments, sweeps and tests all call `compose_config(experiment, overrides)`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from cnnflow.components.registry import UserError
+
+GROUPS = ("experiment", "data", "model", "loss", "optimizer", "train", "plots")
+
+
+class ConfigError(UserError, ValueError):
+    """Settings that do not compose; the message names the bad value and what is accepted."""
+
+
+def _conf_dir() -> Path:
+    import cnnflow.conf
+
+    return Path(cnnflow.conf.__file__).resolve().parent
+
+
+def choices(group: str) -> list[str]:
+    """The config files a group offers (`data` -> digits, fashion_mnist, mnist)."""
+    return sorted(path.stem for path in (_conf_dir() / group).glob("*.yaml"))
+
+
+def compose_config(experiment: str = "quickstart", overrides: list[str] | None = None) -> dict[str, Any]:
+    """The resolved settings of one run, as a plain dict (JSON-able, loggable, picklable)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if experiment not in choices("experiment"):
+        raise ConfigError(f"Unknown experiment {experiment!r}; the experiments are: {', '.join(choices('experiment'))}")
+    overrides = list(overrides or [])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(_conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={experiment}", *overrides])
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(_short(error, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    resolved["experiment"] = experiment
+    resolved["overrides"] = overrides
+    return resolved
+
+
+def _short(error: Exception, overrides: list[str]) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    message = " ".join(line for line in lines if not line.startswith(("full_key", "object_type", "Available options")))
+    missing_group = re.search(r"Could not find '(\w+)/([^']*)'", message)
+    if missing_group and missing_group[1] in GROUPS:
+        group = missing_group[1]
+        return f"Unknown {group} config {missing_group[2]!r}; choices for {group}: {', '.join(choices(group))}"
+    return f"{message} (overrides: {' '.join(overrides) or 'none'})"
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'data': {'batch_size': 64}} -> {'data.batch_size': 64}; lists stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def to_yaml(settings: dict[str, Any]) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(settings))
