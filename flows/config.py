@@ -61,6 +61,8 @@ def _short(error: Exception, overrides: list[str]) -> str:
     if missing_group and missing_group[1] in GROUPS:
         group = missing_group[1]
         return f"Unknown {group} config {missing_group[2]!r}; choices for {group}: {', '.join(choices(group))}"
+    if "'['" in message:
+        message += ". Quote values with brackets, e.g. 'data.train_split=\"test[:8000]\"'"
     return f"{message} (overrides: {' '.join(overrides) or 'none'})"
 
 

@@ -129,11 +129,14 @@ def shuffled(positions: np.ndarray, buffer_size: int, seed: int) -> np.ndarray:
     """The order tf.data's `shuffle(buffer_size, seed, reshuffle_each_iteration=False)` gives once.
 
     A buffer smaller than the data shuffles only locally, exactly like the chapter's pipeline.
+    The global TF seed is set too, as the chapter does: tf.data derives the order from both seeds,
+    and the split must not depend on what ran before in the process.
     """
     if buffer_size <= 1 or len(positions) <= 1:
         return positions
     import tensorflow as tf
 
+    tf.random.set_seed(seed)
     order = tf.data.Dataset.range(len(positions)).shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
     return positions[next(iter(order.batch(len(positions)))).numpy()]
 

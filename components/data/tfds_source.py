@@ -38,11 +38,15 @@ class TfdsSource:
     def partition(self, name: str) -> Partition:
         import tensorflow_datasets as tfds
 
-        if name not in self.builder.info.splits:
-            raise DataError(f"TFDS {self.builder.name!r} has partitions {sorted(self.builder.info.splits)}, not {name!r}")
-        dataset = self.builder.as_dataset(split=name, shuffle_files=False, as_supervised=True, batch_size=-1)
-        images, labels = tfds.as_numpy(dataset)
-        return Partition(images, labels.astype(np.int64))
+        try:
+            dataset = self.builder.as_dataset(split=name, shuffle_files=False, as_supervised=True)
+        except (KeyError, ValueError) as error:
+            raise DataError(f"TFDS {self.builder.name!r} has partitions {sorted(self.builder.info.splits)}, "
+                            f"not {name!r} ({_first_line(error)})") from None
+        batches = list(tfds.as_numpy(dataset.batch(4096)))
+        if not batches:
+            raise DataError(f"TFDS {self.builder.name!r} partition {name!r} is empty")
+        return Partition(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]).astype(np.int64))
 
 
 _LOCAL_HINT = (

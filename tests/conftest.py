@@ -1,0 +1,116 @@
+"""Fixtures: tiny generated data in the real file formats, a temporary MLflow store, one Prefect harness.
+
+Nothing here touches the network; tests that need ../shared/data are marked `real_data` and skip
+when it is absent.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnflow.components import registry
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """An IDX file (unsigned bytes, gzip) exactly as MNIST ships them."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+    return path
+
+
+def digit_like_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """28x28 images whose bright bar position encodes the label: learnable in one epoch."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, size=(len(labels), 28, 28), dtype=np.uint8)
+    for image, label in zip(images, labels):
+        image[2 + 2 * label : 4 + 2 * label, 4:24] = 255
+    return images
+
+
+def make_idx_folder(folder: Path, train: int = 240, test: int = 60, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", train), ("t10k", test)):
+        if not count:
+            continue
+        labels = np.arange(count) % 10
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", digit_like_images(labels, seed + count))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture
+def idx_folder(tmp_path: Path) -> Path:
+    return make_idx_folder(tmp_path / "idx")
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store; the working directory (outputs/, mlruns/) is the test's own."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+def tiny_overrides(idx: Path, epochs: int = 1) -> list[str]:
+    """The MNIST recipe shrunk to seconds: a few hundred generated images, one epoch."""
+    return [f"data.path={idx}", "data.source=idx", "data.train_size=200", "data.valid_size=40",
+            "data.shuffle_buffer=100", f"train.epochs={epochs}"]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not present at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+PLUGIN = textwrap.dedent('''
+    import keras
+    from cnnflow.components.registry import register
+
+    @register("model", "tiny_plugin_cnn")
+    def tiny_plugin_cnn(input_shape, num_classes, dropout_rate=0.0):
+        return keras.Sequential([
+            keras.Input(shape=tuple(input_shape)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(num_classes, activation="softmax"),
+        ])
+''')
+
+
+@pytest.fixture
+def plugin_distribution(tmp_path, monkeypatch):
+    """An installed third-party distribution, as pip would leave it: a module plus dist-info with an entry point."""
+    (tmp_path / "cnnflow_tiny_plugin.py").write_text(PLUGIN)
+    dist_info = tmp_path / "cnnflow_tiny_plugin-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: cnnflow-tiny-plugin\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[cnnflow.components]\ntiny = cnnflow_tiny_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "tiny_plugin_cnn"
+    sys.modules.pop("cnnflow_tiny_plugin", None)
+    registry._registry["model"].pop("tiny_plugin_cnn", None)
+    registry._loaded_entry_points.discard("tiny=cnnflow_tiny_plugin")

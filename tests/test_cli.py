@@ -1,0 +1,61 @@
+"""The command line as a user types it: help, a quickstart run, a sweep that survives a failing job."""
+
+import pytest
+from mlflow import MlflowClient
+
+from cnnflow.flows import cli
+from conftest import make_idx_folder, tiny_overrides
+
+
+def test_help_lists_commands_groups_and_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "train" in text and "components" in text
+    assert "fashion_mnist, mnist, mnist_small, quickstart" in text
+    assert "sparse_categorical_crossentropy" in text
+
+
+def test_train_help_lists_registered_components(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--multirun" in text
+    assert "mnist_cnn" in text and "idx, tfds" in text and "confusion_matrix" in text
+
+
+def test_components_command(capsys):
+    assert cli.main(["components", "dataset"]) == 0
+    assert capsys.readouterr().out.split() == ["digits", "idx", "tfds"]
+
+
+def test_sweep_expands_to_the_cartesian_product():
+    jobs = cli.sweep_jobs(["experiment=mnist", "seed=1,2", "train.epochs=1,3"])
+    assert jobs == [["experiment=mnist", "seed=1", "train.epochs=1"], ["experiment=mnist", "seed=1", "train.epochs=3"],
+                    ["experiment=mnist", "seed=2", "train.epochs=1"], ["experiment=mnist", "seed=2", "train.epochs=3"]]
+    assert cli.split_experiment(jobs[0]) == ("mnist", ["seed=1", "train.epochs=1"])
+
+
+def test_a_user_mistake_is_one_line_without_traceback(capsys, mlflow_store):
+    assert cli.main(["train", "data=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown data config 'nope'; choices for data: digits" in err and "Traceback" not in err
+
+
+def test_quickstart_runs_from_the_cli(prefect_harness, mlflow_store, capsys):
+    assert cli.main(["train", "train.epochs=1"]) == 0
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+
+
+def test_multirun_survives_a_failing_job_and_summarises(prefect_harness, mlflow_store, tmp_path, capsys):
+    idx = make_idx_folder(tmp_path / "idx")
+    code = cli.main(["train", "--multirun", "experiment=mnist", *tiny_overrides(idx), "data.valid_size=40,9999"])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "1/2 jobs succeeded" in out
+    assert "ok" in out and "data.valid_size=9999" in out
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("mnist").experiment_id])
+    assert sorted(run.info.status for run in runs) == ["FAILED", "FINISHED"]
+    assert len({run.data.tags["sweep"] for run in runs}) == 1

@@ -1,0 +1,62 @@
+import pytest
+
+from cnnflow.components import registry
+from cnnflow.components.augment import compose
+from cnnflow.flows.config import ConfigError, choices, compose_config, flatten
+
+
+@pytest.mark.parametrize("experiment", choices("experiment"))
+def test_every_experiment_composes_and_its_components_instantiate(experiment):
+    cfg = compose_config(experiment)
+    assert cfg["experiment"] == experiment
+    registry.get("dataset", cfg["data"]["source"])
+    model = registry.build("model", cfg["model"], input_shape=(28, 28, 1), num_classes=10)
+    assert model.count_params() > 0
+    registry.build("loss", cfg["loss"])
+    registry.build("optimizer", cfg["optimizer"])
+    for spec in cfg["train"]["callbacks"].values():
+        registry.build("callback", spec)
+    for spec in cfg["plots"].values():
+        registry.get("plot", spec["name"])
+    for role in ("train", "eval"):
+        compose(cfg["data"]["transforms"][role])
+
+
+@pytest.mark.parametrize("group", ["data", "model", "loss", "optimizer"])
+def test_every_group_choice_composes(group):
+    for choice in choices(group):
+        assert compose_config("quickstart", [f"{group}={choice}"])[group]
+
+
+def test_the_mnist_experiment_is_the_chapters_recipe():
+    cfg = compose_config("mnist")
+    data = cfg["data"]
+    assert (data["source"], data["name"], data["train_size"], data["valid_size"]) == ("tfds", "mnist", 50000, 10000)
+    assert (data["shuffle_buffer"], data["shuffle_each_epoch"], data["batch_size"]) == (10000, 0, 64)
+    assert cfg["model"] == {"name": "mnist_cnn", "dropout_rate": 0.5}
+    assert cfg["optimizer"]["name"] == "adam" and cfg["optimizer"]["learning_rate"] == 0.001
+    assert cfg["loss"] == {"name": "sparse_categorical_crossentropy", "from_logits": False}
+    assert cfg["train"]["epochs"] == 20
+    assert compose_config("fashion_mnist")["data"]["name"] == "fashion_mnist"
+
+
+def test_overrides_apply():
+    cfg = compose_config("mnist", ["train.epochs=2", "data.batch_size=128", "seed=7"])
+    assert (cfg["train"]["epochs"], cfg["data"]["batch_size"], cfg["seed"]) == (2, 128, 7)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data=nope"], "choices for data: digits"),
+    (["train.epochz=3"], "train.epochz"),
+    (["seed"], "seed"),
+    (["data.train_split=test[:10]"], "Quote values"),
+])
+def test_bad_settings_name_the_value_and_the_choices(overrides, expected):
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
+        compose_config("quickstart", overrides)
+    with pytest.raises(ConfigError, match="mnist, mnist_small, quickstart"):
+        compose_config("nope")
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}

@@ -1,0 +1,141 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from cnnflow.components import registry
+from cnnflow.components.data import DataError, Split, make_dataset, make_split, parse_split
+from cnnflow.components.data import tfds_source
+from cnnflow.components.data.core import split_positions
+from cnnflow.components.data.idx import read_idx
+from cnnflow.flows.config import compose_config
+from conftest import make_idx_folder, tiny_overrides, write_idx
+
+
+def data_cfg(idx_folder, *extra):
+    return compose_config("mnist", tiny_overrides(idx_folder) + list(extra))["data"]
+
+
+def test_idx_source_reads_the_original_format(idx_folder):
+    source = registry.build("dataset", "idx", name="mnist", path=str(idx_folder))
+    train = source.partition("train")
+    assert train.images.shape == (240, 28, 28, 1) and train.images.dtype == np.uint8
+    assert train.labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert source.info.image_shape == (28, 28, 1) and source.info.class_names[3] == "3"
+    fashion = registry.build("dataset", "idx", name="fashion_mnist", path=str(idx_folder))
+    assert fashion.info.class_names[9] == "Ankle boot"
+
+
+def test_idx_errors_name_the_file_and_what_is_there(tmp_path):
+    folder = make_idx_folder(tmp_path / "only_test", train=0, test=20)
+    source = registry.build("dataset", "idx", name="mnist", path=str(folder))
+    with pytest.raises(DataError, match=r"No train-images-idx3-ubyte\(.gz\).*t10k-images"):
+        source.partition("train")
+    with pytest.raises(DataError, match="needs data.path"):
+        registry.build("dataset", "idx", name="mnist", path=None)
+    truncated = tmp_path / "bad-images-idx3-ubyte.gz"
+    with gzip.open(truncated, "wb") as handle:
+        handle.write(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(truncated)
+    not_idx = write_idx(tmp_path / "x.gz", np.zeros(3))
+    not_idx.write_bytes(b"hello")
+    with pytest.raises(DataError, match="Cannot read|not an unsigned-byte"):
+        read_idx(not_idx)
+
+
+@pytest.mark.parametrize("split, expected", [
+    ("train", ("train", None, None)), ("test[:8000]", ("test", None, "8000")),
+    ("test[8000:]", ("test", "8000", None)), ("train[10%:20%]", ("train", "10%", "20%")),
+])
+def test_split_strings(split, expected):
+    name, bounds = parse_split(split)
+    assert (name, bounds.start, bounds.stop) == expected
+
+
+def test_split_positions_and_bad_split_strings():
+    assert split_positions("test[8000:]", 10000).tolist() == list(range(8000, 10000))
+    assert len(split_positions("train[:10%]", 60000)) == 6000
+    with pytest.raises(DataError, match="Bad split string"):
+        parse_split("train[::2]")
+
+
+def test_split_is_exact_disjoint_and_stable(idx_folder):
+    data = data_cfg(idx_folder)
+    split = make_split(data, seed=1)
+    assert split.sizes() == {"train": 200, "valid": 40, "test": 60}
+    assert not set(split.indices["train"]) & set(split.indices["valid"])
+    assert split.partitions == {"train": "train", "valid": "train", "test": "test"}
+    import tensorflow as tf
+
+    tf.random.set_seed(99)  # whatever ran before in the process must not change the split
+    again = make_split(data, seed=1)
+    for role in split.indices:
+        np.testing.assert_array_equal(split.indices[role], again.indices[role])
+    other_seed = make_split(data, seed=2)
+    assert not np.array_equal(split.indices["valid"], other_seed.indices["valid"])
+
+
+def test_split_from_one_partition_and_round_trip(idx_folder, tmp_path):
+    data = data_cfg(idx_folder, "data.train_split='test[:40]'", "data.test_split='test[40:]'",
+                    "data.train_size=30", "data.valid_size=10")
+    split = make_split(data, seed=1)
+    assert split.sizes() == {"train": 30, "valid": 10, "test": 20}
+    assert set(split.indices["train"]) | set(split.indices["valid"]) == set(range(40))
+    loaded = Split.load(split.save(tmp_path / "split.npz"))
+    assert loaded.partitions == split.partitions
+    np.testing.assert_array_equal(loaded.indices["test"], np.arange(40, 60))
+
+
+def test_split_sizes_that_do_not_fit_are_refused(idx_folder):
+    with pytest.raises(DataError, match="data.train_size=1000 but only 200"):
+        make_split(data_cfg(idx_folder, "data.train_size=1000"), seed=1)
+    with pytest.raises(DataError, match="leaves no training examples"):
+        make_split(data_cfg(idx_folder, "data.valid_size=240"), seed=1)
+
+
+def test_pipeline_scales_to_unit_range_and_batches(idx_folder):
+    data = data_cfg(idx_folder, "data.batch_size=64")
+    images, labels = next(iter(make_dataset(data, make_split(data, seed=1), "train", seed=1)))
+    assert images.shape == (64, 28, 28, 1) and images.dtype.name == "float32"
+    assert 0.0 <= float(images.numpy().min()) and float(images.numpy().max()) == pytest.approx(1.0)
+    assert labels.shape == (64,)
+
+
+def test_digits_source_ships_offline():
+    source = registry.build("dataset", "digits")
+    assert source.info.image_shape == (28, 28, 1)
+    assert len(source.partition("train").labels) + len(source.partition("test").labels) == 1797
+
+
+def test_tfds_source_reads_through_tfds(monkeypatch, tmp_path):
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(tfds_source, "_online", lambda *a: True)  # the network is what tests may not use
+    with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE):
+        source = registry.build("dataset", "tfds", name="mnist", data_dir=str(tmp_path))
+        train = source.partition("train")
+    assert train.images.shape == (30, 28, 28, 1) and source.info.num_classes == 10
+
+
+def test_tfds_without_internet_says_how_to_use_local_files(monkeypatch, tmp_path):
+    monkeypatch.setattr(tfds_source, "_online", lambda *a: False)
+    with pytest.raises(DataError, match="needs internet.*data.source=idx data.path="):
+        registry.build("dataset", "tfds", name="mnist", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="no dataset 'mnistt'"):
+        registry.build("dataset", "tfds", name="mnistt", data_dir=str(tmp_path))
+
+
+def test_tfds_passes_manual_dir_to_the_download(monkeypatch, tmp_path):
+    import tensorflow_datasets as tfds
+
+    seen = {}
+
+    def fake_download_and_prepare(self, download_config=None, **kwargs):
+        seen["manual_dir"] = download_config.manual_dir
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fake_download_and_prepare)
+    with pytest.raises(DataError, match="could not download or prepare 'mnist'.*ConnectionError"):
+        registry.build("dataset", "tfds", name="mnist", data_dir=str(tmp_path), manual_dir=str(tmp_path / "m"))
+    assert str(seen["manual_dir"]) == str(tmp_path / "m")

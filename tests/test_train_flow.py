@@ -1,0 +1,84 @@
+"""The train flow end to end on tiny generated IDX data: one real Prefect flow run, one real MLflow run."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from cnnflow.flows.train import train_flow
+from conftest import make_idx_folder, tiny_overrides
+
+FIGURES = {"learning_curves.png", "predictions.png", "misclassified.png", "confusion_matrix.png"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_harness, store):
+    idx = make_idx_folder(store / "idx")
+    overrides = tiny_overrides(idx, epochs=2)
+    return train_flow("mnist", overrides), overrides
+
+
+def test_run_has_settings_metrics_tags_and_config(finished_run):
+    run_id, _ = finished_run
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "mnist"
+    params = run.data.params
+    assert params["model.name"] == "mnist_cnn" and params["data.batch_size"] == "64"
+    assert params["train.epochs"] == "2" and params["optimizer.learning_rate"] == "0.001"
+    for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run_id, name)
+        assert [m.step for m in history] == [1, 2], name
+    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0 and run.data.metrics["test_loss"] > 0
+    tags = run.data.tags
+    assert (tags["split.train_size"], tags["split.valid_size"], tags["split.test_size"]) == ("200", "40", "60")
+    assert tags["seed"] == "1" and tags["code_version"]
+    config = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    assert "mnist_cnn" in config and "train_size: 200" in config
+
+
+def test_run_logs_figures_and_a_loadable_model(finished_run, store):
+    run_id, _ = finished_run
+    figures = {artifact.path.split("/")[-1] for artifact in MlflowClient().list_artifacts(run_id, "figures")}
+    assert figures == FIGURES
+    output = store / "outputs" / "mnist" / run_id
+    assert {p.name for p in (output / "figures").iterdir()} == FIGURES
+    model = mlflow.keras.load_model(f"runs:/{run_id}/model")
+    assert model.count_params() == 3_274_634
+    # The logged test accuracy is the accuracy of the saved predictions.
+    with np.load(output / "predictions.npz") as saved:
+        accuracy = np.mean(saved["probabilities"].argmax(axis=1) == saved["labels"])
+    assert MlflowClient().get_run(run_id).data.metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert len(json.loads((output / "history.json").read_text())["loss"]) == 2
+
+
+def test_same_config_and_seed_give_the_same_split_and_first_epoch(finished_run, store):
+    run_id, overrides = finished_run
+    again = train_flow("mnist", overrides)
+    client = MlflowClient()
+    for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        first = client.get_metric_history(run_id, name)[0].value
+        assert client.get_metric_history(again, name)[0].value == pytest.approx(first, rel=1e-6), name
+    splits = [np.load(store / "outputs" / "mnist" / rid / "split.npz") for rid in (run_id, again)]
+    for key in ("train_indices", "valid_indices", "test_indices"):
+        np.testing.assert_array_equal(splits[0][key], splits[1][key])
+
+
+def test_a_plugin_model_trains_through_the_flow(prefect_harness, store, plugin_distribution):
+    idx = make_idx_folder(store / "idx_plugin")
+    run_id = train_flow("mnist", tiny_overrides(idx) + [f"model.name={plugin_distribution}"])
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == plugin_distribution
+    assert mlflow.keras.load_model(f"runs:/{run_id}/model").count_params() == 90
