@@ -1,7 +1,9 @@
-"""Image transforms applied to one example (an image tensor) inside the tf.data pipeline.
+"""Image transforms for one example inside the tf.data pipeline, registered as kind "augment".
 
-A transform is registered as a factory: its config arguments go in, a function image -> image
-comes out. `compose` chains the configured list into one function for `Dataset.map`.
+A transform is registered as a factory: its config arguments go in, a function (image, seed) -> image
+comes out. Random transforms use TF's stateless ops with the per-example `seed` (a [2] int tensor), so
+the same run seed gives the same augmented images, in parallel `map` calls and across processes;
+deterministic transforms ignore it. `compose` chains a configured list into one function.
 """
 
 from collections.abc import Callable, Sequence
@@ -12,26 +14,83 @@ import tensorflow as tf
 from cnnflow.components import registry
 from cnnflow.components.registry import register
 
-Transform = Callable[[tf.Tensor], tf.Tensor]
+Transform = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 @register("augment", "rescale")
 def rescale(scale: float = 1 / 255) -> Transform:
-    """uint8 pixels to float32 in [0, 1] (with the default scale)."""
+    """Pixels to float32 times `scale`: uint8 (or resized 0..255 floats) to [0, 1] by default."""
+    return lambda image, seed: tf.cast(image, tf.float32) * scale
 
-    def apply(image: tf.Tensor) -> tf.Tensor:
-        return tf.cast(image, tf.float32) * scale
+
+@register("augment", "crop")
+def crop(offset_height: int, offset_width: int, height: int, width: int) -> Transform:
+    """The fixed box starting at (offset_height, offset_width)."""
+    return lambda image, seed: tf.image.crop_to_bounding_box(image, offset_height, offset_width, height, width)
+
+
+@register("augment", "random_crop")
+def random_crop(height: int, width: int) -> Transform:
+    """A height x width box at a random position."""
+
+    def apply(image, seed):
+        return tf.image.stateless_random_crop(image, size=(height, width, tf.shape(image)[-1]), seed=seed)
 
     return apply
 
 
+@register("augment", "central_crop")
+def central_crop(fraction: float = 0.7) -> Transform:
+    """The central `fraction` of height and width."""
+    return lambda image, seed: tf.image.central_crop(image, central_fraction=fraction)
+
+
+@register("augment", "resize")
+def resize(height: int, width: int) -> Transform:
+    """Bilinear resize to height x width (float32 output, same value range)."""
+    return lambda image, seed: tf.image.resize(image, (height, width))
+
+
+@register("augment", "flip_left_right")
+def flip_left_right() -> Transform:
+    return lambda image, seed: tf.image.flip_left_right(image)
+
+
+@register("augment", "random_flip")
+def random_flip() -> Transform:
+    """Mirror left-right with probability 1/2."""
+    return lambda image, seed: tf.image.stateless_random_flip_left_right(image, seed=seed)
+
+
+@register("augment", "contrast")
+def contrast(factor: float = 2.0) -> Transform:
+    return lambda image, seed: tf.image.adjust_contrast(image, factor)
+
+
+@register("augment", "random_contrast")
+def random_contrast(lower: float = 0.8, upper: float = 1.2) -> Transform:
+    return lambda image, seed: tf.image.stateless_random_contrast(image, lower, upper, seed=seed)
+
+
+@register("augment", "brightness")
+def brightness(delta: float = 0.3) -> Transform:
+    """Adds `delta` on the [0, 1] scale (uint8 images are converted and saturate)."""
+    return lambda image, seed: tf.image.adjust_brightness(image, delta)
+
+
+@register("augment", "random_brightness")
+def random_brightness(max_delta: float = 0.1) -> Transform:
+    return lambda image, seed: tf.image.stateless_random_brightness(image, max_delta, seed=seed)
+
+
 def compose(specs: Sequence[Any]) -> Transform:
-    """One function that applies the registered transforms named in `specs`, in order."""
+    """One function that applies the registered transforms named in `specs`, in order, each with its own seed."""
     transforms = [registry.build("augment", spec) for spec in specs]
 
-    def apply(image: tf.Tensor) -> tf.Tensor:
-        for transform in transforms:
-            image = transform(image)
+    def apply(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        seeds = tf.random.experimental.stateless_split(seed, num=max(len(transforms), 1))
+        for index, transform in enumerate(transforms):
+            image = transform(image, seeds[index])
         return image
 
     return apply

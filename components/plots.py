@@ -7,20 +7,29 @@ from dataclasses import dataclass
 
 import matplotlib
 
+import matplotlib.ticker  # noqa: E402
+
 matplotlib.use("Agg")  # files only: flows run headless, in workers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cnnflow.components.data.core import Partition  # noqa: E402
 from cnnflow.components.registry import register  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Results:
     history: dict[str, list[float]]  # Keras metric name -> one value per epoch
-    images: np.ndarray  # test images as stored (uint8, (n, h, w, c))
-    labels: np.ndarray  # true classes, (n,)
+    test: Partition  # the test examples, images as stored (decoded on demand for figures)
     probabilities: np.ndarray  # (n, classes) softmax, or (n,) probability of class 1 for one-unit models
     class_names: tuple[str, ...]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.test.labels
+
+    def image(self, index: int) -> np.ndarray:
+        return self.test.image(index)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -39,7 +48,7 @@ def _show(axis, image: np.ndarray, title: str, color: str = "black") -> None:
 @register("plot", "learning_curves")
 def learning_curves(results: Results) -> plt.Figure:
     """Loss and accuracy per epoch, training vs validation."""
-    metrics = [name for name in results.history if not name.startswith("val_")]
+    metrics = sorted((name for name in results.history if not name.startswith("val_")), key=lambda n: n != "loss")
     figure, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
         epochs = np.arange(1, len(results.history[metric]) + 1)
@@ -47,6 +56,7 @@ def learning_curves(results: Results) -> plt.Figure:
         if f"val_{metric}" in results.history:
             axis.plot(epochs, results.history[f"val_{metric}"], "--<", label=f"validation {metric}")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.set_ylabel(metric)
         axis.legend()
         axis.grid(alpha=0.3)
@@ -55,16 +65,26 @@ def learning_curves(results: Results) -> plt.Figure:
 
 
 @register("plot", "prediction_grid")
-def prediction_grid(results: Results, rows: int = 2, cols: int = 6) -> plt.Figure:
-    """The first rows x cols test images with their predicted labels (red where wrong)."""
+def prediction_grid(results: Results, rows: int = 2, cols: int = 6, show_probability: bool = False) -> plt.Figure:
+    """The first rows x cols test images with their predicted labels (red where wrong), or with the
+    true label and the predicted probability of the positive class (`show_probability`, binary models)."""
     count = min(rows * cols, len(results.labels))
-    figure = plt.figure(figsize=(1.6 * cols, 1.9 * rows))
+    figure = plt.figure(figsize=(1.6 * cols, 1.9 * rows) if not show_probability else (2.2 * cols, 2.9 * rows))
     for i in range(count):
         predicted, true = results.predictions[i], results.labels[i]
-        title = f"pred {results.class_names[predicted]}"
-        _show(figure.add_subplot(rows, cols, i + 1), results.images[i], title, "black" if predicted == true else "red")
+        if show_probability:
+            title = f"true {results.class_names[true]}\nP({results.class_names[1]}) = {_positive(results)[i]:.2f}"
+        else:
+            title = f"pred {results.class_names[predicted]}"
+        _show(figure.add_subplot(rows, cols, i + 1), results.image(i), title, "black" if predicted == true else "red")
     figure.tight_layout()
     return figure
+
+
+def _positive(results: Results) -> np.ndarray:
+    """Probability of class 1, for binary results."""
+    probabilities = results.probabilities
+    return probabilities if probabilities.ndim == 1 else probabilities[:, 1]
 
 
 @register("plot", "misclassified_grid")
@@ -75,13 +95,13 @@ def misclassified_grid(results: Results, max_images: int = 24, cols: int = 8) ->
         results.probabilities - 0.5)
     wrong = wrong[np.argsort(-confidence[wrong])][:max_images]
     rows = max(1, -(-len(wrong) // cols))
-    figure = plt.figure(figsize=(1.7 * cols, 2.0 * rows))
+    figure = plt.figure(figsize=(1.7 * cols, 2.4 * rows + 0.4))
     figure.suptitle(f"{np.sum(results.predictions != results.labels)} of {len(results.labels)} test images "
                     f"misclassified (showing {len(wrong)})", fontsize=10)
     for i, index in enumerate(wrong):
         title = f"true {results.class_names[results.labels[index]]}\npred {results.class_names[results.predictions[index]]}"
-        _show(figure.add_subplot(rows, cols, i + 1), results.images[index], title, "red")
-    figure.tight_layout()
+        _show(figure.add_subplot(rows, cols, i + 1), results.image(index), title, "red")
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
     return figure
 
 
@@ -101,5 +121,67 @@ def confusion_matrix(results: Results) -> plt.Figure:
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     axis.set_title(f"test accuracy {np.trace(counts) / counts.sum():.4f}")
+    figure.tight_layout()
+    return figure
+
+
+@register("plot", "roc_curve")
+def roc_curve(results: Results) -> plt.Figure:
+    """True vs false positive rate over all thresholds of the positive-class probability, with its AUC."""
+    from sklearn.metrics import roc_auc_score, roc_curve as curve
+
+    false_positive, true_positive, _ = curve(results.labels, _positive(results))
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot(false_positive, true_positive, label=f"AUC {roc_auc_score(results.labels, _positive(results)):.4f}")
+    axis.plot([0, 1], [0, 1], "--", color="gray", label="chance")
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    axis.set_title(f"ROC: {results.class_names[1]} vs {results.class_names[0]}")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def _displayable(image) -> np.ndarray:
+    """A transform's output as [0, 1] floats for imshow (uint8, 0..255 floats and [0, 1] floats alike)."""
+    image = np.asarray(image, dtype=np.float32)
+    return np.clip(image / 255.0 if image.max() > 1.5 else image, 0.0, 1.0)
+
+
+@register("plot", "augmentation_examples")
+def augmentation_examples(results: Results, columns: dict[str, list], count: int = 5) -> plt.Figure:
+    """`count` test images (rows): the original, then each named deterministic transform of it."""
+    from cnnflow.components.augment import compose
+
+    import tensorflow as tf
+
+    transforms = {label: compose(specs) for label, specs in columns.items()}
+    no_seed = tf.zeros(2, tf.int64)
+    figure, axes = plt.subplots(count, len(columns) + 1, figsize=(2.0 * (len(columns) + 1), 2.4 * count), squeeze=False)
+    for row in range(count):
+        original = results.image(row)
+        _show(axes[row, 0], original, "original" if row == 0 else "")
+        for col, (label, transform) in enumerate(transforms.items(), start=1):
+            _show(axes[row, col], _displayable(transform(tf.constant(original), no_seed)), label if row == 0 else "")
+    figure.tight_layout()
+    return figure
+
+
+@register("plot", "augmentation_samples")
+def augmentation_samples(results: Results, transforms: list, count: int = 3, repeats: int = 5,
+                         seed: int = 1) -> plt.Figure:
+    """The random training pipeline applied `repeats` times to each of `count` test images."""
+    from cnnflow.components.augment import compose
+
+    import tensorflow as tf
+
+    pipeline = compose(transforms)
+    figure, axes = plt.subplots(count, repeats + 1, figsize=(2.0 * (repeats + 1), 2.4 * count), squeeze=False)
+    for row in range(count):
+        original = results.image(row)
+        _show(axes[row, 0], original, "original" if row == 0 else "")
+        for col in range(1, repeats + 1):
+            sample = pipeline(tf.constant(original), tf.constant([seed, row * repeats + col], tf.int64))
+            _show(axes[row, col], _displayable(sample), f"sample {col}" if row == 0 else "")
     figure.tight_layout()
     return figure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from importlib.metadata import version
 from pathlib import Path
@@ -13,6 +14,7 @@ from cnnflow.flows.config import flatten, to_yaml
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a file in the working directory
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 _MAX_PARAM_LENGTH = 6000
+_PARAM_KEY_FORBIDDEN = re.compile(r"[^\w\-. :/]")  # MLflow refuses other characters in param names
 
 
 def tracking_uri(cfg: dict[str, Any]) -> str:
@@ -56,7 +58,8 @@ def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path) -> None:
     from mlflow.entities import Param
 
     client = MlflowClient()
-    params = [Param(key, str(value)[:_MAX_PARAM_LENGTH]) for key, value in flatten(cfg).items()]
+    params = [Param(_PARAM_KEY_FORBIDDEN.sub("_", key), str(value)[:_MAX_PARAM_LENGTH])
+              for key, value in flatten(cfg).items()]
     for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
     config_file = output_dir / "config.yaml"

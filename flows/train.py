@@ -50,36 +50,53 @@ def _seed_everything(cfg: dict[str, Any]) -> None:
       retry_condition_fn=_retry_unless_user_error)
 def load_data(data: dict[str, Any]) -> dict[str, Any]:
     """Downloads or reads the data source; returns its features (shape, classes)."""
-    from cnnflow.components.data import source_from
+    from cnnflow.components.data import model_input_shape, source_from
 
     info = source_from(data).info
-    get_run_logger().info(f"data: {data['source']} {data['name']!r}, images {info.image_shape}, "
-                          f"{info.num_classes} classes")
-    return {"image_shape": list(info.image_shape), "num_classes": info.num_classes,
-            "class_names": list(info.class_names)}
+    input_shape = model_input_shape(data, info.image_shape)
+    get_run_logger().info(f"data: {data['source']} {data['name']!r}, images {info.image_shape} -> model input "
+                          f"{input_shape}, {info.num_classes} classes")
+    return {"image_shape": list(info.image_shape), "input_shape": list(input_shape),
+            "num_classes": info.num_classes, "class_names": list(info.class_names)}
 
 
 @task(name="split", cache_policy=NONE)
-def split_data(cfg: dict[str, Any], run_id: str, output_dir: str) -> str:
-    """Fixed-seed train/validation/test positions, saved as split.npz; sizes become run tags."""
-    from cnnflow.components.data import make_split
+def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, output_dir: str) -> str:
+    """Fixed-seed train/validation/test positions, saved as split.npz; sizes become run tags and the
+    per-class counts a table (split_counts.json)."""
+    from cnnflow.components.data import class_counts, make_split
 
     split = make_split(cfg["data"], cfg["seed"])
     sizes = split.sizes()
     tracking.set_tags(run_id, {f"split.{role}_size": size for role, size in sizes.items()}
                       | {f"split.{role}": split.partitions[role] for role in sizes})
-    get_run_logger().info("split: " + ", ".join(f"{role} {size}" for role, size in sizes.items()))
+    counts = class_counts(cfg["data"], split, tuple(features["class_names"]))
+    rows = [(role, name, n) for role, per_class in counts.items() for name, n in per_class.items()]
+    mlflow.log_table({"split": [r[0] for r in rows], "class": [r[1] for r in rows], "count": [r[2] for r in rows]},
+                     "split_counts.json", run_id=run_id)
+    get_run_logger().info("split: " + "; ".join(
+        f"{role} {sizes[role]} ({', '.join(f'{name} {n}' for name, n in counts[role].items())})" for role in sizes))
     return split.save(Path(output_dir) / "split.npz")
+
+
+def _metrics(cfg: dict[str, Any]) -> list:
+    """Keras metric names, except that `accuracy` of a one-logit model thresholds the logit at 0
+    (Keras' "accuracy" would threshold it at 0.5, as if it were a probability)."""
+    import keras
+
+    one_logit = cfg["loss"]["name"] == "binary_crossentropy" and cfg["loss"].get("from_logits")
+    return [keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0) if one_logit and name == "accuracy" else name
+            for name in cfg["train"]["metrics"]]
 
 
 @task(name="build model", cache_policy=NONE)
 def build_model(cfg: dict[str, Any], features: dict[str, Any], output_dir: str) -> str:
     """The registered model, compiled with the configured loss and optimizer, saved untrained."""
     _seed_everything(cfg)
-    model = registry.build("model", cfg["model"], input_shape=tuple(features["image_shape"]),
+    model = registry.build("model", cfg["model"], input_shape=tuple(features["input_shape"]),
                            num_classes=features["num_classes"])
     model.compile(optimizer=registry.build("optimizer", cfg["optimizer"]),
-                  loss=registry.build("loss", cfg["loss"]), metrics=list(cfg["train"]["metrics"]))
+                  loss=registry.build("loss", cfg["loss"]), metrics=_metrics(cfg))
     model.optimizer.build(model.trainable_variables)  # so the saved file holds the optimizer's variables
     get_run_logger().info(f"model {cfg['model']['name']}: {model.count_params():,} parameters")
     path = Path(output_dir) / "untrained.keras"
@@ -137,10 +154,14 @@ def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id
     model = keras.models.load_model(model_path)
     test = make_dataset(cfg["data"], split, "test", cfg["seed"])
     metrics = {f"test_{name}": float(value) for name, value in model.evaluate(test, return_dict=True, verbose=0).items()}
-    tracking.log_metrics(run_id, metrics)
     probabilities = _probabilities(cfg, model.predict(test, verbose=0))
-    np.savez(Path(output_dir) / "predictions.npz", labels=examples(cfg["data"], split, "test").labels,
-             probabilities=probabilities)
+    labels = examples(cfg["data"], split, "test").labels
+    if probabilities.ndim == 1 and len(np.unique(labels)) == 2:
+        from sklearn.metrics import roc_auc_score
+
+        metrics["test_roc_auc"] = float(roc_auc_score(labels, probabilities))
+    tracking.log_metrics(run_id, metrics)
+    np.savez(Path(output_dir) / "predictions.npz", labels=labels, probabilities=probabilities)
     get_run_logger().info("test: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
     return metrics
 
@@ -159,9 +180,8 @@ def plot_results(cfg: dict[str, Any], features: dict[str, Any], split_path: str,
     output = Path(output_dir)
     test = examples(cfg["data"], Split.load(split_path), "test")
     with np.load(output / "predictions.npz") as predictions:
-        results = Results(history=json.loads((output / "history.json").read_text()), images=test.images,
-                          labels=predictions["labels"], probabilities=predictions["probabilities"],
-                          class_names=tuple(features["class_names"]))
+        results = Results(history=json.loads((output / "history.json").read_text()), test=test,
+                          probabilities=predictions["probabilities"], class_names=tuple(features["class_names"]))
     figures_dir = output / "figures"
     figures_dir.mkdir(exist_ok=True)
     paths = []
@@ -192,7 +212,7 @@ def train_flow(experiment: str = "quickstart", overrides: list[str] | None = Non
         tracking.set_tags(run_id, {"cnnflow.experiment": experiment, "seed": cfg["seed"],
                                    "code_version": tracking.code_version(), **cfg.get("tags", {})})
         features = load_data(cfg["data"])
-        split_path = split_data(cfg, run_id, str(output_dir))
+        split_path = split_data(cfg, features, run_id, str(output_dir))
         untrained = build_model(cfg, features, str(output_dir))
         trained = train_model(cfg, split_path, untrained, run_id, str(output_dir))
         metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir))

@@ -13,7 +13,7 @@ def test_help_lists_commands_groups_and_choices(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "train" in text and "components" in text
-    assert "fashion_mnist, mnist, mnist_small, quickstart" in text
+    assert "celeba, fashion_mnist, mnist, mnist_small, quickstart" in text
     assert "sparse_categorical_crossentropy" in text
 
 
@@ -22,12 +22,12 @@ def test_train_help_lists_registered_components(capsys):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
     assert "--multirun" in text
-    assert "mnist_cnn" in text and "idx, tfds" in text and "confusion_matrix" in text
+    assert "mnist_cnn" in text and "digits, idx, tfds" in text and "confusion_matrix" in text
 
 
 def test_components_command(capsys):
     assert cli.main(["components", "dataset"]) == 0
-    assert capsys.readouterr().out.split() == ["digits", "idx", "tfds"]
+    assert capsys.readouterr().out.split() == ["celeba_folder", "digits", "idx", "tfds"]
 
 
 def test_sweep_expands_to_the_cartesian_product():
@@ -40,7 +40,7 @@ def test_sweep_expands_to_the_cartesian_product():
 def test_a_user_mistake_is_one_line_without_traceback(capsys, mlflow_store):
     assert cli.main(["train", "data=nope"]) == 2
     err = capsys.readouterr().err
-    assert "Unknown data config 'nope'; choices for data: digits" in err and "Traceback" not in err
+    assert "Unknown data config 'nope'; choices for data: celeba, digits" in err and "Traceback" not in err
 
 
 def test_quickstart_runs_from_the_cli(prefect_harness, mlflow_store, capsys):

@@ -2,6 +2,7 @@ import pytest
 
 from cnnflow.components import registry
 from cnnflow.components.augment import compose
+from cnnflow.components.data import model_input_shape
 from cnnflow.flows.config import ConfigError, choices, compose_config, flatten
 
 
@@ -10,7 +11,9 @@ def test_every_experiment_composes_and_its_components_instantiate(experiment):
     cfg = compose_config(experiment)
     assert cfg["experiment"] == experiment
     registry.get("dataset", cfg["data"]["source"])
-    model = registry.build("model", cfg["model"], input_shape=(28, 28, 1), num_classes=10)
+    image_shape, classes = ((218, 178, 3), 2) if cfg["data"]["source"] == "celeba_folder" else ((28, 28, 1), 10)
+    model = registry.build("model", cfg["model"], input_shape=model_input_shape(cfg["data"], image_shape),
+                           num_classes=classes)
     assert model.count_params() > 0
     registry.build("loss", cfg["loss"])
     registry.build("optimizer", cfg["optimizer"])
@@ -18,11 +21,13 @@ def test_every_experiment_composes_and_its_components_instantiate(experiment):
         registry.build("callback", spec)
     for spec in cfg["plots"].values():
         registry.get("plot", spec["name"])
+    for spec in cfg["plots"].get("augmentation_examples", {}).get("columns", {}).values():
+        compose(spec)
     for role in ("train", "eval"):
         compose(cfg["data"]["transforms"][role])
 
 
-@pytest.mark.parametrize("group", ["data", "model", "loss", "optimizer"])
+@pytest.mark.parametrize("group", ["data", "model", "loss", "optimizer", "plots"])
 def test_every_group_choice_composes(group):
     for choice in choices(group):
         assert compose_config("quickstart", [f"{group}={choice}"])[group]
@@ -46,7 +51,7 @@ def test_overrides_apply():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["data=nope"], "choices for data: digits"),
+    (["data=nope"], "choices for data: celeba, digits"),
     (["train.epochz=3"], "train.epochz"),
     (["seed"], "seed"),
     (["data.train_split=test[:10]"], "Quote values"),
@@ -54,7 +59,7 @@ def test_overrides_apply():
 def test_bad_settings_name_the_value_and_the_choices(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
         compose_config("quickstart", overrides)
-    with pytest.raises(ConfigError, match="mnist, mnist_small, quickstart"):
+    with pytest.raises(ConfigError, match="celeba, fashion_mnist, mnist, mnist_small, quickstart"):
         compose_config("nope")
 
 

@@ -1,15 +1,17 @@
 """Data sources (one module each) and the split/pipeline code they all share."""
 
-from cnnflow.components.data import digits, idx, tfds_source  # noqa: F401  (register the sources)
+from cnnflow.components.data import celeba_folder, digits, idx, tfds_source  # noqa: F401  (register the sources)
 from cnnflow.components.data.core import (  # noqa: F401
     CLASS_NAMES,
     DataError,
     DataInfo,
     Partition,
     Split,
+    class_counts,
     examples,
     make_dataset,
     make_split,
+    model_input_shape,
     parse_split,
     source_from,
 )

@@ -34,8 +34,28 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class Partition:
-    images: np.ndarray  # (n, height, width, channels) uint8
+    """Images and labels of one partition. Small datasets hold pixels; large ones hold encoded images
+    (`encoded="path"`: JPEG/PNG file paths, `"bytes"`: the encoded bytes) decoded inside tf.data."""
+
+    images: np.ndarray  # (n, height, width, channels) uint8, or (n,) paths / encoded bytes
     labels: np.ndarray  # (n,) int64
+    encoded: str | None = None
+
+    def take(self, positions: np.ndarray) -> Partition:
+        return Partition(self.images[positions], self.labels[positions], self.encoded)
+
+    def image(self, index: int) -> np.ndarray:
+        """One image as uint8 pixels, decoded if need be (for figures; training decodes in tf.data)."""
+        if self.encoded is None:
+            return self.images[index]
+        return _decode(self.images[index], self.encoded).numpy()
+
+
+def _decode(item, encoded: str, channels: int = 0):
+    import tensorflow as tf
+
+    data = tf.io.read_file(item) if encoded == "path" else item
+    return tf.io.decode_image(data, channels=channels, expand_animations=False)
 
 
 class Source(Protocol):
@@ -56,12 +76,16 @@ CLASS_NAMES = {
 
 def source_from(data: dict[str, Any]) -> Source:
     """The configured data source, built once per process for the same settings."""
-    return _cached_source(data["source"], data["name"], data.get("path"), data.get("data_dir"), data.get("manual_dir"))
+    options = tuple(sorted((data.get("options") or {}).items()))
+    return _cached_source(data["source"], data["name"], data.get("path"), data.get("data_dir"), data.get("manual_dir"),
+                          options)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_source(source: str, name: str, path: str | None, data_dir: str | None, manual_dir: str | None) -> Source:
-    return registry.build("dataset", source, name=name, path=path, data_dir=data_dir, manual_dir=manual_dir)
+def _cached_source(source: str, name: str, path: str | None, data_dir: str | None, manual_dir: str | None,
+                   options: tuple[tuple[str, Any], ...]) -> Source:
+    return registry.build("dataset", source, name=name, path=path, data_dir=data_dir, manual_dir=manual_dir,
+                          **dict(options))
 
 
 @functools.lru_cache(maxsize=8)
@@ -141,12 +165,22 @@ def shuffled(positions: np.ndarray, buffer_size: int, seed: int) -> np.ndarray:
     return positions[next(iter(order.batch(len(positions)))).numpy()]
 
 
+def _size(data: dict[str, Any], key: str) -> int | None:
+    """A subset size: a count, or null / "full" for everything."""
+    value = data.get(key)
+    if value is None or value == "full":
+        return None
+    if not isinstance(value, int) or value < 0:
+        raise DataError(f"data.{key}={value!r}; use a count of examples, or null / full for all of them")
+    return value
+
+
 def make_split(data: dict[str, Any], seed: int) -> Split:
     """Train, validation and test positions as `data` configures them; same settings, same split."""
     pool_name, _ = parse_split(data["train_split"])
     pool = shuffled(split_positions(data["train_split"], len(partition_of(data, pool_name).labels)),
                     data.get("shuffle_buffer") or 0, seed)
-    valid_size, train_size = data.get("valid_size"), data.get("train_size")
+    valid_size, train_size = _size(data, "valid_size"), _size(data, "train_size")
     if data.get("valid_split"):
         valid_name, _ = parse_split(data["valid_split"])
         valid = split_positions(data["valid_split"], len(partition_of(data, valid_name).labels))[:valid_size]
@@ -171,15 +205,36 @@ def make_split(data: dict[str, Any], seed: int) -> Split:
 
 # ---------------------------------------------------------------------------------------- tf.data
 
+def model_input_shape(data: dict[str, Any], image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape images have after the evaluation transforms: what the model's input must take."""
+    import tensorflow as tf
+
+    from cnnflow.components.augment import compose
+
+    return tuple(compose(data["transforms"]["eval"])(tf.zeros(image_shape, tf.uint8), tf.zeros(2, tf.int64)).shape)
+
+
+def class_counts(data: dict[str, Any], split: Split, class_names: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """role -> class name -> number of examples."""
+    counts = {}
+    for role in split.indices:
+        labels = examples(data, split, role).labels
+        counts[role] = {name: int(n) for name, n in zip(class_names, np.bincount(labels, minlength=len(class_names)))}
+    return counts
+
+
 def examples(data: dict[str, Any], split: Split, role: str) -> Partition:
     """The images and labels of one role (train, valid or test) of a split."""
-    partition = partition_of(data, split.partitions[role])
-    positions = split.indices[role]
-    return Partition(partition.images[positions], partition.labels[positions])
+    return partition_of(data, split.partitions[role]).take(split.indices[role])
 
 
 def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int):
-    """A batched, prefetched tf.data pipeline for one role; train-time transforms only for "train"."""
+    """A batched, prefetched tf.data pipeline for one role; train-time transforms only for "train".
+
+    Encoded images are decoded in parallel; with `data.cache`, decoded training images (before the
+    random transforms) and finished evaluation images are kept in memory after the first epoch.
+    Random transforms get a per-example seed from a seeded random stream that changes every epoch.
+    """
     import tensorflow as tf
 
     from cnnflow.components.augment import compose
@@ -187,8 +242,24 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int):
     chosen = examples(data, split, role)
     training = role == "train"
     transform = compose(data["transforms"]["train" if training else "eval"])
-    dataset = tf.data.Dataset.from_tensor_slices((chosen.images, chosen.labels))
-    if training and data.get("shuffle_each_epoch"):
-        dataset = dataset.shuffle(data["shuffle_each_epoch"], seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(lambda image, label: (transform(image), label), num_parallel_calls=tf.data.AUTOTUNE)
+    images = tf.data.Dataset.from_tensor_slices(chosen.images)
+    if chosen.encoded:
+        shape = source_from(data).info.image_shape
+        images = images.map(lambda item: tf.ensure_shape(_decode(item, chosen.encoded, shape[-1]), shape),
+                            num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(chosen.labels))
+    if training:
+        if data.get("cache"):
+            dataset = dataset.cache()
+        if data.get("shuffle_each_epoch"):
+            dataset = dataset.shuffle(data["shuffle_each_epoch"], seed=seed, reshuffle_each_iteration=True)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, seeds).map(
+            lambda example, pair: (transform(example[0], pair), example[1]), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        no_seed = tf.zeros(2, tf.int64)  # evaluation transforms are deterministic
+        dataset = dataset.map(lambda image, label: (transform(image, no_seed), label),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+        if data.get("cache"):
+            dataset = dataset.cache()
     return dataset.batch(data["batch_size"]).prefetch(tf.data.AUTOTUNE)

@@ -10,7 +10,7 @@ from cnnflow.components.registry import register
 
 
 class TfdsSource:
-    def __init__(self, name: str, data_dir: str | None, manual_dir: str | None):
+    def __init__(self, name: str, data_dir: str | None, manual_dir: str | None, attribute: str | None = None):
         import tensorflow_datasets as tfds
 
         try:
@@ -29,24 +29,38 @@ class TfdsSource:
                 + _LOCAL_HINT
             ) from error
         features = self.builder.info.features
-        self.info = DataInfo(
-            image_shape=tuple(features["image"].shape),
-            num_classes=features["label"].num_classes,
-            class_names=tuple(features["label"].names),
-        )
+        self.attribute = attribute
+        if attribute:  # datasets labelled by binary attributes, like celeb_a
+            known = list(features["attributes"].keys()) if "attributes" in features else []
+            if attribute not in known:
+                raise DataError(f"TFDS {name!r} has no attribute {attribute!r}; it has: {', '.join(known) or 'none'}")
+            negative = "Female" if attribute == "Male" else f"not {attribute}"
+            self.info = DataInfo(tuple(features["image"].shape), 2, (negative, attribute))
+        else:
+            self.info = DataInfo(tuple(features["image"].shape), features["label"].num_classes,
+                                 tuple(features["label"].names))
 
     def partition(self, name: str) -> Partition:
         import tensorflow_datasets as tfds
 
+        import tensorflow as tf
+
         try:
-            dataset = self.builder.as_dataset(split=name, shuffle_files=False, as_supervised=True)
+            if self.attribute:  # large images: keep them encoded, tf.data decodes them while training
+                dataset = self.builder.as_dataset(split=name, shuffle_files=False,
+                                                  decoders={"image": tfds.decode.SkipDecoding()})
+                dataset = dataset.map(lambda ex: (ex["image"], tf.cast(ex["attributes"][self.attribute], tf.int64)))
+            else:
+                dataset = self.builder.as_dataset(split=name, shuffle_files=False, as_supervised=True)
         except (KeyError, ValueError) as error:
             raise DataError(f"TFDS {self.builder.name!r} has partitions {sorted(self.builder.info.splits)}, "
                             f"not {name!r} ({_first_line(error)})") from None
         batches = list(tfds.as_numpy(dataset.batch(4096)))
         if not batches:
             raise DataError(f"TFDS {self.builder.name!r} partition {name!r} is empty")
-        return Partition(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]).astype(np.int64))
+        images = np.concatenate([batch[0] for batch in batches])
+        labels = np.concatenate([batch[1] for batch in batches]).astype(np.int64)
+        return Partition(images, labels, encoded="bytes" if self.attribute else None)
 
 
 _LOCAL_HINT = (
@@ -78,6 +92,7 @@ def _first_line(error: Exception) -> str:
 
 
 @register("dataset", "tfds")
-def tfds_dataset(name: str, path=None, data_dir: str | None = None, manual_dir: str | None = None) -> TfdsSource:
-    """The TFDS dataset `name` (mnist, fashion_mnist, ...)."""
-    return TfdsSource(name, data_dir, manual_dir)
+def tfds_dataset(name: str, path=None, data_dir: str | None = None, manual_dir: str | None = None,
+                 attribute: str | None = None) -> TfdsSource:
+    """The TFDS dataset `name` (mnist, fashion_mnist, celeb_a with attribute=Male, ...)."""
+    return TfdsSource(name, data_dir, manual_dir, attribute)

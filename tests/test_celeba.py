@@ -1,0 +1,186 @@
+"""CelebA: the native-layout folder source, augmentations, the chapter's model and a one-epoch run,
+all on generated images in CelebA's exact file layout."""
+
+import logging
+
+import mlflow
+import numpy as np
+import pytest
+import tensorflow as tf
+from mlflow import MlflowClient
+
+from cnnflow.components import registry
+from cnnflow.components.augment import compose
+from cnnflow.components.data import DataError, class_counts, make_dataset, make_split, model_input_shape
+from cnnflow.flows.config import compose_config
+from cnnflow.flows.train import train_flow
+from celeba_layout import ATTRIBUTES, MALE, write_celeba
+
+
+@pytest.fixture(scope="module")
+def celeba(tmp_path_factory):
+    return write_celeba(tmp_path_factory.mktemp("celeba"), train=40, valid=12, test=12)
+
+
+def celeba_data(folder, *overrides):
+    return compose_config("celeba", [f"data.path={folder}", "data.train_size=30", "data.valid_size=8",
+                                     "data.batch_size=8", *overrides])["data"]
+
+
+def source(folder, **options):
+    return registry.build("dataset", "celeba_folder", name="celeb_a", path=str(folder), **options)
+
+
+def test_partitions_follow_the_partition_file_and_labels_the_male_column(celeba):
+    celeb = source(celeba)
+    assert celeb.info.class_names == ("Female", "Male") and celeb.info.image_shape == (218, 178, 3)
+    rows = [line.split() for line in (celeba / "list_attr_celeba.txt").read_text().splitlines()[2:]]
+    male = {row[0]: int(row[1 + MALE] == "1") for row in rows}
+    train, valid, test = (celeb.partition(name) for name in ("train", "validation", "test"))
+    assert [len(p.labels) for p in (train, valid, test)] == [40, 12, 12]
+    assert train.images[0].endswith("000001.jpg") and valid.images[0].endswith("000041.jpg")
+    assert train.labels.tolist() == [male[f"{i:06d}.jpg"] for i in range(1, 41)]
+    assert train.image(0).shape == (218, 178, 3)
+
+
+def test_subsets_are_the_first_images_in_file_order(celeba):
+    data = celeba_data(celeba)
+    split = make_split(data, seed=1)
+    assert split.indices["train"].tolist() == list(range(30))
+    assert split.indices["valid"].tolist() == list(range(8))
+    assert split.sizes() == {"train": 30, "valid": 8, "test": 12}
+    assert split.partitions == {"train": "train", "valid": "validation", "test": "test"}
+    counts = class_counts(data, split, ("Female", "Male"))
+    assert sum(counts["train"].values()) == 30 and set(counts["test"]) == {"Female", "Male"}
+    full = make_split(celeba_data(celeba, "data.train_size=null", "data.valid_size=null"), seed=1)
+    assert full.sizes() == {"train": 40, "valid": 12, "test": 12}
+
+
+def broken_copy(celeba, tmp_path):
+    import shutil
+
+    copy = tmp_path / "celeba"
+    shutil.copytree(celeba, copy)
+    return copy
+
+
+def test_missing_and_unreadable_images_are_named_or_skipped_and_counted(celeba, tmp_path, caplog):
+    copy = broken_copy(celeba, tmp_path)
+    (copy / "img_align_celeba" / "000003.jpg").unlink()
+    (copy / "img_align_celeba" / "000005.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match=r"2 unusable CelebA train images.*000003.jpg \(missing\).*000005.jpg \(not a JPEG\)"):
+        source(copy).partition("train")
+    with caplog.at_level(logging.WARNING):
+        train = source(copy, on_bad_image="skip").partition("train")
+    assert len(train.labels) == 38 and "skipped 2 unusable CelebA train images" in caplog.text
+    with pytest.raises(DataError, match="on_bad_image='maybe'; use 'raise' or 'skip'"):
+        source(copy, on_bad_image="maybe")
+
+
+@pytest.mark.parametrize("line, damage, message", [
+    (5, lambda row: row.rsplit(" ", 1)[0], r"list_attr_celeba.txt:5: expected a file name and 40 values, got 40 fields"),
+    (6, lambda row: row.replace("-1", "0", 1), r"list_attr_celeba.txt:6: attribute values must be 1 or -1"),
+    (1, lambda row: "99", r"list_attr_celeba.txt:1: says 99 images but lists 64"),
+])
+def test_bad_attribute_rows_name_file_and_line(celeba, tmp_path, line, damage, message):
+    copy = broken_copy(celeba, tmp_path)
+    attributes = copy / "list_attr_celeba.txt"
+    lines = attributes.read_text().splitlines()
+    lines[line - 1] = damage(lines[line - 1])
+    attributes.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        source(copy)
+
+
+def test_bad_partition_rows_and_unknown_attributes(celeba, tmp_path):
+    copy = broken_copy(celeba, tmp_path)
+    (copy / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 7\n")
+    with pytest.raises(DataError, match=r"list_eval_partition.txt:2: expected `<image>.jpg 0\|1\|2`"):
+        source(copy)
+    with pytest.raises(DataError, match="no attribute 'Beard'; the attributes are: 5_o_Clock_Shadow"):
+        source(celeba, attribute="Beard")
+    with pytest.raises(DataError, match="needs data.path"):
+        registry.build("dataset", "celeba_folder")
+
+
+AUGMENTATIONS = {
+    "crop": ({"offset_height": 20, "offset_width": 0, "height": 178, "width": 178}, (178, 178, 3)),
+    "random_crop": ({"height": 178, "width": 178}, (178, 178, 3)),
+    "central_crop": ({"fraction": 0.5}, (110, 90, 3)),
+    "resize": ({"height": 64, "width": 64}, (64, 64, 3)),
+    "flip_left_right": ({}, (218, 178, 3)),
+    "random_flip": ({}, (218, 178, 3)),
+    "contrast": ({"factor": 2.0}, (218, 178, 3)),
+    "random_contrast": ({}, (218, 178, 3)),
+    "brightness": ({"delta": 0.3}, (218, 178, 3)),
+    "random_brightness": ({"max_delta": 0.3}, (218, 178, 3)),
+    "rescale": ({}, (218, 178, 3)),
+}
+
+
+def test_every_registered_augmentation_is_covered():
+    assert set(registry.names("augment")) == set(AUGMENTATIONS)
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_augmentation_shape_range_and_determinism(celeba, name):
+    params, shape = AUGMENTATIONS[name]
+    transform = compose([{"name": name, **params}])
+    image = tf.constant(source(celeba).partition("train").image(0))
+    out = [transform(image, tf.constant(seed, tf.int64)).numpy() for seed in ([1, 2], [1, 2], [3, 4], [5, 6])]
+    assert out[0].shape == shape
+    assert out[0].min() >= 0 and out[0].max() <= (1.0 if name == "rescale" else 255)
+    np.testing.assert_array_equal(out[0], out[1])  # same seed, same image
+    if name.startswith("random_"):  # another seed changes it (one of three may coincide, as a flip can)
+        assert any(not np.array_equal(out[0], other) for other in out[2:])
+
+
+def test_train_pipeline_is_seeded_and_eval_pipeline_fixed(celeba):
+    data = celeba_data(celeba)
+    split = make_split(data, seed=1)
+    first = [next(iter(make_dataset(data, split, "train", seed=1)))[0].numpy() for _ in range(2)]
+    np.testing.assert_array_equal(first[0], first[1])
+    other = next(iter(make_dataset(data, split, "train", seed=2)))[0].numpy()
+    assert not np.array_equal(first[0], other)
+    images, labels = next(iter(make_dataset(data, split, "valid", seed=1)))
+    assert images.shape == (8, 64, 64, 3) and 0.0 <= images.numpy().min() and images.numpy().max() <= 1.0
+    assert model_input_shape(data, (218, 178, 3)) == (64, 64, 3)
+
+
+def test_celeba_cnn_has_the_chapters_parameter_count():
+    assert registry.build("model", "celeba_cnn", input_shape=(64, 64, 3), num_classes=2).count_params() == 388_673
+    with pytest.raises(ValueError, match="num_classes=10"):
+        registry.build("model", "celeba_cnn", input_shape=(64, 64, 3), num_classes=10)
+
+
+def test_tfds_celeb_a_gives_encoded_images_and_the_attribute(monkeypatch, tmp_path):
+    import tensorflow_datasets as tfds
+
+    from cnnflow.components.data import tfds_source
+
+    monkeypatch.setattr(tfds_source, "_online", lambda *a: True)
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        celeb = registry.build("dataset", "tfds", name="celeb_a", data_dir=str(tmp_path), attribute="Male")
+        train = celeb.partition("train")
+    assert train.encoded == "bytes" and len(train.labels) == 6 and set(train.labels) <= {0, 1}
+    assert train.image(0).shape == (218, 178, 3) and celeb.info.class_names == ("Female", "Male")
+
+
+CELEBA_FIGURES = {"learning_curves.png", "predictions.png", "confusion_matrix.png", "roc_curve.png",
+                  "augmentation_examples.png", "augmentation_samples.png"}
+
+
+def test_one_epoch_celeba_run_records_figures_and_metrics(celeba, prefect_harness, mlflow_store):
+    run_id = train_flow("celeba", [f"data.path={celeba}", "data.train_size=30", "data.valid_size=8",
+                                   "data.batch_size=8", "train.epochs=1"])
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert {"test_accuracy", "test_loss", "test_roc_auc", "val_accuracy"} <= set(run.data.metrics)
+    assert {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "figures")} == CELEBA_FIGURES
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/split_counts.json")  # pandas "split" orientation
+    totals = {}
+    for split, _, count in table["data"]:
+        totals[split] = totals.get(split, 0) + count
+    assert table["columns"] == ["split", "class", "count"] and totals == {"train": 30, "valid": 8, "test": 12}
+    assert mlflow.keras.load_model(f"runs:/{run_id}/model").count_params() == 388_673
