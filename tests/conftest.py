@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import prefect.main  # noqa: F401  (sets up Prefect logging now, bound to the session's stderr, not one test's capsys)
 import pytest
 
 from cnnflow.components import registry
