@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
 import keras
 
@@ -56,3 +59,55 @@ class MlflowMetrics(keras.callbacks.Callback):
         MlflowClient().log_batch(
             self.run_id, metrics=[Metric(name, float(value), now, epoch + 1) for name, value in values.items()]
         )
+
+
+def backfill_metrics(run_id: str, history: dict[str, list[float]]) -> int:
+    """Log the epochs of `history` that the run lacks (a process killed between its checkpoint and its
+    metrics); returns how many epochs were filled in. Keeps the MLflow curve unbroken after a resume."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    missing = []
+    for name, values in history.items():
+        logged = {metric.step for metric in client.get_metric_history(run_id, name)}
+        missing += [Metric(name, value, now, step) for step, value in enumerate(values, start=1) if step not in logged]
+    if missing:
+        client.log_batch(run_id, metrics=missing)
+    return len({metric.step for metric in missing})
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch: the model with its optimizer state, and the history so far.
+
+    `checkpoint.json` is the commit point: it is replaced atomically and names the model file it
+    belongs to, so a training killed at any moment loses at most the epoch in progress.
+    """
+
+    def __init__(self, folder, history: dict[str, list[float]] | None = None):
+        super().__init__()
+        self.folder = Path(folder)
+        self.history = {name: list(values) for name, values in (history or {}).items()}
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append(float(value))
+        model_file = f"checkpoint-epoch{epoch + 1:04d}.keras"
+        self.model.save(self.folder / model_file)
+        partial = self.folder / "checkpoint.json.partial"
+        partial.write_text(json.dumps({"epoch": epoch + 1, "file": model_file, "history": self.history}))
+        os.replace(partial, self.folder / "checkpoint.json")
+        for old in self.folder.glob("checkpoint-epoch*.keras"):
+            if old.name != model_file:
+                old.unlink()
+
+
+def read_checkpoint(folder) -> dict | None:
+    """{"epoch": completed epochs, "history": {...}, "path": the model file} of a run folder, or None."""
+    state = Path(folder) / "checkpoint.json"
+    if not state.is_file():
+        return None
+    checkpoint = json.loads(state.read_text())
+    path = Path(folder) / checkpoint["file"]
+    return checkpoint | {"path": str(path)} if path.is_file() else None

@@ -72,6 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sweep: a,b,c values expand to one run per combination")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="experiment=NAME picks the recipe (default quickstart); others override settings")
+    cont = commands.add_parser(
+        "continue", help="train a run for more epochs, in the same MLflow run (epochs, history, optimizer state go on)",
+        description="Continue a training from its last checkpoint: `cnnflow continue RUN_ID --epochs 10 "
+                    "optimizer.learning_rate=1e-4`. Settings that define the model and data cannot change.")
+    cont.add_argument("run_id", help="the MLflow run id (cnnflow prints it; also in the MLflow UI)")
+    cont.add_argument("--epochs", type=int, default=10, help="how many more epochs (default 10)")
+    cont.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optimizer.learning_rate=1e-4")
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a logged or registered model on a split; logs an MLflow run",
+        description="MODEL is a training run id, runs:/RUN_ID/model, models:/NAME@ALIAS or models:/NAME/VERSION.")
+    evaluate.add_argument("model")
+    evaluate.add_argument("split", nargs="?", default="test",
+                          help="train, valid or test of the run's own split (default test), or a split "
+                               "string of the data such as 'test[:500]'")
+    predict = commands.add_parser(
+        "predict", help="predict labels of image files or folders with a logged or registered model",
+        description="Prints file, label and probability per image, preprocessed as the model's training "
+                    "run did. MODEL as for evaluate.")
+    predict.add_argument("model")
+    predict.add_argument("paths", nargs="+", help="image files and/or folders of images")
+    predict.add_argument("--csv", help="also write the table to this CSV file")
+    predict.add_argument("--figure", help="also draw the images with their predictions to this PNG file")
     components = commands.add_parser("components", help="list the registered components of each kind")
     components.add_argument("kind", nargs="?", help="only this kind")
     return parser
@@ -154,11 +176,42 @@ def run_train(overrides: list[str], multirun: bool) -> int:
     return 0 if all(status == "ok" for _, status, _ in outcomes) else (2 if len(jobs) == 1 else 1)
 
 
+def run_user_facing(action) -> int:
+    """Run a flow; a user's mistake becomes one line on stderr and exit code 2."""
+    from cnnflow.components.registry import UserError
+
+    try:
+        action()
+        return 0
+    except UserError as error:
+        print(f"cnnflow: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_flow(args: argparse.Namespace):
+    """The flow behind `continue`, `evaluate` and `predict`, with the command's arguments."""
+    if args.command == "continue":
+        from cnnflow.flows.train import continue_flow
+
+        return continue_flow(args.run_id, args.epochs, args.overrides)
+    from cnnflow.flows.inference import evaluate_flow, predict_flow
+
+    if args.command == "evaluate":
+        return evaluate_flow(args.model, args.split)
+    return predict_flow(args.model, args.paths, args.csv, args.figure)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter is not for users
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a closed network
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come after options (`continue RUN --epochs 2 optimizer.learning_rate=1e-4`)
+    args, extra = parser.parse_known_args(argv)
+    unknown_options = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
+    if unknown_options or (extra and args.command not in ("train", "continue")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command == "components":
         from cnnflow.components import registry
 
@@ -166,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown kind {args.kind!r}; the kinds are: {', '.join(registry.KINDS)}")
         print(_components_text() if not args.kind else "\n".join(registry.names(args.kind)))
         return 0
-    if args.command != "train":
+    if args.command is None:
         parser.print_help()
         return 0
     _quiet_tracebacks_of_user_errors()
     try:
-        return run_train(args.overrides, args.multirun)
+        if args.command == "train":
+            return run_train(args.overrides, args.multirun)
+        return run_user_facing(lambda: _run_flow(args))
     except KeyboardInterrupt:
         print("cnnflow: interrupted", file=sys.stderr)
         return 130

@@ -105,28 +105,47 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], output_dir: str) 
 
 
 @task(name="train", cache_policy=NONE)
-def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: str, output_dir: str) -> str:
-    """Fits for train.epochs, logging each epoch; saves the model and logs it to MLflow."""
+def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: str, output_dir: str,
+                initial_epoch: int = 0) -> str:
+    """Fits from `initial_epoch` up to train.epochs, logging and checkpointing every epoch; saves the
+    model and logs it to MLflow. `model_path` is the untrained model or the checkpoint to go on from."""
     import keras
 
-    from cnnflow.components.callbacks import EpochProgress, MlflowMetrics
+    from cnnflow.components.callbacks import (EpochCheckpoint, EpochProgress, MlflowMetrics, backfill_metrics,
+                                              read_checkpoint)
     from cnnflow.components.data import Split, make_dataset
 
     _seed_everything(cfg)
     split = Split.load(split_path)
     model = keras.models.load_model(model_path)
+    _apply_learning_rate(model, cfg["optimizer"])
+    output = Path(output_dir)
+    previous = read_checkpoint(output) if initial_epoch else None
+    if previous:
+        backfill_metrics(run_id, previous["history"])
+    checkpoint = EpochCheckpoint(output, previous["history"] if previous else None)
     epochs = cfg["train"]["epochs"]
     callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
-    callbacks += [EpochProgress(epochs, get_run_logger()), MlflowMetrics(run_id)]
-    history = model.fit(make_dataset(cfg["data"], split, "train", cfg["seed"]),
-                        validation_data=make_dataset(cfg["data"], split, "valid", cfg["seed"]),
-                        epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
-    output = Path(output_dir)
+    callbacks += [checkpoint, EpochProgress(epochs, get_run_logger()), MlflowMetrics(run_id)]
+    # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
+    data_seed = cfg["seed"] + initial_epoch
+    model.fit(make_dataset(cfg["data"], split, "train", data_seed),
+              validation_data=make_dataset(cfg["data"], split, "valid", data_seed),
+              initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
     model.save(output / "model.keras")
-    mlflow.keras.log_model(model, name="model", pip_requirements=_MODEL_REQUIREMENTS)
-    history_path = output / "history.json"
-    history_path.write_text(json.dumps({name: [float(v) for v in values] for name, values in history.history.items()}))
+    logged = mlflow.keras.log_model(model, name="model", pip_requirements=_MODEL_REQUIREMENTS)
+    tracking.set_tags(run_id, {"model_uri": logged.model_uri})  # the newest stage's model
+    (output / "history.json").write_text(json.dumps(checkpoint.history))
     return str(output / "model.keras")
+
+
+def _apply_learning_rate(model, optimizer: dict[str, Any]) -> None:
+    """A stage may change the learning rate; the rest of the optimizer state comes from the checkpoint."""
+    import keras
+
+    rate = optimizer.get("learning_rate")
+    if rate is not None and not isinstance(model.optimizer.learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        model.optimizer.learning_rate.assign(rate)
 
 
 def _probabilities(cfg: dict[str, Any], outputs):
@@ -143,8 +162,10 @@ def _probabilities(cfg: dict[str, Any], outputs):
 
 
 @task(name="evaluate", cache_policy=NONE)
-def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: str, output_dir: str) -> dict:
-    """Test loss and metrics (logged as test_*), and per-image probabilities saved for the plots."""
+def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: str, output_dir: str,
+                   epochs_done: int = 0) -> dict:
+    """Test loss and metrics (logged as test_*, step = epochs trained, so each stage keeps its own
+    value), and per-image probabilities saved for the plots."""
     import keras
     import numpy as np
 
@@ -160,7 +181,7 @@ def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id
         from sklearn.metrics import roc_auc_score
 
         metrics["test_roc_auc"] = float(roc_auc_score(labels, probabilities))
-    tracking.log_metrics(run_id, metrics)
+    tracking.log_metrics(run_id, metrics, step=epochs_done)
     np.savez(Path(output_dir) / "predictions.npz", labels=labels, probabilities=probabilities)
     get_run_logger().info("test: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
     return metrics
@@ -197,25 +218,79 @@ def plot_results(cfg: dict[str, Any], features: dict[str, Any], split_path: str,
     return paths
 
 
+def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, features: dict[str, Any],
+                       split_path: str, start_model: str, initial_epoch: int) -> dict[str, float]:
+    """The part of the DAG that a new training, a resumed one and a continuation share."""
+    from cnnflow.components.callbacks import read_checkpoint
+
+    trained = train_model(cfg, split_path, start_model, run_id, str(output_dir), initial_epoch)
+    epochs_done = read_checkpoint(output_dir)["epoch"]
+    metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir), epochs_done)
+    plot_results(cfg, features, split_path, run_id, str(output_dir))
+    tracking.maybe_register(cfg, run_id, get_run_logger())
+    return metrics
+
+
 @flow(name="train", flow_run_name="{experiment}")
 def train_flow(experiment: str = "quickstart", overrides: list[str] | None = None) -> str:
-    """Train one model as the experiment (conf/experiment/<name>.yaml) and overrides say; returns the MLflow run id."""
+    """Train one model as the experiment (conf/experiment/<name>.yaml) and overrides say; returns the MLflow run id.
+
+    An unfinished run of the same settings (killed, crashed, interrupted) is resumed from its last
+    completed epoch instead, unless `resume=false`.
+    """
+    from cnnflow.components.callbacks import read_checkpoint
+
     cfg = compose_config(experiment, overrides)
     logger = get_run_logger()
     store = tracking.use_store(cfg)
-    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg)) as run:
-        run_id = run.info.run_id
-        output_dir = Path(cfg["output_dir"]) / experiment / run_id
-        output_dir.mkdir(parents=True, exist_ok=True)
-        logger.info(f"MLflow run {run_id} in {store}; outputs in {output_dir}")
-        tracking.log_settings(run_id, cfg, output_dir)
-        tracking.set_tags(run_id, {"cnnflow.experiment": experiment, "seed": cfg["seed"],
-                                   "code_version": tracking.code_version(), **cfg.get("tags", {})})
+    unfinished = tracking.find_unfinished(cfg) if cfg.get("resume", True) else None
+    with tracking.tracked_run(cfg, unfinished.run_id if unfinished else None) as (run_id, output_dir):
         features = load_data(cfg["data"])
-        split_path = split_data(cfg, features, run_id, str(output_dir))
-        untrained = build_model(cfg, features, str(output_dir))
-        trained = train_model(cfg, split_path, untrained, run_id, str(output_dir))
-        metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir))
-        plot_results(cfg, features, split_path, run_id, str(output_dir))
+        if unfinished:
+            checkpoint = read_checkpoint(output_dir)
+            logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}; outputs in {output_dir}")
+            split_path, start_model, initial_epoch = str(output_dir / "split.npz"), checkpoint["path"], checkpoint["epoch"]
+        else:
+            logger.info(f"MLflow run {run_id} in {store}; outputs in {output_dir}")
+            tracking.log_settings(run_id, cfg, output_dir)
+            (output_dir / "features.json").write_text(json.dumps(features))
+            mlflow.MlflowClient().log_artifact(run_id, str(output_dir / "features.json"))
+            split_path = split_data(cfg, features, run_id, str(output_dir))
+            start_model, initial_epoch = build_model(cfg, features, str(output_dir)), 0
+        metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, split_path, start_model, initial_epoch)
+    logger.info(f"done: run {run_id}, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return run_id
+
+
+@flow(name="continue", flow_run_name="continue {run_id}")
+def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = None) -> str:
+    """Train a finished (or stopped) run for `epochs` more epochs, in the same MLflow run.
+
+    Epoch numbers, the metric history and the optimizer state carry on; the stage is recorded as
+    tags stage.<n>.epochs / stage.<n>.overrides. Overrides may change how training goes on (learning
+    rate, callbacks, plots) but not what is trained (data, model, loss, seed, optimizer type).
+    """
+    from cnnflow.components.callbacks import read_checkpoint
+
+    if not isinstance(epochs, int) or epochs < 1:
+        raise tracking.TrackingError(f"epochs={epochs!r}: continue needs a positive number of epochs")
+    stored, output_dir = tracking.run_settings(run_id)
+    tracking.use_store(stored)
+    cfg = compose_config(stored["experiment"], stored["overrides"] + list(overrides or []))
+    tracking.refuse_frozen_changes(stored, cfg)
+    checkpoint = read_checkpoint(output_dir)
+    if checkpoint is None:
+        raise tracking.TrackingError(f"run {run_id} has no checkpoint in {output_dir}; it cannot be continued")
+    cfg["train"]["epochs"] = checkpoint["epoch"] + epochs
+    logger = get_run_logger()
+    with tracking.tracked_run(cfg, run_id) as (run_id, output_dir):
+        stage = tracking.next_stage(run_id)
+        tracking.set_tags(run_id, {f"stage.{stage}.epochs": f"{checkpoint['epoch'] + 1}-{cfg['train']['epochs']}",
+                                   f"stage.{stage}.overrides": " ".join(overrides or []) or "(none)",
+                                   "stages": stage, "epochs_total": cfg["train"]["epochs"]})
+        logger.info(f"continuing run {run_id}: stage {stage}, epochs {checkpoint['epoch'] + 1}-{cfg['train']['epochs']}")
+        features = load_data(cfg["data"])
+        metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, str(output_dir / "split.npz"),
+                                     checkpoint["path"], checkpoint["epoch"])
     logger.info(f"done: run {run_id}, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return run_id

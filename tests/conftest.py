@@ -61,8 +61,11 @@ def idx_folder(tmp_path: Path) -> Path:
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite MLflow store; the working directory (outputs/, mlruns/) is the test's own."""
     monkeypatch.chdir(tmp_path)
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # flows set it process-wide; a stale one from another test must not stay
     return uri
 
 

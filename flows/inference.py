@@ -1,0 +1,201 @@
+"""Using trained models: evaluate one on a split, predict labels for image files.
+
+A model is named by a training run id, `runs:/<run id>/model`, or a registry URI
+(`models:/<name>@<alias>`, `models:/<name>/<version>`). Whatever preprocessing the model was trained
+with is read from its run's settings, never re-typed by the user.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from cnnflow.flows import tracking
+from cnnflow.flows.tracking import TrackingError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def resolve_model(reference: str) -> tuple[str, str]:
+    """(model URI, training run id) of a run id, runs:/ URI or models:/ URI."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking.tracking_uri({}))
+    client = MlflowClient()
+    try:
+        if reference.startswith("models:/"):
+            name_version = reference.removeprefix("models:/")
+            if "@" in name_version:
+                version = client.get_model_version_by_alias(*name_version.split("@", 1))
+            else:
+                version = client.get_model_version(*name_version.split("/", 1))
+            return reference, version.run_id
+        run_id = reference.removeprefix("runs:/").split("/")[0]
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        raise TrackingError(f"cannot find model {reference!r} in {tracking.tracking_uri({})}: "
+                            f"{str(error).splitlines()[0]}") from None
+    return run.data.tags.get("model_uri", f"runs:/{run_id}/model"), run_id
+
+
+@task(name="evaluate model", cache_policy=NONE)
+def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
+    """Loss and metrics of the model on `split`: a role of the run's own split (train, valid, test)
+    or a split string of the data (`test[:500]`)."""
+    from cnnflow.components.data import Split, make_dataset, parse_split
+    from cnnflow.components.data.core import partition_of, split_positions
+
+    cfg, output_dir = tracking.run_settings(run_id)
+    if split in ("train", "valid", "test"):
+        chosen, role = Split.load(output_dir / "split.npz"), split
+    else:
+        partition, _ = parse_split(split)
+        positions = split_positions(split, len(partition_of(cfg["data"], partition).labels))
+        chosen, role = Split({"eval": partition}, {"eval": positions}), "eval"
+    model = mlflow.keras.load_model(model_uri)
+    dataset = make_dataset(cfg["data"], chosen, role, cfg["seed"])
+    return {name: float(value) for name, value in model.evaluate(dataset, return_dict=True, verbose=0).items()}
+
+
+@flow(name="evaluate", flow_run_name="evaluate {model} on {split}")
+def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
+    """Evaluate a logged or registered model on a split; the result is an MLflow run of its own."""
+    model_uri, run_id = resolve_model(model)
+    cfg, _ = tracking.run_settings(run_id)
+    metrics = evaluate_split(model_uri, run_id, split)
+    tracking.use_store(cfg)
+    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=f"evaluate {split}") as run:
+        tracking.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split})
+        tracking.log_metrics(run.info.run_id, {f"eval_{name}": value for name, value in metrics.items()})
+    get_run_logger().info(f"{model_uri} on {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+# -------------------------------------------------------------------------------------- predict
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The image files named, and those inside named folders (sorted); a missing path is an error."""
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise TrackingError(f"no such image file or folder: {name}")
+    if not files:
+        raise TrackingError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(paths)}")
+    return files
+
+
+def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """The image as uint8 pixels, if it has the size and the channels the model was trained on."""
+    from PIL import Image, UnidentifiedImageError
+
+    height, width, channels = shape
+    wanted = f"{'grayscale' if channels == 1 else 'RGB'} {width}x{height} images"
+    try:
+        with Image.open(path) as image:
+            image.load()
+            size, gray_mode = image.size, image.mode in ("1", "L", "I", "I;16", "F")
+            rgb = None if gray_mode else np.asarray(image.convert("RGB"))
+            gray = np.asarray(image.convert("L"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise TrackingError(f"{path}: not a readable image ({error})") from None
+    if channels == 3 and rgb is None:
+        raise TrackingError(f"{path} is grayscale; the model takes {wanted}")
+    # A grayscale picture saved as RGB (three equal channels) is fine; real colour is not.
+    if channels == 1 and rgb is not None and not (np.array_equal(rgb[..., 0], rgb[..., 1])
+                                                  and np.array_equal(rgb[..., 1], rgb[..., 2])):
+        raise TrackingError(f"{path} is a colour image; the model takes {wanted}")
+    if size != (width, height):
+        raise TrackingError(f"{path} is {size[0]}x{size[1]}; the model takes {wanted} (as in its training data)")
+    return rgb if channels == 3 else gray[..., np.newaxis]
+
+
+@task(name="predict", cache_policy=NONE)
+def predict_files(model_uri: str, run_id: str, files: list[str]) -> list[dict[str, Any]]:
+    """One row per image: file, predicted label, its probability (and P(positive) for binary models)."""
+    import tensorflow as tf
+
+    from cnnflow.components.augment import compose
+    from cnnflow.flows.train import _probabilities
+
+    cfg, output_dir = tracking.run_settings(run_id)
+    features = tracking.run_features(run_id, output_dir)
+    shape = tuple(features["image_shape"])
+    images = np.stack([read_image(Path(f), shape) for f in files])
+    transform = compose(cfg["data"]["transforms"]["eval"])
+    batch = tf.stack([transform(tf.constant(image), tf.zeros(2, tf.int64)) for image in images])
+    probabilities = _probabilities(cfg, mlflow.keras.load_model(model_uri).predict(batch, verbose=0))
+    names = features["class_names"]
+    rows = []
+    for file, image, probs in zip(files, images, probabilities):
+        if np.ndim(probs) == 0:  # one logit: P(class 1)
+            label = int(probs >= 0.5)
+            rows.append({"file": file, "label": names[label], "probability": float(probs if label else 1 - probs),
+                         f"p_{names[1]}": float(probs)})
+        else:
+            label = int(np.argmax(probs))
+            rows.append({"file": file, "label": names[label], "probability": float(probs[label])})
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0])
+    cells = [[Path(v).name if c == "file" else f"{v:.4f}" if isinstance(v, float) else str(v) for c, v in row.items()]
+             for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _figure(rows: list[dict[str, Any]], shape, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(6, len(rows))
+    count = min(len(rows), 24)
+    figure = plt.figure(figsize=(2.0 * cols, 2.4 * (-(-count // cols))))
+    for i, row in enumerate(rows[:count]):
+        axis = figure.add_subplot(-(-count // cols), cols, i + 1)
+        image = read_image(Path(row["file"]), shape)
+        axis.imshow(image.squeeze(), cmap="gray_r" if shape[2] == 1 else None)
+        axis.set_title(f"{row['label']} ({row['probability']:.2f})", fontsize=9)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+@flow(name="predict", flow_run_name="predict with {model}")
+def predict_flow(model: str, paths: list[str], csv_path: str | None = None,
+                 figure_path: str | None = None) -> list[dict[str, Any]]:
+    """Predicted labels and probabilities for image files or folders; prints a table, optionally
+    writes it as CSV and draws the images with their predictions."""
+    model_uri, run_id = resolve_model(model)
+    files = [str(f) for f in image_files(paths)]
+    rows = predict_files(model_uri, run_id, files)
+    print(_table(rows), flush=True)
+    if csv_path:
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if figure_path:
+        cfg, output_dir = tracking.run_settings(run_id)
+        _figure(rows, tuple(tracking.run_features(run_id, output_dir)["image_shape"]), Path(figure_path))
+    return rows
+

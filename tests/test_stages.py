@@ -1,0 +1,186 @@
+"""Staged training: continue in a new process, resume after kill -9, Ctrl-C, registry alias,
+evaluate and predict. Real processes, a real MLflow store, Prefect's test harness."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from cnnflow.components.callbacks import read_checkpoint
+from cnnflow.flows import tracking
+from cnnflow.flows.inference import evaluate_flow, predict_flow
+from cnnflow.flows.train import continue_flow, train_flow
+from conftest import make_idx_folder, tiny_overrides
+
+STEPS_PER_EPOCH = 4  # 200 training images, batch 64
+
+
+@pytest.fixture
+def idx(tmp_path):
+    return make_idx_folder(tmp_path / "idx")
+
+
+def cli(args: list[str], **popen) -> subprocess.Popen:
+    """`cnnflow ...` in a new process, against this test's MLflow store and Prefect API."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value() or "", TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def steps(run_id: str, metric: str = "loss") -> list[int]:
+    return [m.step for m in sorted(MlflowClient().get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+
+def output_of(run_id: str) -> Path:
+    return Path(MlflowClient().get_run(run_id).data.tags["output_dir"])
+
+
+def test_continue_in_a_new_process_extends_one_history(prefect_harness, mlflow_store, idx):
+    run_id = train_flow("mnist", tiny_overrides(idx))
+    process = cli(["continue", run_id, "--epochs", "1", "optimizer.learning_rate=0.0005"])
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert steps(run_id, metric) == [1, 2]
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "test_accuracy")] == [1, 2]
+    assert run.data.tags["stage.2.epochs"] == "2-2" and run.data.tags["stages"] == "2"
+    assert "optimizer.learning_rate=0.0005" in run.data.tags["stage.2.overrides"]
+    checkpoint = read_checkpoint(output_of(run_id))
+    assert checkpoint["epoch"] == 2 and len(checkpoint["history"]["loss"]) == 2
+    model = keras.models.load_model(checkpoint["path"])
+    assert int(model.optimizer.iterations) == 2 * STEPS_PER_EPOCH
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.0005)
+    assert len(json.loads((output_of(run_id) / "history.json").read_text())["val_loss"]) == 2
+
+
+def test_continue_refuses_changes_to_what_is_trained(prefect_harness, mlflow_store, idx):
+    run_id = train_flow("mnist", tiny_overrides(idx))
+    with pytest.raises(tracking.TrackingError, match=r"cannot change model.dropout_rate: 0.5 -> 0.2"):
+        continue_flow(run_id, 1, ["model.dropout_rate=0.2"])
+    with pytest.raises(tracking.TrackingError, match="no run 'nope'"):
+        continue_flow("nope", 1)
+
+
+def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen) -> Path:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        for state in store.glob("outputs/mnist/*/checkpoint.json"):
+            if json.loads(state.read_text())["epoch"] >= epochs:
+                return state.parent
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_a_killed_training_resumes_from_its_last_completed_epoch(prefect_harness, mlflow_store, idx):
+    overrides = tiny_overrides(idx, epochs=25)
+    process = cli(["train", "experiment=mnist", *overrides])
+    folder = wait_for_checkpoint(Path(mlflow_store.removeprefix("sqlite:///")).parent, 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    killed_at = read_checkpoint(folder)["epoch"]
+    assert 3 <= killed_at < 25
+    run_id = train_flow("mnist", overrides)
+    assert run_id == folder.name  # the same MLflow run, resumed
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert steps(run_id) == list(range(1, 26))  # one unbroken curve, no epoch twice
+    assert read_checkpoint(folder)["epoch"] == 25
+
+
+def test_ctrl_c_marks_the_run_killed_and_keeps_the_checkpoint(prefect_harness, mlflow_store, idx):
+    process = cli(["train", "experiment=mnist", *tiny_overrides(idx, epochs=200)])
+    folder = wait_for_checkpoint(Path(mlflow_store.removeprefix("sqlite:///")).parent, 1, process)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "interrupted" in out
+    assert MlflowClient().get_run(folder.name).info.status == "KILLED"
+    assert read_checkpoint(folder)["epoch"] >= 1
+
+
+def test_evaluate_after_train_matches_the_training_flows_test_accuracy(prefect_harness, mlflow_store, idx):
+    run_id = train_flow("mnist", tiny_overrides(idx))
+    trained = MlflowClient().get_run(run_id).data.metrics
+    metrics = evaluate_flow(run_id, "test")
+    assert metrics["accuracy"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
+    assert metrics["loss"] == pytest.approx(trained["test_loss"], abs=1e-6)
+    [evaluation] = MlflowClient().search_runs([MlflowClient().get_run(run_id).info.experiment_id],
+                                             filter_string=f"tags.evaluation_of = '{run_id}'")
+    assert evaluation.data.metrics["eval_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert evaluate_flow(f"runs:/{run_id}/model", "test[:20]")["accuracy"] >= 0.0
+
+
+def test_predict_digits_and_faces_from_files(prefect_harness, mlflow_store, idx, tmp_path):
+    from cnnflow.components.data.idx import read_idx
+    from celeba_layout import write_celeba
+
+    digits_run = train_flow("mnist", tiny_overrides(idx))
+    images = read_idx(idx / "t10k-images-idx3-ubyte.gz")
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for i in range(3):
+        Image.fromarray(images[i]).save(pngs / f"digit{i}.png")
+    rows = predict_flow(digits_run, [str(pngs)], str(tmp_path / "p.csv"), str(tmp_path / "p.png"))
+    assert [Path(r["file"]).name for r in rows] == ["digit0.png", "digit1.png", "digit2.png"]
+    assert all(r["label"] in [str(d) for d in range(10)] and 0 <= r["probability"] <= 1 for r in rows)
+    assert (tmp_path / "p.csv").read_text().startswith("file,label,probability")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(tracking.TrackingError, match="small.png is 32x32; the model takes grayscale 28x28"):
+        predict_flow(digits_run, [str(tmp_path / "small.png")])
+    Image.fromarray(np.dstack([images[0], images[0] // 2, images[0] // 3])).save(tmp_path / "colour.png")
+    with pytest.raises(tracking.TrackingError, match="colour.png is a colour image"):
+        predict_flow(digits_run, [str(tmp_path / "colour.png")])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(tracking.TrackingError, match="broken.png: not a readable image"):
+        predict_flow(digits_run, [str(tmp_path / "broken.png")])
+
+    celeba = write_celeba(tmp_path / "celeba", train=24, valid=8, test=8)
+    faces_run = train_flow("celeba", [f"data.path={celeba}", "data.train_size=24", "data.valid_size=8",
+                                      "data.batch_size=8", "train.epochs=1", "plots={}"])
+    faces = sorted((celeba / "img_align_celeba").glob("*.jpg"))[:3]
+    rows = predict_flow(faces_run, [str(f) for f in faces])
+    assert [r["label"] in ("Female", "Male") for r in rows] == [True] * 3 and "p_Male" in rows[0]
+    with pytest.raises(tracking.TrackingError, match="is grayscale; the model takes RGB 178x218"):
+        predict_flow(faces_run, [str(pngs / "digit0.png")])
+
+
+def logged_run(value: float) -> str:
+    """An MLflow run with a small logged model and a val_accuracy, as a training leaves it."""
+    with mlflow.start_run() as run:
+        logged = mlflow.keras.log_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), name="model")
+        mlflow.log_metric("val_accuracy", value)
+        mlflow.set_tag("model_uri", logged.model_uri)
+    return run.info.run_id
+
+
+def test_registry_alias_moves_only_when_the_metric_improves(mlflow_store):
+    import logging
+
+    mlflow.set_tracking_uri(mlflow_store)
+    cfg = {"registry": {"name": "digits", "alias": "champion", "metric": "val_accuracy", "mode": "max"}}
+    log = logging.getLogger("test")
+    first, worse, better = logged_run(0.90), logged_run(0.85), logged_run(0.95)
+    assert tracking.maybe_register(cfg, first, log) == 1
+    assert tracking.maybe_register(cfg, worse, log) is None
+    assert MlflowClient().get_model_version_by_alias("digits", "champion").run_id == first
+    assert tracking.maybe_register(cfg, better, log) == 2
+    assert MlflowClient().get_model_version_by_alias("digits", "champion").run_id == better
+    assert MlflowClient().get_run(better).data.tags["registry.previous_champion"].startswith("digits v1")
+    assert mlflow.keras.load_model("models:/digits@champion").count_params() == 3
+    with pytest.raises(tracking.TrackingError, match="registry.metric='val_auc' is not logged"):
+        tracking.maybe_register({"registry": dict(cfg["registry"], metric="val_auc")}, better, log)
