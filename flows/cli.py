@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files and/or folders of images")
     predict.add_argument("--csv", help="also write the table to this CSV file")
     predict.add_argument("--figure", help="also draw the images with their predictions to this PNG file")
+    serve = commands.add_parser(
+        "serve", help="serve every flow as a Prefect deployment (needs a Prefect server)",
+        description="Registers train, continue, evaluate, predict and retrain as deployments named "
+                    "'<flow>/cnnflow' and runs them when the Prefect UI, API or the retrain schedule asks. "
+                    "KEY=VALUE settings set the defaults of train/retrain, e.g. experiment=celeba "
+                    "data.path=/data/celeba 'retrain.cron=0 3 * * 0'.")
+    serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    runs = commands.add_parser("runs", help="compare recent runs of an experiment in a table")
+    runs.add_argument("experiment", nargs="?", default=None, help="the MLflow experiment (default: all)")
+    runs.add_argument("--limit", type=int, default=20)
     components = commands.add_parser("components", help="list the registered components of each kind")
     components.add_argument("kind", nargs="?", help="only this kind")
     return parser
@@ -190,6 +200,14 @@ def run_user_facing(action) -> int:
 
 def _run_flow(args: argparse.Namespace):
     """The flow behind `continue`, `evaluate` and `predict`, with the command's arguments."""
+    if args.command == "serve":
+        from cnnflow.flows.serve import serve_all
+
+        return serve_all(*split_experiment(args.overrides))
+    if args.command == "runs":
+        from cnnflow.flows.runs import runs_table
+
+        return print(runs_table(args.experiment, args.limit))
     if args.command == "continue":
         from cnnflow.flows.train import continue_flow
 
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     # KEY=VALUE overrides may come after options (`continue RUN --epochs 2 optimizer.learning_rate=1e-4`)
     args, extra = parser.parse_known_args(argv)
     unknown_options = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
-    if unknown_options or (extra and args.command not in ("train", "continue")):
+    if unknown_options or (extra and args.command not in ("train", "continue", "serve")):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

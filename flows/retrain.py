@@ -1,0 +1,70 @@
+"""Scheduled retraining: each run trains on the next, larger training subset and promotes its model
+in the MLflow registry only if it beats the current champion on the fixed validation set.
+
+The sequence is read back from MLflow (runs tagged retrain_schedule=<name> that finished), so a
+restarted server, a missed schedule or a manual run keep it right.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from cnnflow.flows import tracking
+from cnnflow.flows.config import compose_config
+from cnnflow.flows.train import train_flow
+
+
+def next_subset_size(sizes: list[Any], finished_runs: int) -> Any:
+    """The training subset of the next run: sizes[n] after n finished runs; the last size repeats."""
+    if not sizes:
+        raise tracking.TrackingError("retrain.sizes is empty; give the subset sizes, e.g. [16000, 32000, full]")
+    return sizes[min(finished_runs, len(sizes) - 1)]
+
+
+def schedule_name(cfg: dict[str, Any]) -> str:
+    return cfg["retrain"].get("schedule") or f"{cfg['experiment']}-retrain"
+
+
+def finished_runs(cfg: dict[str, Any], schedule: str) -> list:
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(cfg.get("mlflow_experiment") or cfg["experiment"])
+    if not found:
+        return []
+    return mlflow.search_runs([found.experiment_id], output_format="list", order_by=["attributes.start_time ASC"],
+                              filter_string=f"tags.retrain_schedule = '{schedule}' and attributes.status = 'FINISHED'")
+
+
+def current_champion(cfg: dict[str, Any]) -> str:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    spec = cfg["registry"]
+    try:
+        version = MlflowClient().get_model_version_by_alias(spec["name"], spec["alias"])
+    except MlflowException:
+        return "none"
+    return f"{spec['name']} v{version.version} (run {version.run_id})"
+
+
+@flow(name="retrain", flow_run_name="retrain {experiment}")
+def retrain_flow(experiment: str = "celeba", overrides: list[str] | None = None) -> str:
+    """Train the next subset size of the schedule (retrain.sizes) and promote it if it is better."""
+    overrides = list(overrides or [])
+    cfg = compose_config(experiment, overrides)
+    if not cfg["registry"].get("name"):
+        cfg = compose_config(experiment, overrides + [f"registry.name={experiment}"])
+    tracking.use_store(cfg)
+    schedule = schedule_name(cfg)
+    done = finished_runs(cfg, schedule)
+    size = next_subset_size(cfg["retrain"]["sizes"], len(done))
+    champion = current_champion(cfg)
+    get_run_logger().info(f"retrain {schedule}: run {len(done) + 1}, data.train_size={size}, champion before: {champion}")
+    return train_flow(experiment, overrides + [
+        f"data.train_size={size}", f"registry.name={cfg['registry']['name']}",
+        f"+tags.retrain_schedule={schedule}", f"+tags.retrain_subset_size={size}",
+        f"+tags.retrain_sequence={len(done) + 1}", f"+tags.retrain_previous_champion='{champion}'",
+        "resume=false",
+    ])

@@ -1,0 +1,49 @@
+"""`cnnflow runs`: recent runs side by side in a terminal, read from the MLflow store."""
+
+from __future__ import annotations
+
+import datetime
+
+from cnnflow.flows import tracking
+
+COLUMNS = ("run", "experiment", "status", "started", "model", "train", "epochs", "best val_acc", "test_acc",
+           "overrides")
+
+
+def _row(run, experiment_names: dict[str, str]) -> list[str]:
+    from mlflow import MlflowClient
+
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    history = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+    started = datetime.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+    overrides = params.get("overrides", "").strip("[]").replace("'", "")
+    if tags.get("evaluation_of"):
+        overrides = f"evaluation of {tags['evaluation_of'][:8]} on {tags.get('split')}"
+    return [
+        run.info.run_id[:8], experiment_names.get(run.info.experiment_id, "?"), run.info.status, started,
+        params.get("model.name", "-"), tags.get("split.train_size", "-"),
+        str(max((m.step for m in history), default=0) or "-"),
+        f"{max(m.value for m in history):.4f}" if history else "-",
+        f"{metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else
+        f"{metrics['eval_accuracy']:.4f}" if "eval_accuracy" in metrics else "-",
+        overrides[:60],
+    ]
+
+
+def runs_table(experiment: str | None = None, limit: int = 20) -> str:
+    """The `limit` newest runs of one MLflow experiment (or all), one line each."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri({}))
+    experiments = mlflow.search_experiments()
+    names = {e.experiment_id: e.name for e in experiments}
+    if experiment and experiment not in names.values():
+        raise tracking.TrackingError(f"no MLflow experiment {experiment!r} in {tracking.tracking_uri({})}; "
+                                     f"there are: {', '.join(sorted(names.values())) or 'none'}")
+    ids = [i for i, name in names.items() if experiment in (None, name)]
+    runs = mlflow.search_runs(ids, output_format="list", order_by=["attributes.start_time DESC"], max_results=limit)
+    if not runs:
+        return f"no runs in {tracking.tracking_uri({})}"
+    rows = [list(COLUMNS)] + [_row(run, names) for run in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

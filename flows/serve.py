@@ -1,0 +1,58 @@
+"""`cnnflow serve`: every flow as a Prefect deployment, served from this one process.
+
+The Prefect UI (or API, or a schedule) then starts train, continue, evaluate, predict and retrain
+runs; they execute in subprocesses of this process, with its working directory and environment, so
+they land in the same MLflow store as CLI runs. Schedules stay active when the process stops
+(`pause_on_shutdown=False`), so a restart resumes them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cnnflow.flows import tracking
+from cnnflow.flows.config import compose_config
+
+DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain")
+
+
+def deployments(experiment: str, overrides: list[str]) -> list:
+    """The RunnerDeployments: train/continue/evaluate/predict on demand, retrain on retrain.cron."""
+    from prefect.deployments.runner import EntrypointType
+
+    from cnnflow.flows.inference import evaluate_flow, predict_flow
+    from cnnflow.flows.retrain import retrain_flow, schedule_name
+    from cnnflow.flows.train import continue_flow, train_flow
+
+    cfg = compose_config(experiment, overrides)
+    module = EntrypointType.MODULE_PATH  # runs import cnnflow, wherever it is installed
+    tags = ["cnnflow"]
+    return [
+        train_flow.to_deployment("cnnflow", parameters={"experiment": experiment, "overrides": overrides},
+                                 entrypoint_type=module, tags=tags,
+                                 description="Train: fill in an experiment and Hydra overrides (key=value)."),
+        continue_flow.to_deployment("cnnflow", entrypoint_type=module, tags=tags),
+        evaluate_flow.to_deployment("cnnflow", entrypoint_type=module, tags=tags),
+        predict_flow.to_deployment("cnnflow", entrypoint_type=module, tags=tags),
+        retrain_flow.to_deployment("cnnflow", parameters={"experiment": experiment, "overrides": overrides},
+                                   cron=cfg["retrain"]["cron"], entrypoint_type=module, tags=tags + ["schedule"],
+                                   description=f"Retrain {schedule_name(cfg)} on growing subsets "
+                                               f"{cfg['retrain']['sizes']}, promoting only improvements."),
+    ]
+
+
+def serve_all(experiment: str, overrides: list[str]) -> None:
+    from prefect import serve
+
+    if not os.environ.get("PREFECT_API_URL") and not _configured_api_url():
+        raise tracking.TrackingError(
+            "cnnflow serve needs a Prefect server: start one with `prefect server start`, then "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)")
+    serve(*deployments(experiment, overrides), pause_on_shutdown=False)
+
+
+def _configured_api_url() -> Any:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()

@@ -1,0 +1,152 @@
+"""Operating cnnflow: scheduled retraining on growing subsets, the runs table, and `cnnflow serve`
+against a real Prefect server started here on loopback."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from cnnflow.flows.retrain import finished_runs, next_subset_size, retrain_flow
+from cnnflow.flows.runs import runs_table
+from cnnflow.flows.tracking import TrackingError
+from conftest import make_idx_folder
+
+SIZES = [16000, 32000, 64000, "full"]
+
+
+def test_next_subset_size_grows_then_stays_full():
+    assert [next_subset_size(SIZES, n) for n in range(6)] == [16000, 32000, 64000, "full", "full", "full"]
+    with pytest.raises(TrackingError, match="retrain.sizes is empty"):
+        next_subset_size([], 0)
+
+
+def test_the_sequence_is_read_back_from_finished_runs(mlflow_store):
+    cfg = {"experiment": "faces", "retrain": {"schedule": "weekly"}}
+    mlflow.set_experiment("faces")
+    sizes_seen = []
+    for status in ("FINISHED", "FAILED", "FINISHED", "FINISHED"):  # three simulated runs finish, one fails
+        size = next_subset_size(SIZES, len(finished_runs(cfg, "weekly")))
+        sizes_seen.append(size)
+        with mlflow.start_run(tags={"retrain_schedule": "weekly", "retrain_subset_size": str(size)}):
+            pass
+        if status != "FINISHED":
+            MlflowClient().set_terminated(mlflow.last_active_run().info.run_id, status)
+    assert sizes_seen == [16000, 32000, 32000, 64000]  # the failed run is retried at the same size
+    assert next_subset_size(SIZES, len(finished_runs(cfg, "weekly"))) == "full"
+
+
+def test_retrain_flow_trains_the_next_size_and_tags_the_sequence(prefect_harness, mlflow_store, tmp_path, capsys):
+    idx = make_idx_folder(tmp_path / "idx")
+    overrides = [f"data.path={idx}", "data.source=idx", "data.valid_size=40", "data.shuffle_buffer=100",
+                 "train.epochs=1", "retrain.sizes=[60,120]"]
+    first, second = retrain_flow("mnist", overrides), retrain_flow("mnist", overrides)
+    tags = [MlflowClient().get_run(run_id).data.tags for run_id in (first, second)]
+    assert [t["split.train_size"] for t in tags] == ["60", "120"]
+    assert [t["retrain_sequence"] for t in tags] == ["1", "2"] and tags[0]["retrain_schedule"] == "mnist-retrain"
+    assert tags[0]["retrain_previous_champion"] == "none"
+    assert tags[0]["registry.outcome"] == "registered mnist v1 as champion"
+    assert tags[1]["retrain_previous_champion"].startswith("mnist v1")
+    table = runs_table("mnist")
+    assert first[:8] in table and second[:8] in table and "best val_acc" in table
+    with pytest.raises(TrackingError, match="no MLflow experiment 'nope'"):
+        runs_table("nope")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on a free loopback port, with its own database."""
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 90, "the Prefect server")
+    yield url, env
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def start_serving(url, env, cwd, idx):
+    args = ["serve", "experiment=mnist", "data.source=idx", f"data.path={idx}", "data.train_size=200",
+            "data.valid_size=40", "data.shuffle_buffer=100", "train.epochs=1", "retrain.cron=0 3 * * 0"]
+    return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", *args], cwd=cwd,
+                            env=dict(env, PREFECT_API_URL=url, TF_CPP_MIN_LOG_LEVEL="2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def deployment(url, name):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from prefect.exceptions import ObjectNotFound
+
+    async def read():
+        async with get_client() as client:
+            try:
+                return await client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                return None
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        return asyncio.run(read())
+
+
+def test_serve_runs_deployments_from_the_api_and_keeps_schedules(prefect_server, tmp_path, monkeypatch):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, env = prefect_server
+    store = tmp_path / "mlflow.db"
+    env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+    idx = make_idx_folder(tmp_path / "idx")
+    serving = start_serving(url, env, tmp_path, idx)
+    try:
+        wait_until(lambda: deployment(url, "retrain/cnnflow") is not None, 120, "the deployments")
+        with temporary_settings({PREFECT_API_URL: url}):
+            flow_run = run_deployment("train/cnnflow", timeout=300)  # as the UI's "Run" button does
+        assert flow_run.state.is_completed(), flow_run.state
+        mlflow.set_tracking_uri(f"sqlite:///{store}")
+        [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name("mnist").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.tags["split.train_size"] == "200"
+    finally:
+        serving.send_signal(signal.SIGTERM)
+        serving.wait(timeout=60)
+    retrain = deployment(url, "retrain/cnnflow")
+    assert not retrain.paused and [s.active for s in retrain.schedules] == [True]
+    assert retrain.schedules[0].schedule.cron == "0 3 * * 0"
+    serving = start_serving(url, env, tmp_path, idx)  # a restart keeps the schedule as it was
+    try:
+        time.sleep(15)
+        retrain = deployment(url, "retrain/cnnflow")
+        assert not retrain.paused and [s.active for s in retrain.schedules] == [True]
+    finally:
+        serving.send_signal(signal.SIGTERM)
+        serving.wait(timeout=60)
