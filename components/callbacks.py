@@ -46,6 +46,16 @@ class MlflowMetrics(keras.callbacks.Callback):
     def __init__(self, run_id: str):
         super().__init__()
         self.run_id = run_id
+        self._first_step_logged = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        """Once: seconds from the process start to the first training step (start-up cost)."""
+        if not self._first_step_logged:
+            import psutil
+            from mlflow import MlflowClient
+
+            self._first_step_logged = True
+            MlflowClient().log_metric(self.run_id, "startup_seconds", time.time() - psutil.Process().create_time())
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()

@@ -18,3 +18,11 @@ def sgd(learning_rate: float = 1e-2, momentum: float = 0.0, nesterov: bool = Fal
 @register("optimizer", "rmsprop")
 def rmsprop(learning_rate: float = 1e-3, rho: float = 0.9, momentum: float = 0.0):
     return keras.optimizers.RMSprop(learning_rate=learning_rate, rho=rho, momentum=momentum)
+
+
+@register("optimizer", "adam_cosine")
+def adam_cosine(learning_rate: float = 4e-3, total_steps: int = 1000, final_fraction: float = 0.0):
+    """Adam whose learning rate follows a cosine from `learning_rate` to `final_fraction` of it over
+    the training's `total_steps` (the flow fills them in: epochs x batches per epoch)."""
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps, alpha=final_fraction)
+    return keras.optimizers.Adam(learning_rate=schedule)

@@ -89,13 +89,26 @@ def _metrics(cfg: dict[str, Any]) -> list:
             for name in cfg["train"]["metrics"]]
 
 
+def _optimizer(cfg: dict[str, Any], train_size: int):
+    """The configured optimizer; schedules that need the training's length (`total_steps`) get it."""
+    import inspect
+    import math
+
+    extra = {}
+    if "total_steps" in inspect.signature(registry.get("optimizer", cfg["optimizer"]["name"])).parameters:
+        extra["total_steps"] = cfg["train"]["epochs"] * math.ceil(train_size / cfg["data"]["batch_size"])
+    return registry.build("optimizer", cfg["optimizer"], **extra)
+
+
 @task(name="build model", cache_policy=NONE)
-def build_model(cfg: dict[str, Any], features: dict[str, Any], output_dir: str) -> str:
+def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, output_dir: str) -> str:
     """The registered model, compiled with the configured loss and optimizer, saved untrained."""
+    from cnnflow.components.data import Split
+
     _seed_everything(cfg)
     model = registry.build("model", cfg["model"], input_shape=tuple(features["input_shape"]),
                            num_classes=features["num_classes"])
-    model.compile(optimizer=registry.build("optimizer", cfg["optimizer"]),
+    model.compile(optimizer=_optimizer(cfg, Split.load(split_path).sizes()["train"]),
                   loss=registry.build("loss", cfg["loss"]), metrics=_metrics(cfg))
     model.optimizer.build(model.trainable_variables)  # so the saved file holds the optimizer's variables
     get_run_logger().info(f"model {cfg['model']['name']}: {model.count_params():,} parameters")
@@ -140,12 +153,11 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
 
 
 def _apply_learning_rate(model, optimizer: dict[str, Any]) -> None:
-    """A stage may change the learning rate; the rest of the optimizer state comes from the checkpoint."""
-    import keras
-
-    rate = optimizer.get("learning_rate")
-    if rate is not None and not isinstance(model.optimizer.learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-        model.optimizer.learning_rate.assign(rate)
+    """A stage may change a fixed learning rate; the rest of the optimizer state comes from the
+    checkpoint. (A schedule's rate is not a variable and stays the schedule's.)"""
+    rate, current = optimizer.get("learning_rate"), model.optimizer.learning_rate
+    if rate is not None and hasattr(current, "assign"):
+        current.assign(rate)
 
 
 def _probabilities(cfg: dict[str, Any], outputs):
@@ -256,7 +268,7 @@ def train_flow(experiment: str = "quickstart", overrides: list[str] | None = Non
             (output_dir / "features.json").write_text(json.dumps(features))
             mlflow.MlflowClient().log_artifact(run_id, str(output_dir / "features.json"))
             split_path = split_data(cfg, features, run_id, str(output_dir))
-            start_model, initial_epoch = build_model(cfg, features, str(output_dir)), 0
+            start_model, initial_epoch = build_model(cfg, features, split_path, str(output_dir)), 0
         metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, split_path, start_model, initial_epoch)
     logger.info(f"done: run {run_id}, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return run_id

@@ -13,7 +13,7 @@ def test_help_lists_commands_groups_and_choices(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "train" in text and "components" in text
-    assert "celeba, fashion_mnist, mnist, mnist_small, quickstart" in text
+    assert "celeba, fashion_mnist, fashion_mnist_fast, mnist, mnist_fast, mnist_small, quickstart" in text
     assert "sparse_categorical_crossentropy" in text
 
 

@@ -59,9 +59,19 @@ def test_overrides_apply():
 def test_bad_settings_name_the_value_and_the_choices(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
         compose_config("quickstart", overrides)
-    with pytest.raises(ConfigError, match="celeba, fashion_mnist, mnist, mnist_small, quickstart"):
+    with pytest.raises(ConfigError, match="celeba, fashion_mnist, fashion_mnist_fast, mnist, mnist_fast, mnist_small, quickstart"):
         compose_config("nope")
 
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
+
+
+def test_a_learning_rate_schedule_gets_the_length_of_the_training():
+    from cnnflow.flows.train import _optimizer
+
+    cfg = compose_config("fashion_mnist_fast")
+    schedule = _optimizer(cfg, train_size=50000)._learning_rate
+    assert schedule.decay_steps == 5 * 391  # 5 epochs of ceil(50000 / 128) batches
+    assert float(schedule(0)) == pytest.approx(0.004) and float(schedule(5 * 391)) == pytest.approx(0.0)
+    assert compose_config("mnist_fast")["data"]["name"] == "mnist"

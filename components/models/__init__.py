@@ -1,3 +1,3 @@
 """Model families; each module registers its builders on import."""
 
-from cnnflow.components.models import celeba_cnn, mnist_cnn  # noqa: F401
+from cnnflow.components.models import celeba_cnn, fast_cnn, mnist_cnn  # noqa: F401
