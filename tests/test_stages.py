@@ -172,6 +172,7 @@ def test_registry_alias_moves_only_when_the_metric_improves(mlflow_store):
     import logging
 
     mlflow.set_tracking_uri(mlflow_store)
+    mlflow.set_experiment("registry")  # not whatever experiment an earlier test made active
     cfg = {"registry": {"name": "digits", "alias": "champion", "metric": "val_accuracy", "mode": "max"}}
     log = logging.getLogger("test")
     first, worse, better = logged_run(0.90), logged_run(0.85), logged_run(0.95)
