@@ -57,8 +57,9 @@ def code_version() -> str:
         return f"cnnflow-{version('cnnflow')}"
 
 
-def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path) -> None:
-    """All resolved settings as flat params, and the composed config as config.yaml."""
+def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path, features: dict[str, Any]) -> None:
+    """All resolved settings as flat params; the composed config (config.yaml) and what the data
+    looks like (features.json: image shape, model input, class names), which predict needs."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -67,9 +68,10 @@ def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path) -> None:
               for key, value in flatten(cfg).items()]
     for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
-    config_file = output_dir / "config.yaml"
-    config_file.write_text(to_yaml(cfg))
-    client.log_artifact(run_id, str(config_file))
+    (output_dir / "config.yaml").write_text(to_yaml(cfg))
+    (output_dir / "features.json").write_text(json.dumps(features))
+    for name in ("config.yaml", "features.json"):
+        client.log_artifact(run_id, str(output_dir / name))
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:

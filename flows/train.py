@@ -264,9 +264,7 @@ def train_flow(experiment: str = "quickstart", overrides: list[str] | None = Non
             split_path, start_model, initial_epoch = str(output_dir / "split.npz"), checkpoint["path"], checkpoint["epoch"]
         else:
             logger.info(f"MLflow run {run_id} in {store}; outputs in {output_dir}")
-            tracking.log_settings(run_id, cfg, output_dir)
-            (output_dir / "features.json").write_text(json.dumps(features))
-            mlflow.MlflowClient().log_artifact(run_id, str(output_dir / "features.json"))
+            tracking.log_settings(run_id, cfg, output_dir, features)
             split_path = split_data(cfg, features, run_id, str(output_dir))
             start_model, initial_epoch = build_model(cfg, features, split_path, str(output_dir)), 0
         metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, split_path, start_model, initial_epoch)
