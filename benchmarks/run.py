@@ -53,20 +53,25 @@ def plain(folder: Path, train_size: int, epochs: int) -> dict:
     return result | {"wall_seconds": time.time() - started}
 
 
-def cnnflow(folder: Path, train_size: int, epochs: int, workdir: Path) -> dict:
+def cnnflow_train(overrides: list[str], workdir: Path, env: dict[str, str] | None = None):
+    """`cnnflow train OVERRIDES` in a new process with its own MLflow store; returns its finished run."""
     from mlflow import MlflowClient
 
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    out = subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", "train", *overrides], cwd=workdir,
+                         env=dict(env or os.environ, MLFLOW_TRACKING_URI=store), capture_output=True, text=True,
+                         check=True)
+    client = MlflowClient(tracking_uri=store)
+    return client, client.get_run(out.stderr.split("done: run ")[-1].split(",")[0].strip())
+
+
+def cnnflow(folder: Path, train_size: int, epochs: int, workdir: Path) -> dict:
     started = time.time()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
-    out = subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", "train", "experiment=fashion_mnist",
-                          "data.source=idx", f"data.path={folder}", f"data.train_size={train_size}",
-                          f"train.epochs={epochs}", "plots={}"],
-                         cwd=workdir, env=env, capture_output=True, text=True, check=True)
-    run_id = out.stderr.split("done: run ")[-1].split(",")[0].strip()
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    seconds = [m.value for m in sorted(client.get_metric_history(run_id, "epoch_seconds"), key=lambda m: m.step)]
-    startup = client.get_run(run_id).data.metrics["startup_seconds"]
-    return {"epoch_seconds": seconds, "startup_seconds": startup, "wall_seconds": time.time() - started}
+    client, run = cnnflow_train(["experiment=fashion_mnist", "data.source=idx", f"data.path={folder}",
+                                 f"data.train_size={train_size}", f"train.epochs={epochs}", "plots={}"], workdir)
+    history = sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"), key=lambda m: m.step)
+    return {"epoch_seconds": [m.value for m in history], "startup_seconds": run.data.metrics["startup_seconds"],
+            "wall_seconds": time.time() - started}
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from run import cnnflow_train  # benchmarks/run.py, beside this script
+
 IMPORTS = {
     "cnnflow CLI (cnnflow.flows.cli)": "import cnnflow.flows.cli",
     "tensorflow + keras": "import tensorflow, keras",
@@ -37,14 +39,8 @@ def seconds_to_run(code: str) -> float:
 
 
 def startup_of_a_training(workdir: Path, env: dict[str, str]) -> float:
-    from mlflow import MlflowClient
-
-    store = f"sqlite:///{workdir / 'mlflow.db'}"
-    out = subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", "train", "train.epochs=1", "plots={}"],
-                         cwd=workdir, env=dict(env, MLFLOW_TRACKING_URI=store), capture_output=True, text=True,
-                         check=True)
-    run_id = out.stderr.split("done: run ")[-1].split(",")[0].strip()
-    return MlflowClient(tracking_uri=store).get_run(run_id).data.metrics["startup_seconds"]
+    _, run = cnnflow_train(["train.epochs=1", "plots={}"], workdir, env)
+    return run.data.metrics["startup_seconds"]
 
 
 def main() -> None:
