@@ -1,13 +1,23 @@
-"""cnnflow vs a plain Keras script, measured in one sitting on this machine.
+"""Every cnnflow workload next to a plain Keras script of it, measured in one sitting on this machine.
 
-    python benchmarks/run.py ../shared/data/fashion-mnist [--train-size 20000] [--epochs 3] [--repeats 2]
+    python benchmarks/run.py --mnist ../shared/data/fashion-mnist [--celeba DIR] [--repeats 2]
 
-For the chapter's MNIST recipe (same model, data, batch 64, steps and validation), alternately runs
-the plain script (benchmarks/plain_mnist.py) and `cnnflow train` as separate processes, and prints:
-training images/s of each (median over repeats of the epochs after the first), their ratio, the
-achieved FLOP/s as a fraction of this machine's fp32 matmul peak (measured here, now), and the wall
-time from command start to the first training step. Results also go to benchmarks/results/*.json.
-Times on a shared 2-core machine are noisy: read the medians, and compare runs of one sitting.
+Workloads (each skipped when its data is not given, except CelebA, see below):
+- mnist: the chapter's MNIST recipe (batch 64) on 20,000 + 10,000 IDX images (MNIST or Fashion-MNIST),
+  vs benchmarks/plain_mnist.py;
+- celeba: the chapter's CelebA recipe (batch 32, 16,000 + 1,000 faces, random crop + flip) vs
+  benchmarks/plain_celeba.py, which decodes and augments every image every epoch as the chapter does.
+  Without --celeba, 16,000 + 1,000 + 2,000 generated faces in CelebA's layout are made first
+  (tests/celeba_layout.py, about 40 s);
+- fast: the fast recipe (experiment=fashion_mnist_fast) trained in full for --seeds seeds, with its
+  test accuracy and the wall time of the whole command (no plain script of it exists to compare).
+
+The plain script and `cnnflow train` run alternately as separate processes, same model, data, batch
+size and steps. The table shows training images/s (median over repeats of the epochs after the first,
+when caches are warm; the first epoch separately), cnnflow / plain, the achieved FLOP/s as a fraction
+of this machine's fp32 matmul peak measured in this run, and seconds from process start to the first
+training step. Results also go to benchmarks/results/run.json. These 2-core machines are noisy: the
+figures are medians, and only ratios measured in one sitting mean anything.
 """
 
 from __future__ import annotations
@@ -20,9 +30,37 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Workload:
+    name: str
+    plain_script: str
+    plain_args: list[str]
+    overrides: list[str]
+    train_images: int  # per epoch
+    valid_images: int  # per epoch, a forward pass each
+    flops_per_train_image: float  # forward + backward
+    variants: dict[str, list[str]] | None = None  # extra cnnflow runs: label -> overrides
+
+
+def mnist_workload(folder: Path, train_size: int = 20000) -> Workload:
+    conv1, conv2 = 28 * 28 * 32 * 5 * 5 * 1, 14 * 14 * 64 * 5 * 5 * 32
+    dense = 7 * 7 * 64 * 1024 + 1024 * 10
+    return Workload("mnist", "plain_mnist.py", [str(folder), "--train-size", str(train_size)],
+                    ["experiment=fashion_mnist", "data.source=idx", f"data.path={folder}",
+                     f"data.train_size={train_size}"], train_size, 10000, 2 * 3 * (conv1 + conv2 + dense))
+
+
+def celeba_workload(folder: Path, train_size: int = 16000) -> Workload:
+    macs = 64 * 64 * 32 * 27 + 32 * 32 * 64 * 9 * 32 + 16 * 16 * 128 * 9 * 64 + 8 * 8 * 256 * 9 * 128 + 256
+    return Workload("celeba", "plain_celeba.py", [str(folder), "--train-size", str(train_size)],
+                    ["experiment=celeba", f"data.path={folder}", f"data.train_size={train_size}"],
+                    train_size, 1000, 2 * 3 * macs, {"cnnflow fp32": ["runtime.precision=float32"]})
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
@@ -37,20 +75,11 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
-def training_flops_per_image() -> float:
-    """Multiply-adds of the chapter's MNIST CNN, x2 for FLOPs, x3 for forward + backward."""
-    conv1 = 28 * 28 * 32 * 5 * 5 * 1
-    conv2 = 14 * 14 * 64 * 5 * 5 * 32
-    dense = 7 * 7 * 64 * 1024 + 1024 * 10
-    return 2 * 3 * (conv1 + conv2 + dense)
-
-
-def plain(folder: Path, train_size: int, epochs: int) -> dict:
+def plain(workload: Workload, epochs: int) -> dict:
     started = time.time()
-    out = subprocess.run([sys.executable, str(HERE / "plain_mnist.py"), str(folder), "--train-size", str(train_size),
+    out = subprocess.run([sys.executable, str(HERE / workload.plain_script), *workload.plain_args,
                           "--epochs", str(epochs)], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return result | {"wall_seconds": time.time() - started}
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"wall_seconds": time.time() - started}
 
 
 def cnnflow_train(overrides: list[str], workdir: Path, env: dict[str, str] | None = None):
@@ -59,60 +88,110 @@ def cnnflow_train(overrides: list[str], workdir: Path, env: dict[str, str] | Non
 
     store = f"sqlite:///{workdir / 'mlflow.db'}"
     out = subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", "train", *overrides], cwd=workdir,
-                         env=dict(env or os.environ, MLFLOW_TRACKING_URI=store), capture_output=True, text=True,
-                         check=True)
+                         env=dict(env or os.environ, MLFLOW_TRACKING_URI=store), capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"cnnflow train {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")
     client = MlflowClient(tracking_uri=store)
     return client, client.get_run(out.stderr.split("done: run ")[-1].split(",")[0].strip())
 
 
-def cnnflow(folder: Path, train_size: int, epochs: int, workdir: Path) -> dict:
+def cnnflow(workload: Workload, epochs: int, workdir: Path, extra: list[str] = ()) -> dict:
     started = time.time()
-    client, run = cnnflow_train(["experiment=fashion_mnist", "data.source=idx", f"data.path={folder}",
-                                 f"data.train_size={train_size}", f"train.epochs={epochs}", "plots={}"], workdir)
+    client, run = cnnflow_train([*workload.overrides, *extra, f"train.epochs={epochs}", "plots={}"], workdir)
     history = sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"), key=lambda m: m.step)
     return {"epoch_seconds": [m.value for m in history], "startup_seconds": run.data.metrics["startup_seconds"],
             "wall_seconds": time.time() - started}
 
 
+def summarize(workload: Workload, results: list[dict], peak: float) -> dict:
+    later = statistics.median(s for r in results for s in r["epoch_seconds"][1:])
+    return {
+        "images_per_s": (workload.train_images + workload.valid_images) / later,
+        "first_epoch_seconds": statistics.median(r["epoch_seconds"][0] for r in results),
+        "later_epoch_seconds": later,
+        # Validation images cost a forward pass only; count FLOPs of the training images.
+        "peak_fraction": workload.flops_per_train_image * workload.train_images / later / peak,
+        "startup_seconds": statistics.median(r["startup_seconds"] for r in results),
+        "wall_seconds": statistics.median(r["wall_seconds"] for r in results),
+    }
+
+
+def fast_recipe(folder: Path, seeds: list[int], workdir: Path) -> list[dict]:
+    runs = []
+    for seed in seeds:
+        started = time.time()
+        _, run = cnnflow_train(["experiment=fashion_mnist_fast", "data.source=idx", f"data.path={folder}",
+                                f"seed={seed}", "plots={}"], workdir)
+        runs.append({"seed": seed, "test_accuracy": run.data.metrics["test_accuracy"],
+                     "wall_seconds": time.time() - started})
+        print(f"fast recipe seed {seed}: {runs[-1]['test_accuracy']:.2%} in {runs[-1]['wall_seconds']:.0f} s",
+              file=sys.stderr, flush=True)
+    return runs
+
+
+def generated_celeba(folder: Path) -> Path:
+    print("generating 16,000 + 1,000 + 2,000 faces in CelebA's layout ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, str(HERE.parent / "tests" / "celeba_layout.py"), str(folder), "--train", "16000",
+                    "--valid", "1000", "--test", "2000"], check=True, capture_output=True)
+    return folder
+
+
+def print_table(summary: dict, peak: float, args) -> None:
+    print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s; {args.repeats} alternating repeats x {args.epochs} "
+          f"epochs; images/s = (train + valid) images / median epoch after the first")
+    print(f"{'workload':<9}{'':<14}{'images/s':>9}{'ratio':>7}{'of peak':>9}{'1st epoch':>11}{'later':>8}"
+          f"{'start->1st step':>17}{'wall':>7}")
+    print("  (ratio: throughput / the plain script's; an epoch takes 1/ratio of the plain script's time)")
+    for name, sides in summary.items():
+        for side, s in sides.items():
+            ratio = s["images_per_s"] / sides["plain"]["images_per_s"]
+            shown = f"{ratio:>7.2f}" if side != "plain" else f"{'':>7}"
+            print(f"{name if side == 'plain' else '':<9}{side:<14}{s['images_per_s']:>9.0f}{shown}"
+                  f"{s['peak_fraction']:>9.1%}{s['first_epoch_seconds']:>10.1f}s{s['later_epoch_seconds']:>7.1f}s"
+                  f"{s['startup_seconds']:>16.1f}s{s['wall_seconds']:>6.0f}s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="Fashion-MNIST (or MNIST) IDX files")
-    parser.add_argument("--train-size", type=int, default=20000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--mnist", type=Path, help="IDX files of MNIST or Fashion-MNIST (mnist and fast workloads)")
+    parser.add_argument("--celeba", type=Path, help="CelebA's native layout; default: generated faces")
+    parser.add_argument("--workloads", nargs="+", default=["mnist", "celeba", "fast"], choices=["mnist", "celeba", "fast"])
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "mnist_overhead.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fast recipe seeds")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "run.json")
     args = parser.parse_args()
-    folder = args.folder.resolve()
+    if args.mnist is None and {"mnist", "fast"} & set(args.workloads):
+        print("no --mnist folder: skipping the mnist and fast workloads", file=sys.stderr)
+        args.workloads = [w for w in args.workloads if w == "celeba"]
     peak = matmul_peak_flops()
-    runs: dict[str, list[dict]] = {"plain": [], "cnnflow": []}
-    with tempfile.TemporaryDirectory() as workdir:
-        for repeat in range(args.repeats):  # alternate, so drifts of the machine hit both alike
-            runs["plain"].append(plain(folder, args.train_size, args.epochs))
-            runs["cnnflow"].append(cnnflow(folder, args.train_size, args.epochs, Path(workdir)))
-            print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    images = args.train_size + 10000  # an epoch trains on train_size and validates on 10,000
-    summary = {}
-    for name, results in runs.items():
-        later_epochs = [s for r in results for s in r["epoch_seconds"][1:]]
-        summary[name] = {
-            "images_per_s": images / statistics.median(later_epochs),
-            "startup_seconds": statistics.median(r["startup_seconds"] for r in results),
-            "wall_seconds": statistics.median(r["wall_seconds"] for r in results),
-        }
-        # Validation images cost a forward pass only; count FLOPs of the training images.
-        summary[name]["peak_fraction"] = (training_flops_per_image() * args.train_size
-                                          / statistics.median(later_epochs)) / peak
-    ratio = summary["cnnflow"]["images_per_s"] / summary["plain"]["images_per_s"]
-    print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s; {args.repeats} repeats x {args.epochs} epochs, "
-          f"{args.train_size} train + 10000 valid images, medians of epochs 2..{args.epochs}")
-    print(f"{'':<10}{'images/s':>10}{'of peak':>9}{'start->1st step':>17}{'wall':>8}")
-    for name, s in summary.items():
-        print(f"{name:<10}{s['images_per_s']:>10.0f}{s['peak_fraction']:>9.1%}{s['startup_seconds']:>15.1f} s"
-              f"{s['wall_seconds']:>7.0f}s")
-    print(f"throughput ratio cnnflow / plain: {ratio:.3f}")
+    summary, runs, fast = {}, {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        workloads = []
+        if "mnist" in args.workloads:
+            workloads.append(mnist_workload(args.mnist.resolve()))
+        if "celeba" in args.workloads:
+            workloads.append(celeba_workload((args.celeba or generated_celeba(workdir / "celeba")).resolve()))
+        for workload in workloads:
+            variants = {"cnnflow": [], **(workload.variants or {})}
+            runs[workload.name] = {"plain": [], **{label: [] for label in variants}}
+            for repeat in range(args.repeats):  # alternate, so drifts of the machine hit all alike
+                runs[workload.name]["plain"].append(plain(workload, args.epochs))
+                for label, extra in variants.items():
+                    runs[workload.name][label].append(cnnflow(workload, args.epochs, workdir, extra))
+                print(f"{workload.name}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+            summary[workload.name] = {side: summarize(workload, results, peak)
+                                      for side, results in runs[workload.name].items()}
+        if "fast" in args.workloads:
+            fast = fast_recipe(args.mnist.resolve(), args.seeds, workdir)
+    print_table(summary, peak, args)
+    for run in fast:
+        print(f"fast recipe (experiment=fashion_mnist_fast) seed {run['seed']}: test accuracy "
+              f"{run['test_accuracy']:.2%}, whole command {run['wall_seconds']:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"summary": summary, "ratio": ratio, "peak_flops": peak, "runs": runs,
-                                     "train_size": args.train_size, "epochs": args.epochs}, indent=2))
+    args.json.write_text(json.dumps({"summary": summary, "peak_flops": peak, "runs": runs, "fast_recipe": fast,
+                                     "epochs": args.epochs, "repeats": args.repeats}, indent=2))
 
 
 if __name__ == "__main__":

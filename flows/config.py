@@ -51,6 +51,9 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
         GlobalHydra.instance().clear()
     resolved["experiment"] = experiment
     resolved["overrides"] = overrides
+    from cnnflow.flows import runtime  # here, so a bad runtime setting fails before any server starts
+
+    runtime.validate(resolved["runtime"])
     return resolved
 
 

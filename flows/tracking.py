@@ -98,7 +98,7 @@ class TrackingError(UserError):
 
 
 # What a continuation may not change: it would no longer be the same training.
-FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name")
+FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtime.precision")
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
@@ -199,7 +199,8 @@ def run_settings(run_id: str) -> tuple[dict[str, Any], Path]:
 def refuse_frozen_changes(before: dict[str, Any], after: dict[str, Any]) -> None:
     old, new = flatten(before), flatten(after)
     changed = sorted(key for key in set(old) | set(new)
-                     if key.startswith(FROZEN_SETTINGS) and old.get(key) != new.get(key))
+                     if key.startswith(FROZEN_SETTINGS) and old.get(key) != new.get(key)
+                     and (key in old or not key.startswith("runtime.")))  # runs from before runtime.* existed
     if changed:
         details = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)
         raise TrackingError(f"a continuation trains the same model on the same data; it cannot change {details}. "

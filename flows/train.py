@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 
 from cnnflow.components import registry
 from cnnflow.components.registry import UserError
-from cnnflow.flows import tracking
+from cnnflow.flows import runtime, tracking
 from cnnflow.flows.config import compose_config
 
 # Keras' own pip requirements inference starts a subprocess per logged model; the run needs only this.
@@ -37,13 +37,14 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return False
 
 
-def _seed_everything(cfg: dict[str, Any]) -> None:
+def _prepare_tensorflow(cfg: dict[str, Any]) -> None:
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(cfg["seed"])
     if cfg["train"].get("deterministic"):
         tf.config.experimental.enable_op_determinism()
+    runtime.set_precision(cfg["runtime"])
 
 
 @task(name="load data", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
@@ -105,7 +106,7 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, 
     """The registered model, compiled with the configured loss and optimizer, saved untrained."""
     from cnnflow.components.data import Split
 
-    _seed_everything(cfg)
+    _prepare_tensorflow(cfg)
     model = registry.build("model", cfg["model"], input_shape=tuple(features["input_shape"]),
                            num_classes=features["num_classes"])
     model.compile(optimizer=_optimizer(cfg, Split.load(split_path).sizes()["train"]),
@@ -128,9 +129,10 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
                                               read_checkpoint)
     from cnnflow.components.data import Split, make_dataset
 
-    _seed_everything(cfg)
+    _prepare_tensorflow(cfg)
     split = Split.load(split_path)
     model = keras.models.load_model(model_path)
+    model.jit_compile = cfg["runtime"]["jit_compile"]
     _apply_learning_rate(model, cfg["optimizer"])
     output = Path(output_dir)
     previous = read_checkpoint(output) if initial_epoch else None
@@ -165,7 +167,7 @@ def _probabilities(cfg: dict[str, Any], outputs):
     import numpy as np
     from scipy.special import expit, softmax
 
-    outputs = np.asarray(outputs)
+    outputs = np.asarray(outputs, dtype=np.float32)  # a mixed-precision model outputs bfloat16 or float16
     if outputs.ndim == 2 and outputs.shape[1] == 1:
         outputs = outputs[:, 0]
     if not cfg["loss"].get("from_logits"):
@@ -254,6 +256,7 @@ def train_flow(experiment: str = "quickstart", overrides: list[str] | None = Non
 
     cfg = compose_config(experiment, overrides)
     logger = get_run_logger()
+    runtime.use_environment(cfg["runtime"], logger)
     store = tracking.use_store(cfg)
     unfinished = tracking.find_unfinished(cfg) if cfg.get("resume", True) else None
     with tracking.tracked_run(cfg, unfinished.run_id if unfinished else None) as (run_id, output_dir):
@@ -293,6 +296,7 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
         raise tracking.TrackingError(f"run {run_id} has no checkpoint in {output_dir}; it cannot be continued")
     cfg["train"]["epochs"] = checkpoint["epoch"] + epochs
     logger = get_run_logger()
+    runtime.use_environment(cfg["runtime"], logger)
     with tracking.tracked_run(cfg, run_id) as (run_id, output_dir):
         stage = tracking.next_stage(run_id)
         tracking.set_tags(run_id, {f"stage.{stage}.epochs": f"{checkpoint['epoch'] + 1}-{cfg['train']['epochs']}",

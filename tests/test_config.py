@@ -55,6 +55,9 @@ def test_overrides_apply():
     (["train.epochz=3"], "train.epochz"),
     (["seed"], "seed"),
     (["data.train_split=test[:10]"], "Quote values"),
+    (["runtime.precision=half"], "runtime.precision='half'; accepted: float32, mixed_bfloat16, mixed_float16"),
+    (["runtime.intra_op_threads=-2"], "runtime.intra_op_threads=-2; accepted: null"),
+    (["runtime.jit_compile=maybe"], "runtime.jit_compile='maybe'; accepted: true, false"),
 ])
 def test_bad_settings_name_the_value_and_the_choices(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):

@@ -71,6 +71,8 @@ def test_continue_refuses_changes_to_what_is_trained(prefect_harness, mlflow_sto
     run_id = train_flow("mnist", tiny_overrides(idx))
     with pytest.raises(tracking.TrackingError, match=r"cannot change model.dropout_rate: 0.5 -> 0.2"):
         continue_flow(run_id, 1, ["model.dropout_rate=0.2"])
+    with pytest.raises(tracking.TrackingError, match=r"runtime.precision: 'float32' -> 'mixed_bfloat16'"):
+        continue_flow(run_id, 1, ["runtime.precision=mixed_bfloat16"])
     with pytest.raises(tracking.TrackingError, match="no run 'nope'"):
         continue_flow("nope", 1)
 

@@ -24,5 +24,6 @@ def fast_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: int = 24, dr
     x = layers.MaxPooling2D()(_conv_block(x, 2 * width))
     x = layers.Flatten()(_conv_block(x, 4 * width))
     x = layers.Dropout(dropout_rate)(x)
-    outputs = layers.Dense(num_classes, activation="softmax")(x)
+    x = layers.Dense(num_classes)(x)
+    outputs = layers.Activation("softmax", dtype="float32")(x)  # float32 even under mixed precision
     return keras.Model(inputs, outputs, name="fast_cnn")

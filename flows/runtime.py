@@ -1,0 +1,65 @@
+"""How TensorFlow runs a training: the `runtime.*` settings (conf/config.yaml).
+
+Threads and oneDNN are read by TensorFlow once, when it starts, from environment variables; so
+`use_environment` sets them before anything imports TensorFlow (the flows call it right after
+composing the config) and warns when TensorFlow already runs with other values (a served process
+that trained before: the settings then take effect in a new process). Precision and XLA are Keras
+settings and apply per model. What each setting gave on this CPU: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from cnnflow.flows.config import ConfigError
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+_ENVIRONMENT = {"onednn": "TF_ENABLE_ONEDNN_OPTS", "intra_op_threads": "TF_NUM_INTRAOP_THREADS",
+                "inter_op_threads": "TF_NUM_INTEROP_THREADS"}
+
+
+def validate(runtime: dict[str, Any]) -> None:
+    if runtime["precision"] not in PRECISIONS:
+        raise ConfigError(f"runtime.precision={runtime['precision']!r}; accepted: {', '.join(PRECISIONS)}")
+    for key in ("intra_op_threads", "inter_op_threads"):
+        value = runtime[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"runtime.{key}={value!r}; accepted: null (TensorFlow's choice), 0 (same) or a "
+                              f"positive number of threads")
+    for key in ("onednn", "jit_compile"):
+        if not isinstance(runtime[key], bool):
+            raise ConfigError(f"runtime.{key}={runtime[key]!r}; accepted: true, false")
+
+
+def environment(runtime: dict[str, Any]) -> dict[str, str]:
+    """The environment variables TensorFlow reads at start-up for these settings."""
+    wanted = {_ENVIRONMENT["onednn"]: "1" if runtime["onednn"] else "0"}
+    for key in ("intra_op_threads", "inter_op_threads"):
+        if runtime[key]:
+            wanted[_ENVIRONMENT[key]] = str(runtime[key])
+    return wanted
+
+
+def use_environment(runtime: dict[str, Any], logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+    validate(runtime)
+    wanted = environment(runtime)
+    if "tensorflow" not in sys.modules:
+        os.environ.update(wanted)
+        return
+    unset_default = {_ENVIRONMENT["onednn"]: "1"}  # TensorFlow's default when the variable is not set
+    stale = {name: value for name, value in wanted.items()
+             if os.environ.get(name, unset_default.get(name)) != value}
+    if stale and logger:
+        logger.warning(f"TensorFlow already runs in this process; {', '.join(f'{k}={v}' for k, v in stale.items())} "
+                       f"takes effect in a new process only")
+
+
+def set_precision(runtime: dict[str, Any]) -> None:
+    """Keras' global dtype policy, for the models built after it (a saved model keeps its own)."""
+    import keras
+
+    keras.mixed_precision.set_global_policy(runtime["precision"])
+

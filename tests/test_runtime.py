@@ -1,0 +1,48 @@
+"""runtime.* settings: the environment TensorFlow reads, the warning when it is too late for it, and a
+mixed-precision training through the real flow."""
+
+import logging
+
+import keras
+import pytest
+from mlflow import MlflowClient
+
+from cnnflow.flows import runtime
+from cnnflow.flows.train import train_flow
+from conftest import make_idx_folder, tiny_overrides
+
+DEFAULTS = {"precision": "float32", "jit_compile": False, "intra_op_threads": None, "inter_op_threads": None,
+            "onednn": True}
+
+
+def test_threads_and_onednn_become_the_variables_tensorflow_reads():
+    assert runtime.environment(DEFAULTS) == {"TF_ENABLE_ONEDNN_OPTS": "1"}
+    assert runtime.environment(DEFAULTS | {"onednn": False, "intra_op_threads": 1, "inter_op_threads": 2}) == {
+        "TF_ENABLE_ONEDNN_OPTS": "0", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "2"}
+
+
+def test_settings_tensorflow_can_no_longer_take_are_named_in_a_warning(monkeypatch, caplog):
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    logger = logging.getLogger("test-runtime")
+    with caplog.at_level(logging.WARNING, logger="test-runtime"):
+        runtime.use_environment(DEFAULTS, logger)  # TensorFlow's own defaults: nothing to say
+        assert not caplog.records
+        runtime.use_environment(DEFAULTS | {"intra_op_threads": 1}, logger)
+    assert "TF_NUM_INTRAOP_THREADS=1 takes effect in a new process only" in caplog.text
+
+
+@pytest.fixture
+def float32_afterwards():
+    yield
+    keras.mixed_precision.set_global_policy("float32")  # the policy is global: leave none behind
+
+
+def test_a_mixed_bfloat16_training_runs_end_to_end(prefect_harness, mlflow_store, tmp_path, float32_afterwards):
+    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["runtime.precision=mixed_bfloat16"]
+    run = MlflowClient().get_run(train_flow("mnist", overrides))
+    model = keras.models.load_model(f"{run.data.tags['output_dir']}/model.keras")
+    assert model.get_layer("conv_1").dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("conv_1").kernel.dtype == "float32"  # weights stay float32
+    assert run.data.params["runtime.precision"] == "mixed_bfloat16"
+    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0 and run.data.metrics["test_loss"] > 0
