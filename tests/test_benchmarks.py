@@ -1,0 +1,39 @@
+"""The benchmark baselines work and compare like with like: the plain CelebA script reads the same
+images and labels as cnnflow's celeba_folder source, and the settings benchmark measures a step."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from celeba_layout import write_celeba
+
+from cnnflow.components import registry
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_plain_celeba_script_trains_on_the_images_and_labels_cnnflow_reads(tmp_path):
+    folder = write_celeba(tmp_path / "celeba", train=64, valid=16, test=4)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from plain_celeba import first_images
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    paths, labels = first_images(folder, "0", 48)
+    ours = registry.build("dataset", "celeba_folder", name="celeb_a", path=str(folder)).partition("train")
+    assert [Path(p).name for p in paths] == [Path(p).name for p in ours.images[:48]]
+    assert labels == ours.labels[:48].astype(float).tolist()
+
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "plain_celeba.py"), str(folder), "--train-size", "64",
+                          "--valid-size", "16", "--epochs", "2"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["epoch_seconds"]) == 2 and all(s > 0 for s in result["epoch_seconds"])
+    assert result["startup_seconds"] > 0
+
+
+def test_settings_benchmark_measures_a_training_step_under_a_setting():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "settings.py"), "--child", "fast_cnn", "mixed_bfloat16",
+                          "--steps", "3",
+                          "--min-seconds", "0.1"], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) > 0
