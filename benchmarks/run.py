@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fast recipe seeds")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "run.json")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be 2 or more: the first epoch (tracing, filling caches) is reported apart")
     if args.mnist is None and {"mnist", "fast"} & set(args.workloads):
         print("no --mnist folder: skipping the mnist and fast workloads", file=sys.stderr)
         args.workloads = [w for w in args.workloads if w == "celeba"]
