@@ -44,7 +44,7 @@ def environment(runtime: dict[str, Any]) -> dict[str, str]:
 
 
 def use_environment(runtime: dict[str, Any], logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
-    validate(runtime)
+    """`runtime` comes from compose_config, which has validated it."""
     wanted = environment(runtime)
     if "tensorflow" not in sys.modules:
         os.environ.update(wanted)
@@ -62,4 +62,3 @@ def set_precision(runtime: dict[str, Any]) -> None:
     import keras
 
     keras.mixed_precision.set_global_policy(runtime["precision"])
-
