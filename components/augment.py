@@ -7,11 +7,13 @@ deterministic transforms ignore it. `compose` chains a configured list into one 
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import tensorflow as tf
+from annotated_types import Interval
 
 from cnnflow.components import registry
+from cnnflow.components.argtypes import NonNegativeFloat, NonNegativeInt, PositiveInt
 from cnnflow.components.registry import register
 
 Transform = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -24,13 +26,13 @@ def rescale(scale: float = 1 / 255) -> Transform:
 
 
 @register("augment", "crop")
-def crop(offset_height: int, offset_width: int, height: int, width: int) -> Transform:
+def crop(offset_height: NonNegativeInt, offset_width: NonNegativeInt, height: PositiveInt, width: PositiveInt) -> Transform:
     """The fixed box starting at (offset_height, offset_width)."""
     return lambda image, seed: tf.image.crop_to_bounding_box(image, offset_height, offset_width, height, width)
 
 
 @register("augment", "random_crop")
-def random_crop(height: int, width: int) -> Transform:
+def random_crop(height: PositiveInt, width: PositiveInt) -> Transform:
     """A height x width box at a random position."""
 
     def apply(image, seed):
@@ -40,13 +42,13 @@ def random_crop(height: int, width: int) -> Transform:
 
 
 @register("augment", "central_crop")
-def central_crop(fraction: float = 0.7) -> Transform:
+def central_crop(fraction: Annotated[float, Interval(gt=0, le=1)] = 0.7) -> Transform:
     """The central `fraction` of height and width."""
     return lambda image, seed: tf.image.central_crop(image, central_fraction=fraction)
 
 
 @register("augment", "resize")
-def resize(height: int, width: int) -> Transform:
+def resize(height: PositiveInt, width: PositiveInt) -> Transform:
     """Bilinear resize to height x width (float32 output, same value range)."""
     return lambda image, seed: tf.image.resize(image, (height, width))
 
@@ -68,7 +70,7 @@ def contrast(factor: float = 2.0) -> Transform:
 
 
 @register("augment", "random_contrast")
-def random_contrast(lower: float = 0.8, upper: float = 1.2) -> Transform:
+def random_contrast(lower: NonNegativeFloat = 0.8, upper: NonNegativeFloat = 1.2) -> Transform:
     return lambda image, seed: tf.image.stateless_random_contrast(image, lower, upper, seed=seed)
 
 
@@ -79,7 +81,7 @@ def brightness(delta: float = 0.3) -> Transform:
 
 
 @register("augment", "random_brightness")
-def random_brightness(max_delta: float = 0.1) -> Transform:
+def random_brightness(max_delta: NonNegativeFloat = 0.1) -> Transform:
     return lambda image, seed: tf.image.stateless_random_brightness(image, max_delta, seed=seed)
 
 

@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
 
 import keras
 
+from cnnflow.components.argtypes import NonNegativeFloat, NonNegativeInt, OpenFraction
 from cnnflow.components.registry import register
 
 
 @register("callback", "early_stopping")
-def early_stopping(monitor: str = "val_loss", patience: int = 3, restore_best_weights: bool = True):
+def early_stopping(monitor: str = "val_loss", patience: NonNegativeInt = 3, restore_best_weights: bool = True):
     return keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=restore_best_weights)
 
 
 @register("callback", "reduce_lr_on_plateau")
-def reduce_lr_on_plateau(monitor: str = "val_loss", factor: float = 0.5, patience: int = 2, min_lr: float = 1e-6):
+def reduce_lr_on_plateau(monitor: str = "val_loss", factor: OpenFraction = 0.5, patience: NonNegativeInt = 2,
+                         min_lr: NonNegativeFloat = 1e-6):
     return keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=factor, patience=patience, min_lr=min_lr)
 
 
@@ -88,36 +91,155 @@ def backfill_metrics(run_id: str, history: dict[str, list[float]]) -> int:
     return len({metric.step for metric in missing})
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch: the model with its optimizer state, and the history so far.
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss is NaN or infinite (Keras' TerminateOnNaN), or
+    grew to more than `max_loss_factor` times the first batch's: such a model is garbage even where
+    its numbers stay finite. `diverged` says where, so the flow can fail the run with the epoch and
+    the learning rate."""
 
-    `checkpoint.json` is the commit point: it is replaced atomically and names the model file it
-    belongs to, so a training killed at any moment loses at most the epoch in progress.
+    def __init__(self, max_loss_factor: float | None = None):
+        super().__init__()
+        self.max_loss_factor = max_loss_factor
+        self.diverged: dict | None = None
+        self._first_loss: float | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or self.diverged is not None:
+            return
+        loss = float(loss)
+        if self._first_loss is None and math.isfinite(loss):
+            self._first_loss = abs(loss)
+        exploded = self.max_loss_factor and self._first_loss and loss > self.max_loss_factor * self._first_loss
+        if not math.isfinite(loss) or exploded:
+            rate = self.model.optimizer.learning_rate
+            self.diverged = {"epoch": self._epoch, "batch": batch + 1, "loss": float(loss),
+                             "learning_rate": float(rate(self.model.optimizer.iterations) if callable(rate) else rate)}
+            self.model.stop_training = True
+
+
+# Checkpoints kept in a run folder: the newest, and the one before it until the newest is complete.
+KEEP_CHECKPOINTS = 2
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch: the model with its optimizer state (`checkpoint-epochNNNN.keras`), then its
+    state file (`checkpoint-epochNNNN.json`: epoch, history), the commit point.
+
+    Each file is on disk (fsync of file and folder) before the next step, the state file is written
+    atomically, and older checkpoints are deleted only once the new one is complete and its model
+    file reads back whole. A training killed at any moment, even by a power cut, loses at most the
+    epoch in progress. An epoch in which `divergence` saw the training diverge is not checkpointed:
+    there is nothing to resume from garbage weights.
     """
 
-    def __init__(self, folder, history: dict[str, list[float]] | None = None):
+    def __init__(self, folder, history: dict[str, list[float]] | None = None,
+                 divergence: StopOnDivergence | None = None):
         super().__init__()
         self.folder = Path(folder)
         self.history = {name: list(values) for name, values in (history or {}).items()}
+        self.divergence = divergence
 
     def on_epoch_end(self, epoch, logs=None):
-        for name, value in (logs or {}).items():
+        logs = logs or {}
+        if (self.divergence and self.divergence.diverged) or not all(math.isfinite(float(v)) for v in logs.values()):
+            return
+        for name, value in logs.items():
             self.history.setdefault(name, []).append(float(value))
-        model_file = f"checkpoint-epoch{epoch + 1:04d}.keras"
-        self.model.save(self.folder / model_file)
-        partial = self.folder / "checkpoint.json.partial"
-        partial.write_text(json.dumps({"epoch": epoch + 1, "file": model_file, "history": self.history}))
-        os.replace(partial, self.folder / "checkpoint.json")
-        for old in self.folder.glob("checkpoint-epoch*.keras"):
-            if old.name != model_file:
-                old.unlink()
+        stem = f"checkpoint-epoch{epoch + 1:04d}"
+        self.model.save(self.folder / f"{stem}.keras")
+        _sync(self.folder / f"{stem}.keras")
+        problem = _damage(self.folder / f"{stem}.keras")
+        if problem:
+            raise OSError(f"the checkpoint just written, {self.folder / stem}.keras, does not read back: {problem}")
+        write_durably(self.folder / f"{stem}.json", json.dumps({"epoch": epoch + 1, "file": f"{stem}.keras",
+                                                                "history": self.history}))
+        states = _state_files(self.folder)
+        for old in states[KEEP_CHECKPOINTS:]:
+            old.unlink()
+        kept = {_model_file_of(state) for state in states[:KEEP_CHECKPOINTS]}
+        for model_file in self.folder.glob("checkpoint-epoch*.keras"):
+            if model_file.name not in kept:
+                model_file.unlink()
+
+
+def _model_file_of(state: Path) -> str | None:
+    try:
+        return json.loads(state.read_text())["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically, and make both file and folder entry survive a power cut."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    _sync(path.parent)
+
+
+def _sync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _damage(model_file: Path) -> str | None:
+    """Why a saved .keras file (a zip) is unusable, or None: missing, truncated, or a bad checksum."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(model_file) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        return "its model file is missing"
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"its model file is damaged ({error})"
+    return f"its model file is damaged (bad checksum in {bad})" if bad else None
+
+
+def _state_files(folder: Path) -> list[Path]:
+    """State files, newest epoch first (`checkpoint.json` is the single state file of cnnflow <= 0.1)."""
+    found = list(Path(folder).glob("checkpoint-epoch*.json")) + [Path(folder) / "checkpoint.json"]
+    return sorted((path for path in found if path.is_file()), key=lambda path: (path.name != "checkpoint.json", path.name),
+                  reverse=True)
+
+
+def checkpoints(folder) -> list[tuple[dict | None, str]]:
+    """Every checkpoint of a run folder, newest first, as (checkpoint or None, why it is unusable).
+
+    A usable checkpoint is {"epoch": completed epochs, "history": {...}, "path": its model file}.
+    """
+    found = []
+    for state in _state_files(Path(folder)):
+        try:
+            checkpoint = json.loads(state.read_text())
+            epoch, file, history = int(checkpoint["epoch"]), checkpoint["file"], dict(checkpoint["history"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            found.append((None, f"{state.name} is damaged ({type(error).__name__})"))
+            continue
+        problem = _damage(Path(folder) / file)
+        label = f"the checkpoint of epoch {epoch}"
+        found.append((None, f"{label} is unusable: {problem}") if problem else
+                     ({"epoch": epoch, "history": history, "path": str(Path(folder) / file)}, label))
+    return found
 
 
 def read_checkpoint(folder) -> dict | None:
-    """{"epoch": completed epochs, "history": {...}, "path": the model file} of a run folder, or None."""
-    state = Path(folder) / "checkpoint.json"
-    if not state.is_file():
-        return None
-    checkpoint = json.loads(state.read_text())
-    path = Path(folder) / checkpoint["file"]
-    return checkpoint | {"path": str(path)} if path.is_file() else None
+    """The newest usable checkpoint of a run folder, or None."""
+    return next((checkpoint for checkpoint, _ in checkpoints(folder) if checkpoint), None)
+
+
+def history_of(model_path) -> dict[str, list[float]]:
+    """The history saved with a checkpoint's model file."""
+    path = Path(model_path)
+    state = path.with_suffix(".json")
+    return json.loads((state if state.is_file() else path.parent / "checkpoint.json").read_text())["history"]

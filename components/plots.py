@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cnnflow.components.data.core import Partition  # noqa: E402
+from cnnflow.components.argtypes import NonNegativeInt, PositiveInt  # noqa: E402
 from cnnflow.components.registry import register  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def learning_curves(results: Results) -> plt.Figure:
 
 
 @register("plot", "prediction_grid")
-def prediction_grid(results: Results, rows: int = 2, cols: int = 6, show_probability: bool = False) -> plt.Figure:
+def prediction_grid(results: Results, rows: PositiveInt = 2, cols: PositiveInt = 6, show_probability: bool = False) -> plt.Figure:
     """The first rows x cols test images with their predicted labels (red where wrong), or with the
     true label and the predicted probability of the positive class (`show_probability`, binary models)."""
     count = min(rows * cols, len(results.labels))
@@ -88,7 +89,7 @@ def _positive(results: Results) -> np.ndarray:
 
 
 @register("plot", "misclassified_grid")
-def misclassified_grid(results: Results, max_images: int = 24, cols: int = 8) -> plt.Figure:
+def misclassified_grid(results: Results, max_images: PositiveInt = 24, cols: PositiveInt = 8) -> plt.Figure:
     """Misclassified test images, most confident mistakes first, with true and predicted labels."""
     wrong = np.flatnonzero(results.predictions != results.labels)
     confidence = results.probabilities.max(axis=1) if results.probabilities.ndim == 2 else np.abs(
@@ -149,7 +150,7 @@ def _displayable(image) -> np.ndarray:
 
 
 @register("plot", "augmentation_examples")
-def augmentation_examples(results: Results, columns: dict[str, list], count: int = 5) -> plt.Figure:
+def augmentation_examples(results: Results, columns: dict[str, list], count: PositiveInt = 5) -> plt.Figure:
     """`count` test images (rows): the original, then each named deterministic transform of it."""
     from cnnflow.components.augment import compose
 
@@ -168,8 +169,8 @@ def augmentation_examples(results: Results, columns: dict[str, list], count: int
 
 
 @register("plot", "augmentation_samples")
-def augmentation_samples(results: Results, transforms: list, count: int = 3, repeats: int = 5,
-                         seed: int = 1) -> plt.Figure:
+def augmentation_samples(results: Results, transforms: list, count: PositiveInt = 3, repeats: PositiveInt = 5,
+                         seed: NonNegativeInt = 1) -> plt.Figure:
     """The random training pipeline applied `repeats` times to each of `count` test images."""
     from cnnflow.components.augment import compose
 

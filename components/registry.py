@@ -19,6 +19,8 @@ import importlib.metadata
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cnnflow.components.errors import SettingsError
+
 KINDS = ("dataset", "augment", "model", "loss", "optimizer", "callback", "plot")
 ENTRY_POINT_GROUP = "cnnflow.components"
 
@@ -37,18 +39,14 @@ _registry: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KIND
 _loaded_entry_points: set[str] = set()
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for: shown as its one-line message, never as a traceback."""
-
-
-class UnknownComponentError(UserError, KeyError):
+class UnknownComponentError(SettingsError, KeyError):
     """A config named a component that nobody registered."""
 
     def __str__(self) -> str:  # KeyError would wrap the message in quotes
         return str(self.args[0])
 
 
-class ComponentArgumentError(UserError, TypeError):
+class ComponentArgumentError(SettingsError, TypeError):
     """A config gave a component an argument it does not take (or left out one it needs)."""
 
 
@@ -112,6 +110,14 @@ def get(kind: str, name: str) -> Callable[..., Any]:
             f"Plugins add more through the {ENTRY_POINT_GROUP!r} entry-point group."
         )
     return _registry[kind][name]
+
+
+def declared_arguments(fn: Callable[..., Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments that `fn` declares (all of them if it takes **kwargs)."""
+    parameters = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(arguments)
+    return {name: value for name, value in arguments.items() if name in parameters}
 
 
 def build(kind: str, spec: str | Mapping[str, Any], **extra: Any) -> Any:

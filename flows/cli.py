@@ -9,10 +9,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import itertools
 import logging
 import os
+import signal
 import sys
+import threading
 import uuid
 
 from cnnflow.flows.config import GROUPS, choices
@@ -126,12 +130,12 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from cnnflow.flows.config import ConfigError
+    from cnnflow.components.errors import SettingsError
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
+        raise SettingsError(str(error).splitlines()[0]) from None
     axes = []
     for override in parsed:
         if override.is_sweep_override():
@@ -144,7 +148,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 def _quiet_tracebacks_of_user_errors() -> None:
     """Prefect logs every failed task with a traceback; for a user's mistake the message is enough."""
-    from cnnflow.components.registry import UserError
+    from cnnflow.components.errors import UserError
 
     class DropUserErrorTraceback(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
@@ -156,67 +160,99 @@ def _quiet_tracebacks_of_user_errors() -> None:
         logging.getLogger(name).addFilter(DropUserErrorTraceback())
 
 
+@contextlib.contextmanager
+def prefect_api():
+    """The configured Prefect server, else a temporary one for this command (flows/prefect_server.py)."""
+    from cnnflow.flows.prefect_server import configured_api_url, temporary_server
+
+    with contextlib.nullcontext() if configured_api_url() else temporary_server():
+        yield
+
+
 def run_train(overrides: list[str], multirun: bool) -> int:
-    from cnnflow.components.registry import UserError
+    """One training, or a sweep's jobs one after another. Every job's settings and the store are
+    checked first, before any server starts; in a sweep a failed job does not stop the others."""
+    from cnnflow.components.errors import UserError
+    from cnnflow.flows import tracking
     from cnnflow.flows.config import compose_config
-    from cnnflow.flows.train import train_flow
 
     jobs = sweep_jobs(overrides) if multirun else [overrides]
     sweep_id = uuid.uuid4().hex[:8]
-    outcomes = []
+    planned = []
     for number, job in enumerate(jobs, start=1):
         experiment, job_overrides = split_experiment(job)
         if multirun:
             job_overrides += [f"+tags.sweep={sweep_id}", f"+tags.sweep_job={number}"]
-            print(f"[sweep {sweep_id}] job {number}/{len(jobs)}: experiment={experiment} {' '.join(job)}", flush=True)
         try:
-            compose_config(experiment, job_overrides)  # a bad setting fails here, before any server starts
-            outcomes.append((job, "ok", train_flow(experiment, job_overrides)))
+            tracking.use_store(compose_config(experiment, job_overrides))
+            planned.append((job, experiment, job_overrides, None))
         except UserError as error:
-            outcomes.append((job, "error", str(error)))
-            print(f"cnnflow: error: {error}", file=sys.stderr)
-        except Exception as error:  # one failed sweep job must not stop the others
             if not multirun:
                 raise
-            outcomes.append((job, "failed", f"{type(error).__name__}: {error}"))
+            planned.append((job, experiment, job_overrides, error))
+    from cnnflow.flows.train import train_flow
+
+    outcomes = []
+    with prefect_api():
+        for number, (job, experiment, job_overrides, problem) in enumerate(planned, start=1):
+            if multirun:
+                print(f"[sweep {sweep_id}] job {number}/{len(jobs)}: experiment={experiment} {' '.join(job)}", flush=True)
+            try:
+                if problem:
+                    raise problem
+                outcomes.append((job, "ok", train_flow(experiment, job_overrides)))
+            except Exception as error:
+                if not multirun:
+                    raise
+                user_error = isinstance(error, UserError)
+                outcomes.append((job, "error" if user_error else "failed",
+                                 str(error) if user_error else f"{type(error).__name__}: {error}"))
+                print(f"cnnflow: error: {outcomes[-1][2]}", file=sys.stderr)
     if multirun:
         print(f"\nsweep {sweep_id}: {sum(o[1] == 'ok' for o in outcomes)}/{len(outcomes)} jobs succeeded")
         for job, status, detail in outcomes:
             print(f"  {status:<6} {' '.join(job) or '(no overrides)'}  ->  {'run ' + detail if status == 'ok' else detail}")
-    return 0 if all(status == "ok" for _, status, _ in outcomes) else (2 if len(jobs) == 1 else 1)
-
-
-def run_user_facing(action) -> int:
-    """Run a flow; a user's mistake becomes one line on stderr and exit code 2."""
-    from cnnflow.components.registry import UserError
-
-    try:
-        action()
-        return 0
-    except UserError as error:
-        print(f"cnnflow: error: {error}", file=sys.stderr)
-        return 2
+    return 0 if all(status == "ok" for _, status, _ in outcomes) else 1
 
 
 def _run_flow(args: argparse.Namespace):
-    """The flow behind `continue`, `evaluate` and `predict`, with the command's arguments."""
+    """The flow behind `continue`, `evaluate`, `predict` (and `serve`, `runs`), with the command's arguments."""
     if args.command == "serve":
         from cnnflow.flows.serve import serve_all
 
         return serve_all(*split_experiment(args.overrides))
+    from cnnflow.flows import tracking
+
+    tracking.use_store({}, must_exist=True)  # these read runs: no store here is one line, not an empty new one
     if args.command == "runs":
         from cnnflow.flows.runs import runs_table
 
         return print(runs_table(args.experiment, args.limit))
-    if args.command == "continue":
-        from cnnflow.flows.train import continue_flow
+    with prefect_api():
+        if args.command == "continue":
+            from cnnflow.flows.train import continue_flow
 
-        return continue_flow(args.run_id, args.epochs, args.overrides)
-    from cnnflow.flows.inference import evaluate_flow, predict_flow
+            return continue_flow(args.run_id, args.epochs, args.overrides)
+        from cnnflow.flows.inference import evaluate_flow, predict_flow
 
-    if args.command == "evaluate":
-        return evaluate_flow(args.model, args.split)
-    return predict_flow(args.model, args.paths, args.csv, args.figure)
+        if args.command == "evaluate":
+            return evaluate_flow(args.model, args.split)
+        return predict_flow(args.model, args.paths, args.csv, args.figure)
+
+
+def _terminate(signal_number, frame) -> None:
+    """SIGTERM (workers, Docker, Kubernetes) stops like Ctrl-C: the run ends KILLED, its checkpoint stays."""
+    from cnnflow.components.errors import Interrupted
+
+    raise Interrupted()
+
+
+def _is_interruption(error: BaseException) -> bool:
+    return isinstance(error, KeyboardInterrupt) or type(error).__name__ == "TerminationSignal"  # Prefect's, for SIGTERM
+
+
+def _disk_full(error: BaseException) -> bool:
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "database or disk is full" in str(error)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,14 +276,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from cnnflow.components.errors import UserError, exit_code
+
     _quiet_tracebacks_of_user_errors()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "train":
             return run_train(args.overrides, args.multirun)
-        return run_user_facing(lambda: _run_flow(args))
-    except KeyboardInterrupt:
-        print("cnnflow: interrupted", file=sys.stderr)
-        return 130
+        _run_flow(args)
+        return 0
+    except UserError as error:
+        print(f"cnnflow: error: {error}", file=sys.stderr)
+        return exit_code(error)
+    except BaseException as error:
+        if _is_interruption(error):
+            print(f"cnnflow: {'interrupted' if exit_code(error) == 130 else 'terminated'} (a training keeps its last "
+                  f"completed epoch: the same command resumes it)", file=sys.stderr)
+            return exit_code(error)
+        if _disk_full(error):
+            print(f"cnnflow: error: the disk is full ({error}); free space under {os.getcwd()} (or where "
+                  f"MLFLOW_TRACKING_URI points) and run the same command again to resume", file=sys.stderr)
+            return 5
+        raise
 
 
 if __name__ == "__main__":

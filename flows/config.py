@@ -1,4 +1,5 @@
-"""The one place settings are parsed: an experiment name plus `key=value` overrides, composed by Hydra.
+"""The one place settings are parsed: an experiment name plus `key=value` overrides, composed by Hydra
+and checked against the schema (flows/settings.py).
 
 The CLI, Prefect deployments, sweeps and tests all call `compose_config(experiment, overrides)`.
 """
@@ -9,13 +10,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cnnflow.components.registry import UserError
+from cnnflow.components.errors import SettingsError
 
 GROUPS = ("experiment", "data", "model", "loss", "optimizer", "train", "plots")
-
-
-class ConfigError(UserError, ValueError):
-    """Settings that do not compose; the message names the bad value and what is accepted."""
+_NOT_IN_STRUCT = re.compile(r"Could not override '([^']+)'")
 
 
 def _conf_dir() -> Path:
@@ -38,23 +36,49 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
     from omegaconf.errors import OmegaConfBaseException
 
     if experiment not in choices("experiment"):
-        raise ConfigError(f"Unknown experiment {experiment!r}; the experiments are: {', '.join(choices('experiment'))}")
+        raise SettingsError(f"Unknown experiment {experiment!r}; the experiments are: {', '.join(choices('experiment'))}")
     overrides = list(overrides or [])
+    refuse_interpolations(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(_conf_dir()), version_base="1.3"):
             cfg = compose("config", overrides=[f"experiment={experiment}", *overrides])
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(_short(error, overrides)) from None
+        not_in_struct = _NOT_IN_STRUCT.search(str(error))
+        if not_in_struct and "not in struct" in str(error.__cause__):  # a typo: name the nearest key the recipe has
+            from cnnflow.flows import settings
+
+            raise SettingsError(settings.unknown_key(not_in_struct[1], settings.known_keys(
+                compose_config(experiment)))) from None
+        merge = re.match(r"Error merging override ([^=]+)=(.*)", str(error))
+        if merge:  # a value of another shape than the setting's: a list for a mapping, ...
+            from functools import reduce
+
+            current = reduce(lambda node, key: (node or {}).get(key), merge[1].lstrip("+").split("."),
+                             compose_config(experiment))
+            shape = "a mapping, like {key: value}" if isinstance(current, dict) else "a list, like [a, b]" \
+                if isinstance(current, list) else "a single value"
+            raise SettingsError(f"{merge[1]}={merge[2]}: should be {shape}") from None
+        raise SettingsError(_short(error, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
     resolved["experiment"] = experiment
     resolved["overrides"] = overrides
-    from cnnflow.flows import runtime  # here, so a bad runtime setting fails before any server starts
+    from cnnflow.flows import settings  # here: the registry it checks against imports TensorFlow
 
-    runtime.validate(resolved["runtime"])
+    settings.check(resolved)
     return resolved
+
+
+def refuse_interpolations(overrides: list[str]) -> None:
+    """Values from the command line or a deployment are literal: `${oc.env:SECRET}` would let whoever
+    can start a served flow read the server's environment into MLflow."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if "${" in value:
+            raise SettingsError(f"{key}={value}: interpolations (${{...}}) are not allowed in overrides; give the "
+                                f"value itself")
 
 
 def _short(error: Exception, overrides: list[str]) -> str:

@@ -7,7 +7,11 @@ with is read from its run's settings, never re-typed by the user.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +20,49 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from cnnflow.components.errors import DataError, RunError
 from cnnflow.flows import tracking
-from cnnflow.flows.tracking import TrackingError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+MAX_IMAGE_PIXELS = 50_000_000  # bigger is no photo a CNN here takes; refused from the header, never decoded
 
 
 def resolve_model(reference: str) -> tuple[str, str]:
-    """(model URI, training run id) of a run id, runs:/ URI or models:/ URI."""
+    """(model URI, training run id) of a run id (or a unique prefix), `runs:/<id>/<path>`,
+    `models:/<name>`, `models:/<name>/<version>` or `models:/<name>@<alias>`."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking.tracking_uri({}))
+    tracking.use_store({}, must_exist=True)
     client = MlflowClient()
     try:
         if reference.startswith("models:/"):
-            name_version = reference.removeprefix("models:/")
-            if "@" in name_version:
-                version = client.get_model_version_by_alias(*name_version.split("@", 1))
-            else:
-                version = client.get_model_version(*name_version.split("/", 1))
-            return reference, version.run_id
-        run_id = reference.removeprefix("runs:/").split("/")[0]
-        run = client.get_run(run_id)
+            name, _, version = reference.removeprefix("models:/").partition("/")
+            if "@" in name:
+                found = client.get_model_version_by_alias(*name.split("@", 1))
+            elif version:
+                found = client.get_model_version(name, version)
+            else:  # no version or alias: the newest version
+                versions = client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise RunError(f"model {name!r} has no versions in {mlflow.get_tracking_uri()}")
+                found = max(versions, key=lambda v: int(v.version))
+                reference = f"models:/{name}/{found.version}"
+            return reference, found.run_id
+        run_id, _, path = reference.removeprefix("runs:/").partition("/")
+        run_id = tracking.full_run_id(run_id)
+        if path:  # the model named, never silently another one
+            uri = f"runs:/{run_id}/{path.rstrip('/')}"
+            try:
+                mlflow.models.get_model_info(uri)
+            except (MlflowException, OSError) as error:
+                raise RunError(f"run {run_id} has no logged model {path!r} ({str(error).splitlines()[0][:120]}); its "
+                               f"model is runs:/{run_id}/model") from None
+            return uri, run_id
+        return client.get_run(run_id).data.tags.get("model_uri", f"runs:/{run_id}/model"), run_id
     except MlflowException as error:
-        raise TrackingError(f"cannot find model {reference!r} in {tracking.tracking_uri({})}: "
-                            f"{str(error).splitlines()[0]}") from None
-    return run.data.tags.get("model_uri", f"runs:/{run_id}/model"), run_id
+        raise RunError(f"cannot find model {reference!r} in {mlflow.get_tracking_uri()}: "
+                       f"{str(error).splitlines()[0]}") from None
 
 
 @task(name="evaluate model", cache_policy=NONE)
@@ -81,43 +101,55 @@ def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
 # -------------------------------------------------------------------------------------- predict
 
 def image_files(paths: list[str]) -> list[Path]:
-    """The image files named, and those inside named folders (sorted); a missing path is an error."""
+    """The image files named, and those inside named folders (sorted). A missing path, or anything
+    that is not a regular file (a FIFO or a device would block or never end), is refused."""
     files: list[Path] = []
     for name in paths:
         path = Path(name).expanduser()
         if path.is_dir():
             files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
+        elif path.exists():
             files.append(path)
         else:
-            raise TrackingError(f"no such image file or folder: {name}")
+            raise DataError(f"no such image file or folder: {name}")
+    for file in files:
+        if not stat.S_ISREG(file.stat().st_mode):  # stat, not open: opening a FIFO would block
+            raise DataError(f"{file} is not a regular file (a FIFO, a device or a socket); give image files")
     if not files:
-        raise TrackingError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(paths)}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(paths)}")
     return files
 
 
 def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    """The image as uint8 pixels, if it has the size and the channels the model was trained on."""
+    """The image as uint8 pixels, if it has the size and the channels the model was trained on. The
+    size is read from the header first: an image of another size is refused without being decoded."""
     from PIL import Image, UnidentifiedImageError
 
     height, width, channels = shape
     wanted = f"{'grayscale' if channels == 1 else 'RGB'} {width}x{height} images"
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            if image.size != (width, height):
+                raise DataError(f"{path} is {image.size[0]}x{image.size[1]}; the model takes {wanted} "
+                                f"(as in its training data)")
             image.load()
-            size, gray_mode = image.size, image.mode in ("1", "L", "I", "I;16", "F")
+            gray_mode = image.mode in ("1", "L", "I", "I;16", "F")
             rgb = None if gray_mode else np.asarray(image.convert("RGB"))
             gray = np.asarray(image.convert("L"))
-    except (UnidentifiedImageError, OSError) as error:
-        raise TrackingError(f"{path}: not a readable image ({error})") from None
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: too large to decode safely (over {MAX_IMAGE_PIXELS:,} pixels); the model takes "
+                        f"{wanted}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable image ({error})") from None
     if channels == 3 and rgb is None:
-        raise TrackingError(f"{path} is grayscale; the model takes {wanted}")
+        raise DataError(f"{path} is grayscale; the model takes {wanted}")
     # A grayscale picture saved as RGB (three equal channels) is fine; real colour is not.
     if channels == 1 and rgb is not None and not (np.array_equal(rgb[..., 0], rgb[..., 1])
                                                   and np.array_equal(rgb[..., 1], rgb[..., 2])):
-        raise TrackingError(f"{path} is a colour image; the model takes {wanted}")
-    if size != (width, height):
-        raise TrackingError(f"{path} is {size[0]}x{size[1]}; the model takes {wanted} (as in its training data)")
+        raise DataError(f"{path} is a colour image; the model takes {wanted}")
     return rgb if channels == 3 else gray[..., np.newaxis]
 
 
@@ -187,15 +219,44 @@ def predict_flow(model: str, paths: list[str], csv_path: str | None = None,
     writes it as CSV and draws the images with their predictions."""
     model_uri, run_id = resolve_model(model)
     files = [str(f) for f in image_files(paths)]
+    csv_file = csv_path and _output_path(csv_path, "--csv")
+    figure_file = figure_path and _output_path(figure_path, "--figure")
     rows = predict_files(model_uri, run_id, files)
     print(_table(rows), flush=True)
-    if csv_path:
-        with open(csv_path, "w", newline="") as handle:
+    if csv_file:
+        with _written_whole(csv_file) as temporary, open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    if figure_path:
-        cfg, output_dir = tracking.run_settings(run_id)
-        _figure(rows, tuple(tracking.run_features(run_id, output_dir)["image_shape"]), Path(figure_path))
+    if figure_file:
+        _, output_dir = tracking.run_settings(run_id)
+        with _written_whole(figure_file) as temporary:
+            _figure(rows, tuple(tracking.run_features(run_id, output_dir)["image_shape"]), temporary)
     return rows
 
+
+def _output_path(name: str, option: str) -> Path:
+    """An output file whose folder exists (created if need be) and takes files: checked before any
+    prediction, so a bad path costs nothing."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise DataError(f"{option} {name} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".cnnflow-write-test-"):
+            pass
+    except OSError as error:
+        raise DataError(f"{option} {name}: cannot write to {path.parent} ({error.strerror or error})") from None
+    return path
+
+
+@contextlib.contextmanager
+def _written_whole(path: Path):
+    """A temporary name beside `path`, renamed into place only when the writing completed: a failed
+    or interrupted predict never leaves half a file."""
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

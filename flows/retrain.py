@@ -17,9 +17,8 @@ from cnnflow.flows.train import train_flow
 
 
 def next_subset_size(sizes: list[Any], finished_runs: int) -> Any:
-    """The training subset of the next run: sizes[n] after n finished runs; the last size repeats."""
-    if not sizes:
-        raise tracking.TrackingError("retrain.sizes is empty; give the subset sizes, e.g. [16000, 32000, full]")
+    """The training subset of the next run: sizes[n] after n finished runs; the last size repeats
+    (the settings' schema makes sure there is one)."""
     return sizes[min(finished_runs, len(sizes) - 1)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 
+from cnnflow.components.errors import RunError
 from cnnflow.flows import tracking
 
 COLUMNS = ("run", "experiment", "status", "started", "model", "train", "epochs", "best val_acc", "test_acc",
@@ -34,12 +35,12 @@ def runs_table(experiment: str | None = None, limit: int = 20) -> str:
     """The `limit` newest runs of one MLflow experiment (or all), one line each."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.tracking_uri({}))
+    tracking.use_store({}, must_exist=True)
     experiments = mlflow.search_experiments()
     names = {e.experiment_id: e.name for e in experiments}
     if experiment and experiment not in names.values():
-        raise tracking.TrackingError(f"no MLflow experiment {experiment!r} in {tracking.tracking_uri({})}; "
-                                     f"there are: {', '.join(sorted(names.values())) or 'none'}")
+        raise RunError(f"no MLflow experiment {experiment!r} in {tracking.tracking_uri({})}; "
+                       f"there are: {', '.join(sorted(names.values())) or 'none'}")
     ids = [i for i, name in names.items() if experiment in (None, name)]
     runs = mlflow.search_runs(ids, output_format="list", order_by=["attributes.start_time DESC"], max_results=limit)
     if not runs:

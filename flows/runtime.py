@@ -14,24 +14,8 @@ import os
 import sys
 from typing import Any
 
-from cnnflow.flows.config import ConfigError
-
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 _ENVIRONMENT = {"onednn": "TF_ENABLE_ONEDNN_OPTS", "intra_op_threads": "TF_NUM_INTRAOP_THREADS",
                 "inter_op_threads": "TF_NUM_INTEROP_THREADS"}
-
-
-def validate(runtime: dict[str, Any]) -> None:
-    if runtime["precision"] not in PRECISIONS:
-        raise ConfigError(f"runtime.precision={runtime['precision']!r}; accepted: {', '.join(PRECISIONS)}")
-    for key in ("intra_op_threads", "inter_op_threads"):
-        value = runtime[key]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ConfigError(f"runtime.{key}={value!r}; accepted: null (TensorFlow's choice), 0 (same) or a "
-                              f"positive number of threads")
-    for key in ("onednn", "jit_compile"):
-        if not isinstance(runtime[key], bool):
-            raise ConfigError(f"runtime.{key}={runtime[key]!r}; accepted: true, false")
 
 
 def environment(runtime: dict[str, Any]) -> dict[str, str]:
@@ -44,7 +28,7 @@ def environment(runtime: dict[str, Any]) -> dict[str, str]:
 
 
 def use_environment(runtime: dict[str, Any], logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
-    """`runtime` comes from compose_config, which has validated it."""
+    """`runtime` comes from compose_config, whose schema has checked it."""
     wanted = environment(runtime)
     if "tensorflow" not in sys.modules:
         os.environ.update(wanted)

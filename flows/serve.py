@@ -8,11 +8,9 @@ they land in the same MLflow store as CLI runs. Schedules stay active when the p
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
-from cnnflow.flows import tracking
+from cnnflow.components.errors import InfrastructureError
 from cnnflow.flows.config import compose_config
+from cnnflow.flows.prefect_server import configured_api_url
 
 DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain")
 
@@ -45,14 +43,8 @@ def deployments(experiment: str, overrides: list[str]) -> list:
 def serve_all(experiment: str, overrides: list[str]) -> None:
     from prefect import serve
 
-    if not os.environ.get("PREFECT_API_URL") and not _configured_api_url():
-        raise tracking.TrackingError(
+    if not configured_api_url():
+        raise InfrastructureError(
             "cnnflow serve needs a Prefect server: start one with `prefect server start`, then "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)")
     serve(*deployments(experiment, overrides), pause_on_shutdown=False)
-
-
-def _configured_api_url() -> Any:
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value()

@@ -13,7 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from cnnflow.components.registry import UserError
+from cnnflow.components.errors import InfrastructureError, RunError
 from cnnflow.flows.config import flatten, to_yaml
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a file in the working directory
@@ -27,21 +27,100 @@ def tracking_uri(cfg: dict[str, Any]) -> str:
     return cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def use_store(cfg: dict[str, Any]) -> str:
+def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
+    """Point MLflow at the store, after checking (within seconds) that it can be used; a new SQLite
+    store is created under a lock, so two processes starting at once both get a working one.
+    `must_exist`: commands that only read (runs, evaluate, predict) never create an empty store."""
     import mlflow
 
     uri = tracking_uri(cfg)
+    check_store(uri, must_exist)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        with store_lock("create"):
+            mlflow.MlflowClient().search_experiments(max_results=1)  # creates and migrates the tables
     return uri
 
 
+_FIX = "set MLFLOW_TRACKING_URI (or tracking_uri=...) to a store you can use"
+
+
+def check_store(uri: str, must_exist: bool = False) -> None:
+    """One line naming the URI or path and the fix, instead of minutes of retries or a deep traceback."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///")).expanduser()
+        if not path.exists() and must_exist:
+            raise InfrastructureError(f"no MLflow store here: {path.resolve()} does not exist. Run cnnflow in the "
+                                      f"folder you trained in, or {_FIX}")
+        _check_writable(path.parent if str(path.parent) else Path("."), f"the MLflow store {path}")
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif "://" not in uri or uri.startswith("file:"):
+        _check_writable(Path(uri.removeprefix("file://").removeprefix("file:")), f"the MLflow store {uri}")
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".cnnflow-write-test-"):
+            pass
+    except OSError as error:
+        raise InfrastructureError(f"cannot write {what}: {folder.resolve()}: {error.strerror or error}. Run cnnflow in "
+                                  f"a folder you can write to, or {_FIX}") from None
+
+
+def _check_server(uri: str) -> None:
+    """The tracking server answers its health check within a few seconds (MLflow's own client would
+    retry for minutes; its retries stay on for a server that blips later, during a training)."""
+    import requests
+
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=(3, 5))
+    except requests.RequestException as error:
+        reason = {"ConnectTimeout": "no connection within 3 s", "ReadTimeout": "no answer within 5 s",
+                  "ConnectionError": "connection refused"}.get(type(error).__name__, type(error).__name__)
+        raise InfrastructureError(f"cannot reach the MLflow tracking server {uri} ({reason}). Start it "
+                                  f"(mlflow server --host ... --port ...) or {_FIX}") from None
+    if answer.status_code >= 500:
+        raise InfrastructureError(f"the MLflow tracking server {uri} answers HTTP {answer.status_code}; check its log, "
+                                  f"or {_FIX}")
+
+
+@contextlib.contextmanager
+def store_lock(purpose: str):
+    """A lock that every cnnflow process using this store on this machine shares: a file beside a
+    SQLite store, else one in the temporary folder named after the store's URI."""
+    import mlflow
+    import tempfile
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///")).expanduser()
+        path = path.with_name(f".{path.name}.{purpose}.lock")
+    else:
+        path = Path(tempfile.gettempdir()) / f"cnnflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.{purpose}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def experiment_id(cfg: dict[str, Any]) -> str:
-    """The MLflow experiment named after the cnnflow experiment (created on first use)."""
+    """The MLflow experiment named after the cnnflow experiment (created on first use, once even
+    when two processes ask at the same moment)."""
     import mlflow
 
     name = cfg.get("mlflow_experiment") or cfg["experiment"]
     found = mlflow.get_experiment_by_name(name)
-    return found.experiment_id if found else mlflow.create_experiment(name)
+    if found:
+        return found.experiment_id
+    with store_lock("create"):
+        found = mlflow.get_experiment_by_name(name)
+        return found.experiment_id if found else mlflow.create_experiment(name)
 
 
 def code_version() -> str:
@@ -93,10 +172,6 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
 
 # ------------------------------------------------------------------------------- run life cycle
 
-class TrackingError(UserError):
-    """A run that does not exist, cannot be continued, or may not be changed that way."""
-
-
 # What a continuation may not change: it would no longer be the same training.
 FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtime.precision")
 
@@ -115,7 +190,8 @@ def _lock(folder: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise TrackingError(f"another process is training in {folder}") from None
+        raise RunError(f"another process is training run {folder.name} (in {folder}); wait for it to end, "
+                       f"or stop it first") from None
     try:
         yield
     finally:
@@ -127,73 +203,116 @@ def _locked_elsewhere(folder: Path) -> bool:
     try:
         with _lock(folder):
             return False
-    except TrackingError:
+    except RunError:
         return True
 
 
-def find_unfinished(cfg: dict[str, Any]):
-    """The newest run of the same settings that stopped before finishing and left a checkpoint."""
+def find_unfinished(cfg: dict[str, Any], logger) -> tuple[str | None, dict | None]:
+    """The newest run of the same settings that stopped before finishing, and its newest usable
+    checkpoint; (None, None) to start afresh. What it skips and why goes to `logger`: a damaged
+    newest checkpoint (the one before it is used), a run without any usable one. A run of the same
+    settings that another process is training is refused (RunError naming resume=false), never
+    touched."""
     import mlflow
 
-    from cnnflow.components.callbacks import read_checkpoint
+    from cnnflow.components.callbacks import checkpoints
 
     found = mlflow.get_experiment_by_name(cfg.get("mlflow_experiment") or cfg["experiment"])
     if not found:
-        return None
+        return None, None
     runs = mlflow.search_runs([found.experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
                               filter_string=f"tags.config_hash = '{config_hash(cfg)}' and attributes.status != 'FINISHED'")
     for run in runs:
-        folder = Path(run.data.tags.get("output_dir", "/nonexistent"))
-        if folder.is_dir() and read_checkpoint(folder) and not _locked_elsewhere(folder):
-            return run.info
-    return None
+        run_id, folder = run.info.run_id, Path(run.data.tags.get("output_dir", "/nonexistent"))
+        if not folder.is_dir():
+            continue
+        if _locked_elsewhere(folder):
+            raise RunError(f"run {run_id} has these settings and another process is training it; wait for it to end "
+                           f"(this command then resumes or finds it done), or add resume=false to start a separate run")
+        skipped = []
+        for checkpoint, why in checkpoints(folder):
+            if checkpoint:
+                for note in skipped:
+                    logger.warning(f"run {run_id}: {note}; resuming from {why} instead")
+                return run_id, checkpoint
+            skipped.append(why)
+        if skipped:
+            logger.warning(f"run {run_id} has no usable checkpoint ({'; '.join(skipped)}); starting a new run")
+    return None, None
+
+
+def full_run_id(reference: str) -> str:
+    """A run id from a full id or a unique prefix of one (what `cnnflow runs` prints)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        return client.get_run(reference).info.run_id
+    except MlflowException:
+        pass
+    matches = []
+    if re.fullmatch(r"[0-9a-f]{4,31}", reference):
+        matches = [run.info.run_id for run in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                   if run.info.run_id.startswith(reference)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise RunError(f"run id {reference!r} is ambiguous: {', '.join(sorted(matches)[:5])}; give more characters")
+    raise RunError(f"no run {reference!r} in the MLflow store {mlflow.get_tracking_uri()} (cnnflow runs lists them)")
 
 
 @contextlib.contextmanager
 def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
     """Start (or resume) an MLflow run and its output folder; yields (run_id, output folder).
 
-    The run ends FINISHED, FAILED on an error, or KILLED on Ctrl-C; the folder (and its checkpoint)
-    stays either way.
+    An existing run's lock is taken before its status is touched, so a run that another process
+    trains is refused and left as it is. The run ends FINISHED, FAILED on an error, or KILLED on
+    Ctrl-C or SIGTERM; the folder (and its checkpoints) stays either way.
     """
     import mlflow
+    from prefect.exceptions import TerminationSignal
 
-    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id(cfg))
-    status = "FAILED"
-    try:
-        run_id = run.info.run_id
-        if run.data.tags.get("output_dir"):
-            output_dir = Path(run.data.tags["output_dir"])
-        else:
-            output_dir = (Path(cfg["output_dir"]) / cfg["experiment"] / run_id).resolve()
-            set_tags(run_id, {"cnnflow.experiment": cfg["experiment"], "seed": cfg["seed"], "output_dir": output_dir,
-                              "code_version": code_version(), "config_hash": config_hash(cfg), **cfg.get("tags", {})})
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with _lock(output_dir):
+    with contextlib.ExitStack() as held:
+        if run_id:
+            output_dir = Path(mlflow.MlflowClient().get_run(run_id).data.tags["output_dir"])
+            output_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(_lock(output_dir))
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id(cfg))
+        status = "FAILED"
+        try:
+            if not run_id:
+                run_id = run.info.run_id
+                output_dir = (Path(cfg["output_dir"]) / cfg["experiment"] / run_id).resolve()
+                set_tags(run_id, {"cnnflow.experiment": cfg["experiment"], "seed": cfg["seed"],
+                                  "output_dir": output_dir, "code_version": code_version(),
+                                  "config_hash": config_hash(cfg), **cfg.get("tags", {})})
+                output_dir.mkdir(parents=True, exist_ok=True)
+                held.enter_context(_lock(output_dir))
             yield run_id, output_dir
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        mlflow.end_run(status)
+            status = "FINISHED"
+        except (KeyboardInterrupt, TerminationSignal):
+            status = "KILLED"
+            raise
+        finally:
+            mlflow.end_run(status)
 
 
 def run_settings(run_id: str) -> tuple[dict[str, Any], Path]:
-    """The composed settings a run was trained with, and its output folder."""
+    """The composed settings a run was trained with, and its output folder (a full run id)."""
     import mlflow
     import yaml
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri({}))
-    try:
-        run = mlflow.MlflowClient().get_run(run_id)
-    except MlflowException:
-        raise TrackingError(f"no run {run_id!r} in the MLflow store {tracking_uri({})}") from None
+    run = mlflow.MlflowClient().get_run(run_id)
     output_dir = Path(run.data.tags.get("output_dir", ""))
     if (output_dir / "config.yaml").is_file():
         return yaml.safe_load((output_dir / "config.yaml").read_text()), output_dir
-    return yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")), output_dir
+    try:
+        return yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")), output_dir
+    except MlflowException:
+        raise RunError(f"run {run_id} has no recorded settings (config.yaml): it ended ({run.info.status}) before "
+                       f"its training started. Start a new one with cnnflow train") from None
 
 
 def refuse_frozen_changes(before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -203,7 +322,7 @@ def refuse_frozen_changes(before: dict[str, Any], after: dict[str, Any]) -> None
                      and (key in old or not key.startswith("runtime.")))  # runs from before runtime.* existed
     if changed:
         details = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)
-        raise TrackingError(f"a continuation trains the same model on the same data; it cannot change {details}. "
+        raise RunError(f"a continuation trains the same model on the same data; it cannot change {details}. "
                             f"Start a new training for that (cnnflow train ...)")
 
 
@@ -223,12 +342,18 @@ def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
     name, alias, metric, mode = spec.get("name"), spec.get("alias", "champion"), spec.get("metric"), spec.get("mode")
     if not name:
         return None
-    if mode not in ("max", "min"):
-        raise TrackingError(f"registry.mode={mode!r}; use max or min")
+    with store_lock("registry"):  # compare and move as one step: of two trainings ending together, the better wins
+        return _promote(run_id, name, alias, metric, mode, logger)
+
+
+def _promote(run_id: str, name: str, alias: str, metric: str, mode: str, logger) -> int | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient()
     run = client.get_run(run_id)
     if metric not in run.data.metrics:
-        raise TrackingError(f"registry.metric={metric!r} is not logged by this run; it logs: {', '.join(sorted(run.data.metrics))}")
+        raise RunError(f"registry.metric={metric!r} is not logged by this run; it logs: {', '.join(sorted(run.data.metrics))}")
     value = run.data.metrics[metric]
     try:
         champion = client.get_model_version_by_alias(name, alias)
@@ -272,5 +397,5 @@ def run_features(run_id: str, output_dir: Path) -> dict[str, Any]:
     try:
         return mlflow.artifacts.load_dict(f"runs:/{run_id}/features.json")
     except MlflowException:
-        raise TrackingError(f"run {run_id} has no features.json (an older cnnflow trained it); "
+        raise RunError(f"run {run_id} has no features.json (an older cnnflow trained it); "
                             f"train it again to predict with it") from None

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from cnnflow.components import registry
-from cnnflow.components.registry import UserError
+from cnnflow.components.errors import RunError, UserError
 from cnnflow.flows import runtime, tracking
 from cnnflow.flows.config import compose_config
 
@@ -27,11 +27,11 @@ _MODEL_REQUIREMENTS = ["tensorflow-cpu", "keras"]
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry what may pass next time (a flaky download), not a wrong setting."""
+    """Retry what may pass next time (a connection reset during a download), not a wrong setting."""
     try:
         state.result()
-    except UserError:
-        return False
+    except UserError as error:
+        return error.retryable
     except Exception:
         return True
     return False
@@ -50,10 +50,12 @@ def _prepare_tensorflow(cfg: dict[str, Any]) -> None:
 @task(name="load data", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=_retry_unless_user_error)
 def load_data(data: dict[str, Any]) -> dict[str, Any]:
-    """Downloads or reads the data source; returns its features (shape, classes)."""
-    from cnnflow.components.data import model_input_shape, source_from
+    """Downloads or reads the data source and checks every partition the splits use (file kinds,
+    shapes, counts, label range), before any run starts; returns the features (shape, classes)."""
+    from cnnflow.components.data import checked_partitions, model_input_shape, source_from
 
     info = source_from(data).info
+    checked_partitions(data)
     input_shape = model_input_shape(data, info.image_shape)
     get_run_logger().info(f"data: {data['source']} {data['name']!r}, images {info.image_shape} -> model input "
                           f"{input_shape}, {info.num_classes} classes")
@@ -125,33 +127,57 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     model and logs it to MLflow. `model_path` is the untrained model or the checkpoint to go on from."""
     import keras
 
-    from cnnflow.components.callbacks import (EpochCheckpoint, EpochProgress, MlflowMetrics, backfill_metrics,
-                                              read_checkpoint)
+    from cnnflow.components.callbacks import (EpochCheckpoint, EpochProgress, MlflowMetrics, StopOnDivergence,
+                                              backfill_metrics, history_of)
     from cnnflow.components.data import Split, make_dataset
 
     _prepare_tensorflow(cfg)
     split = Split.load(split_path)
-    model = keras.models.load_model(model_path)
+    model = _load_start_model(model_path, initial_epoch)
     model.jit_compile = cfg["runtime"]["jit_compile"]
     _apply_learning_rate(model, cfg["optimizer"])
     output = Path(output_dir)
-    previous = read_checkpoint(output) if initial_epoch else None
-    if previous:
-        backfill_metrics(run_id, previous["history"])
-    checkpoint = EpochCheckpoint(output, previous["history"] if previous else None)
+    history = history_of(model_path) if initial_epoch else None
+    if history:
+        backfill_metrics(run_id, history)
+    divergence = StopOnDivergence(cfg["train"]["max_loss_factor"])
+    checkpoint = EpochCheckpoint(output, history, divergence)
     epochs = cfg["train"]["epochs"]
     callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
-    callbacks += [checkpoint, EpochProgress(epochs, get_run_logger()), MlflowMetrics(run_id)]
+    callbacks += [divergence, checkpoint, EpochProgress(epochs, get_run_logger()), MlflowMetrics(run_id)]
     # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
     data_seed = cfg["seed"] + initial_epoch
     model.fit(make_dataset(cfg["data"], split, "train", data_seed),
               validation_data=make_dataset(cfg["data"], split, "valid", data_seed),
               initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
+    if divergence.diverged:
+        where = divergence.diverged
+        raise RunError(f"training diverged: the loss became {where['loss']:.4g} in epoch {where['epoch']} (batch "
+                       f"{where['batch']}) at learning rate {where['learning_rate']:.3g}; the run is FAILED and not "
+                       f"registered. Lower optimizer.learning_rate (or check the data)")
     model.save(output / "model.keras")
     logged = mlflow.keras.log_model(model, name="model", pip_requirements=_MODEL_REQUIREMENTS)
     tracking.set_tags(run_id, {"model_uri": logged.model_uri})  # the newest stage's model
     (output / "history.json").write_text(json.dumps(checkpoint.history))
     return str(output / "model.keras")
+
+
+def _load_start_model(model_path: str, initial_epoch: int):
+    """The untrained model or the checkpoint to go on from. A checkpoint that passed its checksum but
+    does not load is set aside (renamed *.damaged), so the next run resumes from the one before it."""
+    import keras
+
+    try:
+        return keras.models.load_model(model_path)
+    except Exception as error:
+        if not initial_epoch:
+            raise
+        state = Path(model_path).with_suffix(".json")
+        if state.is_file():
+            state.rename(state.with_name(state.name + ".damaged"))
+        raise RunError(f"the checkpoint {model_path} does not load ({type(error).__name__}); it is set aside: run the "
+                       f"same command again to resume from the checkpoint before it (or resume=false to start afresh)") \
+            from None
 
 
 def _apply_learning_rate(model, optimizer: dict[str, Any]) -> None:
@@ -252,18 +278,16 @@ def train_flow(experiment: str = "quickstart", overrides: list[str] | None = Non
     An unfinished run of the same settings (killed, crashed, interrupted) is resumed from its last
     completed epoch instead, unless `resume=false`.
     """
-    from cnnflow.components.callbacks import read_checkpoint
-
     cfg = compose_config(experiment, overrides)
     logger = get_run_logger()
     runtime.use_environment(cfg["runtime"], logger)
     store = tracking.use_store(cfg)
-    unfinished = tracking.find_unfinished(cfg) if cfg.get("resume", True) else None
-    with tracking.tracked_run(cfg, unfinished.run_id if unfinished else None) as (run_id, output_dir):
-        features = load_data(cfg["data"])
+    features = load_data(cfg["data"])  # bad data files stop here, before any run exists
+    unfinished, checkpoint = tracking.find_unfinished(cfg, logger) if cfg["resume"] else (None, None)
+    with tracking.tracked_run(cfg, unfinished) as (run_id, output_dir):
         if unfinished:
-            checkpoint = read_checkpoint(output_dir)
-            logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}; outputs in {output_dir}")
+            logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}; outputs in {output_dir} "
+                        f"(resume=false starts a new run instead)")
             split_path, start_model, initial_epoch = str(output_dir / "split.npz"), checkpoint["path"], checkpoint["epoch"]
         else:
             logger.info(f"MLflow run {run_id} in {store}; outputs in {output_dir}")
@@ -283,17 +307,22 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     tags stage.<n>.epochs / stage.<n>.overrides. Overrides may change how training goes on (learning
     rate, callbacks, plots) but not what is trained (data, model, loss, seed, optimizer type).
     """
-    from cnnflow.components.callbacks import read_checkpoint
+    from cnnflow.components.callbacks import checkpoints
+    from cnnflow.components.errors import SettingsError
 
-    if not isinstance(epochs, int) or epochs < 1:
-        raise tracking.TrackingError(f"epochs={epochs!r}: continue needs a positive number of epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise SettingsError(f"epochs={epochs!r}: continue needs a positive number of epochs")
+    tracking.use_store({}, must_exist=True)
+    run_id = tracking.full_run_id(run_id)
     stored, output_dir = tracking.run_settings(run_id)
     tracking.use_store(stored)
     cfg = compose_config(stored["experiment"], stored["overrides"] + list(overrides or []))
     tracking.refuse_frozen_changes(stored, cfg)
-    checkpoint = read_checkpoint(output_dir)
+    found = checkpoints(output_dir)
+    checkpoint = next((checkpoint for checkpoint, _ in found if checkpoint), None)
     if checkpoint is None:
-        raise tracking.TrackingError(f"run {run_id} has no checkpoint in {output_dir}; it cannot be continued")
+        why = "; ".join(why for _, why in found) or f"nothing in {output_dir}"
+        raise RunError(f"run {run_id} has no usable checkpoint ({why}); it cannot be continued")
     cfg["train"]["epochs"] = checkpoint["epoch"] + epochs
     logger = get_run_logger()
     runtime.use_environment(cfg["runtime"], logger)

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 from cnnflow.components import registry
 from cnnflow.components.augment import compose
+from cnnflow.components.errors import SettingsError
 from cnnflow.components.data import DataError, class_counts, make_dataset, make_split, model_input_shape
 from cnnflow.flows.config import compose_config
 from cnnflow.flows.train import train_flow
@@ -73,8 +74,8 @@ def test_missing_and_unreadable_images_are_named_or_skipped_and_counted(celeba, 
     with caplog.at_level(logging.WARNING):
         train = source(copy, on_bad_image="skip").partition("train")
     assert len(train.labels) == 38 and "skipped 2 unusable CelebA train images" in caplog.text
-    with pytest.raises(DataError, match="on_bad_image='maybe'; use 'raise' or 'skip'"):
-        source(copy, on_bad_image="maybe")
+    with pytest.raises(SettingsError, match=r"data.options.on_bad_image='maybe': should be 'raise' or 'skip'"):
+        compose_config("celeba", [f"data.path={copy}", "data.options.on_bad_image=maybe"])
 
 
 @pytest.mark.parametrize("line, damage, message", [

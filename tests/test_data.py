@@ -8,6 +8,7 @@ from cnnflow.components.data import DataError, Split, make_dataset, make_split, 
 from cnnflow.components.data import tfds_source
 from cnnflow.components.data.core import split_positions
 from cnnflow.components.data.idx import read_idx
+from cnnflow.components.errors import TransientError
 from cnnflow.flows.config import compose_config
 from conftest import make_idx_folder, tiny_overrides, write_idx
 
@@ -40,7 +41,7 @@ def test_idx_errors_name_the_file_and_what_is_there(tmp_path):
         read_idx(truncated)
     not_idx = write_idx(tmp_path / "x.gz", np.zeros(3))
     not_idx.write_bytes(b"hello")
-    with pytest.raises(DataError, match="Cannot read|not an unsigned-byte"):
+    with pytest.raises(DataError, match="cannot read IDX file .*x.gz: not a gzip file"):
         read_idx(not_idx)
 
 
@@ -133,9 +134,13 @@ def test_tfds_passes_manual_dir_to_the_download(monkeypatch, tmp_path):
 
     def fake_download_and_prepare(self, download_config=None, **kwargs):
         seen["manual_dir"] = download_config.manual_dir
-        raise ConnectionError("no route to host")
+        raise seen["error"]
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fake_download_and_prepare)
-    with pytest.raises(DataError, match="could not download or prepare 'mnist'.*ConnectionError"):
+    seen["error"] = ConnectionError("no route to host")  # may pass by itself: the task retries it
+    with pytest.raises(TransientError, match="could not download 'mnist', maybe for a moment.*ConnectionError"):
         registry.build("dataset", "tfds", name="mnist", data_dir=str(tmp_path), manual_dir=str(tmp_path / "m"))
     assert str(seen["manual_dir"]) == str(tmp_path / "m")
+    seen["error"] = AssertionError("checksum of train-images-idx3-ubyte.gz does not match")  # will not pass
+    with pytest.raises(DataError, match="could not download or prepare 'mnist'.*checksum"):
+        registry.build("dataset", "tfds", name="mnist", data_dir=str(tmp_path), manual_dir=str(tmp_path / "m2"))

@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 
 from cnnflow.flows.retrain import finished_runs, next_subset_size, retrain_flow
 from cnnflow.flows.runs import runs_table
-from cnnflow.flows.tracking import TrackingError
+from cnnflow.components.errors import RunError, SettingsError
+from cnnflow.flows.config import compose_config
 from conftest import make_idx_folder
 
 SIZES = [16000, 32000, 64000, "full"]
@@ -23,8 +24,8 @@ SIZES = [16000, 32000, 64000, "full"]
 
 def test_next_subset_size_grows_then_stays_full():
     assert [next_subset_size(SIZES, n) for n in range(6)] == [16000, 32000, 64000, "full", "full", "full"]
-    with pytest.raises(TrackingError, match="retrain.sizes is empty"):
-        next_subset_size([], 0)
+    with pytest.raises(SettingsError, match=r"retrain.sizes=\[\]: should be a list of counts"):
+        compose_config("mnist", ["retrain.sizes=[]"])
 
 
 def test_the_sequence_is_read_back_from_finished_runs(mlflow_store):
@@ -55,7 +56,7 @@ def test_retrain_flow_trains_the_next_size_and_tags_the_sequence(prefect_harness
     assert tags[1]["retrain_previous_champion"].startswith("mnist v1")
     table = runs_table("mnist")
     assert first[:8] in table and second[:8] in table and "best val_acc" in table
-    with pytest.raises(TrackingError, match="no MLflow experiment 'nope'"):
+    with pytest.raises(RunError, match="no MLflow experiment 'nope'"):
         runs_table("nope")
 
 

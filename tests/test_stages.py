@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cnnflow.components.callbacks import read_checkpoint
+from cnnflow.components.errors import DataError, RunError
 from cnnflow.flows import tracking
 from cnnflow.flows.inference import evaluate_flow, predict_flow
 from cnnflow.flows.train import continue_flow, train_flow
@@ -69,11 +70,11 @@ def test_continue_in_a_new_process_extends_one_history(prefect_harness, mlflow_s
 
 def test_continue_refuses_changes_to_what_is_trained(prefect_harness, mlflow_store, idx):
     run_id = train_flow("mnist", tiny_overrides(idx))
-    with pytest.raises(tracking.TrackingError, match=r"cannot change model.dropout_rate: 0.5 -> 0.2"):
+    with pytest.raises(RunError, match=r"cannot change model.dropout_rate: 0.5 -> 0.2"):
         continue_flow(run_id, 1, ["model.dropout_rate=0.2"])
-    with pytest.raises(tracking.TrackingError, match=r"runtime.precision: 'float32' -> 'mixed_bfloat16'"):
+    with pytest.raises(RunError, match=r"runtime.precision: 'float32' -> 'mixed_bfloat16'"):
         continue_flow(run_id, 1, ["runtime.precision=mixed_bfloat16"])
-    with pytest.raises(tracking.TrackingError, match="no run 'nope'"):
+    with pytest.raises(RunError, match="no run 'nope'"):
         continue_flow("nope", 1)
 
 
@@ -81,7 +82,7 @@ def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen) -> 
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
-        for state in store.glob("outputs/mnist/*/checkpoint.json"):
+        for state in store.glob("outputs/mnist/*/checkpoint-epoch*.json"):
             if json.loads(state.read_text())["epoch"] >= epochs:
                 return state.parent
         time.sleep(0.2)
@@ -142,13 +143,13 @@ def test_predict_digits_and_faces_from_files(prefect_harness, mlflow_store, idx,
     assert (tmp_path / "p.png").stat().st_size > 0
 
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "small.png")
-    with pytest.raises(tracking.TrackingError, match="small.png is 32x32; the model takes grayscale 28x28"):
+    with pytest.raises(DataError, match="small.png is 32x32; the model takes grayscale 28x28"):
         predict_flow(digits_run, [str(tmp_path / "small.png")])
     Image.fromarray(np.dstack([images[0], images[0] // 2, images[0] // 3])).save(tmp_path / "colour.png")
-    with pytest.raises(tracking.TrackingError, match="colour.png is a colour image"):
+    with pytest.raises(DataError, match="colour.png is a colour image"):
         predict_flow(digits_run, [str(tmp_path / "colour.png")])
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(tracking.TrackingError, match="broken.png: not a readable image"):
+    with pytest.raises(DataError, match="broken.png: not a readable image"):
         predict_flow(digits_run, [str(tmp_path / "broken.png")])
 
     celeba = write_celeba(tmp_path / "celeba", train=24, valid=8, test=8)
@@ -157,7 +158,7 @@ def test_predict_digits_and_faces_from_files(prefect_harness, mlflow_store, idx,
     faces = sorted((celeba / "img_align_celeba").glob("*.jpg"))[:3]
     rows = predict_flow(faces_run, [str(f) for f in faces])
     assert [r["label"] in ("Female", "Male") for r in rows] == [True] * 3 and "p_Male" in rows[0]
-    with pytest.raises(tracking.TrackingError, match="is grayscale; the model takes RGB 178x218"):
+    with pytest.raises(DataError, match="digit0.png is 28x28; the model takes RGB 178x218"):
         predict_flow(faces_run, [str(pngs / "digit0.png")])
 
 
@@ -185,5 +186,5 @@ def test_registry_alias_moves_only_when_the_metric_improves(mlflow_store):
     assert MlflowClient().get_model_version_by_alias("digits", "champion").run_id == better
     assert MlflowClient().get_run(better).data.tags["registry.previous_champion"].startswith("digits v1")
     assert mlflow.keras.load_model("models:/digits@champion").count_params() == 3
-    with pytest.raises(tracking.TrackingError, match="registry.metric='val_auc' is not logged"):
+    with pytest.raises(RunError, match="registry.metric='val_auc' is not logged"):
         tracking.maybe_register({"registry": dict(cfg["registry"], metric="val_auc")}, better, log)

@@ -4,6 +4,7 @@ from cnnflow.components.data import celeba_folder, digits, idx, tfds_source  # n
 from cnnflow.components.data.core import (  # noqa: F401
     CLASS_NAMES,
     DataError,
+    checked_partitions,
     DataInfo,
     Partition,
     Split,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -77,8 +78,6 @@ def _bad_image(path: Path) -> str | None:
 
 class CelebaFolder:
     def __init__(self, folder: Path, attribute: str, on_bad_image: str):
-        if on_bad_image not in ("raise", "skip"):
-            raise DataError(f"data.options.on_bad_image={on_bad_image!r}; use 'raise' or 'skip'")
         self.folder, self.on_bad_image = folder, on_bad_image
         names, self._attributes = read_attributes(folder / "list_attr_celeba.txt")
         if attribute not in names:
@@ -111,7 +110,7 @@ class CelebaFolder:
 
 @register("dataset", "celeba_folder")
 def celeba_folder(name: str = "celeb_a", path: str | None = None, data_dir=None, manual_dir=None,
-                  attribute: str = "Male", on_bad_image: str = "raise") -> CelebaFolder:
+                  attribute: str = "Male", on_bad_image: Literal["raise", "skip"] = "raise") -> CelebaFolder:
     """CelebA's native files in the folder `path`; the label is one attribute (Male by default)."""
     if not path:
         raise DataError("data.source=celeba_folder needs data.path: the folder holding img_align_celeba/, "

@@ -19,10 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cnnflow.components import registry
-
-
-class DataError(registry.UserError, ValueError):
-    """Data that cannot be found, read or split as configured; the message says what to change."""
+from cnnflow.components.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -75,8 +72,10 @@ CLASS_NAMES = {
 # ---------------------------------------------------------------------------------------- sources
 
 def source_from(data: dict[str, Any]) -> Source:
-    """The configured data source, built once per process for the same settings."""
-    options = tuple(sorted((data.get("options") or {}).items()))
+    """The configured data source, built once per process for the same settings. It gets the options
+    it declares: a recipe may carry options for several sources (celeba_folder's on_bad_image)."""
+    declared = registry.declared_arguments(registry.get("dataset", data["source"]), data.get("options") or {})
+    options = tuple(sorted(declared.items()))
     return _cached_source(data["source"], data["name"], data.get("path"), data.get("data_dir"), data.get("manual_dir"),
                           options)
 
@@ -97,14 +96,30 @@ def partition_of(data: dict[str, Any], partition: str) -> Partition:
     return _cached_partition(source_from(data), partition)
 
 
+def checked_partitions(data: dict[str, Any]) -> dict[str, Partition]:
+    """Every partition the configured splits use, read (so each source's file checks run) and with
+    labels inside the source's classes: what would otherwise crash deep in TensorFlow stops here."""
+    source = source_from(data)
+    names = {parse_split(data[key])[0] for key in ("train_split", "valid_split", "test_split") if data.get(key)}
+    partitions = {name: partition_of(data, name) for name in sorted(names)}
+    classes = source.info.num_classes
+    for name, partition in partitions.items():
+        outside = np.flatnonzero((partition.labels < 0) | (partition.labels >= classes))
+        if outside.size:
+            raise DataError(f"data.source={data['source']} partition {name!r}: label {partition.labels[outside[0]]} at "
+                            f"position {outside[0]} is outside the {classes} classes 0..{classes - 1} "
+                            f"({outside.size} such labels)")
+    return partitions
+
+
 # ---------------------------------------------------------------------------------- split strings
 
-_SPLIT = re.compile(r"^(?P<name>[A-Za-z_][\w-]*)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+SPLIT_PATTERN = re.compile(r"^(?P<name>[A-Za-z_][\w-]*)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
 
 
 def parse_split(split: str) -> tuple[str, slice]:
     """`'test[:8000]'` -> ('test', slice(None, 8000)); percents (`train[:10%]`) as in TFDS."""
-    match = _SPLIT.match(split.replace(" ", ""))
+    match = SPLIT_PATTERN.match(split.replace(" ", ""))
     if not match:
         raise DataError(f"Bad split string {split!r}; use a partition name with an optional slice, "
                         f"like 'train', 'test[:8000]', 'train[8000:]' or 'train[:10%]'")

@@ -13,25 +13,37 @@ import numpy as np
 from cnnflow.components.data.core import CLASS_NAMES, DataError, DataInfo, Partition
 from cnnflow.components.registry import register
 
-# IDX header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions.
+# IDX header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, then one
+# big-endian 32-bit size per dimension.
 _UBYTE = 0x08
 _FILE_PREFIX = {"train": "train", "test": "t10k"}
+_KINDS = {3: "an images file (count, rows, columns)", 1: "a labels file (count)"}
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """One IDX file (gzip or not) as an array of its declared shape."""
+def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
+    """One IDX file (gzip or not) as an array of its declared shape; `ndim` is what the file must hold
+    (3: images, 1: labels). Every problem is one line naming the file."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
+        if not path.is_file():
+            raise DataError(f"{path} is not a regular file")
         with opener(path, "rb") as handle:
             raw = handle.read()
     except (OSError, EOFError) as error:
-        raise DataError(f"Cannot read IDX file {path}: {error}") from None
+        kind = "not a gzip file, or a damaged one" if isinstance(error, gzip.BadGzipFile) or "gzip" in str(error) \
+            else (error.strerror or str(error))
+        raise DataError(f"cannot read IDX file {path}: {kind}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (header {raw[:4].hex()})")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path} is not an unsigned-byte IDX file (header {raw[:4].hex() or 'empty'}; expected 000008..)")
+    declared = raw[3]
+    if ndim is not None and declared != ndim:
+        raise DataError(f"{path} holds {declared} dimension(s) but should be {_KINDS.get(ndim, f'{ndim}-dimensional')}: "
+                        f"is it the wrong file under this name?")
+    if len(raw) < 4 + 4 * declared:
+        raise DataError(f"{path} ends inside its header: truncated")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(declared))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * declared)
+    if body.size != int(np.prod(shape)) or 0 in shape:
         raise DataError(f"{path} declares shape {shape} but holds {body.size} values: truncated or corrupt")
     return body.reshape(shape)
 
@@ -53,17 +65,24 @@ class IdxSource:
         first = next((p for p in ("train", "test") if _has(folder, p)), None)
         if first is None:
             _find(folder, "train", "images-idx3-ubyte")  # raises the message listing the folder
-        shape = read_idx(_find(folder, first, "images-idx3-ubyte")).shape
+        shape = read_idx(_find(folder, first, "images-idx3-ubyte"), ndim=3).shape
         names = class_names or tuple(str(i) for i in range(int(self.partition(first).labels.max()) + 1))
         self.info = DataInfo(image_shape=(shape[1], shape[2], 1), num_classes=len(names), class_names=names)
 
     def partition(self, name: str) -> Partition:
         if name not in _FILE_PREFIX:
             raise DataError(f"The idx source has partitions 'train' and 'test', not {name!r}")
-        images = read_idx(_find(self.folder, name, "images-idx3-ubyte"))
-        labels = read_idx(_find(self.folder, name, "labels-idx1-ubyte")).astype(np.int64)
+        images_file, labels_file = _find(self.folder, name, "images-idx3-ubyte"), _find(self.folder, name, "labels-idx1-ubyte")
+        images, labels = read_idx(images_file, ndim=3), read_idx(labels_file, ndim=1).astype(np.int64)
         if len(images) != len(labels):
-            raise DataError(f"{self.folder}: {len(images)} {name} images but {len(labels)} labels")
+            raise DataError(f"{images_file} holds {len(images)} images but {labels_file} {len(labels)} labels")
+        if hasattr(self, "info") and images.shape[1:] != self.info.image_shape[:2]:
+            raise DataError(f"{images_file} holds {images.shape[1]}x{images.shape[2]} images; the other partition's are "
+                            f"{self.info.image_shape[0]}x{self.info.image_shape[1]}")
+        if self._class_names and labels.max() >= len(self._class_names):
+            position = int(np.argmax(labels >= len(self._class_names)))
+            raise DataError(f"{labels_file}: label {labels[position]} at position {position} is outside the "
+                            f"{len(self._class_names)} classes 0..{len(self._class_names) - 1}")
         return Partition(images[..., np.newaxis], labels)
 
 

@@ -3,9 +3,12 @@ original files from `manual_dir` for users who fetched them by hand."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from cnnflow.components.data.core import DataError, DataInfo, Partition
+from cnnflow.components.errors import TransientError
 from cnnflow.components.registry import register
 
 
@@ -23,7 +26,10 @@ class TfdsSource:
             self.builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
             )
-        except Exception as error:  # TFDS raises many types for a failed download; all mean the same here
+        except Exception as error:  # TFDS raises many types for a failed download
+            if is_transient(error):  # the load-data task retries it (5 s, then 30 s)
+                raise TransientError(f"TFDS could not download {name!r}, maybe for a moment ({type(error).__name__}: "
+                                     f"{_first_line(error)}); if it persists, " + _LOCAL_HINT) from error
             raise DataError(
                 f"TFDS could not download or prepare {name!r} ({type(error).__name__}: {_first_line(error)}); "
                 + _LOCAL_HINT
@@ -84,6 +90,20 @@ def _online(host: str = "storage.googleapis.com") -> bool:
         return True
     except OSError:
         return False
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure that may pass by itself: connection reset or refused, timeout, HTTP 5xx, anywhere in
+    the chain of causes (TFDS wraps the network's errors in its own)."""
+    while error is not None:
+        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in (
+                "ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "ChunkedEncodingError"):
+            return True
+        status = getattr(getattr(error, "response", None), "status_code", None) or getattr(error, "code", None)
+        if isinstance(status, int) and 500 <= status < 600 or re.search(r"\b(HTTP|status)\D{0,10}5\d\d\b", str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _first_line(error: Exception) -> str:

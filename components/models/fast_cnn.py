@@ -7,6 +7,7 @@ half as long (see conf/experiment/fashion_mnist_fast.yaml).
 import keras
 from keras import layers
 
+from cnnflow.components.argtypes import DropoutRate, PositiveInt
 from cnnflow.components.registry import register
 
 
@@ -17,7 +18,8 @@ def _conv_block(x, filters: int):
 
 
 @register("model", "fast_cnn")
-def fast_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: int = 24, dropout_rate: float = 0.3) -> keras.Model:
+def fast_cnn(input_shape=(28, 28, 1), num_classes: PositiveInt = 10, width: PositiveInt = 24,
+             dropout_rate: DropoutRate = 0.3) -> keras.Model:
     """width, 2*width, 4*width filters with 2x2 max-pooling between them, flatten, dropout, softmax."""
     inputs = keras.Input(shape=tuple(input_shape))
     x = layers.MaxPooling2D()(_conv_block(inputs, width))

@@ -3,11 +3,12 @@
 import keras
 from keras import layers
 
+from cnnflow.components.argtypes import DropoutRate, PositiveInt
 from cnnflow.components.registry import register
 
 
 @register("model", "mnist_cnn")
-def mnist_cnn(input_shape=(28, 28, 1), num_classes: int = 10, dropout_rate: float = 0.5) -> keras.Model:
+def mnist_cnn(input_shape=(28, 28, 1), num_classes: PositiveInt = 10, dropout_rate: DropoutRate = 0.5) -> keras.Model:
     """Two 5x5 conv + 2x2 max-pool blocks (32, 64 filters), dense 1024, dropout, softmax.
 
     3,274,634 parameters for 28x28x1 inputs and 10 classes.

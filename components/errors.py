@@ -1,0 +1,67 @@
+"""Every error cnnflow reports as one line instead of a traceback, by who has to act.
+
+`UserError` is what the user must fix; its subclasses say where the fix is, and each carries the exit
+code the command line ends with. Anything else is a defect of cnnflow (or a plugin) and keeps its
+traceback. This module sits in components/ because components raise these; flows map them to exit
+codes through `exit_code`, the one place that does.
+"""
+
+from __future__ import annotations
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what workers, Docker and Kubernetes send
+
+
+class UserError(Exception):
+    """Something the user must fix: shown as its one-line message, never as a traceback."""
+
+    exit_code = 1
+    retryable = False  # whether the same call may pass a moment later (a network blip)
+
+
+class SettingsError(UserError, ValueError):
+    """A setting that is mistyped, out of range or unknown; the message names the key, the value and
+    what is accepted. Raised before any server, run or folder is created."""
+
+    exit_code = 2
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be found, read or split as configured; the message names the file."""
+
+    exit_code = 3
+
+
+class RunError(UserError):
+    """A run that does not exist, cannot be continued or resumed, is busy elsewhere, or diverged."""
+
+    exit_code = 4
+
+
+class InfrastructureError(UserError):
+    """The tracking store, the Prefect server, the disk or the network: names the URI or path and the fix."""
+
+    exit_code = 5
+
+
+class TransientError(InfrastructureError):
+    """A failure that may pass by itself (connection reset, timeout, HTTP 5xx): tasks retry it."""
+
+    retryable = True
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM turned into the same clean stop as Ctrl-C (a KeyboardInterrupt, so every handler of
+    Ctrl-C handles it too), ending with exit code 143 instead of 130."""
+
+    exit_code = EXIT_TERMINATED
+
+
+def exit_code(error: BaseException) -> int:
+    """The command's exit code for an error that ends it."""
+    if isinstance(error, (UserError, Interrupted)):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    signal_number = getattr(error, "signal", None)  # Prefect's TerminationSignal (SIGTERM inside a flow)
+    return 128 + signal_number if isinstance(signal_number, int) else 1

@@ -1,0 +1,328 @@
+"""The settings' schema: every key of conf/ with its type and its valid range or choices.
+
+`check(cfg)` runs once, in `compose_config`, before any server, run or folder exists. A bad value
+ends in one line that names the key, the value and what is accepted (`SettingsError`, exit code 2).
+Two layers:
+
+- the fixed settings are pydantic models below (strict: `2.5` is no epoch count, `"yes"` no boolean);
+- a component's own arguments (`model.*`, `optimizer.*`, `loss.*`, a transform's, a plot's, a
+  callback's, a data source's `options`) are checked against the registered function's signature
+  and type hints, so a plugin declares its ranges where it declares its arguments
+  (`dropout_rate: Annotated[float, Interval(ge=0, lt=1)]`, see components/argtypes.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+import typing
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Interval, MinLen
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from cnnflow.components import registry
+from cnnflow.components.errors import SettingsError
+
+# --------------------------------------------------------------------------------- value types
+
+Count = Annotated[int, Ge(1)]
+NonNegative = Annotated[int, Ge(0)]
+Name = Annotated[str, MinLen(1)]
+
+
+def _split_string(value: str) -> str:
+    from cnnflow.components.data.core import SPLIT_PATTERN
+
+    if not SPLIT_PATTERN.match(value.replace(" ", "")):
+        raise ValueError("should be a partition name with an optional slice, like train, test[:8000], "
+                         "train[8000:] or train[:10%] (quote brackets: 'data.train_split=\"test[:8000]\"')")
+    return value
+
+
+def _cron(value: str) -> str:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=value)
+    except ValueError:
+        raise ValueError("should be a cron expression with five fields, like '0 3 * * 0' (Sundays 03:00)") from None
+    return value
+
+
+SplitString = Annotated[str, AfterValidator(_split_string)]
+Size = Annotated[Count | Literal["full"] | None, Field(description="a count >= 1, full, or null (all)")]
+Seed = Annotated[int, Interval(ge=0, le=2**32 - 1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Component(BaseModel):
+    """`{name: <registered name>, <its arguments>...}`; the arguments are checked against the registry."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: Name
+
+
+# --------------------------------------------------------------------------------- the schema
+
+class Transforms(Section):
+    train: list[Component]
+    eval: list[Component]
+
+
+class Data(Section):
+    source: Name
+    name: Name
+    path: str | None = None
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    options: dict[str, Any] = {}
+    train_split: SplitString
+    valid_split: SplitString | None = None
+    test_split: SplitString
+    train_size: Size = None
+    valid_size: Annotated[NonNegative | Literal["full"] | None,
+                          Field(description="a count >= 0, full, or null (all)")] = None
+    shuffle_buffer: NonNegative = 0
+    shuffle_each_epoch: NonNegative = 0
+    batch_size: Annotated[int, Interval(ge=1, le=65536)]
+    cache: bool = False
+    transforms: Transforms
+
+
+class Train(Section):
+    epochs: Annotated[int, Interval(ge=1, le=100000)]
+    metrics: list[Name]
+    deterministic: bool = True
+    max_loss_factor: Annotated[float, Interval(gt=1)] | None = None
+    callbacks: dict[str, Component | None] = {}
+
+
+class Registry(Section):
+    name: Name | None = None
+    alias: Annotated[str, Field(pattern=r"^[A-Za-z_][\w-]*$", description="a name of letters, digits, _ and -")]
+    metric: Name
+    mode: Literal["max", "min"]
+
+
+class Retrain(Section):
+    schedule: Name | None = None
+    cron: Annotated[str, AfterValidator(_cron)] | None = None
+    sizes: Annotated[list[Count | Literal["full"]], MinLen(1),
+                     Field(description="a list of counts >= 1 or full, like [16000, 32000, full]")]
+
+
+class Runtime(Section):
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"]
+    jit_compile: bool
+    intra_op_threads: NonNegative | None = None
+    inter_op_threads: NonNegative | None = None
+    onednn: bool
+
+
+class Settings(Section):
+    experiment: Name
+    overrides: list[str]
+    seed: Seed
+    output_dir: Name
+    tracking_uri: Name | None = None
+    mlflow_experiment: Name | None = None
+    tags: dict[str, str | int | float | bool]
+    resume: bool
+    registry: Registry
+    retrain: Retrain
+    runtime: Runtime
+    data: Data
+    model: Component
+    loss: Component
+    optimizer: Component
+    train: Train
+    plots: dict[str, Component | None]
+
+
+# Arguments the flow passes to a component itself; a config must not set them.
+PROVIDED = {"dataset": ("name", "path", "data_dir", "manual_dir"), "model": ("input_shape", "num_classes"),
+            "optimizer": ("total_steps",), "plot": ("results",)}
+
+
+def components(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(dotted key, kind, spec) of every component a config names."""
+    found = [(kind, kind, cfg[kind]) for kind in ("model", "loss", "optimizer")]
+    found += [(f"train.callbacks.{label}", "callback", spec) for label, spec in cfg["train"]["callbacks"].items() if spec]
+    for label, spec in cfg["plots"].items():
+        if spec:
+            found.append((f"plots.{label}", "plot", spec))
+            for column, transforms in (spec.get("columns") or {}).items() if isinstance(spec.get("columns"), dict) else ():
+                found += [(f"plots.{label}.columns.{column}[{i}]", "augment", t) for i, t in enumerate(transforms)]
+            if isinstance(spec.get("transforms"), list):
+                found += [(f"plots.{label}.transforms[{i}]", "augment", t) for i, t in enumerate(spec["transforms"])]
+    for role in ("train", "eval"):
+        found += [(f"data.transforms.{role}[{i}]", "augment", t) for i, t in enumerate(cfg["data"]["transforms"][role])]
+    return found
+
+
+# --------------------------------------------------------------------------------- checking
+
+def check(cfg: dict[str, Any]) -> None:
+    """Raise SettingsError naming the first bad setting; return when every setting is valid."""
+    try:
+        Settings.model_validate(cfg)
+    except ValidationError as error:
+        raise SettingsError(_describe(error.errors()[0], cfg)) from None
+    _check_source_options(cfg["data"])
+    for key, kind, spec in components(cfg):
+        if isinstance(spec, dict):
+            check_component(key, kind, spec)
+
+
+def check_component(key: str, kind: str, spec: dict[str, Any]) -> None:
+    """The spec's arguments against the registered function: known names, types and ranges, none missing."""
+    try:
+        function = registry.get(kind, spec["name"])
+    except registry.UnknownComponentError as error:
+        raise SettingsError(f"{key}.name={spec['name']!r}: {error}") from None
+    arguments = {name: value for name, value in spec.items() if name != "name"}
+    _check_arguments(key, function, arguments, PROVIDED.get(kind, ()))
+
+
+def _check_arguments(key: str, function, arguments: dict[str, Any], provided: tuple[str, ...]) -> None:
+    parameters = inspect.signature(function).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    accepted = [name for name in parameters if name not in provided
+                and parameters[name].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    hints = typing.get_type_hints(function, include_extras=True)
+    for name, value in arguments.items():
+        if name in provided or (name not in parameters and not takes_any):
+            raise SettingsError(unknown_key(f"{key}.{name}", [f"{key}.{a}" for a in accepted],
+                                            what=f"{getattr(function, '__name__', key)} takes: {', '.join(accepted) or 'no arguments'}"))
+        if name in hints:
+            _check_value(f"{key}.{name}", hints[name], value)
+    missing = [name for name in accepted if parameters[name].default is inspect.Parameter.empty and name not in arguments]
+    if missing:
+        raise SettingsError(f"{key} needs {', '.join(f'{key}.{m}' for m in missing)}")
+
+
+def _check_value(key: str, annotation: Any, value: Any) -> None:
+    adapter = TypeAdapter(annotation)
+    try:
+        adapter.validate_python(value, strict=True)
+    except ValidationError as error:
+        if isinstance(value, list):  # YAML has no tuples: a list stands for one
+            try:
+                adapter.validate_python(tuple(value), strict=True)
+                return
+            except ValidationError:
+                pass
+        raise SettingsError(f"{key}={value!r}: {_accepted(error.errors()[0])}") from None
+
+
+def _check_source_options(data: dict[str, Any]) -> None:
+    """Options the chosen source reads are checked against it; options only another registered source
+    reads are left alone (a recipe may carry options for several sources); others are typos."""
+    source = registry.get("dataset", data["source"]) if data["source"] in registry.names("dataset") else None
+    if source is None:
+        raise SettingsError(f"data.source={data['source']!r}: no such data source; the sources are: "
+                            f"{', '.join(registry.names('dataset'))}")
+    own = registry.declared_arguments(source, data.get("options") or {})
+    _check_arguments("data.options", source, own, PROVIDED["dataset"])
+    everyone = {name for other in registry.names("dataset")
+                for name in inspect.signature(registry.get("dataset", other)).parameters}
+    for name in data.get("options") or {}:
+        if name not in own and name not in everyone:
+            raise SettingsError(unknown_key(f"data.options.{name}", [f"data.options.{n}" for n in sorted(everyone)],
+                                            what=f"the data sources take: {', '.join(sorted(everyone - set(PROVIDED['dataset'])))}"))
+
+
+# --------------------------------------------------------------------------------- messages
+
+def unknown_key(key: str, known: list[str], what: str = "") -> str:
+    """`unknown setting train.epochz; did you mean train.epochs?` (or the list of what is accepted)."""
+    known = [k for k in known if k != key and not key.startswith(f"{k}.")]  # nor the key's own sections
+    parent = key.rpartition(".")[0]
+    same_section = [k for k in known if k.rpartition(".")[0] == parent]
+    nearest = difflib.get_close_matches(key, same_section, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(key, known, n=1, cutoff=0.85)  # a key put in the wrong section
+    siblings = sorted({k[len(parent) + 1:].split(".")[0].split("[")[0] for k in known
+                       if k.startswith(f"{parent}.")} if parent else {k.split(".")[0] for k in known})
+    hint = f"did you mean {nearest[0]}?" if nearest else what or f"{parent or 'the top level'} takes: {', '.join(siblings)}"
+    return f"unknown setting {key}; {hint}"
+
+
+def known_keys(cfg: dict[str, Any]) -> list[str]:
+    """Every dotted key a config accepts: the schema's, plus each component's arguments."""
+    from cnnflow.flows.config import flatten
+
+    keys = set(flatten({k: v for k, v in cfg.items() if k not in ("overrides",)}))
+    keys |= _schema_keys(Settings)
+    for key, kind, spec in components(cfg):
+        if isinstance(spec, dict) and spec.get("name") in registry.names(kind):
+            keys |= {f"{key}.{name}" for name in inspect.signature(registry.get(kind, spec["name"])).parameters
+                     if name not in PROVIDED.get(kind, ())}
+    return sorted(keys)
+
+
+def _schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        keys.add(f"{prefix}{name}")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            keys |= _schema_keys(field.annotation, f"{prefix}{name}.")
+    return keys
+
+
+def _dotted(location: tuple) -> tuple[str, list]:
+    """('data', 'transforms', 'train', 0, 'name') -> 'data.transforms.train[0].name'; the path without
+    pydantic's union-member labels ('int', "literal['full']", 'function-after[...]')."""
+    parts: list = []
+    for part in location:
+        if isinstance(part, int):
+            parts.append(part)
+        elif "[" in part or "-" in part or part in ("int", "str", "float", "bool", "none", "list", "dict"):
+            continue  # a union member's label (no setting's name has brackets or dashes)
+        else:
+            parts.append(part)
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text, parts
+
+
+def _lookup(cfg: dict[str, Any], parts: list) -> Any:
+    value: Any = cfg
+    for part in parts:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+def _field_description(parts: list) -> str | None:
+    model: Any = Settings
+    field = None
+    for part in parts:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        model = field.annotation
+    return field.description if field else None
+
+
+def _accepted(error: dict[str, Any]) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    return re.sub(r"^(Input|String|List|Dictionary|Value) should", "should", message)
+
+
+def _describe(error: dict[str, Any], cfg: dict[str, Any]) -> str:
+    key, parts = _dotted(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return unknown_key(key, known_keys(cfg))
+    if error["type"] == "missing":
+        return f"missing setting {key}"
+    value = _lookup(cfg, parts)
+    description = _field_description(parts)
+    return f"{key}={value!r}: {'should be ' + description if description else _accepted(error)}"

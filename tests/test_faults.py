@@ -1,0 +1,504 @@
+"""Faults a user meets one step off the README's path: each ends in one clear line (or a clean
+recovery) and loses nothing. Settings, data files, divergence, damaged checkpoints, signals, the
+store, concurrent processes, predict's inputs. Real processes, a real MLflow store, real Prefect."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from cnnflow.components import registry
+from cnnflow.components.callbacks import checkpoints, read_checkpoint
+from cnnflow.components.data import checked_partitions
+from cnnflow.components.errors import DataError, InfrastructureError, RunError, SettingsError, TransientError
+from cnnflow.flows import cli, settings, tracking
+from cnnflow.flows.config import compose_config
+from cnnflow.flows.inference import evaluate_flow, image_files, predict_flow, read_image, resolve_model
+from cnnflow.flows.train import continue_flow, load_data, train_flow
+from conftest import make_idx_folder, tiny_overrides, write_idx
+
+# --------------------------------------------------------------------------------------- settings
+
+# One wrong value for every setting of the schema (and a component argument of each kind): the key
+# it must name, and what the line must say is accepted.
+BAD_SETTINGS = [
+    ("seed=-1", "seed=-1: should be greater than or equal to 0"),
+    ("seed=1.5", "seed=1.5: should be a valid integer"),
+    ("output_dir=''", "output_dir='': should have at least 1 character"),
+    ("tracking_uri=''", "tracking_uri=''"),
+    ("mlflow_experiment=''", "mlflow_experiment=''"),
+    ("resume=perhaps", "resume='perhaps': should be a valid boolean"),
+    ("registry.name=''", "registry.name=''"),
+    ("registry.alias='a b'", "registry.alias='a b': should be a name of letters"),
+    ("registry.metric=''", "registry.metric=''"),
+    ("registry.mode=up", "registry.mode='up': should be 'max' or 'min'"),
+    ("retrain.schedule=''", "retrain.schedule=''"),
+    ("retrain.cron='every day'", "retrain.cron='every day': should be a cron expression"),
+    ("retrain.sizes=[0]", "retrain.sizes[0]=0: should be greater than or equal to 1"),
+    ("runtime.precision=half", "runtime.precision='half': should be 'float32', 'mixed_bfloat16' or 'mixed_float16'"),
+    ("runtime.jit_compile=maybe", "runtime.jit_compile='maybe': should be a valid boolean"),
+    ("runtime.intra_op_threads=-2", "runtime.intra_op_threads=-2"),
+    ("runtime.inter_op_threads=two", "runtime.inter_op_threads='two'"),
+    ("runtime.onednn=1", "runtime.onednn=1: should be a valid boolean"),
+    ("data.source=nope", "data.source='nope': no such data source; the sources are: celeba_folder, digits, idx"),
+    ("data.name=''", "data.name=''"),
+    ("data.path=3", "data.path=3: should be a valid string"),
+    ("data.data_dir=true", "data.data_dir=True: should be a valid string"),
+    ("data.manual_dir=1.5", "data.manual_dir=1.5: should be a valid string"),
+    ("data.options=[]", "data.options=[]: should be a mapping, like {key: value}"),
+    ("data.train_split='train[a:]'", "data.train_split='train[a:]': should be a partition name"),
+    ("data.valid_split='valid]'", "data.valid_split='valid]': should be a partition name"),
+    ("data.test_split=5", "data.test_split=5: should be a valid string"),
+    ("data.train_size=0", "data.train_size=0: should be a count >= 1, full, or null"),
+    ("data.valid_size=-1", "data.valid_size=-1: should be a count >= 0, full, or null"),
+    ("data.shuffle_buffer=-5", "data.shuffle_buffer=-5: should be greater than or equal to 0"),
+    ("data.shuffle_each_epoch=0.5", "data.shuffle_each_epoch=0.5: should be a valid integer"),
+    ("data.batch_size=0", "data.batch_size=0: should be greater than or equal to 1"),
+    ("data.cache=sometimes", "data.cache='sometimes': should be a valid boolean"),
+    ("data.transforms.train=[{name: resize, height: -1, width: 8}]", "data.transforms.train[0].height=-1"),
+    ("data.transforms.eval=[{nam: rescale}]", "data.transforms.eval[0].name"),
+    ("train.epochs=0", "train.epochs=0: should be greater than or equal to 1"),
+    ("train.metrics=accuracy", "train.metrics='accuracy': should be a valid list"),
+    ("train.deterministic=2", "train.deterministic=2: should be a valid boolean"),
+    ("train.max_loss_factor=0.5", "train.max_loss_factor=0.5: should be greater than 1"),
+    ("+train.callbacks.stop={name: early_stopping, patience: -1}", "train.callbacks.stop.patience=-1"),
+    ("model.dropout_rate=1.5", "model.dropout_rate=1.5: should be less than 1"),
+    ("loss.from_logits=yes", "loss.from_logits='yes': should be a valid boolean"),
+    ("optimizer.learning_rate=-0.1", "optimizer.learning_rate=-0.1: should be greater than 0"),
+    ("optimizer.beta_1=1", "optimizer.beta_1=1: should be less than 1"),
+    ("plots.predictions.rows=0", "plots.predictions.rows=0: should be greater than or equal to 1"),
+    ("train.epochz=3", "unknown setting train.epochz; did you mean train.epochs?"),
+    ("+train.epochz=3", "unknown setting train.epochz; did you mean train.epochs?"),
+    ("+model.dropout=0.2", "unknown setting model.dropout; did you mean model.dropout_rate?"),
+    ("+data.options.atribute=Male", "unknown setting data.options.atribute; did you mean data.options.attribute?"),
+    ("data.path=${oc.env:HOME}", "data.path=${oc.env:HOME}: interpolations (${...}) are not allowed"),
+]
+
+
+def _schema_leaves(model, prefix="") -> set[str]:
+    leaves = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, settings.Section):
+            leaves |= _schema_leaves(annotation, f"{prefix}{name}.")
+        else:
+            leaves.add(f"{prefix}{name}")
+    return leaves
+
+
+def test_the_bad_settings_table_covers_every_setting_of_the_schema():
+    covered = {line.lstrip("+").split("=")[0] for line, _ in BAD_SETTINGS}
+    covered = {key.split(".callbacks.")[0] + ".callbacks" if ".callbacks." in key else key for key in covered}
+    covered |= {"data.transforms.train", "data.transforms.eval"}
+    # free-form or set by the flow: experiment and overrides (the flow's parameters), tags and the
+    # component sections (checked per registered argument below them)
+    exempt = {"experiment", "overrides", "tags", "model", "loss", "optimizer", "plots"}
+    assert _schema_leaves(settings.Settings) - exempt <= covered
+
+
+@pytest.mark.parametrize("override, message", BAD_SETTINGS, ids=[case[0] for case in BAD_SETTINGS])
+def test_a_bad_setting_stops_with_one_line_and_exit_code_2_before_anything_exists(override, message, tmp_path,
+                                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["train", override]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.startswith("cnnflow: error: ") and message in error, error
+    assert list(tmp_path.iterdir()) == []  # no store, no outputs folder, no run
+
+
+def test_options_for_another_data_source_are_no_error_and_never_reach_the_chosen_one():
+    cfg = compose_config("celeba", ["data.source=tfds"])  # the recipe's on_bad_image is celeba_folder's
+    assert cfg["data"]["options"] == {"attribute": "Male", "on_bad_image": "raise"}
+    source = registry.get("dataset", "tfds")
+    assert registry.declared_arguments(source, cfg["data"]["options"]) == {"attribute": "Male"}
+
+
+# ------------------------------------------------------------------------------------ data files
+
+def _idx_data(folder: Path) -> dict:
+    return compose_config("mnist", [f"data.path={folder}", "data.source=idx"])["data"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("labels_as_images", r"train-images-idx3-ubyte.gz holds 1 dimension\(s\) but should be an images file"),
+    ("label_out_of_range", r"train-labels-idx1-ubyte.gz: label 12 at position 5 is outside the 10 classes 0..9"),
+    ("not_gzip", r"cannot read IDX file .*t10k-images-idx3-ubyte.gz: not a gzip file"),
+    ("count_mismatch", r"t10k-images-idx3-ubyte.gz holds 60 images but .*t10k-labels-idx1-ubyte.gz 59 labels"),
+    ("other_image_size", r"t10k-images-idx3-ubyte.gz holds 20x20 images; the other partition's are 28x28"),
+    ("truncated_header", r"train-labels-idx1-ubyte.gz ends inside its header"),
+])
+def test_idx_files_are_checked_before_any_run_and_the_file_is_named(damage, message, tmp_path):
+    folder = make_idx_folder(tmp_path / damage)
+    if damage == "labels_as_images":
+        shutil.copy(folder / "train-labels-idx1-ubyte.gz", folder / "train-images-idx3-ubyte.gz")
+    elif damage == "label_out_of_range":
+        labels = np.arange(240) % 10
+        labels[5] = 12
+        write_idx(folder / "train-labels-idx1-ubyte.gz", labels)
+    elif damage == "not_gzip":
+        (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"<html>not found</html>")
+    elif damage == "count_mismatch":
+        write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.arange(59) % 10)
+    elif damage == "other_image_size":
+        write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((60, 20, 20)))
+    elif damage == "truncated_header":
+        with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as handle:
+            handle.write(bytes([0, 0, 8, 1, 0]))
+    with pytest.raises(DataError, match=message):
+        checked_partitions(_idx_data(folder))
+
+
+def test_bad_data_fails_the_flow_before_an_mlflow_run_exists(prefect_harness, mlflow_store, tmp_path):
+    folder = make_idx_folder(tmp_path / "idx")
+    labels = np.arange(60) % 10
+    labels[0] = 200
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: label 200 at position 0"):
+        train_flow("mnist", tiny_overrides(folder))
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_only_transient_download_errors_are_retried(prefect_harness, monkeypatch, idx_folder):
+    from prefect import flow
+
+    from cnnflow.components import data as data_module
+    from cnnflow.components.data.tfds_source import is_transient
+
+    assert is_transient(ConnectionResetError(104, "reset")) and is_transient(OSError("HTTP Error 503"))
+    assert not is_transient(ValueError("checksum mismatch"))
+    real, calls = data_module.source_from, []
+
+    def flaky(data):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TransientError("connection reset by peer")
+        return real(data)
+
+    monkeypatch.setattr(data_module, "source_from", flaky)
+    data = _idx_data(idx_folder)
+
+    @flow
+    def load_once():
+        return load_data.with_options(retry_delay_seconds=0)(data)
+
+    assert load_once()["num_classes"] == 10 and len(calls) == 2  # failed, then retried
+
+    def wrong(data):
+        calls.append(1)
+        raise DataError("data.path='x' is not a folder")
+
+    calls.clear()
+    monkeypatch.setattr(data_module, "source_from", wrong)
+    with pytest.raises(DataError):
+        load_once()
+    assert len(calls) == 1  # a setting to fix is not retried
+
+
+# ------------------------------------------------------------------------------ divergence
+
+def test_a_diverging_training_fails_is_not_registered_and_says_where(prefect_harness, mlflow_store, idx_folder):
+    overrides = tiny_overrides(idx_folder, epochs=2) + ["optimizer=sgd", "optimizer.learning_rate=1e30",
+                                                          "registry.name=digits", "plots={}"]
+    with pytest.raises(RunError, match=r"training diverged: the loss became .* in epoch 1 \(batch \d\) at learning "
+                                       r"rate 1e\+30; the run is FAILED and not registered"):
+        train_flow("mnist", overrides)
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+    assert MlflowClient().search_registered_models() == []
+    assert read_checkpoint(run.data.tags["output_dir"]) is None  # no checkpoint of garbage weights to resume
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def _crashed_run(idx: Path, monkeypatch, epochs_done: int = 3) -> tuple[list[str], str, Path]:
+    """A training whose process 'dies' right after the checkpoint of epoch `epochs_done` (a power cut
+    is no setting: the rerun has the same settings)."""
+    from cnnflow.components.callbacks import EpochProgress
+
+    def power_cut(self, epoch, logs=None):
+        if epoch + 1 == epochs_done:
+            raise RuntimeError("power cut")
+
+    overrides = tiny_overrides(idx, epochs=5) + ["plots={}"]
+    with monkeypatch.context() as patch:
+        patch.setattr(EpochProgress, "on_epoch_end", power_cut)
+        with pytest.raises(RuntimeError, match="power cut"):
+            train_flow("mnist", overrides)
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return overrides, run.info.run_id, Path(run.data.tags["output_dir"])
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(prefect_harness, mlflow_store, idx_folder, caplog,
+                                                                 monkeypatch):
+    overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch)
+    assert [c["epoch"] for c, _ in checkpoints(folder)] == [3, 2]  # the newest and the one before it
+    newest = folder / "checkpoint-epoch0003.keras"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
+    assert train_flow("mnist", overrides) == run_id
+    assert "the checkpoint of epoch 3 is unusable" in caplog.text and "resuming from the checkpoint of epoch 2" in caplog.text
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert sorted({m.step for m in MlflowClient().get_metric_history(run_id, "loss")}) == [1, 2, 3, 4, 5]
+
+
+def test_without_a_usable_checkpoint_a_rerun_starts_afresh_and_says_why(prefect_harness, mlflow_store, idx_folder,
+                                                                         caplog, monkeypatch):
+    overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch, epochs_done=2)
+    for state in folder.glob("checkpoint-epoch*.json"):
+        state.write_text("{not json")
+    new_run = train_flow("mnist", overrides)
+    assert new_run != run_id and MlflowClient().get_run(new_run).info.status == "FINISHED"
+    assert f"run {run_id} has no usable checkpoint" in caplog.text and "starting a new run" in caplog.text
+
+
+def test_a_run_that_another_process_trains_is_refused_and_left_alone(prefect_harness, mlflow_store, idx_folder):
+    import fcntl
+
+    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots={}"])
+    folder = Path(MlflowClient().get_run(run_id).data.tags["output_dir"])
+    with open(folder / "run.lock", "w") as held:  # what a training process holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RunError, match=f"another process is training run {run_id}"):
+            continue_flow(run_id[:8], 1)  # a short id, as `cnnflow runs` prints it
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_resume_aimed_at_a_run_in_training_is_refused_and_names_resume_false(prefect_harness, mlflow_store,
+                                                                              idx_folder, monkeypatch):
+    import fcntl
+
+    overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch, epochs_done=1)
+    with open(folder / "run.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RunError, match=f"run {run_id} has these settings and another process is training it.*"
+                                           f"resume=false"):
+            train_flow("mnist", overrides)
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1
+
+
+# ----------------------------------------------------------------------- signals, real processes
+
+def _cnnflow(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`cnnflow ...` as a user starts it: no Prefect server configured (it starts its temporary one)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PREFECT_HOME=str(cwd / ".prefect"))
+    return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_epoch(folder: Path, epochs: int, process: subprocess.Popen) -> Path:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        for run in folder.glob("outputs/mnist/*"):
+            checkpoint = read_checkpoint(run)
+            if checkpoint and checkpoint["epoch"] >= epochs:
+                return run
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint in time")
+
+
+def _left_behind(pid: int) -> list[str]:
+    """Processes that a cnnflow process started and that still run (its temporary Prefect server)."""
+    deadline = time.monotonic() + 5  # the server notices its parent is gone within a second
+    while True:
+        found = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
+                 if "cnnflow.flows.prefect_server" in " ".join(p.info["cmdline"] or []) and
+                 str(pid) in (p.info["cmdline"] or [])]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how, code", [("SIGINT to the group", 130), ("SIGTERM", 143), ("kill -9", -9)])
+def test_interrupts_end_cleanly_and_leave_nothing_running(how, code, tmp_path, idx_folder):
+    process = _cnnflow(["train", "experiment=mnist", *tiny_overrides(idx_folder, epochs=500)], tmp_path)
+    run_folder = _wait_for_epoch(tmp_path, 1, process)
+    if how == "SIGINT to the group":
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    elif how == "SIGTERM":
+        process.send_signal(signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGKILL)
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == code, out
+    assert _left_behind(process.pid) == []
+    assert read_checkpoint(run_folder)["epoch"] >= 1
+    if code > 0:
+        assert "Traceback" not in out and out.strip().splitlines()[-1].startswith(
+            "cnnflow: interrupted" if code == 130 else "cnnflow: terminated"), out
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert MlflowClient().get_run(run_folder.name).info.status == "KILLED"
+
+
+# ----------------------------------------------------------------------------- store faults
+
+def _silent_port() -> socket.socket:
+    """A port that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    return server
+
+
+def test_an_unreachable_or_silent_tracking_server_fails_within_seconds(tmp_path, monkeypatch, capsys):
+    silent = _silent_port()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    monkeypatch.chdir(tmp_path)
+    for uri, reason in ((f"http://127.0.0.1:{closed_port}", "connection refused"),
+                        (f"http://127.0.0.1:{silent.getsockname()[1]}", "no answer within 5 s")):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        started = time.monotonic()
+        assert cli.main(["train", "train.epochs=1"]) == 5
+        assert time.monotonic() - started < 10
+        error = capsys.readouterr().err.strip()
+        assert error == (f"cnnflow: error: cannot reach the MLflow tracking server {uri} ({reason}). Start it (mlflow "
+                         f"server --host ... --port ...) or set MLFLOW_TRACKING_URI (or tracking_uri=...) to a store "
+                         f"you can use"), error
+    silent.close()
+
+
+def test_a_store_that_cannot_be_written_or_does_not_exist_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(InfrastructureError, match=r"cannot write the MLflow store .*a_file/mlflow.db: .*a_file: "):
+        tracking.check_store(f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for command in (["runs"], ["evaluate", "0123abcd"], ["predict", "0123abcd", "x.png"], ["continue", "0123abcd"]):
+        assert cli.main(command) == 5
+        assert capsys.readouterr().err.startswith(f"cnnflow: error: no MLflow store here: {tmp_path / 'mlflow.db'} "
+                                                  f"does not exist. Run cnnflow in the folder you trained in")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+CREATE_STORE = """
+import sys, time
+from pathlib import Path
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.01)
+import mlflow
+from cnnflow.flows import tracking
+cfg = {"tracking_uri": sys.argv[1], "experiment": "same"}
+tracking.use_store(cfg)
+with mlflow.start_run(experiment_id=tracking.experiment_id(cfg)):
+    mlflow.log_metric("x", 1.0)
+"""
+
+
+def test_two_processes_creating_one_new_store_both_work(tmp_path):
+    uri, go = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", CREATE_STORE, uri, str(go)], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    time.sleep(3)  # both imported and waiting
+    go.write_text("")
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    mlflow.set_tracking_uri(uri)
+    [experiment] = [e for e in mlflow.search_experiments() if e.name == "same"]
+    assert len(mlflow.search_runs([experiment.experiment_id], output_format="list")) == 2
+
+
+def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_store):
+    import keras
+
+    mlflow.set_experiment("race")
+    cfg = {"registry": {"name": "race", "alias": "champion", "metric": "val_accuracy", "mode": "max"}}
+    runs = []
+    for value in (0.7, 0.9):
+        with mlflow.start_run() as run:
+            logged = mlflow.keras.log_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), name="model")
+            mlflow.log_metric("val_accuracy", value)
+            mlflow.set_tag("model_uri", logged.model_uri)
+        runs.append(run.info.run_id)
+    barrier = threading.Barrier(2)
+
+    def finish(run_id):
+        barrier.wait()
+        tracking.maybe_register(cfg, run_id, __import__("logging").getLogger("test"))
+
+    threads = [threading.Thread(target=finish, args=(run_id,)) for run_id in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert MlflowClient().get_model_version_by_alias("race", "champion").run_id == runs[1]
+
+
+# ----------------------------------------------------------------- runs, models, predict inputs
+
+def test_model_references_short_ids_and_runs_without_settings(prefect_harness, mlflow_store, idx_folder, tmp_path):
+    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["registry.name=digits", "plots={}"])
+    assert resolve_model("models:/digits") == ("models:/digits/1", run_id)  # no version: the newest
+    assert resolve_model(run_id[:8])[1] == run_id
+    assert resolve_model(f"runs:/{run_id[:10]}/model") == (f"runs:/{run_id}/model", run_id)
+    with pytest.raises(RunError, match=f"run {run_id} has no logged model 'modle' .*; its model is runs:/{run_id}/model"):
+        resolve_model(f"runs:/{run_id}/modle")
+    assert evaluate_flow(f"{run_id[:8]}", "test[:20]")["accuracy"] == pytest.approx(
+        evaluate_flow(f"runs:/{run_id}/model", "test[:20]")["accuracy"])
+    with mlflow.start_run(experiment_id=MlflowClient().get_run(run_id).info.experiment_id) as empty:
+        pass  # a run that ended before it logged its settings
+    with pytest.raises(RunError, match=f"run {empty.info.run_id} has no recorded settings"):
+        continue_flow(empty.info.run_id, 1)
+    with pytest.raises(RunError, match="no run 'fedcba98'"):
+        continue_flow("fedcba98", 1)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds none: what a decompression bomb shows first."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_predict_refuses_non_regular_files_huge_images_and_bad_output_paths(prefect_harness, mlflow_store, idx_folder,
+                                                                           tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="pipe.png is not a regular file"):
+        image_files([str(fifo)])  # returns at once: a FIFO is never opened
+    with pytest.raises(DataError, match="pipe.png is not a regular file"):
+        image_files([str(tmp_path)])
+    fifo.unlink()
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(100_000, 100_000))
+    with pytest.raises(DataError, match="bomb.png: too large to decode safely"):
+        read_image(bomb, (28, 28, 1))
+    big = tmp_path / "big.png"
+    big.write_bytes(_png_header(5000, 5000))  # under the limit: refused by its header, never decoded
+    with pytest.raises(DataError, match="big.png is 5000x5000; the model takes grayscale 28x28"):
+        read_image(big, (28, 28, 1))
+
+    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots={}"])
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(good)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="--csv .*a_file/out.csv: cannot write to .*a_file"):
+        predict_flow(run_id, [str(good)], str(tmp_path / "a_file" / "out.csv"))
+    with pytest.raises(DataError, match="big.png is 5000x5000"):  # a failed predict writes no output
+        predict_flow(run_id, [str(good), str(big)], str(tmp_path / "new" / "out.csv"))
+    assert list((tmp_path / "new").iterdir()) == []
+    rows = predict_flow(run_id, [str(good)], str(tmp_path / "new" / "deeper" / "out.csv"))
+    assert (tmp_path / "new" / "deeper" / "out.csv").read_text().splitlines()[1].startswith(f"{good},{rows[0]['label']}")
