@@ -112,12 +112,16 @@ def get(kind: str, name: str) -> Callable[..., Any]:
     return _registry[kind][name]
 
 
-def declared_arguments(fn: Callable[..., Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The arguments that `fn` declares (all of them if it takes **kwargs)."""
+def arguments_for(kind: str, fn: Callable[..., Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments `fn` is called with: all but those that only another registered component of
+    its kind declares. A recipe may carry arguments for several (celeba_folder's `on_bad_image` in a
+    CelebA recipe switched to data.source=tfds); an argument that no component declares stays, so
+    it fails as the typo it is."""
     parameters = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return dict(arguments)
-    return {name: value for name, value in arguments.items() if name in parameters}
+    elsewhere = {name for other in names(kind) for name in inspect.signature(get(kind, other)).parameters}
+    return {name: value for name, value in arguments.items() if name in parameters or name not in elsewhere}
 
 
 def build(kind: str, spec: str | Mapping[str, Any], **extra: Any) -> Any:
@@ -133,6 +137,7 @@ def build(kind: str, spec: str | Mapping[str, Any], **extra: Any) -> Any:
             raise ValueError(f"A {kind} config needs a 'name' key; got keys {sorted(params)}")
         name = params.pop("name")
     fn = get(kind, name)
+    params = arguments_for(kind, fn, params)
     try:
         inspect.signature(fn).bind(**params, **extra)
     except TypeError as error:

@@ -150,8 +150,9 @@ PROVIDED = {"dataset": ("name", "path", "data_dir", "manual_dir"), "model": ("in
 
 
 def components(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(dotted key, kind, spec) of every component a config names."""
-    found = [(kind, kind, cfg[kind]) for kind in ("model", "loss", "optimizer")]
+    """(dotted key of its arguments, kind, spec) of every component a config names, the data source too."""
+    found = [("data.options", "dataset", {"name": cfg["data"]["source"], **(cfg["data"].get("options") or {})})]
+    found += [(kind, kind, cfg[kind]) for kind in ("model", "loss", "optimizer")]
     found += [(f"train.callbacks.{label}", "callback", spec) for label, spec in cfg["train"]["callbacks"].items() if spec]
     for label, spec in cfg["plots"].items():
         if spec:
@@ -173,23 +174,20 @@ def check(cfg: dict[str, Any]) -> None:
         Settings.model_validate(cfg)
     except ValidationError as error:
         raise SettingsError(_describe(error.errors()[0], cfg)) from None
-    _check_source_options(cfg["data"])
     for key, kind, spec in components(cfg):
         if isinstance(spec, dict):
             check_component(key, kind, spec)
 
 
 def check_component(key: str, kind: str, spec: dict[str, Any]) -> None:
-    """The spec's arguments against the registered function: known names, types and ranges, none missing."""
+    """The spec's arguments against the registered function: known names, types and ranges, none
+    missing. Arguments that only another component of the kind declares are left alone."""
     try:
         function = registry.get(kind, spec["name"])
     except registry.UnknownComponentError as error:
-        raise SettingsError(f"{key}.name={spec['name']!r}: {error}") from None
-    arguments = {name: value for name, value in spec.items() if name != "name"}
-    _check_arguments(key, function, arguments, PROVIDED.get(kind, ()))
-
-
-def _check_arguments(key: str, function, arguments: dict[str, Any], provided: tuple[str, ...]) -> None:
+        raise SettingsError(f"{'data.source' if kind == 'dataset' else key + '.name'}={spec['name']!r}: {error}") from None
+    provided = PROVIDED.get(kind, ())
+    arguments = registry.arguments_for(kind, function, {name: value for name, value in spec.items() if name != "name"})
     parameters = inspect.signature(function).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     accepted = [name for name in parameters if name not in provided
@@ -197,13 +195,30 @@ def _check_arguments(key: str, function, arguments: dict[str, Any], provided: tu
     hints = typing.get_type_hints(function, include_extras=True)
     for name, value in arguments.items():
         if name in provided or (name not in parameters and not takes_any):
-            raise SettingsError(unknown_key(f"{key}.{name}", [f"{key}.{a}" for a in accepted],
-                                            what=f"{getattr(function, '__name__', key)} takes: {', '.join(accepted) or 'no arguments'}"))
+            raise SettingsError(unknown_key(f"{key}.{name}", known_arguments(key, kind), what=f"{spec['name']} takes: "
+                                            f"{', '.join(accepted) or 'no arguments'}"))
         if name in hints:
             _check_value(f"{key}.{name}", hints[name], value)
     missing = [name for name in accepted if parameters[name].default is inspect.Parameter.empty and name not in arguments]
     if missing:
         raise SettingsError(f"{key} needs {', '.join(f'{key}.{m}' for m in missing)}")
+
+
+def known_arguments(key: str, kind: str) -> list[str]:
+    """`key.<argument>` for every argument any registered component of the kind takes."""
+    return sorted({f"{key}.{name}" for other in registry.names(kind)
+                   for name in inspect.signature(registry.get(kind, other)).parameters if name not in PROVIDED.get(kind, ())})
+
+
+def unused_settings(cfg: dict[str, Any]) -> list[str]:
+    """Arguments in the config that the chosen components do not read (another of their kind does)."""
+    unused = []
+    for key, kind, spec in components(cfg):
+        if isinstance(spec, dict):
+            arguments = {name: value for name, value in spec.items() if name != "name"}
+            used = registry.arguments_for(kind, registry.get(kind, spec["name"]), arguments)
+            unused += [f"{key}.{name}" for name in arguments if name not in used]
+    return unused
 
 
 def _check_value(key: str, annotation: Any, value: Any) -> None:
@@ -218,23 +233,6 @@ def _check_value(key: str, annotation: Any, value: Any) -> None:
             except ValidationError:
                 pass
         raise SettingsError(f"{key}={value!r}: {_accepted(error.errors()[0])}") from None
-
-
-def _check_source_options(data: dict[str, Any]) -> None:
-    """Options the chosen source reads are checked against it; options only another registered source
-    reads are left alone (a recipe may carry options for several sources); others are typos."""
-    source = registry.get("dataset", data["source"]) if data["source"] in registry.names("dataset") else None
-    if source is None:
-        raise SettingsError(f"data.source={data['source']!r}: no such data source; the sources are: "
-                            f"{', '.join(registry.names('dataset'))}")
-    own = registry.declared_arguments(source, data.get("options") or {})
-    _check_arguments("data.options", source, own, PROVIDED["dataset"])
-    everyone = {name for other in registry.names("dataset")
-                for name in inspect.signature(registry.get("dataset", other)).parameters}
-    for name in data.get("options") or {}:
-        if name not in own and name not in everyone:
-            raise SettingsError(unknown_key(f"data.options.{name}", [f"data.options.{n}" for n in sorted(everyone)],
-                                            what=f"the data sources take: {', '.join(sorted(everyone - set(PROVIDED['dataset'])))}"))
 
 
 # --------------------------------------------------------------------------------- messages
@@ -259,9 +257,7 @@ def known_keys(cfg: dict[str, Any]) -> list[str]:
     keys = set(flatten({k: v for k, v in cfg.items() if k not in ("overrides",)}))
     keys |= _schema_keys(Settings)
     for key, kind, spec in components(cfg):
-        if isinstance(spec, dict) and spec.get("name") in registry.names(kind):
-            keys |= {f"{key}.{name}" for name in inspect.signature(registry.get(kind, spec["name"])).parameters
-                     if name not in PROVIDED.get(kind, ())}
+        keys |= set(known_arguments(key, kind))
     return sorted(keys)
 
 

@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 
 from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError
-from cnnflow.flows import runtime, tracking
+from cnnflow.flows import runtime, settings, tracking
 from cnnflow.flows.config import compose_config
 
 # Keras' own pip requirements inference starts a subprocess per logged model; the run needs only this.
@@ -281,6 +281,9 @@ def train_flow(experiment: str = "quickstart", overrides: list[str] | None = Non
     cfg = compose_config(experiment, overrides)
     logger = get_run_logger()
     runtime.use_environment(cfg["runtime"], logger)
+    unused = settings.unused_settings(cfg)
+    if unused:
+        logger.warning(f"settings the chosen components do not read (others of their kind do): {', '.join(unused)}")
     store = tracking.use_store(cfg)
     features = load_data(cfg["data"])  # bad data files stop here, before any run exists
     unfinished, checkpoint = tracking.find_unfinished(cfg, logger) if cfg["resume"] else (None, None)

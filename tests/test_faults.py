@@ -57,7 +57,7 @@ BAD_SETTINGS = [
     ("runtime.intra_op_threads=-2", "runtime.intra_op_threads=-2"),
     ("runtime.inter_op_threads=two", "runtime.inter_op_threads='two'"),
     ("runtime.onednn=1", "runtime.onednn=1: should be a valid boolean"),
-    ("data.source=nope", "data.source='nope': no such data source; the sources are: celeba_folder, digits, idx"),
+    ("data.source=nope", "data.source='nope': Unknown dataset 'nope'. Registered datasets: celeba_folder, digits, idx"),
     ("data.name=''", "data.name=''"),
     ("data.path=3", "data.path=3: should be a valid string"),
     ("data.data_dir=true", "data.data_dir=True: should be a valid string"),
@@ -124,11 +124,14 @@ def test_a_bad_setting_stops_with_one_line_and_exit_code_2_before_anything_exist
     assert list(tmp_path.iterdir()) == []  # no store, no outputs folder, no run
 
 
-def test_options_for_another_data_source_are_no_error_and_never_reach_the_chosen_one():
+def test_arguments_for_another_component_of_the_kind_are_no_error_and_never_reach_the_chosen_one():
     cfg = compose_config("celeba", ["data.source=tfds"])  # the recipe's on_bad_image is celeba_folder's
     assert cfg["data"]["options"] == {"attribute": "Male", "on_bad_image": "raise"}
     source = registry.get("dataset", "tfds")
-    assert registry.declared_arguments(source, cfg["data"]["options"]) == {"attribute": "Male"}
+    assert registry.arguments_for("dataset", source, cfg["data"]["options"]) == {"attribute": "Male"}
+    cfg = compose_config("quickstart", ["+model.width=32"])  # fast_cnn's argument, not mnist_cnn's
+    assert settings.unused_settings(cfg) == ["model.width"]
+    assert registry.build("model", cfg["model"], input_shape=(28, 28, 1), num_classes=10).name == "mnist_cnn"
 
 
 # ------------------------------------------------------------------------------------ data files

@@ -74,7 +74,7 @@ CLASS_NAMES = {
 def source_from(data: dict[str, Any]) -> Source:
     """The configured data source, built once per process for the same settings. It gets the options
     it declares: a recipe may carry options for several sources (celeba_folder's on_bad_image)."""
-    declared = registry.declared_arguments(registry.get("dataset", data["source"]), data.get("options") or {})
+    declared = registry.arguments_for("dataset", registry.get("dataset", data["source"]), data.get("options") or {})
     options = tuple(sorted(declared.items()))
     return _cached_source(data["source"], data["name"], data.get("path"), data.get("data_dir"), data.get("manual_dir"),
                           options)
