@@ -14,9 +14,7 @@ import errno
 import itertools
 import logging
 import os
-import signal
 import sys
-import threading
 import uuid
 
 from cnnflow.flows.config import GROUPS, choices
@@ -240,13 +238,6 @@ def _run_flow(args: argparse.Namespace):
         return predict_flow(args.model, args.paths, args.csv, args.figure)
 
 
-def _terminate(signal_number, frame) -> None:
-    """SIGTERM (workers, Docker, Kubernetes) stops like Ctrl-C: the run ends KILLED, its checkpoint stays."""
-    from cnnflow.components.errors import Interrupted
-
-    raise Interrupted()
-
-
 def _is_interruption(error: BaseException) -> bool:
     return isinstance(error, KeyboardInterrupt) or type(error).__name__ == "TerminationSignal"  # Prefect's, for SIGTERM
 
@@ -278,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from cnnflow.components.errors import UserError, exit_code
 
+    from cnnflow.flows import interrupts
+
     _quiet_tracebacks_of_user_errors()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    interrupts.terminate_cleanly()  # SIGTERM (workers, Docker, Kubernetes) stops like Ctrl-C
     try:
         if args.command == "train":
             return run_train(args.overrides, args.multirun)

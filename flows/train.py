@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 
 from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError
-from cnnflow.flows import runtime, settings, tracking
+from cnnflow.flows import interrupts, runtime, settings, tracking
 from cnnflow.flows.config import compose_config
 
 # Keras' own pip requirements inference starts a subprocess per logged model; the run needs only this.
@@ -144,12 +144,14 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     checkpoint = EpochCheckpoint(output, history, divergence)
     epochs = cfg["train"]["epochs"]
     callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
-    callbacks += [divergence, checkpoint, EpochProgress(epochs, get_run_logger()), MlflowMetrics(run_id)]
+    callbacks += [divergence, checkpoint, EpochProgress(epochs, get_run_logger()), MlflowMetrics(run_id),
+                  keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: interrupts.raise_if_received())]
     # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
     data_seed = cfg["seed"] + initial_epoch
-    model.fit(make_dataset(cfg["data"], split, "train", data_seed),
-              validation_data=make_dataset(cfg["data"], split, "valid", data_seed),
-              initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
+    with interrupts.noted():
+        model.fit(make_dataset(cfg["data"], split, "train", data_seed),
+                  validation_data=make_dataset(cfg["data"], split, "valid", data_seed),
+                  initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
     if divergence.diverged:
         where = divergence.diverged
         raise RunError(f"training diverged: the loss became {where['loss']:.4g} in epoch {where['epoch']} (batch "

@@ -331,6 +331,24 @@ def _left_behind(pid: int) -> list[str]:
         time.sleep(0.2)
 
 
+def test_an_interrupt_swallowed_below_python_is_raised_again_at_the_next_check():
+    from cnnflow.components.errors import Interrupted
+    from cnnflow.flows import interrupts
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for number, stop in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Interrupted)):
+        with interrupts.noted():
+            try:
+                os.kill(os.getpid(), number)
+                time.sleep(2)  # the handler raises here ...
+            except BaseException:
+                pass  # ... and a library swallows it
+            with pytest.raises(stop):
+                interrupts.raise_if_received()  # what the training checks after every batch
+        interrupts.raise_if_received()  # outside the block nothing is pending
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 @pytest.mark.parametrize("how, code", [("SIGINT to the group", 130), ("SIGTERM", 143), ("kill -9", -9)])
 def test_interrupts_end_cleanly_and_leave_nothing_running(how, code, tmp_path, idx_folder):
     process = _cnnflow(["train", "experiment=mnist", *tiny_overrides(idx_folder, epochs=500)], tmp_path)
