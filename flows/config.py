@@ -45,22 +45,7 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
             cfg = compose("config", overrides=[f"experiment={experiment}", *overrides])
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
-        not_in_struct = _NOT_IN_STRUCT.search(str(error))
-        if not_in_struct and "not in struct" in str(error.__cause__):  # a typo: name the nearest key the recipe has
-            from cnnflow.flows import settings
-
-            raise SettingsError(settings.unknown_key(not_in_struct[1], settings.known_keys(
-                compose_config(experiment)))) from None
-        merge = re.match(r"Error merging override ([^=]+)=(.*)", str(error))
-        if merge:  # a value of another shape than the setting's: a list for a mapping, ...
-            from functools import reduce
-
-            current = reduce(lambda node, key: (node or {}).get(key), merge[1].lstrip("+").split("."),
-                             compose_config(experiment))
-            shape = "a mapping, like {key: value}" if isinstance(current, dict) else "a list, like [a, b]" \
-                if isinstance(current, list) else "a single value"
-            raise SettingsError(f"{merge[1]}={merge[2]}: should be {shape}") from None
-        raise SettingsError(_short(error, overrides)) from None
+        raise _settings_error(error, experiment, overrides) from None
     finally:
         GlobalHydra.instance().clear()
     resolved["experiment"] = experiment
@@ -79,6 +64,23 @@ def refuse_interpolations(overrides: list[str]) -> None:
         if "${" in value:
             raise SettingsError(f"{key}={value}: interpolations (${{...}}) are not allowed in overrides; give the "
                                 f"value itself")
+
+
+def _settings_error(error: Exception, experiment: str, overrides: list[str]) -> SettingsError:
+    """Hydra's refusal as one line: a typo gets the nearest valid key, a value of the wrong shape
+    (a list for a mapping, ...) what it should be."""
+    from cnnflow.flows import settings
+
+    not_in_struct = _NOT_IN_STRUCT.search(str(error))
+    if not_in_struct and "not in struct" in str(error.__cause__):
+        return SettingsError(settings.unknown_key(not_in_struct[1], settings.known_keys(compose_config(experiment))))
+    merge = re.match(r"Error merging override ([^=]+)=(.*)", str(error))
+    if merge:
+        current = settings.value_at(compose_config(experiment), merge[1].lstrip("+").split("."))
+        shape = "a mapping, like {key: value}" if isinstance(current, dict) else \
+            "a list, like [a, b]" if isinstance(current, list) else "a single value"
+        return SettingsError(f"{merge[1]}={merge[2]}: should be {shape}")
+    return SettingsError(_short(error, overrides))
 
 
 def _short(error: Exception, overrides: list[str]) -> str:

@@ -287,7 +287,8 @@ def _dotted(location: tuple) -> tuple[str, list]:
     return text, parts
 
 
-def _lookup(cfg: dict[str, Any], parts: list) -> Any:
+def value_at(cfg: dict[str, Any], parts: list) -> Any:
+    """The value at a path of keys and list positions, or None."""
     value: Any = cfg
     for part in parts:
         try:
@@ -319,6 +320,6 @@ def _describe(error: dict[str, Any], cfg: dict[str, Any]) -> str:
         return unknown_key(key, known_keys(cfg))
     if error["type"] == "missing":
         return f"missing setting {key}"
-    value = _lookup(cfg, parts)
+    value = value_at(cfg, parts)
     description = _field_description(parts)
     return f"{key}={value!r}: {'should be ' + description if description else _accepted(error)}"
