@@ -145,16 +145,18 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def _quiet_tracebacks_of_user_errors() -> None:
-    """Prefect logs every failed task with a traceback; for a user's mistake the message is enough."""
+    """Prefect logs every failed task with a traceback; for a user's mistake, an interruption or a
+    full disk the message is enough."""
     from cnnflow.components.errors import UserError
 
     class DropUserErrorTraceback(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and isinstance(record.exc_info[1], UserError):
+            error = record.exc_info[1] if record.exc_info else None
+            if isinstance(error, UserError) or (error is not None and (_is_interruption(error) or _disk_full(error))):
                 record.exc_info, record.exc_text = None, None
             return True
 
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
+    for name in ("prefect.flow_runs", "prefect.task_runs", "mlflow.store.db.utils"):
         logging.getLogger(name).addFilter(DropUserErrorTraceback())
 
 
@@ -242,8 +244,11 @@ def _is_interruption(error: BaseException) -> bool:
     return isinstance(error, KeyboardInterrupt) or type(error).__name__ == "TerminationSignal"  # Prefect's, for SIGTERM
 
 
-def _disk_full(error: BaseException) -> bool:
-    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "database or disk is full" in str(error)
+def _disk_full(error: BaseException) -> str | None:
+    """What could not be written because the disk is full, or None for any other error."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"{error.filename} could not be written" if error.filename else "a file could not be written"
+    return "the MLflow store could not be written" if "database or disk is full" in str(error) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"completed epoch: the same command resumes it)", file=sys.stderr)
             return exit_code(error)
         if _disk_full(error):
-            print(f"cnnflow: error: the disk is full ({error}); free space under {os.getcwd()} (or where "
-                  f"MLFLOW_TRACKING_URI points) and run the same command again to resume", file=sys.stderr)
+            print(f"cnnflow: error: the disk is full: {_disk_full(error)}; free space under {os.getcwd()} (or where "
+                  f"MLFLOW_TRACKING_URI points), then the same command resumes", file=sys.stderr)
             return 5
         raise
 

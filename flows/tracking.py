@@ -295,7 +295,24 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
             status = "KILLED"
             raise
         finally:
-            mlflow.end_run(status)
+            _end_run(status)
+
+
+def _end_run(status: str) -> None:
+    """End the active run; when the run already failed, a store that cannot take the status (a full
+    disk) must not hide why it failed."""
+    import logging
+
+    import mlflow
+
+    try:
+        mlflow.end_run(status)
+    except Exception as error:
+        if status == "FINISHED":
+            raise
+        text = str(error)
+        reason = "database or disk is full" if "database or disk is full" in text else text.splitlines()[0][:200]
+        logging.getLogger(__name__).warning(f"could not mark the run {status}: {reason}")
 
 
 def run_settings(run_id: str) -> tuple[dict[str, Any], Path]:

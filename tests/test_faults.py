@@ -302,7 +302,7 @@ def test_a_resume_aimed_at_a_run_in_training_is_refused_and_names_resume_false(p
 def _cnnflow(args: list[str], cwd: Path) -> subprocess.Popen:
     """`cnnflow ...` as a user starts it: no Prefect server configured (it starts its temporary one)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", PREFECT_HOME=str(cwd / ".prefect"))
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PREFECT_HOME=str(cwd.parent / f".prefect-{cwd.name}"))
     return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -411,6 +411,27 @@ def test_a_store_that_cannot_be_written_or_does_not_exist_is_one_line(tmp_path, 
         assert capsys.readouterr().err.startswith(f"cnnflow: error: no MLflow store here: {tmp_path / 'mlflow.db'} "
                                                   f"does not exist. Run cnnflow in the folder you trained in")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 3 MB file system: a disk that fills up at the first checkpoint."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"needs root to mount a 3 MB tmpfs: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_exit_code_5(tiny_disk):
+    process = _cnnflow(["train", "train.epochs=2"], tiny_disk)
+    out, _ = process.communicate(timeout=180)
+    assert process.returncode == 5 and "Traceback" not in out, out
+    assert out.strip().splitlines()[-1] == (f"cnnflow: error: the disk is full: a file could not be written; free space "
+                                            f"under {tiny_disk} (or where MLFLOW_TRACKING_URI points), then the same "
+                                            f"command resumes"), out
 
 
 CREATE_STORE = """
