@@ -104,16 +104,6 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(prefect_harness
     assert read_checkpoint(folder)["epoch"] == 25
 
 
-def test_ctrl_c_marks_the_run_killed_and_keeps_the_checkpoint(prefect_harness, mlflow_store, idx):
-    process = cli(["train", "experiment=mnist", *tiny_overrides(idx, epochs=200)])
-    folder = wait_for_checkpoint(Path(mlflow_store.removeprefix("sqlite:///")).parent, 1, process)
-    process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=120)
-    assert process.returncode != 0 and "interrupted" in out
-    assert MlflowClient().get_run(folder.name).info.status == "KILLED"
-    assert read_checkpoint(folder)["epoch"] >= 1
-
-
 def test_evaluate_after_train_matches_the_training_flows_test_accuracy(prefect_harness, mlflow_store, idx):
     run_id = train_flow("mnist", tiny_overrides(idx))
     trained = MlflowClient().get_run(run_id).data.metrics
