@@ -22,6 +22,24 @@ def next_subset_size(sizes: list[Any], finished_runs: int) -> Any:
     return sizes[min(finished_runs, len(sizes) - 1)]
 
 
+def checked_sizes(cfg: dict[str, Any], overrides: list[str]) -> list[Any]:
+    """retrain.sizes measured against the training pool, so that no schedule can get stuck on a size
+    the data cannot give (failed runs do not advance the sequence). The default sequence is cut at
+    `full`; sizes someone chose that do not fit are an error naming the pool's size."""
+    from cnnflow.components.data import training_pool_size
+    from cnnflow.components.errors import SettingsError
+
+    sizes, pool = cfg["retrain"]["sizes"], training_pool_size(cfg["data"])
+    too_big = [size for size in sizes if size != "full" and size > pool]
+    if not too_big:
+        return sizes
+    if any(override.lstrip("+").startswith("retrain.sizes=") for override in overrides):
+        raise SettingsError(f"retrain.sizes={sizes}: {too_big[0]} is more than the {pool} training examples the data "
+                            f"has ({cfg['data']['train_split']!r} less data.valid_size); give sizes up to {pool}, "
+                            f"or full")
+    return [size for size in sizes if size != "full" and size <= pool] + ["full"]
+
+
 def schedule_name(cfg: dict[str, Any]) -> str:
     return cfg["retrain"].get("schedule") or f"{cfg['experiment']}-retrain"
 
@@ -58,9 +76,11 @@ def retrain_flow(experiment: str = "celeba", overrides: list[str] | None = None)
     tracking.use_store(cfg)
     schedule = schedule_name(cfg)
     done = finished_runs(cfg, schedule)
-    size = next_subset_size(cfg["retrain"]["sizes"], len(done))
+    sizes = checked_sizes(cfg, overrides)
+    size = next_subset_size(sizes, len(done))
     champion = current_champion(cfg)
-    get_run_logger().info(f"retrain {schedule}: run {len(done) + 1}, data.train_size={size}, champion before: {champion}")
+    get_run_logger().info(f"retrain {schedule}: run {len(done) + 1} of the sequence {sizes}, data.train_size={size}, "
+                          f"champion before: {champion}")
     return train_flow(experiment, overrides + [
         f"data.train_size={size}", f"registry.name={cfg['registry']['name']}",
         f"+tags.retrain_schedule={schedule}", f"+tags.retrain_subset_size={size}",

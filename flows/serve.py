@@ -8,7 +8,7 @@ they land in the same MLflow store as CLI runs. Schedules stay active when the p
 
 from __future__ import annotations
 
-from cnnflow.components.errors import InfrastructureError
+from cnnflow.components.errors import DataError, InfrastructureError
 from cnnflow.flows.config import compose_config
 from cnnflow.flows.prefect_server import configured_api_url
 
@@ -20,10 +20,14 @@ def deployments(experiment: str, overrides: list[str]) -> list:
     from prefect.deployments.runner import EntrypointType
 
     from cnnflow.flows.inference import evaluate_flow, predict_flow
-    from cnnflow.flows.retrain import retrain_flow, schedule_name
+    from cnnflow.flows.retrain import checked_sizes, retrain_flow, schedule_name
     from cnnflow.flows.train import continue_flow, train_flow
 
     cfg = compose_config(experiment, overrides)
+    try:  # where the data is reachable from here, a retraining sequence it cannot give fails now
+        checked_sizes(cfg, overrides)
+    except DataError:
+        pass
     module = EntrypointType.MODULE_PATH  # runs import cnnflow, wherever it is installed
     tags = ["cnnflow"]
     return [

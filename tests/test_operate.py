@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from cnnflow.flows.retrain import finished_runs, next_subset_size, retrain_flow
+from cnnflow.flows.retrain import checked_sizes, finished_runs, next_subset_size, retrain_flow
 from cnnflow.flows.runs import runs_table
 from cnnflow.components.errors import RunError, SettingsError
 from cnnflow.flows.config import compose_config
@@ -54,6 +54,10 @@ def test_retrain_flow_trains_the_next_size_and_tags_the_sequence(prefect_harness
     assert tags[0]["retrain_previous_champion"] == "none"
     assert tags[0]["registry.outcome"] == "registered mnist v1 as champion"
     assert tags[1]["retrain_previous_champion"].startswith("mnist v1")
+    with pytest.raises(SettingsError, match=r"retrain.sizes=\[60, 500\]: 500 is more than the 200 training examples"):
+        retrain_flow("mnist", overrides[:-1] + ["retrain.sizes=[60,500]"])
+    default = compose_config("mnist", overrides[:-1])  # [16000, 32000, 64000, full] on a 200-image pool
+    assert checked_sizes(default, overrides[:-1]) == ["full"]
     table = runs_table("mnist")
     assert first[:8] in table and second[:8] in table and "best val_acc" in table
     with pytest.raises(RunError, match="no MLflow experiment 'nope'"):

@@ -15,4 +15,5 @@ from cnnflow.components.data.core import (  # noqa: F401
     model_input_shape,
     parse_split,
     source_from,
+    training_pool_size,
 )

@@ -190,6 +190,14 @@ def _size(data: dict[str, Any], key: str) -> int | None:
     return value
 
 
+def training_pool_size(data: dict[str, Any]) -> int:
+    """How many examples a training subset can draw from: the train split, less the validation
+    examples carved from it (when there is no valid_split)."""
+    pool_name, _ = parse_split(data["train_split"])
+    pool = len(split_positions(data["train_split"], len(partition_of(data, pool_name).labels)))
+    return pool if data.get("valid_split") else pool - (_size(data, "valid_size") or 0)
+
+
 def make_split(data: dict[str, Any], seed: int) -> Split:
     """Train, validation and test positions as `data` configures them; same settings, same split."""
     pool_name, _ = parse_split(data["train_split"])
