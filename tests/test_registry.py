@@ -41,3 +41,19 @@ def test_a_plugin_entry_point_adds_a_model(plugin_distribution):
     assert plugin_distribution in registry.names("model")
     model = registry.build("model", plugin_distribution, input_shape=(28, 28, 1), num_classes=10)
     assert model.count_params() == 4 * 9 + 4 + 4 * 10 + 10
+
+
+@pytest.mark.parametrize("name", registry.names("model"))
+def test_every_model_outputs_float32_under_mixed_precision(name):
+    """Probabilities, logits and the loss stay float32 when the layers compute in bfloat16."""
+    import keras
+    import numpy as np
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = registry.build("model", name, input_shape=(32, 32, 3), num_classes=2)
+        assert any(layer.compute_dtype == "bfloat16" for layer in model.layers)  # it does run mixed
+        output = model(np.zeros((2, 32, 32, 3), np.float32))
+        assert output.dtype == "float32", f"{name} outputs {output.dtype}"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

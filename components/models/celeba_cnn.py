@@ -28,7 +28,8 @@ def celeba_cnn(input_shape=(64, 64, 3), num_classes: PositiveInt = 2, dropout_ra
             layers.MaxPooling2D(2, name="pool_3"),
             layers.Conv2D(256, 3, padding="same", activation="relu", name="conv_4"),
             layers.GlobalAveragePooling2D(name="pool_4"),
-            layers.Dense(1, name="fc_1"),  # a logit: pair with binary_crossentropy(from_logits=True)
+            # a float32 logit (also under mixed precision): pair with binary_crossentropy(from_logits=True)
+            layers.Dense(1, dtype="float32", name="fc_1"),
         ],
         name="celeba_cnn",
     )

@@ -23,7 +23,8 @@ def mnist_cnn(input_shape=(28, 28, 1), num_classes: PositiveInt = 10, dropout_ra
             layers.Flatten(),
             layers.Dense(1024, activation="relu", name="fc_1"),
             layers.Dropout(dropout_rate),
-            layers.Dense(num_classes, activation="softmax", name="fc_2"),
+            # float32 probabilities and loss even under mixed precision: bfloat16 has 3 significant digits
+            layers.Dense(num_classes, activation="softmax", dtype="float32", name="fc_2"),
         ],
         name="mnist_cnn",
     )
