@@ -50,9 +50,12 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
         GlobalHydra.instance().clear()
     resolved["experiment"] = experiment
     resolved["overrides"] = overrides
-    from cnnflow.flows import settings  # here: the registry it checks against imports TensorFlow
+    from cnnflow.flows import runtime, settings
 
-    settings.check(resolved)
+    settings.check_schema(resolved)
+    runtime.use_environment(resolved["runtime"])  # threads, oneDNN: read once, when TensorFlow starts ...
+    settings.check_components(resolved)  # ... which importing the components does
+    resolved["runtime"]["precision"] = runtime.resolved_precision(resolved["runtime"]["precision"])
     return resolved
 
 

@@ -41,6 +41,42 @@ def use_environment(runtime: dict[str, Any], logger: logging.Logger | logging.Lo
                        f"takes effect in a new process only")
 
 
+def resolved_precision(precision: str) -> str:
+    """`auto`: mixed_float16 on GPUs with tensor cores (compute capability 7.0 or more),
+    mixed_bfloat16 on CPUs with bfloat16 units (AVX512_BF16 or AMX), else float32. Other values
+    stay as they are. A run records (and a continuation keeps) the value this resolves to."""
+    if precision != "auto":
+        return precision
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") or (0, 0)
+        return "mixed_float16" if tuple(capability) >= (7, 0) else "float32"
+    return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (Linux reports it; elsewhere assume not)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def devices() -> str:
+    """What TensorFlow trains on, e.g. `GPU:0 (NVIDIA A100), GPU:1 (...)` or `CPU:0`."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return ", ".join(device.name.removeprefix("/physical_device:") for device in tf.config.list_physical_devices("CPU"))
+    return ", ".join(f"{gpu.name.removeprefix('/physical_device:')} "
+                     f"({tf.config.experimental.get_device_details(gpu).get('device_name', 'GPU')})" for gpu in gpus)
+
+
 def set_precision(runtime: dict[str, Any]) -> None:
     """Keras' global dtype policy, for the models built after it (a saved model keeps its own)."""
     import keras

@@ -117,7 +117,7 @@ class Retrain(Section):
 
 
 class Runtime(Section):
-    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"]
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
     jit_compile: bool
     intra_op_threads: NonNegative | None = None
     inter_op_threads: NonNegative | None = None
@@ -168,12 +168,16 @@ def components(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 
 # --------------------------------------------------------------------------------- checking
 
-def check(cfg: dict[str, Any]) -> None:
-    """Raise SettingsError naming the first bad setting; return when every setting is valid."""
+def check_schema(cfg: dict[str, Any]) -> None:
+    """The fixed settings (no TensorFlow needed): raise SettingsError naming the first bad one."""
     try:
         Settings.model_validate(cfg)
     except ValidationError as error:
         raise SettingsError(_describe(error.errors()[0], cfg)) from None
+
+
+def check_components(cfg: dict[str, Any]) -> None:
+    """Every component's arguments (imports the registry's modules, and with them TensorFlow)."""
     for key, kind, spec in components(cfg):
         if isinstance(spec, dict):
             check_component(key, kind, spec)

@@ -265,6 +265,9 @@ def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, featu
     """The part of the DAG that a new training, a resumed one and a continuation share."""
     from cnnflow.components.callbacks import read_checkpoint
 
+    hardware = {"devices": runtime.devices(), "precision": cfg["runtime"]["precision"]}
+    tracking.set_tags(run_id, hardware)
+    get_run_logger().info(f"training on {hardware['devices']} in {hardware['precision']}")
     trained = train_model(cfg, split_path, start_model, run_id, str(output_dir), initial_epoch)
     epochs_done = read_checkpoint(output_dir)["epoch"]
     metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir), epochs_done)
@@ -322,6 +325,9 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     stored, output_dir = tracking.run_settings(run_id)
     tracking.use_store(stored)
     cfg = compose_config(stored["experiment"], stored["overrides"] + list(overrides or []))
+    if not any(override.startswith("runtime.precision=") for override in overrides or []):
+        # what `auto` resolved to when the run started, even where it would resolve otherwise now
+        cfg["runtime"]["precision"] = stored.get("runtime", {}).get("precision", cfg["runtime"]["precision"])
     tracking.refuse_frozen_changes(stored, cfg)
     found = checkpoints(output_dir)
     checkpoint = next((checkpoint for checkpoint, _ in found if checkpoint), None)

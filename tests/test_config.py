@@ -56,7 +56,7 @@ def test_overrides_apply():
     (["train.epochz=3"], "train.epochz"),
     (["seed"], "seed"),
     (["data.train_split=test[:10]"], "Quote values"),
-    (["runtime.precision=half"], "runtime.precision='half': should be 'float32', 'mixed_bfloat16' or 'mixed_float16'"),
+    (["runtime.precision=half"], "runtime.precision='half': should be 'auto', 'float32', 'mixed_bfloat16' or 'mixed_float16'"),
     (["runtime.intra_op_threads=-2"], "runtime.intra_op_threads=-2: should be greater than or equal to 0"),
     (["runtime.jit_compile=maybe"], "runtime.jit_compile='maybe': should be a valid boolean"),
 ])

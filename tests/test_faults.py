@@ -52,7 +52,7 @@ BAD_SETTINGS = [
     ("retrain.schedule=''", "retrain.schedule=''"),
     ("retrain.cron='every day'", "retrain.cron='every day': should be a cron expression"),
     ("retrain.sizes=[0]", "retrain.sizes[0]=0: should be greater than or equal to 1"),
-    ("runtime.precision=half", "runtime.precision='half': should be 'float32', 'mixed_bfloat16' or 'mixed_float16'"),
+    ("runtime.precision=half", "runtime.precision='half': should be 'auto', 'float32', 'mixed_bfloat16' or 'mixed_float16'"),
     ("runtime.jit_compile=maybe", "runtime.jit_compile='maybe': should be a valid boolean"),
     ("runtime.intra_op_threads=-2", "runtime.intra_op_threads=-2"),
     ("runtime.inter_op_threads=two", "runtime.inter_op_threads='two'"),

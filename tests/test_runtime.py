@@ -46,3 +46,38 @@ def test_a_mixed_bfloat16_training_runs_end_to_end(prefect_harness, mlflow_store
     assert model.get_layer("conv_1").kernel.dtype == "float32"  # weights stay float32
     assert run.data.params["runtime.precision"] == "mixed_bfloat16"
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0 and run.data.metrics["test_loss"] > 0
+
+
+def test_auto_precision_is_resolved_recorded_and_frozen_for_a_continuation(prefect_harness, mlflow_store, tmp_path,
+                                                                          monkeypatch, float32_afterwards):
+    from cnnflow.flows.config import compose_config
+    from cnnflow.flows.train import continue_flow
+
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: True)
+    assert compose_config("quickstart", ["runtime.precision=auto"])["runtime"]["precision"] == "mixed_bfloat16"
+    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["runtime.precision=auto", "plots={}"]
+    run_id = train_flow("mnist", overrides)
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert (tags["precision"], tags["devices"]) == ("mixed_bfloat16", "CPU:0")
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: False)  # a machine where auto means float32
+    assert compose_config("quickstart", ["runtime.precision=auto"])["runtime"]["precision"] == "float32"
+    continue_flow(run_id, 1)  # goes on in the precision it started with, instead of refusing the change
+    assert MlflowClient().get_run(run_id).data.tags["precision"] == "mixed_bfloat16"
+
+
+def test_thread_settings_are_set_before_tensorflow_starts_in_the_process_that_composes_them():
+    import subprocess
+    import sys
+
+    code = """
+import os, sys
+from cnnflow.flows import runtime
+from cnnflow.flows.config import compose_config
+seen = []
+original = runtime.use_environment
+runtime.use_environment = lambda settings, logger=None: (seen.append("tensorflow" in sys.modules), original(settings, logger))
+compose_config("quickstart", ["runtime.intra_op_threads=1", "runtime.onednn=false"])
+print(seen, os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_ENABLE_ONEDNN_OPTS"], "tensorflow" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["[False]", "1", "0", "True"], out.stderr[-2000:]  # set, then TF started
