@@ -228,6 +228,9 @@ def _run_flow(args: argparse.Namespace):
         from cnnflow.flows.runs import runs_table
 
         return print(runs_table(args.experiment, args.limit))
+    from cnnflow.flows import runtime
+
+    runtime.import_tensorflow_quietly()
     with prefect_api():
         if args.command == "continue":
             from cnnflow.flows.train import continue_flow

@@ -54,7 +54,8 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
 
     settings.check_schema(resolved)
     runtime.use_environment(resolved["runtime"])  # threads, oneDNN: read once, when TensorFlow starts ...
-    settings.check_components(resolved)  # ... which importing the components does
+    runtime.import_tensorflow_quietly()
+    settings.check_components(resolved)  # ... and the components import it
     resolved["runtime"]["precision"] = runtime.resolved_precision(resolved["runtime"]["precision"])
     return resolved
 

@@ -77,6 +77,23 @@ def devices() -> str:
                      f"({tf.config.experimental.get_device_details(gpu).get('device_name', 'GPU')})" for gpu in gpus)
 
 
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow without its C++ start-up lines (absl's pre-initialisation warning, oneDNN
+    and CPU-feature notices): they are written to file descriptor 2 before any log setting applies,
+    so the descriptor points at /dev/null while the import runs. An import error still raises."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def set_precision(runtime: dict[str, Any]) -> None:
     """Keras' global dtype policy, for the models built after it (a saved model keeps its own)."""
     import keras

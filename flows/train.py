@@ -158,10 +158,22 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
                        f"{where['batch']}) at learning rate {where['learning_rate']:.3g}; the run is FAILED and not "
                        f"registered. Lower optimizer.learning_rate (or check the data)")
     model.save(output / "model.keras")
-    logged = mlflow.keras.log_model(model, name="model", pip_requirements=_MODEL_REQUIREMENTS)
+    logged = mlflow.keras.log_model(model, name="model", pip_requirements=_MODEL_REQUIREMENTS, signature=_signature(model))
     tracking.set_tags(run_id, {"model_uri": logged.model_uri})  # the newest stage's model
     (output / "history.json").write_text(json.dumps(checkpoint.history))
     return str(output / "model.keras")
+
+
+def _signature(model):
+    """The model's input and output as MLflow records them: float32 tensors, any batch size."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    def tensor(shape):
+        return Schema([TensorSpec(np.dtype(np.float32), (-1, *shape[1:]))])
+
+    return ModelSignature(inputs=tensor(model.input_shape), outputs=tensor(model.output_shape))
 
 
 def _load_start_model(model_path: str, initial_epoch: int):
