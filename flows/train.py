@@ -144,7 +144,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     checkpoint = EpochCheckpoint(output, history, divergence)
     epochs = cfg["train"]["epochs"]
     callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
-    callbacks += [divergence, checkpoint, EpochProgress(epochs, get_run_logger()), MlflowMetrics(run_id),
+    callbacks += [divergence, checkpoint, EpochProgress(epochs, get_run_logger(), cfg["data"]["batch_size"]), MlflowMetrics(run_id),
                   keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: interrupts.raise_if_received())]
     # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
     data_seed = cfg["seed"] + initial_epoch

@@ -83,3 +83,45 @@ def test_a_plugin_model_trains_through_the_flow(prefect_harness, store, plugin_d
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["model.name"] == plugin_distribution
     assert mlflow.keras.load_model(f"runs:/{run_id}/model").count_params() == 90
+
+
+def test_progress_within_an_epoch_every_tenth_in_a_log_and_live_in_a_terminal():
+    import io
+    import logging
+
+    from cnnflow.components.callbacks import EpochProgress
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    logger, lines = logging.getLogger("progress-test"), Lines()
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    progress = EpochProgress(epochs=3, logger=logger, batch_size=64, stream=io.StringIO())
+    progress.set_params({"steps": 40})
+    progress.on_epoch_begin(1)
+    for batch in range(40):
+        progress.on_train_batch_end(batch)
+    progress.on_epoch_end(1, {"loss": 0.5})
+    assert [line.split("  ")[1] for line in lines.lines[:-1]] == [f"{p}%" for p in range(10, 100, 10)]
+    assert "4/40 steps" in lines.lines[0] and "images/s" in lines.lines[0] and "s left" in lines.lines[0]
+    assert lines.lines[-1].startswith("epoch 2/3  loss 0.5000")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, lines.lines = Terminal(), []
+    progress = EpochProgress(epochs=3, logger=logger, batch_size=64, stream=terminal)
+    progress.set_params({"steps": 40})
+    progress.on_epoch_begin(0)
+    progress.on_train_batch_end(0)
+    assert terminal.getvalue().startswith("\r  epoch 1/3 [") and "1/40 steps" in terminal.getvalue()
+    assert lines.lines == []  # a bar, not log lines
+    progress.on_epoch_end(0, {"loss": 0.5})
+    assert terminal.getvalue().endswith("\r" + " " * 100 + "\r") and len(lines.lines) == 1
