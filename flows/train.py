@@ -22,8 +22,6 @@ from cnnflow.components.errors import RunError, UserError
 from cnnflow.flows import interrupts, runtime, settings, tracking
 from cnnflow.flows.config import compose_config
 
-# Keras' own pip requirements inference starts a subprocess per logged model; the run needs only this.
-_MODEL_REQUIREMENTS = ["tensorflow-cpu", "keras"]
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -158,10 +156,26 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
                        f"{where['batch']}) at learning rate {where['learning_rate']:.3g}; the run is FAILED and not "
                        f"registered. Lower optimizer.learning_rate (or check the data)")
     model.save(output / "model.keras")
-    logged = mlflow.keras.log_model(model, name="model", pip_requirements=_MODEL_REQUIREMENTS, signature=_signature(model))
+    logged = mlflow.keras.log_model(model, name="model", pip_requirements=model_requirements(), signature=_signature(model))
     tracking.set_tags(run_id, {"model_uri": logged.model_uri})  # the newest stage's model
     (output / "history.json").write_text(json.dumps(checkpoint.history))
     return str(output / "model.keras")
+
+
+def model_requirements() -> list[str]:
+    """What a logged model needs, pinned to the versions it was trained with (MLflow's own inference
+    of requirements would start a subprocess per logged model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for names in (("tensorflow", "tensorflow-cpu", "tensorflow-macos"), ("keras",)):
+        for name in names:  # whichever build of TensorFlow is installed here
+            try:
+                pinned.append(f"{name}=={version(name)}")
+                break
+            except PackageNotFoundError:
+                continue
+    return pinned
 
 
 def _signature(model):

@@ -1,6 +1,7 @@
 """The train flow end to end on tiny generated IDX data: one real Prefect flow run, one real MLflow run."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -58,6 +59,12 @@ def test_run_logs_figures_and_a_loadable_model(finished_run, store):
     assert {p.name for p in (output / "figures").iterdir()} == FIGURES
     model = mlflow.keras.load_model(f"runs:/{run_id}/model")
     assert model.count_params() == 3_274_634
+    import keras
+
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    assert str(info.signature.inputs) == "[Tensor('float32', (-1, 28, 28, 1))]"
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/requirements.txt")).read_text()
+    assert f"keras=={keras.__version__}" in requirements and "tensorflow" in requirements  # pinned, as trained
     # The logged test accuracy is the accuracy of the saved predictions.
     with np.load(output / "predictions.npz") as saved:
         accuracy = np.mean(saved["probabilities"].argmax(axis=1) == saved["labels"])
