@@ -94,6 +94,19 @@ def import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
+def distribution(runtime: dict[str, Any]):
+    """The tf.distribute strategy a training runs under: TensorFlow's default (one device), or
+    `mirrored` over every local GPU (or every logical CPU device where there is no GPU). Keras splits
+    each global batch of data.batch_size across the replicas, so a recipe means the same on any
+    number of GPUs."""
+    import tensorflow as tf
+
+    if runtime.get("strategy", "default") == "default":
+        return tf.distribute.get_strategy()
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
 def set_precision(runtime: dict[str, Any]) -> None:
     """Keras' global dtype policy, for the models built after it (a saved model keeps its own)."""
     import keras

@@ -122,6 +122,7 @@ class Runtime(Section):
     intra_op_threads: NonNegative | None = None
     inter_op_threads: NonNegative | None = None
     onednn: bool
+    strategy: Literal["default", "mirrored"] = "default"
 
 
 class Settings(Section):

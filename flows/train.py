@@ -131,7 +131,10 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
 
     _prepare_tensorflow(cfg)
     split = Split.load(split_path)
-    model = _load_start_model(model_path, initial_epoch)
+    strategy = runtime.distribution(cfg["runtime"])
+    with strategy.scope():  # variables and optimizer state live on every replica
+        model = _load_start_model(model_path, initial_epoch)
+    tracking.set_tags(run_id, {"replicas": strategy.num_replicas_in_sync})
     model.jit_compile = cfg["runtime"]["jit_compile"]
     _apply_learning_rate(model, cfg["optimizer"])
     output = Path(output_dir)
@@ -146,7 +149,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
                   keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: interrupts.raise_if_received())]
     # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
     data_seed = cfg["seed"] + initial_epoch
-    with interrupts.noted():
+    with interrupts.noted(), strategy.scope():
         model.fit(make_dataset(cfg["data"], split, "train", data_seed),
                   validation_data=make_dataset(cfg["data"], split, "valid", data_seed),
                   initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
