@@ -54,16 +54,16 @@ def finished_runs(cfg: dict[str, Any], schedule: str) -> list:
                               filter_string=f"tags.retrain_schedule = '{schedule}' and attributes.status = 'FINISHED'")
 
 
-def current_champion(cfg: dict[str, Any]) -> str:
+def current_champion(cfg: dict[str, Any]):
+    """The registry version that holds the alias, or None."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     spec = cfg["registry"]
     try:
-        version = MlflowClient().get_model_version_by_alias(spec["name"], spec["alias"])
+        return MlflowClient().get_model_version_by_alias(spec["name"], spec["alias"])
     except MlflowException:
-        return "none"
-    return f"{spec['name']} v{version.version} (run {version.run_id})"
+        return None
 
 
 @flow(name="retrain", flow_run_name="retrain {experiment}")
@@ -79,11 +79,16 @@ def retrain_flow(experiment: str = "celeba", overrides: list[str] | None = None)
     sizes = checked_sizes(cfg, overrides)
     size = next_subset_size(sizes, len(done))
     champion = current_champion(cfg)
+    name = cfg["registry"]["name"]
+    before = f"{name} v{champion.version} (run {champion.run_id})" if champion else "none"
+    # a warm start begins from the champion's weights: its concrete version, not the moving alias
+    warm = f"models:/{name}/{champion.version}" if champion and cfg["retrain"]["warm_start"] else None
     get_run_logger().info(f"retrain {schedule}: run {len(done) + 1} of the sequence {sizes}, data.train_size={size}, "
-                          f"champion before: {champion}")
+                          f"champion before: {before}" + (f", starting from its weights" if warm else ""))
     return train_flow(experiment, overrides + [
-        f"data.train_size={size}", f"registry.name={cfg['registry']['name']}",
+        f"data.train_size={size}", f"registry.name={name}",
         f"+tags.retrain_schedule={schedule}", f"+tags.retrain_subset_size={size}",
-        f"+tags.retrain_sequence={len(done) + 1}", f"+tags.retrain_previous_champion='{champion}'",
+        f"+tags.retrain_sequence={len(done) + 1}", f"+tags.retrain_previous_champion='{before}'",
+        f"+tags.retrain_warm_start={warm or 'no'}", *([f"train.init_from={warm}"] if warm else []),
         "resume=false",
     ])

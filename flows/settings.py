@@ -99,6 +99,9 @@ class Train(Section):
     metrics: list[Name]
     deterministic: bool = True
     max_loss_factor: Annotated[float, Interval(gt=1)] | None = None
+    init_from: Annotated[Annotated[str, Field(pattern=r"^(runs|models):/.+")] | None,
+                         Field(description="a logged model's URI, like runs:/<run id>/model or "
+                                           "models:/<name>/<version>")] = None
     callbacks: dict[str, Component | None] = {}
 
 
@@ -114,6 +117,7 @@ class Retrain(Section):
     cron: Annotated[str, AfterValidator(_cron)] | None = None
     sizes: Annotated[list[Count | Literal["full"]], MinLen(1),
                      Field(description="a list of counts >= 1 or full, like [16000, 32000, full]")]
+    warm_start: bool = False
 
 
 class Runtime(Section):

@@ -112,7 +112,10 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, 
     model.compile(optimizer=_optimizer(cfg, Split.load(split_path).sizes()["train"]),
                   loss=registry.build("loss", cfg["loss"]), metrics=_metrics(cfg))
     model.optimizer.build(model.trainable_variables)  # so the saved file holds the optimizer's variables
-    get_run_logger().info(f"model {cfg['model']['name']}: {model.count_params():,} parameters")
+    if cfg["train"]["init_from"]:
+        _start_from(model, cfg["train"]["init_from"])
+    get_run_logger().info(f"model {cfg['model']['name']}: {model.count_params():,} parameters"
+                          + (f", weights from {cfg['train']['init_from']}" if cfg["train"]["init_from"] else ""))
     path = Path(output_dir) / "untrained.keras"
     model.save(path)
     return str(path)
@@ -179,6 +182,23 @@ def model_requirements() -> list[str]:
             except PackageNotFoundError:
                 continue
     return pinned
+
+
+def _start_from(model, uri: str) -> None:
+    """Copy the weights of the logged model `uri` into `model` (a warm start); they must fit."""
+    from mlflow.exceptions import MlflowException
+
+    from cnnflow.components.errors import SettingsError
+
+    try:
+        source = mlflow.keras.load_model(uri)
+    except (MlflowException, OSError) as error:
+        raise SettingsError(f"train.init_from={uri}: cannot load it ({str(error).splitlines()[0][:150]})") from None
+    mine, theirs = [w.shape for w in model.get_weights()], [w.shape for w in source.get_weights()]
+    if mine != theirs:
+        raise SettingsError(f"train.init_from={uri}: its weights ({len(theirs)} arrays) do not fit "
+                            f"{model.name} ({len(mine)} arrays); start from a model of the same architecture")
+    model.set_weights(source.get_weights())
 
 
 def _signature(model):

@@ -64,6 +64,25 @@ def test_retrain_flow_trains_the_next_size_and_tags_the_sequence(prefect_harness
         runs_table("nope")
 
 
+def test_a_warm_started_retraining_begins_from_the_champions_weights(prefect_harness, mlflow_store, tmp_path):
+    import keras
+    import numpy as np
+
+    idx = make_idx_folder(tmp_path / "idx")
+    overrides = [f"data.path={idx}", "data.source=idx", "data.valid_size=40", "data.shuffle_buffer=100",
+                 "train.epochs=1", "retrain.sizes=[60,120]", "retrain.warm_start=true", "plots={}"]
+    first, second = retrain_flow("mnist", overrides), retrain_flow("mnist", overrides)
+    tags = [MlflowClient().get_run(run_id).data.tags for run_id in (first, second)]
+    assert tags[0]["retrain_warm_start"] == "no"  # nothing to start from yet
+    assert tags[1]["retrain_warm_start"] == "models:/mnist/1"
+    champion = keras.models.load_model(f"{tags[0]['output_dir']}/model.keras")
+    start = keras.models.load_model(f"{tags[1]['output_dir']}/untrained.keras")
+    assert all(np.array_equal(a, b) for a, b in zip(champion.get_weights(), start.get_weights()))
+    with pytest.raises(SettingsError, match="train.init_from=models:/mnist/1: its weights .* do not fit"):
+        retrain_flow("mnist", overrides[:-2] + ["retrain.warm_start=false", "model=fast_cnn",
+                                                 "train.init_from=models:/mnist/1"])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
