@@ -118,10 +118,15 @@ def arguments_for(kind: str, fn: Callable[..., Any], arguments: Mapping[str, Any
     CelebA recipe switched to data.source=tfds); an argument that no component declares stays, so
     it fails as the typo it is."""
     parameters = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return dict(arguments)
-    elsewhere = {name for other in names(kind) for name in inspect.signature(get(kind, other)).parameters}
+    if set(arguments) <= set(parameters) or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(arguments)  # the usual case: nothing to look up elsewhere
+    elsewhere = arguments_of_kind(kind)
     return {name: value for name, value in arguments.items() if name in parameters or name not in elsewhere}
+
+
+def arguments_of_kind(kind: str) -> set[str]:
+    """Every argument name that some registered component of `kind` takes."""
+    return {name for other in names(kind) for name in inspect.signature(get(kind, other)).parameters}
 
 
 def build(kind: str, spec: str | Mapping[str, Any], **extra: Any) -> Any:

@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cnnflow: {'interrupted' if exit_code(error) == 130 else 'terminated'} (a training keeps its last "
                   f"completed epoch: the same command resumes it)", file=sys.stderr)
             return exit_code(error)
-        if _disk_full(error):
-            print(f"cnnflow: error: the disk is full: {_disk_full(error)}; free space under {os.getcwd()} (or where "
+        if what := _disk_full(error):
+            print(f"cnnflow: error: the disk is full: {what}; free space under {os.getcwd()} (or where "
                   f"MLFLOW_TRACKING_URI points), then the same command resumes", file=sys.stderr)
             return 5
         raise

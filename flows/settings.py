@@ -162,7 +162,8 @@ def components(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     for label, spec in cfg["plots"].items():
         if spec:
             found.append((f"plots.{label}", "plot", spec))
-            for column, transforms in (spec.get("columns") or {}).items() if isinstance(spec.get("columns"), dict) else ():
+            columns = spec.get("columns")
+            for column, transforms in (columns.items() if isinstance(columns, dict) else ()):
                 found += [(f"plots.{label}.columns.{column}[{i}]", "augment", t) for i, t in enumerate(transforms)]
             if isinstance(spec.get("transforms"), list):
                 found += [(f"plots.{label}.transforms[{i}]", "augment", t) for i, t in enumerate(spec["transforms"])]
@@ -215,8 +216,7 @@ def check_component(key: str, kind: str, spec: dict[str, Any]) -> None:
 
 def known_arguments(key: str, kind: str) -> list[str]:
     """`key.<argument>` for every argument any registered component of the kind takes."""
-    return sorted({f"{key}.{name}" for other in registry.names(kind)
-                   for name in inspect.signature(registry.get(kind, other)).parameters if name not in PROVIDED.get(kind, ())})
+    return sorted(f"{key}.{name}" for name in registry.arguments_of_kind(kind) if name not in PROVIDED.get(kind, ()))
 
 
 def unused_settings(cfg: dict[str, Any]) -> list[str]:
