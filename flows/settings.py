@@ -90,7 +90,10 @@ class Data(Section):
     shuffle_buffer: NonNegative = 0
     shuffle_each_epoch: NonNegative = 0
     batch_size: Annotated[int, Interval(ge=1, le=65536)]
-    cache: bool = False
+    cache: Literal["auto", "memory", "disk", "none"] = "auto"
+    cache_memory: Annotated[float, Interval(gt=0, le=1),
+                            Field(description="a fraction of the available RAM, above 0 and at most 1, like 0.25")] = 0.25
+    cache_dir: Name | None = None
     transforms: Transforms
 
 

@@ -130,7 +130,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
 
     from cnnflow.components.callbacks import (EpochCheckpoint, EpochProgress, MlflowMetrics, StopOnDivergence,
                                               backfill_metrics, history_of)
-    from cnnflow.components.data import Split, make_dataset
+    from cnnflow.components.data import Split, cache_needs, caching, make_dataset
 
     _prepare_tensorflow(cfg)
     split = Split.load(split_path)
@@ -150,11 +150,15 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
     callbacks += [divergence, checkpoint, EpochProgress(epochs, get_run_logger(), cfg["data"]["batch_size"]), MlflowMetrics(run_id),
                   keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: interrupts.raise_if_received())]
+    needs = cache_needs(cfg["data"], split)
+    kept = caching.plan(cfg["data"], needs)
+    get_run_logger().info(caching.describe(kept, needs, cfg["data"]))
+    tracking.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
     # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
     data_seed = cfg["seed"] + initial_epoch
     with interrupts.noted(), strategy.scope():
-        model.fit(make_dataset(cfg["data"], split, "train", data_seed),
-                  validation_data=make_dataset(cfg["data"], split, "valid", data_seed),
+        model.fit(make_dataset(cfg["data"], split, "train", data_seed, kept["train"]),
+                  validation_data=make_dataset(cfg["data"], split, "valid", data_seed, kept["valid"]),
                   initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
     if divergence.diverged:
         where = divergence.diverged

@@ -13,6 +13,8 @@ from cnnflow.components import registry
 from cnnflow.components.augment import compose
 from cnnflow.components.errors import SettingsError
 from cnnflow.components.data import DataError, class_counts, make_dataset, make_split, model_input_shape
+from cnnflow.components.data import caching
+from cnnflow.components.data.core import Partition, Records, cache_needs
 from cnnflow.flows.config import compose_config
 from cnnflow.flows.train import train_flow
 from celeba_layout import ATTRIBUTES, MALE, write_celeba
@@ -148,6 +150,84 @@ def test_train_pipeline_is_seeded_and_eval_pipeline_fixed(celeba):
     assert model_input_shape(data, (218, 178, 3)) == (64, 64, 3)
 
 
+# ------------------------------------------------------------------- where decoded images are kept
+
+def _images(dataset) -> list[np.ndarray]:
+    return [images.numpy() for images, _ in dataset]
+
+
+def test_auto_cache_keeps_what_fits_in_memory_then_on_disk_else_decodes_every_epoch(celeba, monkeypatch, tmp_path):
+    data = celeba_data(celeba, f"data.cache_dir={tmp_path}")
+    needs = cache_needs(data, make_split(data, seed=1))
+    assert (needs["train"].bytes_each, needs["valid"].bytes_each) == (218 * 178 * 3, 64 * 64 * 3 * 4)  # uint8, float32
+    assert caching.plan(data, needs) == {"train": "memory", "valid": "memory", "test": "none"}  # a few KB
+    for (memory, disk), expected in [((needs["train"].bytes, 10**9), ("memory", "disk")),  # one budget for both
+                                     ((0, 10**9), ("disk", "disk")), ((0, needs["train"].bytes), ("disk", "none")),
+                                     ((0, 0), ("none", "none"))]:
+        monkeypatch.setattr(caching, "budgets", lambda data: (memory, disk))
+        assert caching.plan(data, needs) == {"train": expected[0], "valid": expected[1], "test": "none"}
+    pixels = {"train": caching.Need(60000, 784, encoded=False)}  # MNIST: in memory already
+    assert caching.plan(data, pixels) == {"train": "none"}
+    assert caching.plan(dict(data, cache="disk"), needs) == {"train": "disk", "valid": "disk", "test": "none"}
+
+
+def test_a_disk_cache_gives_the_same_batches_and_is_published_for_later_runs(celeba, tmp_path):
+    data = celeba_data(celeba, f"data.cache_dir={tmp_path}")
+    split = make_split(data, seed=1)
+    for role in ("train", "valid"):
+        decoding = make_dataset(data, split, role, seed=1, cache="none")
+        decoded = [_images(decoding) for _ in range(2)]  # two epochs: other shuffles and augmentations
+        written = make_dataset(data, split, role, seed=1, cache="disk")
+        for epoch in range(2):  # the first pass writes the file, the second reads it
+            assert all(np.array_equal(a, b) for a, b in zip(_images(written), decoded[epoch], strict=True))
+        shared = sorted(f.name for f in tmp_path.glob(f"{role}-*") if ".partial." not in f.name)
+        assert [name.split(".", 1)[1] for name in shared] == ["data-00000-of-00001", "index"]
+        own = sorted(tmp_path.glob(f"{role}-*.partial.*"))
+        reread = make_dataset(data, split, role, seed=1, cache="disk")  # a later run: reads the shared file
+        assert all(np.array_equal(a, b) for a, b in zip(_images(reread), decoded[0], strict=True))
+        assert sorted(tmp_path.glob(f"{role}-*.partial.*")) == own  # and writes nothing
+
+
+def test_a_cache_writer_killed_mid_pass_blocks_no_rerun_and_parallel_writers_both_finish(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    killed = textwrap.dedent(f"""
+        import os, signal
+        import tensorflow as tf
+        from pathlib import Path
+        from cnnflow.components.data import caching
+
+        def maybe_die(i):
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGKILL)  # a crash half-way through the first pass
+            return i
+        numbers = tf.data.Dataset.range(6).map(lambda i: tf.py_function(maybe_die, [i], tf.int64))
+        for _ in caching.on_disk(numbers, Path({str(tmp_path)!r}), "numbers"):
+            pass
+        """)
+    assert subprocess.run([sys.executable, "-c", killed], capture_output=True).returncode == -9
+    assert [f for f in tmp_path.iterdir() if f.name.endswith(".lockfile")]  # tf.data's lock, left behind
+    numbers = tf.data.Dataset.range(6)
+    first, second = (caching.on_disk(numbers, tmp_path, "numbers") for _ in range(2))
+    both = [(int(a), int(b)) for a, b in tf.data.Dataset.zip(first, second)]  # two writers at once
+    assert both == [(i, i) for i in range(6)]
+    left = sorted(f.name for f in tmp_path.iterdir())
+    assert "numbers.index" in left and not [name for name in left if name.endswith(".lockfile")]
+    assert [int(n) for n in caching.on_disk(tf.data.Dataset.range(0), tmp_path, "numbers")] == list(range(6))
+
+
+def test_streamed_records_select_like_an_array_but_keep_file_order():
+    def read():
+        return tf.data.Dataset.range(10).map(lambda i: tf.strings.as_string(i))
+
+    partition = Partition(Records(read, np.arange(10)), np.arange(10) * 10, encoded="bytes")
+    chosen = partition.take(np.array([7, 2, 5]))
+    assert [image.numpy() for image in chosen.images.dataset()] == [b"2", b"5", b"7"]
+    assert list(chosen.labels) == [20, 50, 70] and chosen.images[1] == b"5"
+
+
 def test_celeba_cnn_has_the_chapters_parameter_count():
     assert registry.build("model", "celeba_cnn", input_shape=(64, 64, 3), num_classes=2).count_params() == 388_673
     with pytest.raises(ValueError, match="num_classes=10"):
@@ -163,8 +243,9 @@ def test_tfds_celeb_a_gives_encoded_images_and_the_attribute(monkeypatch, tmp_pa
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         celeb = registry.build("dataset", "tfds", name="celeb_a", data_dir=str(tmp_path), attribute="Male")
         train = celeb.partition("train")
+        assert isinstance(train.images, Records)  # streamed from TFDS's files when used, not held in memory
+        assert train.image(0).shape == (218, 178, 3) and celeb.info.class_names == ("Female", "Male")
     assert train.encoded == "bytes" and len(train.labels) == 6 and set(train.labels) <= {0, 1}
-    assert train.image(0).shape == (218, 178, 3) and celeb.info.class_names == ("Female", "Male")
 
 
 CELEBA_FIGURES = {"learning_curves.png", "predictions.png", "confusion_matrix.png", "roc_curve.png",

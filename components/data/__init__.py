@@ -1,6 +1,6 @@
 """Data sources (one module each) and the split/pipeline code they all share."""
 
-from cnnflow.components.data import celeba_folder, digits, idx, tfds_source  # noqa: F401  (register the sources)
+from cnnflow.components.data import caching, celeba_folder, digits, idx, tfds_source  # noqa: F401  (register the sources)
 from cnnflow.components.data.core import (  # noqa: F401
     CLASS_NAMES,
     DataError,
@@ -8,6 +8,7 @@ from cnnflow.components.data.core import (  # noqa: F401
     DataInfo,
     Partition,
     Split,
+    cache_needs,
     class_counts,
     examples,
     make_dataset,

@@ -11,14 +11,16 @@ TFDS-style split strings (`train`, `test[:8000]`, `train[10%:]`) and sizes, the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from cnnflow.components import registry
+from cnnflow.components.data import caching
 from cnnflow.components.errors import DataError
 
 
@@ -29,16 +31,47 @@ class DataInfo:
     class_names: tuple[str, ...]
 
 
+class Records:
+    """Encoded images that stay in their files (TFDS's TFRecords) and are read in file order by
+    tf.data, so a partition of any size costs no memory. Indexing with positions selects them like a
+    numpy array would, except that a selection keeps file order (a stream cannot jump back)."""
+
+    def __init__(self, read: Callable[[], Any], positions: np.ndarray):
+        self._read = read  # () -> tf.data.Dataset of the encoded images, the whole partition in file order
+        self.positions = positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):  # one image (for figures): read up to it
+            return next(iter(self._read().skip(int(self.positions[index])).take(1))).numpy()
+        return Records(self._read, np.sort(self.positions[index]))
+
+    def dataset(self):
+        """The selected encoded images, streamed: the partition is read up to the last selected one."""
+        import tensorflow as tf
+
+        selected = np.zeros(int(self.positions.max()) + 1 if len(self.positions) else 0, dtype=bool)
+        selected[self.positions] = True
+        wanted = tf.constant(selected)
+        return (self._read().take(len(selected)).enumerate()
+                .filter(lambda position, _: wanted[position]).map(lambda _, image: image))
+
+
 @dataclass(frozen=True)
 class Partition:
     """Images and labels of one partition. Small datasets hold pixels; large ones hold encoded images
-    (`encoded="path"`: JPEG/PNG file paths, `"bytes"`: the encoded bytes) decoded inside tf.data."""
+    (`encoded="path"`: JPEG/PNG file paths, `"bytes"`: the encoded bytes, in memory or as `Records`
+    streamed from files) decoded inside tf.data."""
 
-    images: np.ndarray  # (n, height, width, channels) uint8, or (n,) paths / encoded bytes
+    images: np.ndarray | Records  # (n, height, width, channels) uint8, or (n,) paths / encoded bytes
     labels: np.ndarray  # (n,) int64
     encoded: str | None = None
 
     def take(self, positions: np.ndarray) -> Partition:
+        if isinstance(self.images, Records):
+            positions = np.sort(positions)  # streamed images come in file order: keep labels in step
         return Partition(self.images[positions], self.labels[positions], self.encoded)
 
     def image(self, index: int) -> np.ndarray:
@@ -74,10 +107,13 @@ CLASS_NAMES = {
 def source_from(data: dict[str, Any]) -> Source:
     """The configured data source, built once per process for the same settings. It gets the options
     it declares: a recipe may carry options for several sources (celeba_folder's on_bad_image)."""
-    declared = registry.arguments_for("dataset", registry.get("dataset", data["source"]), data.get("options") or {})
-    options = tuple(sorted(declared.items()))
     return _cached_source(data["source"], data["name"], data.get("path"), data.get("data_dir"), data.get("manual_dir"),
-                          options)
+                          tuple(sorted(source_options(data).items())))
+
+
+def source_options(data: dict[str, Any]) -> dict[str, Any]:
+    """The `data.options` the chosen source declares."""
+    return registry.arguments_for("dataset", registry.get("dataset", data["source"]), data.get("options") or {})
 
 
 @functools.lru_cache(maxsize=4)
@@ -230,11 +266,16 @@ def make_split(data: dict[str, Any], seed: int) -> Split:
 
 def model_input_shape(data: dict[str, Any], image_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape images have after the evaluation transforms: what the model's input must take."""
+    return tuple(_model_input(data, image_shape).shape)
+
+
+def _model_input(data: dict[str, Any], image_shape: tuple[int, ...]):
+    """A blank image through the evaluation transforms."""
     import tensorflow as tf
 
     from cnnflow.components.augment import compose
 
-    return tuple(compose(data["transforms"]["eval"])(tf.zeros(image_shape, tf.uint8), tf.zeros(2, tf.int64)).shape)
+    return compose(data["transforms"]["eval"])(tf.zeros(image_shape, tf.uint8), tf.zeros(2, tf.int64))
 
 
 def class_counts(data: dict[str, Any], split: Split, class_names: tuple[str, ...]) -> dict[str, dict[str, int]]:
@@ -251,29 +292,44 @@ def examples(data: dict[str, Any], split: Split, role: str) -> Partition:
     return partition_of(data, split.partitions[role]).take(split.indices[role])
 
 
-def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int):
+def cache_needs(data: dict[str, Any], split: Split) -> dict[str, caching.Need]:
+    """What caching each role would take: decoded images for training (cached before the random
+    transforms), finished model inputs for evaluation."""
+    shape = source_from(data).info.image_shape
+    model_input = _model_input(data, shape)
+    bytes_each = {"train": int(np.prod(shape)), "eval": model_input.shape.num_elements() * model_input.dtype.size}
+    return {role: caching.Need(len(positions), bytes_each["train" if role == "train" else "eval"],
+                               partition_of(data, split.partitions[role]).encoded is not None)
+            for role, positions in split.indices.items()}
+
+
+def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache: str | None = None):
     """A batched, prefetched tf.data pipeline for one role; train-time transforms only for "train".
 
-    Encoded images are decoded in parallel; with `data.cache`, decoded training images (before the
-    random transforms) and finished evaluation images are kept in memory after the first epoch.
-    Random transforms get a per-example seed from a seeded random stream that changes every epoch.
+    Encoded images are read and decoded in parallel. Decoded training images (before the random
+    transforms) and finished evaluation images are kept where `cache` says (memory | disk | none;
+    default: as `data.cache` plans it, see caching.py). Random transforms get a per-example seed
+    from a seeded random stream that changes every epoch.
     """
     import tensorflow as tf
 
     from cnnflow.components.augment import compose
 
     chosen = examples(data, split, role)
+    where = cache or caching.plan(data, cache_needs(data, split))[role]
     training = role == "train"
     transform = compose(data["transforms"]["train" if training else "eval"])
-    images = tf.data.Dataset.from_tensor_slices(chosen.images)
+    if isinstance(chosen.images, Records):
+        images = chosen.images.dataset()
+    else:
+        images = tf.data.Dataset.from_tensor_slices(chosen.images)
     if chosen.encoded:
         shape = source_from(data).info.image_shape
         images = images.map(lambda item: tf.ensure_shape(_decode(item, chosen.encoded, shape[-1]), shape),
                             num_parallel_calls=tf.data.AUTOTUNE)
     dataset = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(chosen.labels))
     if training:
-        if data.get("cache"):
-            dataset = dataset.cache()
+        dataset = _kept(dataset, where, data, split, role, "decoded")
         if data.get("shuffle_each_epoch"):
             dataset = dataset.shuffle(data["shuffle_each_epoch"], seed=seed, reshuffle_each_iteration=True)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -283,6 +339,24 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int):
         no_seed = tf.zeros(2, tf.int64)  # evaluation transforms are deterministic
         dataset = dataset.map(lambda image, label: (transform(image, no_seed), label),
                               num_parallel_calls=tf.data.AUTOTUNE)
-        if data.get("cache"):
-            dataset = dataset.cache()
+        dataset = _kept(dataset, where, data, split, role, data["transforms"]["eval"])
     return dataset.batch(data["batch_size"]).prefetch(tf.data.AUTOTUNE)
+
+
+def _kept(dataset, where: str, data: dict[str, Any], split: Split, role: str, stage: Any):
+    """`dataset` cached where the plan says; a disk cache is named by everything that decides its contents."""
+    if where == "memory":
+        return dataset.cache()
+    if where != "disk":
+        return dataset
+    import tensorflow as tf
+
+    location = data.get("path") or data.get("data_dir")
+    contents = {
+        "format": 1, "tensorflow": tf.__version__, "stage": stage, "partition": split.partitions[role],
+        "examples": hashlib.sha256(np.ascontiguousarray(split.indices[role]).tobytes()).hexdigest(),
+        "source": [data[k] for k in ("source", "name", "path", "data_dir", "manual_dir")],
+        "options": source_options(data),
+        "modified": Path(location).expanduser().stat().st_mtime_ns if location and Path(location).expanduser().exists() else None,
+    }
+    return caching.on_disk(dataset, caching.cache_dir(data), f"{role}-{caching.key(contents)}")

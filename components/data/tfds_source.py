@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from cnnflow.components.data.core import DataError, DataInfo, Partition
+from cnnflow.components.data.core import DataError, DataInfo, Partition, Records
 from cnnflow.components.errors import TransientError
 from cnnflow.components.registry import register
 
@@ -47,26 +47,32 @@ class TfdsSource:
                                  tuple(features["label"].names))
 
     def partition(self, name: str) -> Partition:
+        """Small images (MNIST) as pixel arrays in memory; large ones (CelebA) stay in TFDS's files,
+        streamed by tf.data (`Records`): only the labels are read now."""
         import tensorflow_datasets as tfds
 
-        import tensorflow as tf
+        def examples(**how):
+            try:
+                return self.builder.as_dataset(split=name, shuffle_files=False, **how)
+            except (KeyError, ValueError) as error:
+                raise DataError(f"TFDS {self.builder.name!r} has partitions {sorted(self.builder.info.splits)}, "
+                                f"not {name!r} ({_first_line(error)})") from None
 
-        try:
-            if self.attribute:  # large images: keep them encoded, tf.data decodes them while training
-                dataset = self.builder.as_dataset(split=name, shuffle_files=False,
-                                                  decoders={"image": tfds.decode.SkipDecoding()})
-                dataset = dataset.map(lambda ex: (ex["image"], tf.cast(ex["attributes"][self.attribute], tf.int64)))
-            else:
-                dataset = self.builder.as_dataset(split=name, shuffle_files=False, as_supervised=True)
-        except (KeyError, ValueError) as error:
-            raise DataError(f"TFDS {self.builder.name!r} has partitions {sorted(self.builder.info.splits)}, "
-                            f"not {name!r} ({_first_line(error)})") from None
+        if not self.attribute:
+            images, labels = self._arrays(examples(as_supervised=True))
+            return Partition(images, labels.astype(np.int64))
+        attribute, encoded = self.attribute, {"image": tfds.decode.SkipDecoding()}
+        _, labels = self._arrays(examples(decoders=encoded).map(lambda ex: (0, ex["attributes"][attribute])))
+        records = Records(lambda: examples(decoders=encoded).map(lambda ex: ex["image"]), np.arange(len(labels)))
+        return Partition(records, labels.astype(np.int64), encoded="bytes")
+
+    def _arrays(self, dataset) -> tuple[np.ndarray, np.ndarray]:
+        import tensorflow_datasets as tfds
+
         batches = list(tfds.as_numpy(dataset.batch(4096)))
         if not batches:
-            raise DataError(f"TFDS {self.builder.name!r} partition {name!r} is empty")
-        images = np.concatenate([batch[0] for batch in batches])
-        labels = np.concatenate([batch[1] for batch in batches]).astype(np.int64)
-        return Partition(images, labels, encoded="bytes" if self.attribute else None)
+            raise DataError(f"TFDS {self.builder.name!r}: the partition is empty")
+        return np.concatenate([batch[0] for batch in batches]), np.concatenate([batch[1] for batch in batches])
 
 
 _LOCAL_HINT = (
