@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import itertools
 import logging
@@ -160,15 +159,6 @@ def _quiet_tracebacks_of_user_errors() -> None:
         logging.getLogger(name).addFilter(DropUserErrorTraceback())
 
 
-@contextlib.contextmanager
-def prefect_api():
-    """The configured Prefect server, else a temporary one for this command (flows/prefect_server.py)."""
-    from cnnflow.flows.prefect_server import configured_api_url, temporary_server
-
-    with contextlib.nullcontext() if configured_api_url() else temporary_server():
-        yield
-
-
 def run_train(overrides: list[str], multirun: bool) -> int:
     """One training, or a sweep's jobs one after another. Every job's settings and the store are
     checked first, before any server starts; in a sweep a failed job does not stop the others."""
@@ -190,10 +180,11 @@ def run_train(overrides: list[str], multirun: bool) -> int:
             if not multirun:
                 raise
             planned.append((job, experiment, job_overrides, error))
+    from cnnflow.flows import engine
     from cnnflow.flows.train import train_flow
 
     outcomes = []
-    with prefect_api():
+    with engine.under_configured_server_or_in_process():
         for number, (job, experiment, job_overrides, problem) in enumerate(planned, start=1):
             if multirun:
                 print(f"[sweep {sweep_id}] job {number}/{len(jobs)}: experiment={experiment} {' '.join(job)}", flush=True)
@@ -228,10 +219,10 @@ def _run_flow(args: argparse.Namespace):
         from cnnflow.flows.runs import runs_table
 
         return print(runs_table(args.experiment, args.limit))
-    from cnnflow.flows import runtime
+    from cnnflow.flows import engine, runtime
 
     runtime.import_tensorflow_quietly()
-    with prefect_api():
+    with engine.under_configured_server_or_in_process():
         if args.command == "continue":
             from cnnflow.flows.train import continue_flow
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from cnnflow.components.errors import DataError, RunError
 from cnnflow.flows import tracking
+from cnnflow.flows.engine import flow, run_logger, task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 MAX_IMAGE_PIXELS = 50_000_000  # bigger is no photo a CNN here takes; refused from the header, never decoded
@@ -94,7 +94,7 @@ def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
     with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=f"evaluate {split}") as run:
         tracking.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split})
         tracking.log_metrics(run.info.run_id, {f"eval_{name}": value for name, value in metrics.items()})
-    get_run_logger().info(f"{model_uri} on {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    run_logger().info(f"{model_uri} on {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
 

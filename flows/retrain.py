@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
 
 from cnnflow.flows import tracking
 from cnnflow.flows.config import compose_config
+from cnnflow.flows.engine import flow, run_logger
 from cnnflow.flows.train import train_flow
 
 
@@ -83,8 +83,8 @@ def retrain_flow(experiment: str = "celeba", overrides: list[str] | None = None)
     before = f"{name} v{champion.version} (run {champion.run_id})" if champion else "none"
     # a warm start begins from the champion's weights: its concrete version, not the moving alias
     warm = f"models:/{name}/{champion.version}" if champion and cfg["retrain"]["warm_start"] else None
-    get_run_logger().info(f"retrain {schedule}: run {len(done) + 1} of the sequence {sizes}, data.train_size={size}, "
-                          f"champion before: {before}" + (f", starting from its weights" if warm else ""))
+    run_logger().info(f"retrain {schedule}: run {len(done) + 1} of the sequence {sizes}, data.train_size={size}, "
+                          f"champion before: {before}" + (", starting from its weights" if warm else ""))
     return train_flow(experiment, overrides + [
         f"data.train_size={size}", f"registry.name={name}",
         f"+tags.retrain_schedule={schedule}", f"+tags.retrain_subset_size={size}",

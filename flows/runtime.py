@@ -80,7 +80,8 @@ def devices() -> str:
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow without its C++ start-up lines (absl's pre-initialisation warning, oneDNN
     and CPU-feature notices): they are written to file descriptor 2 before any log setting applies,
-    so the descriptor points at /dev/null while the import runs. An import error still raises."""
+    so the descriptor points at /dev/null while the import runs, and while the device platforms are
+    first listed (CUDA's "failed call to cuInit" on a machine without a GPU). An import error still raises."""
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
@@ -88,7 +89,9 @@ def import_tensorflow_quietly() -> None:
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
-        import tensorflow  # noqa: F401
+        import tensorflow
+
+        tensorflow.config.list_physical_devices()  # sets up the platforms, not the runtime: threads stay settable
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from cnnflow.components.errors import DataError, InfrastructureError
 from cnnflow.flows.config import compose_config
-from cnnflow.flows.prefect_server import configured_api_url
+from cnnflow.flows.engine import configured_api_url
 
 DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain")
 

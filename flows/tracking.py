@@ -352,8 +352,6 @@ def next_stage(run_id: str) -> int:
 def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
     """Register the run's model as a new version of `registry.name` and move `registry.alias` to it,
     when its `registry.metric` beats the value the alias holder had when it was registered."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     spec = cfg.get("registry") or {}
     name, alias, metric, mode = spec.get("name"), spec.get("alias", "champion"), spec.get("metric"), spec.get("mode")

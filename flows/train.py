@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError
 from cnnflow.flows import interrupts, runtime, settings, tracking
 from cnnflow.flows.config import compose_config
+from cnnflow.flows.engine import flow, run_logger, task
 
 
 
@@ -55,7 +55,7 @@ def load_data(data: dict[str, Any]) -> dict[str, Any]:
     info = source_from(data).info
     checked_partitions(data)
     input_shape = model_input_shape(data, info.image_shape)
-    get_run_logger().info(f"data: {data['source']} {data['name']!r}, images {info.image_shape} -> model input "
+    run_logger().info(f"data: {data['source']} {data['name']!r}, images {info.image_shape} -> model input "
                           f"{input_shape}, {info.num_classes} classes")
     return {"image_shape": list(info.image_shape), "input_shape": list(input_shape),
             "num_classes": info.num_classes, "class_names": list(info.class_names)}
@@ -75,7 +75,7 @@ def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, outpu
     rows = [(role, name, n) for role, per_class in counts.items() for name, n in per_class.items()]
     mlflow.log_table({"split": [r[0] for r in rows], "class": [r[1] for r in rows], "count": [r[2] for r in rows]},
                      "split_counts.json", run_id=run_id)
-    get_run_logger().info("split: " + "; ".join(
+    run_logger().info("split: " + "; ".join(
         f"{role} {sizes[role]} ({', '.join(f'{name} {n}' for name, n in counts[role].items())})" for role in sizes))
     return split.save(Path(output_dir) / "split.npz")
 
@@ -114,7 +114,7 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, 
     model.optimizer.build(model.trainable_variables)  # so the saved file holds the optimizer's variables
     if cfg["train"]["init_from"]:
         _start_from(model, cfg["train"]["init_from"])
-    get_run_logger().info(f"model {cfg['model']['name']}: {model.count_params():,} parameters"
+    run_logger().info(f"model {cfg['model']['name']}: {model.count_params():,} parameters"
                           + (f", weights from {cfg['train']['init_from']}" if cfg["train"]["init_from"] else ""))
     path = Path(output_dir) / "untrained.keras"
     model.save(path)
@@ -148,11 +148,11 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     checkpoint = EpochCheckpoint(output, history, divergence)
     epochs = cfg["train"]["epochs"]
     callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
-    callbacks += [divergence, checkpoint, EpochProgress(epochs, get_run_logger(), cfg["data"]["batch_size"]), MlflowMetrics(run_id),
+    callbacks += [divergence, checkpoint, EpochProgress(epochs, run_logger(), cfg["data"]["batch_size"]), MlflowMetrics(run_id),
                   keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: interrupts.raise_if_received())]
     needs = cache_needs(cfg["data"], split)
     kept = caching.plan(cfg["data"], needs)
-    get_run_logger().info(caching.describe(kept, needs, cfg["data"]))
+    run_logger().info(caching.describe(kept, needs, cfg["data"]))
     tracking.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
     # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
     data_seed = cfg["seed"] + initial_epoch
@@ -278,7 +278,7 @@ def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id
         metrics["test_roc_auc"] = float(roc_auc_score(labels, probabilities))
     tracking.log_metrics(run_id, metrics, step=epochs_done)
     np.savez(Path(output_dir) / "predictions.npz", labels=labels, probabilities=probabilities)
-    get_run_logger().info("test: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+    run_logger().info("test: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
     return metrics
 
 
@@ -320,12 +320,12 @@ def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, featu
 
     hardware = {"devices": runtime.devices(), "precision": cfg["runtime"]["precision"]}
     tracking.set_tags(run_id, hardware)
-    get_run_logger().info(f"training on {hardware['devices']} in {hardware['precision']}")
+    run_logger().info(f"training on {hardware['devices']} in {hardware['precision']}")
     trained = train_model(cfg, split_path, start_model, run_id, str(output_dir), initial_epoch)
     epochs_done = read_checkpoint(output_dir)["epoch"]
     metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir), epochs_done)
     plot_results(cfg, features, split_path, run_id, str(output_dir))
-    tracking.maybe_register(cfg, run_id, get_run_logger())
+    tracking.maybe_register(cfg, run_id, run_logger())
     return metrics
 
 
@@ -337,7 +337,7 @@ def train_flow(experiment: str = "quickstart", overrides: list[str] | None = Non
     completed epoch instead, unless `resume=false`.
     """
     cfg = compose_config(experiment, overrides)
-    logger = get_run_logger()
+    logger = run_logger()
     runtime.use_environment(cfg["runtime"], logger)
     unused = settings.unused_settings(cfg)
     if unused:
@@ -388,7 +388,7 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
         why = "; ".join(why for _, why in found) or f"nothing in {output_dir}"
         raise RunError(f"run {run_id} has no usable checkpoint ({why}); it cannot be continued")
     cfg["train"]["epochs"] = checkpoint["epoch"] + epochs
-    logger = get_run_logger()
+    logger = run_logger()
     runtime.use_environment(cfg["runtime"], logger)
     with tracking.tracked_run(cfg, run_id) as (run_id, output_dir):
         stage = tracking.next_stage(run_id)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 import textwrap
 from pathlib import Path
 
@@ -118,3 +122,38 @@ def plugin_distribution(tmp_path, monkeypatch):
     sys.modules.pop("cnnflow_tiny_plugin", None)
     registry._registry["model"].pop("tiny_plugin_cnn", None)
     registry._loaded_entry_points.discard("tiny=cnnflow_tiny_plugin")
+
+
+# ------------------------------------------------------------------------ a real Prefect server
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on a free loopback port, with its own database."""
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 90, "the Prefect server")
+    yield url, env
+    server.terminate()
+    server.wait(timeout=30)

@@ -43,8 +43,36 @@ def test_a_user_mistake_is_one_line_without_traceback(capsys, mlflow_store):
     assert "Unknown data config 'nope'; choices for data: celeba, digits" in err and "Traceback" not in err
 
 
-def test_quickstart_runs_from_the_cli(prefect_harness, mlflow_store, capsys):
+def test_quickstart_runs_from_the_cli_and_a_configured_prefect_server_records_its_flow_and_tasks(
+        prefect_harness, mlflow_store, capsys):
+    from prefect.client.orchestration import get_client
+
     assert cli.main(["train", "train.epochs=1"]) == 0
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs()
+        tasks = {task_run.name.rsplit("-", 1)[0]: task_run.state.type.value for task_run in client.read_task_runs()}
+    assert flow_run.name == "quickstart" and flow_run.state.is_completed()
+    assert tasks == {name: "COMPLETED" for name in ("load data", "split", "build model", "train", "evaluate", "plot")}
+
+
+def test_without_a_prefect_server_the_flow_runs_in_process_and_starts_no_server(mlflow_store, monkeypatch, capsys):
+    import psutil
+
+    from cnnflow.flows import engine
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    before = psutil.Process().children()  # the session's test harness runs a server of its own
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # the session's test harness set one
+        assert engine.configured_api_url() is None  # nothing in the environment or the profile
+        assert cli.main(["train", "train.epochs=1"]) == 0
+    err = capsys.readouterr().err
+    assert "train flow runs in this process: no Prefect server is configured" in err and "done: run" in err
+    assert "Starting temporary server" not in err  # Prefect says this when it starts one of its own
+    assert psutil.Process().children() == before  # no temporary Prefect server was started
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
 

@@ -27,7 +27,7 @@ from PIL import Image
 from cnnflow.components import registry
 from cnnflow.components.callbacks import checkpoints, read_checkpoint
 from cnnflow.components.data import checked_partitions
-from cnnflow.components.errors import DataError, InfrastructureError, RunError, SettingsError, TransientError
+from cnnflow.components.errors import DataError, InfrastructureError, RunError, TransientError
 from cnnflow.flows import cli, settings, tracking
 from cnnflow.flows.config import compose_config
 from cnnflow.flows.inference import evaluate_flow, image_files, predict_flow, read_image, resolve_model
@@ -304,10 +304,12 @@ def test_a_resume_aimed_at_a_run_in_training_is_refused_and_names_resume_false(p
 
 # ----------------------------------------------------------------------- signals, real processes
 
-def _cnnflow(args: list[str], cwd: Path) -> subprocess.Popen:
-    """`cnnflow ...` as a user starts it: no Prefect server configured (it starts its temporary one)."""
+def _cnnflow(args: list[str], cwd: Path, prefect_api: str | None = None) -> subprocess.Popen:
+    """`cnnflow ...` as a user starts it: with no Prefect server configured (the flow runs in process),
+    or with one (`prefect_api`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env.update(TF_CPP_MIN_LOG_LEVEL="2", PREFECT_HOME=str(cwd.parent / f".prefect-{cwd.name}"))
+    env.update({"PREFECT_API_URL": prefect_api} if prefect_api else {})
     return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -324,13 +326,14 @@ def _wait_for_epoch(folder: Path, epochs: int, process: subprocess.Popen) -> Pat
     raise AssertionError("no checkpoint in time")
 
 
-def _left_behind(pid: int) -> list[str]:
-    """Processes that a cnnflow process started and that still run (its temporary Prefect server)."""
-    deadline = time.monotonic() + 5  # the server notices its parent is gone within a second
+def _left_behind(folder: Path) -> list[str]:
+    """Processes still running in the folder a cnnflow command ran in: anything it started."""
+    deadline = time.monotonic() + 5
     while True:
-        found = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
-                 if "cnnflow.flows.prefect_server" in " ".join(p.info["cmdline"] or []) and
-                 str(pid) in (p.info["cmdline"] or [])]
+        found = []
+        for process in psutil.process_iter(["cmdline", "cwd"]):
+            if process.info["cwd"] == str(folder):
+                found.append(" ".join(process.info["cmdline"] or []))
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
@@ -354,19 +357,21 @@ def test_an_interrupt_swallowed_below_python_is_raised_again_at_the_next_check()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-@pytest.mark.parametrize("how, code", [("SIGINT to the group", 130), ("SIGTERM", 143), ("kill -9", -9)])
-def test_interrupts_end_cleanly_and_leave_nothing_running(how, code, tmp_path, idx_folder):
-    process = _cnnflow(["train", "experiment=mnist", *tiny_overrides(idx_folder, epochs=500)], tmp_path)
+@pytest.mark.parametrize("how, code", [("SIGINT to the group", 130), ("SIGTERM", 143), ("kill -9", -9),
+                                       ("SIGTERM under a Prefect server", 143)])
+def test_interrupts_end_cleanly_and_leave_nothing_running(how, code, tmp_path, idx_folder, request):
+    server = request.getfixturevalue("prefect_server")[0] if "Prefect server" in how else None
+    process = _cnnflow(["train", "experiment=mnist", *tiny_overrides(idx_folder, epochs=500)], tmp_path, server)
     run_folder = _wait_for_epoch(tmp_path, 1, process)
     if how == "SIGINT to the group":
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    elif how == "SIGTERM":
+    elif how.startswith("SIGTERM"):
         process.send_signal(signal.SIGTERM)
     else:
         process.send_signal(signal.SIGKILL)
     out, _ = process.communicate(timeout=30)
     assert process.returncode == code, out
-    assert _left_behind(process.pid) == []
+    assert _left_behind(tmp_path) == []
     assert read_checkpoint(run_folder)["epoch"] >= 1
     assert "absl::InitializeLog" not in out and "I0000" not in out, out  # TensorFlow's start-up lines
     assert "without specifying model signature" not in out

@@ -1,13 +1,10 @@
 """Operating cnnflow: scheduled retraining on growing subsets, the runs table, and `cnnflow serve`
 against a real Prefect server started here on loopback."""
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import mlflow
 import pytest
@@ -17,7 +14,7 @@ from cnnflow.flows.retrain import checked_sizes, finished_runs, next_subset_size
 from cnnflow.flows.runs import runs_table
 from cnnflow.components.errors import RunError, SettingsError
 from cnnflow.flows.config import compose_config
-from conftest import make_idx_folder
+from conftest import make_idx_folder, wait_until
 
 SIZES = [16000, 32000, 64000, "full"]
 
@@ -81,39 +78,6 @@ def test_a_warm_started_retraining_begins_from_the_champions_weights(prefect_har
     with pytest.raises(SettingsError, match="train.init_from=models:/mnist/1: its weights .* do not fit"):
         retrain_flow("mnist", overrides[:-2] + ["retrain.warm_start=false", "model=fast_cnn",
                                                  "train.init_from=models:/mnist/1"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def prefect_server(tmp_path):
-    """`prefect server start` on a free loopback port, with its own database."""
-    port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
-    wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 90, "the Prefect server")
-    yield url, env
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def start_serving(url, env, cwd, idx):

@@ -88,9 +88,15 @@ def describe(choices: dict[str, str], needs: dict[str, Need], data: dict[str, An
     """One line for the log: where each role's decoded images are kept and how big that is."""
     parts = []
     for role, where in choices.items():
-        if role in CACHED_ROLES:
-            size = f"{needs[role].examples:,} images, {needs[role].bytes / 2**30:.2f} GiB"
-            parts.append(f"{role} {where} ({size})" + (f" in {cache_dir(data)}" if where == "disk" else ""))
+        need = needs[role]
+        if role not in CACHED_ROLES:
+            continue
+        if not need.encoded and where == "none":
+            parts.append(f"{role} pixels in memory already ({need.examples:,} images)")
+            continue
+        size = f"{need.bytes / 2**30:.2f} GiB" if need.bytes >= 2**30 else f"{need.bytes / 2**20:.0f} MiB"
+        kept = {"memory": "kept in memory", "disk": f"kept on disk in {cache_dir(data)}", "none": "decoded every epoch"}
+        parts.append(f"{role} {kept[where]} ({need.examples:,} images, {size})")
     return f"data.cache={data.get('cache')}: " + "; ".join(parts)
 
 
@@ -148,7 +154,7 @@ def _publish(own: Path, final: Path) -> None:
 
 
 def _remove(own: Path) -> None:
-    for file in own.parent.glob(f"{own.name}.*"):
+    for file in own.parent.glob(f"{own.name}*"):  # tf.data writes <name>_<shard>.* until complete
         file.unlink(missing_ok=True)
 
 
