@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import tensorflow as tf
 from celeba_layout import write_celeba
 
 from cnnflow.components import registry
@@ -37,3 +39,21 @@ def test_settings_benchmark_measures_a_training_step_under_a_setting():
                           "--steps", "3",
                           "--min-seconds", "0.1"], capture_output=True, text=True, check=True)
     assert float(out.stdout.strip().splitlines()[-1]) > 0
+
+
+def test_the_full_celeba_benchmark_prepares_real_tfds_files_that_the_tfds_source_streams(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from celeba_full import prepared_tfds
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    folder = write_celeba(tmp_path / "celeba", train=24, valid=6, test=6)
+    data_dir = prepared_tfds(folder, tmp_path / "tensorflow_datasets")  # TFDS's own builder, local files
+    tfds_train = registry.build("dataset", "tfds", name="celeb_a", data_dir=str(data_dir), attribute="Male")
+    folder_train = registry.build("dataset", "celeba_folder", path=str(folder))
+    for name, size in (("train", 24), ("validation", 6), ("test", 6)):
+        streamed, files = tfds_train.partition(name), folder_train.partition(name)
+        assert len(streamed.labels) == size and sorted(streamed.labels) == sorted(files.labels)
+    chosen = tfds_train.partition("train").take(np.array([5, 0, 17]))
+    decoded = [tf.io.decode_jpeg(image).shape for image in chosen.images.dataset()]
+    assert decoded == [(218, 178, 3)] * 3 and len(chosen.labels) == 3
