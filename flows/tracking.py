@@ -272,6 +272,7 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
     """
     import mlflow
     from prefect.exceptions import TerminationSignal
+    from prefect.runtime import flow_run
 
     with contextlib.ExitStack() as held:
         if run_id:
@@ -289,6 +290,8 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
                                   "config_hash": config_hash(cfg), **cfg.get("tags", {})})
                 output_dir.mkdir(parents=True, exist_ok=True)
                 held.enter_context(_lock(output_dir))
+            if flow_run.id:  # under a Prefect server: the two UIs point at each other's record
+                set_tags(run_id, {"prefect.flow_run_id": flow_run.id})
             yield run_id, output_dir
             status = "FINISHED"
         except (KeyboardInterrupt, TerminationSignal):

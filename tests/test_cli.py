@@ -50,9 +50,12 @@ def test_quickstart_runs_from_the_cli_and_a_configured_prefect_server_records_it
     assert cli.main(["train", "train.epochs=1"]) == 0
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
     with get_client(sync_client=True) as client:
-        [flow_run] = client.read_flow_runs()
-        tasks = {task_run.name.rsplit("-", 1)[0]: task_run.state.type.value for task_run in client.read_task_runs()}
+        flow_run = client.read_flow_run(run.data.tags["prefect.flow_run_id"])
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    tasks = {task_run.name.rsplit("-", 1)[0]: task_run.state.type.value for task_run in task_runs}
     assert flow_run.name == "quickstart" and flow_run.state.is_completed()
     assert tasks == {name: "COMPLETED" for name in ("load data", "split", "build model", "train", "evaluate", "plot")}
 
@@ -75,6 +78,7 @@ def test_without_a_prefect_server_the_flow_runs_in_process_and_starts_no_server(
     assert psutil.Process().children() == before  # no temporary Prefect server was started
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert "prefect.flow_run_id" not in run.data.tags
 
 
 def test_multirun_survives_a_failing_job_and_summarises(prefect_harness, mlflow_store, tmp_path, capsys):

@@ -69,7 +69,7 @@ def test_continue_in_a_new_process_extends_one_history(prefect_harness, mlflow_s
 
 
 def test_continue_refuses_changes_to_what_is_trained(prefect_harness, mlflow_store, idx):
-    run_id = train_flow("mnist", tiny_overrides(idx))
+    run_id = train_flow("mnist", tiny_overrides(idx) + ["runtime.precision=float32"])
     with pytest.raises(RunError, match=r"cannot change model.dropout_rate: 0.5 -> 0.2"):
         continue_flow(run_id, 1, ["model.dropout_rate=0.2"])
     with pytest.raises(RunError, match=r"runtime.precision: 'float32' -> 'mixed_bfloat16'"):
