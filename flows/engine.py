@@ -71,8 +71,18 @@ class Task(prefect.Task):
             return super().__call__(*args, **kwargs)
         return _with_retries(self, args, kwargs)
 
+    def with_options(self, **options):
+        changed = super().with_options(**options)  # Prefect's makes a plain Task: keep it ours
+        changed.__class__ = type(self)
+        return changed
+
 
 class Flow(prefect.Flow):
+    def with_options(self, **options):
+        changed = super().with_options(**options)
+        changed.__class__ = type(self)
+        return changed
+
     def __call__(self, *args, **kwargs):
         if not _in_process.get():
             return super().__call__(*args, **kwargs)

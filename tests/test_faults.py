@@ -184,11 +184,13 @@ def test_bad_data_fails_the_flow_before_an_mlflow_run_exists(prefect_harness, ml
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_only_transient_download_errors_are_retried(prefect_harness, monkeypatch, idx_folder):
-    from prefect import flow
+@pytest.mark.parametrize("mode", ["under Prefect", "in process"])
+def test_only_transient_download_errors_are_retried(mode, prefect_harness, monkeypatch, idx_folder, capsys):
+    import contextlib
 
     from cnnflow.components import data as data_module
     from cnnflow.components.data.tfds_source import is_transient
+    from cnnflow.flows import engine
 
     assert is_transient(ConnectionResetError(104, "reset")) and is_transient(OSError("HTTP Error 503"))
     assert not is_transient(ValueError("checksum mismatch"))
@@ -203,11 +205,17 @@ def test_only_transient_download_errors_are_retried(prefect_harness, monkeypatch
     monkeypatch.setattr(data_module, "source_from", flaky)
     data = _idx_data(idx_folder)
 
-    @flow
+    @engine.flow()
     def load_once():
         return load_data.with_options(retry_delay_seconds=0)(data)
 
-    assert load_once()["num_classes"] == 10 and len(calls) == 2  # failed, then retried
+    def running():
+        return engine.in_process() if mode == "in process" else contextlib.nullcontext()
+
+    with running():
+        assert load_once()["num_classes"] == 10 and len(calls) == 2  # failed, then retried
+    if mode == "in process":  # by cnnflow's engine, from the task's own retry options
+        assert "load data failed (TransientError: connection reset by peer); retry 1 of 2 in 0 s" in capsys.readouterr().err
 
     def wrong(data):
         calls.append(1)
@@ -215,7 +223,7 @@ def test_only_transient_download_errors_are_retried(prefect_harness, monkeypatch
 
     calls.clear()
     monkeypatch.setattr(data_module, "source_from", wrong)
-    with pytest.raises(DataError):
+    with running(), pytest.raises(DataError):
         load_once()
     assert len(calls) == 1  # a setting to fix is not retried
 
