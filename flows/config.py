@@ -6,6 +6,8 @@ The CLI, Prefect deployments, sweeps and tests all call `compose_config(experime
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -29,25 +31,11 @@ def choices(group: str) -> list[str]:
 
 def compose_config(experiment: str = "quickstart", overrides: list[str] | None = None) -> dict[str, Any]:
     """The resolved settings of one run, as a plain dict (JSON-able, loggable, picklable)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     if experiment not in choices("experiment"):
         raise SettingsError(f"Unknown experiment {experiment!r}; the experiments are: {', '.join(choices('experiment'))}")
     overrides = list(overrides or [])
     refuse_interpolations(overrides)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(_conf_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=[f"experiment={experiment}", *overrides])
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-    except (HydraException, OmegaConfBaseException) as error:
-        raise _settings_error(error, experiment, overrides) from None
-    finally:
-        GlobalHydra.instance().clear()
+    resolved = copy.deepcopy(_composed(experiment, tuple(overrides)))
     resolved["experiment"] = experiment
     resolved["overrides"] = overrides
     from cnnflow.flows import runtime, settings
@@ -58,6 +46,27 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
     settings.check_components(resolved)  # ... and the components import it
     resolved["runtime"]["precision"] = runtime.resolved_precision(resolved["runtime"]["precision"])
     return resolved
+
+
+@functools.lru_cache(maxsize=16)
+def _composed(experiment: str, overrides: tuple[str, ...]) -> dict[str, Any]:
+    """Hydra's composition, once per process for the same arguments (the CLI checks a run's
+    settings before its flow starts, and the flow composes them again from its parameters)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(_conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={experiment}", *overrides])
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise _settings_error(error, experiment, list(overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def refuse_interpolations(overrides: list[str]) -> None:

@@ -37,6 +37,10 @@ def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
     check_store(uri, must_exist)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:"):
+        import logging
+
+        for chatty in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+            logging.getLogger(chatty).setLevel(logging.WARNING)
         with store_lock("create"):
             mlflow.MlflowClient().search_experiments(max_results=1)  # creates and migrates the tables
     return uri
