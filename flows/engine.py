@@ -4,36 +4,52 @@ With a Prefect server to record them (PREFECT_API_URL, a profile, `cnnflow serve
 every flow and task run goes through Prefect and shows in its UI. A command with no server
 configured would need a temporary one of its own: ~4 s before the first step on a 2-core machine,
 and its records vanish when the command ends. So such a command runs `in_process()`: the same flow
-functions, steps, retries and log lines, nothing sent to Prefect (MLflow records the run either way).
+functions, steps, retries and log lines, nothing sent to Prefect (MLflow records the run either way),
+and Prefect itself (~1 s to import) is not even imported.
 
-Flows and tasks are declared with `flow(...)` and `task(...)` below, which take Prefect's options and
-make Prefect's objects (deployments and `serve` use them as usual); only calling them checks the mode.
+Flows and tasks are declared with `flow(...)` and `task(...)` below, which take Prefect's options
+(`cache_policy="none"` for Prefect's NONE); Prefect's objects are made when first needed (a run
+under Prefect, a deployment) and used as usual.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
-
-import prefect
 
 _in_process = contextvars.ContextVar("cnnflow_in_process", default=False)
 log = logging.getLogger("cnnflow")
 
 
 def configured_api_url() -> str | None:
-    """PREFECT_API_URL from the environment or the active Prefect profile, if any."""
-    import os
-
+    """PREFECT_API_URL from the environment or Prefect's settings (the active profile, a prefect.toml
+    or .env here, a test harness), if any. Prefect is asked only when something could have set it."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
+    if "prefect" not in sys.modules and not _prefect_settings_files():
+        return None
     from prefect.settings import PREFECT_API_URL
 
     return PREFECT_API_URL.value() or None
+
+
+def _prefect_settings_files() -> list[Path]:
+    """The files Prefect reads settings from that exist here (Prefect 3: profiles, prefect.toml, .env,
+    pyproject.toml's [tool.prefect])."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    found = [path for path in (Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser(),
+                               Path("prefect.toml"), Path(".env")) if path.is_file()]
+    pyproject = Path("pyproject.toml")
+    if pyproject.is_file() and "[tool.prefect" in pyproject.read_text(errors="replace"):
+        found.append(pyproject)
+    return found
 
 
 @contextlib.contextmanager
@@ -62,55 +78,75 @@ def in_process():
 
 def run_logger():
     """The log of the flow or task run going on: Prefect's run logger, or cnnflow's in process."""
-    return log if _in_process.get() else prefect.get_run_logger()
+    if _in_process.get():
+        return log
+    from prefect import get_run_logger
+
+    return get_run_logger()
 
 
-class Task(prefect.Task):
+class Step:
+    """One flow or task: its function and Prefect's options, and Prefect's object made from them
+    when first needed. Calling it runs it as the mode says; other attributes are Prefect's."""
+
+    def __init__(self, kind: str, fn, options: dict[str, Any]):
+        functools.update_wrapper(self, fn)
+        self.kind, self.fn, self.options = kind, fn, options
+        self.name = options.get("name") or fn.__name__
+
+    @functools.cached_property
+    def prefect(self):
+        import prefect
+
+        options = dict(self.options)
+        if options.get("cache_policy") == "none":
+            from prefect.cache_policies import NONE
+
+            options["cache_policy"] = NONE
+        return getattr(prefect, self.kind)(**options)(self.fn)
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__") or attribute == "prefect":  # not there: no detour through Prefect
+            raise AttributeError(attribute)
+        return getattr(self.prefect, attribute)
+
+    def with_options(self, **options) -> Step:
+        return Step(self.kind, self.fn, {**self.options, **options})
+
     def __call__(self, *args, **kwargs):
         if not _in_process.get():
-            return super().__call__(*args, **kwargs)
+            return self.prefect(*args, **kwargs)
+        if self.kind == "flow":
+            log.info(f"{self.name} flow runs in this process: no Prefect server is configured (set PREFECT_API_URL "
+                     f"to record flow runs in one)")
+            return self.fn(*args, **kwargs)
         return _with_retries(self, args, kwargs)
-
-    def with_options(self, **options):
-        changed = super().with_options(**options)  # Prefect's makes a plain Task: keep it ours
-        changed.__class__ = type(self)
-        return changed
-
-
-class Flow(prefect.Flow):
-    def with_options(self, **options):
-        changed = super().with_options(**options)
-        changed.__class__ = type(self)
-        return changed
-
-    def __call__(self, *args, **kwargs):
-        if not _in_process.get():
-            return super().__call__(*args, **kwargs)
-        log.info(f"{self.name} flow runs in this process: no Prefect server is configured (set PREFECT_API_URL to "
-                 f"record flow runs in one)")
-        return self.fn(*args, **kwargs)
 
 
 def task(**options) -> Any:
-    return lambda fn: Task(fn=fn, **options)
+    return lambda fn: Step("task", fn, options)
 
 
 def flow(**options) -> Any:
-    return lambda fn: Flow(fn=fn, **options)
+    return lambda fn: Step("flow", fn, options)
 
 
-def _with_retries(step: Task, args: tuple, kwargs: dict):
+def _with_retries(step: Step, args: tuple, kwargs: dict):
     """The task's function, retried as its Prefect options say (count, delays, condition)."""
-    from prefect.states import Failed
-
-    retries = step.retries or 0
-    delays = step.retry_delay_seconds or 0
+    retries = step.options.get("retries") or 0
+    delays = step.options.get("retry_delay_seconds") or 0
+    condition = step.options.get("retry_condition_fn")
     for attempt in range(retries + 1):
         try:
             return step.fn(*args, **kwargs)
         except Exception as error:
-            condition = step.retry_condition_fn
-            if attempt == retries or (condition and not condition(step, None, Failed(data=error))):
+            if attempt < retries and condition:
+                from prefect.states import Failed  # what a retry condition reads; only on a failure
+
+                retry = condition(step, None, Failed(data=error))
+            else:
+                retry = attempt < retries
+            if not retry:
                 raise
             delay = delays[min(attempt, len(delays) - 1)] if isinstance(delays, list) else delays
             log.warning(f"{step.name} failed ({type(error).__name__}: {error}); retry {attempt + 1} of {retries} "

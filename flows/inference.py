@@ -17,7 +17,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from prefect.cache_policies import NONE
 
 from cnnflow.components.errors import DataError, RunError
 from cnnflow.flows import tracking
@@ -65,7 +64,7 @@ def resolve_model(reference: str) -> tuple[str, str]:
                        f"{str(error).splitlines()[0]}") from None
 
 
-@task(name="evaluate model", cache_policy=NONE)
+@task(name="evaluate model", cache_policy="none")
 def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
     """Loss and metrics of the model on `split`: a role of the run's own split (train, valid, test)
     or a split string of the data (`test[:500]`)."""
@@ -153,7 +152,7 @@ def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     return rgb if channels == 3 else gray[..., np.newaxis]
 
 
-@task(name="predict", cache_policy=NONE)
+@task(name="predict", cache_policy="none")
 def predict_files(model_uri: str, run_id: str, files: list[str]) -> list[dict[str, Any]]:
     """One row per image: file, predicted label, its probability (and P(positive) for binary models)."""
     import tensorflow as tf

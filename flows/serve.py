@@ -30,7 +30,7 @@ def deployments(experiment: str, overrides: list[str]) -> list:
         pass
     module = EntrypointType.MODULE_PATH  # runs import cnnflow, wherever it is installed
     tags = ["cnnflow"]
-    return [
+    made = [
         train_flow.to_deployment("cnnflow", parameters={"experiment": experiment, "overrides": overrides},
                                  entrypoint_type=module, tags=tags,
                                  description="Train: fill in an experiment and Hydra overrides (key=value)."),
@@ -42,6 +42,21 @@ def deployments(experiment: str, overrides: list[str]) -> list:
                                    description=f"Retrain {schedule_name(cfg)} on growing subsets "
                                                f"{cfg['retrain']['sizes']}, promoting only improvements."),
     ]
+    for deployment, step in zip(made, (train_flow, continue_flow, evaluate_flow, predict_flow, retrain_flow)):
+        deployment.entrypoint = f"{__name__}.{step.fn.__name__}"  # a Prefect flow: see __getattr__ below
+    return made
+
+
+def __getattr__(name: str):
+    """`cnnflow.flows.serve.<flow function>` is that flow's Prefect object: what a deployment's
+    entrypoint must name (cnnflow's flow objects make Prefect's only when needed, flows/engine.py)."""
+    from cnnflow.flows import inference, retrain, train
+
+    for module in (train, inference, retrain):
+        step = getattr(module, name, None)
+        if step is not None and hasattr(step, "kind") and step.kind == "flow":
+            return step.prefect
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def serve_all(experiment: str, overrides: list[str]) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -275,9 +276,12 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
     Ctrl-C or SIGTERM; the folder (and its checkpoints) stays either way.
     """
     import mlflow
-    from prefect.exceptions import TerminationSignal
-    from prefect.runtime import flow_run
 
+    under_prefect = "prefect" in sys.modules  # in process (flows/engine.py), Prefect is not even imported
+    if under_prefect:
+        from prefect.exceptions import TerminationSignal
+        from prefect.runtime import flow_run
+    stops = (KeyboardInterrupt, TerminationSignal) if under_prefect else (KeyboardInterrupt,)
     with contextlib.ExitStack() as held:
         if run_id:
             output_dir = Path(mlflow.MlflowClient().get_run(run_id).data.tags["output_dir"])
@@ -294,11 +298,11 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
                                   "config_hash": config_hash(cfg), **cfg.get("tags", {})})
                 output_dir.mkdir(parents=True, exist_ok=True)
                 held.enter_context(_lock(output_dir))
-            if flow_run.id:  # under a Prefect server: the two UIs point at each other's record
+            if under_prefect and flow_run.id:  # the two UIs point at each other's record
                 set_tags(run_id, {"prefect.flow_run_id": flow_run.id})
             yield run_id, output_dir
             status = "FINISHED"
-        except (KeyboardInterrupt, TerminationSignal):
+        except stops:
             status = "KILLED"
             raise
         finally:

@@ -3,7 +3,7 @@
     load data -> split -> build model -> train -> evaluate -> plot
 
 one MLflow run per flow run. Tasks pass paths, split files and run ids, never datasets or models, so
-each step can be read (and retried) on its own in the Prefect UI; `cache_policy=NONE` because their
+each step can be read (and retried) on its own in the Prefect UI; `cache_policy="none"` because their
 inputs are settings dicts and files, not values worth hashing.
 """
 
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect.cache_policies import NONE
 
 from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError
@@ -45,7 +44,7 @@ def _prepare_tensorflow(cfg: dict[str, Any]) -> None:
     runtime.set_precision(cfg["runtime"])
 
 
-@task(name="load data", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
+@task(name="load data", cache_policy="none", retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=_retry_unless_user_error)
 def load_data(data: dict[str, Any]) -> dict[str, Any]:
     """Downloads or reads the data source and checks every partition the splits use (file kinds,
@@ -61,7 +60,7 @@ def load_data(data: dict[str, Any]) -> dict[str, Any]:
             "num_classes": info.num_classes, "class_names": list(info.class_names)}
 
 
-@task(name="split", cache_policy=NONE)
+@task(name="split", cache_policy="none")
 def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, output_dir: str) -> str:
     """Fixed-seed train/validation/test positions, saved as split.npz; sizes become run tags and the
     per-class counts a table (split_counts.json)."""
@@ -101,7 +100,7 @@ def _optimizer(cfg: dict[str, Any], train_size: int):
     return registry.build("optimizer", cfg["optimizer"], **extra)
 
 
-@task(name="build model", cache_policy=NONE)
+@task(name="build model", cache_policy="none")
 def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, output_dir: str) -> str:
     """The registered model, compiled with the configured loss and optimizer, saved untrained."""
     from cnnflow.components.data import Split
@@ -121,7 +120,7 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, 
     return str(path)
 
 
-@task(name="train", cache_policy=NONE)
+@task(name="train", cache_policy="none")
 def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: str, output_dir: str,
                 initial_epoch: int = 0) -> str:
     """Fits from `initial_epoch` up to train.epochs, logging and checkpointing every epoch; saves the
@@ -256,7 +255,7 @@ def _probabilities(cfg: dict[str, Any], outputs):
     return expit(outputs) if outputs.ndim == 1 else softmax(outputs, axis=1)
 
 
-@task(name="evaluate", cache_policy=NONE)
+@task(name="evaluate", cache_policy="none")
 def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: str, output_dir: str,
                    epochs_done: int = 0) -> dict:
     """Test loss and metrics (logged as test_*, step = epochs trained, so each stage keeps its own
@@ -282,7 +281,7 @@ def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id
     return metrics
 
 
-@task(name="plot", cache_policy=NONE)
+@task(name="plot", cache_policy="none")
 def plot_results(cfg: dict[str, Any], features: dict[str, Any], split_path: str, run_id: str,
                  output_dir: str) -> list[str]:
     """The configured figures, written to <output>/figures/ and logged to the run's figures/."""
