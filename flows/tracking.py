@@ -33,6 +33,8 @@ def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
     store is created under a lock, so two processes starting at once both get a working one.
     `must_exist`: commands that only read (runs, evaluate, predict) never create an empty store."""
     import mlflow
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     uri = tracking_uri(cfg)
     check_store(uri, must_exist)
@@ -43,8 +45,35 @@ def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
         for chatty in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
             logging.getLogger(chatty).setLevel(logging.WARNING)
         with store_lock("create"):
-            mlflow.MlflowClient().search_experiments(max_results=1)  # creates and migrates the tables
+            _create_whole(Path(uri.removeprefix("sqlite:///")).expanduser())
+            try:
+                mlflow.MlflowClient().search_experiments(max_results=1)  # migrates an older store's tables
+            except (SQLAlchemyError, MlflowException) as error:
+                if "disk is full" in str(error):
+                    raise  # the CLI says which disk
+                raise InfrastructureError(f"the MLflow store {uri} cannot be opened ({_first_line(error)}); if an "
+                                          f"upgrade of it was interrupted, restore it from a copy or move it aside; "
+                                          f"or {_FIX}") from None
     return uri
+
+
+def _create_whole(path: Path) -> None:
+    """A new SQLite store is made under a name of its own and renamed into place once MLflow has
+    created every table: a creation killed half-way leaves no half-made store behind."""
+    import mlflow
+
+    if path.exists():
+        return
+    for abandoned in path.parent.glob(f"{path.name}.creating-*"):  # under the lock: nobody else creates
+        abandoned.unlink(missing_ok=True)
+    partial = path.with_name(f"{path.name}.creating-{os.getpid()}")
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{partial}").search_experiments(max_results=1)
+    os.replace(partial, path)
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 _FIX = "set MLFLOW_TRACKING_URI (or tracking_uri=...) to a store you can use"

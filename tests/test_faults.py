@@ -481,6 +481,31 @@ def test_two_processes_creating_one_new_store_both_work(tmp_path):
     assert len(mlflow.search_runs([experiment.experiment_id], output_format="list")) == 2
 
 
+def test_a_store_creation_killed_half_way_leaves_no_store_and_a_damaged_store_is_one_line(tmp_path, monkeypatch,
+                                                                                          capsys):
+    uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
+    go.write_text("")
+    creating = subprocess.Popen([sys.executable, "-c", CREATE_STORE, uri, str(go)], cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("mlflow.db.creating-*")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    creating.kill()  # as soon as the new store's file exists: MLflow is creating its tables
+    creating.wait()
+    assert list(tmp_path.glob("mlflow.db.creating-*")) and not (tmp_path / "mlflow.db").exists()
+    tracking.use_store({"tracking_uri": uri})  # the next command creates a whole one
+    assert (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("mlflow.db.creating-*"))
+    assert [e.name for e in mlflow.search_experiments()] == ["Default"]
+
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "mlflow.db").write_bytes(b"not a database, half an upgrade" * 100)
+    monkeypatch.chdir(tmp_path / "damaged")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["train", "train.epochs=1"]) == 5
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("cnnflow: error: the MLflow store sqlite:///mlflow.db cannot be opened (") and \
+        "\n" not in error and "move it aside" in error, error
+
+
 def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_store):
     import keras
 
