@@ -34,6 +34,6 @@ def test_mnist_recipe_on_real_digits_reaches_96_percent(shared_data, prefect_har
 
 @pytest.mark.slow
 def test_full_fashion_mnist_recipe_reaches_the_plain_keras_result(shared_data, prefect_harness, mlflow_store):
-    """The full 20-epoch recipe (~10 min in bfloat16, `auto` here): within 0.5 points of the plain Keras script's 91.24%."""
+    """The full 20-epoch recipe (~10 min in bfloat16): within 0.5 points of the plain script's 91.24%."""
     run_id = train_flow("fashion_mnist", ["data.source=idx", f"data.path={shared_data / 'fashion-mnist'}"])
     assert MlflowClient().get_run(run_id).data.metrics["test_accuracy"] >= 0.907
