@@ -45,7 +45,7 @@ def test_a_mixed_bfloat16_training_runs_end_to_end(prefect_harness, mlflow_store
     assert model.get_layer("conv_1").dtype_policy.name == "mixed_bfloat16"
     assert model.get_layer("conv_1").kernel.dtype == "float32"  # weights stay float32
     assert run.data.params["runtime.precision"] == "mixed_bfloat16"
-    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0 and run.data.metrics["test_loss"] > 0
+    assert run.data.metrics["test_accuracy"] >= 0.6  # it learns: 0.9 here after one epoch (chance: 0.1)
 
 
 def test_auto_precision_is_resolved_recorded_and_frozen_for_a_continuation(prefect_harness, mlflow_store, tmp_path,

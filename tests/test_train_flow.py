@@ -43,7 +43,8 @@ def test_run_has_settings_metrics_tags_and_config(finished_run):
     for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
         history = client.get_metric_history(run_id, name)
         assert [m.step for m in history] == [1, 2], name
-    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0 and run.data.metrics["test_loss"] > 0
+    # the generated digits (a bar whose height is the label) are learnt in 2 epochs: 100% on seeds 1 and 2
+    assert run.data.metrics["test_accuracy"] >= 0.95 and run.data.metrics["test_loss"] < 0.5
     tags = run.data.tags
     assert (tags["split.train_size"], tags["split.valid_size"], tags["split.test_size"]) == ("200", "40", "60")
     assert tags["seed"] == "1" and tags["code_version"]
