@@ -89,15 +89,31 @@ def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen) -> 
     raise AssertionError("no checkpoint in time")
 
 
-def test_a_killed_training_resumes_from_its_last_completed_epoch(prefect_harness, mlflow_store, idx):
+def test_a_killed_training_resumes_from_its_last_completed_epoch(prefect_harness, mlflow_store, idx, monkeypatch):
+    from cnnflow.flows import train as train_module
+
     overrides = tiny_overrides(idx, epochs=25)
     process = cli(["train", "experiment=mnist", *overrides])
     folder = wait_for_checkpoint(Path(mlflow_store.removeprefix("sqlite:///")).parent, 3, process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    killed_at = read_checkpoint(folder)["epoch"]
+    checkpoint = read_checkpoint(folder)
+    killed_at = checkpoint["epoch"]
     assert 3 <= killed_at < 25
+    saved = keras.models.load_model(checkpoint["path"]).get_weights()
+    started_from = []
+
+    def load_start_model(path, initial_epoch):  # what the resumed training starts from, as loaded
+        model = load(path, initial_epoch)
+        started_from.append(([w.copy() for w in model.get_weights()], int(model.optimizer.iterations)))
+        return model
+
+    load = train_module._load_start_model
+    monkeypatch.setattr(train_module, "_load_start_model", load_start_model)
     run_id = train_flow("mnist", overrides)
+    [(weights, iterations)] = started_from
+    assert all(np.array_equal(a, b) for a, b in zip(weights, saved, strict=True))  # the checkpoint's weights
+    assert iterations == killed_at * STEPS_PER_EPOCH  # and its optimizer state
     assert run_id == folder.name  # the same MLflow run, resumed
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert steps(run_id) == list(range(1, 26))  # one unbroken curve, no epoch twice
