@@ -65,3 +65,9 @@ def exit_code(error: BaseException) -> int:
         return EXIT_INTERRUPTED
     signal_number = getattr(error, "signal", None)  # Prefect's TerminationSignal (SIGTERM inside a flow)
     return 128 + signal_number if isinstance(signal_number, int) else 1
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters), for a one-line report."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__

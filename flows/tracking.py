@@ -14,7 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from cnnflow.components.errors import InfrastructureError, RunError
+from cnnflow.components.errors import InfrastructureError, RunError, first_line
 from cnnflow.flows.config import flatten, to_yaml
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a file in the working directory
@@ -51,7 +51,7 @@ def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
             except (SQLAlchemyError, MlflowException) as error:
                 if "disk is full" in str(error):
                     raise  # the CLI says which disk
-                raise InfrastructureError(f"the MLflow store {uri} cannot be opened ({_first_line(error)}); if an "
+                raise InfrastructureError(f"the MLflow store {uri} cannot be opened ({first_line(error)}); if an "
                                           f"upgrade of it was interrupted, restore it from a copy or move it aside; "
                                           f"or {_FIX}") from None
     return uri
@@ -69,11 +69,6 @@ def _create_whole(path: Path) -> None:
     partial = path.with_name(f"{path.name}.creating-{os.getpid()}")
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{partial}").search_experiments(max_results=1)
     os.replace(partial, path)
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
 
 
 _FIX = "set MLFLOW_TRACKING_URI (or tracking_uri=...) to a store you can use"

@@ -316,7 +316,7 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache
     from cnnflow.components.augment import compose
 
     chosen = examples(data, split, role)
-    where = cache or caching.plan(data, cache_needs(data, split))[role]
+    where = cache or (caching.plan(data, cache_needs(data, split))[role] if role in caching.CACHED_ROLES else "none")
     training = role == "train"
     transform = compose(data["transforms"]["train" if training else "eval"])
     if isinstance(chosen.images, Records):

@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from cnnflow.components.data.core import DataError, DataInfo, Partition, Records
-from cnnflow.components.errors import TransientError
+from cnnflow.components.errors import TransientError, first_line
 from cnnflow.components.registry import register
 
 
@@ -29,9 +29,9 @@ class TfdsSource:
         except Exception as error:  # TFDS raises many types for a failed download
             if is_transient(error):  # the load-data task retries it (5 s, then 30 s)
                 raise TransientError(f"TFDS could not download {name!r}, maybe for a moment ({type(error).__name__}: "
-                                     f"{_first_line(error)}); if it persists, " + _LOCAL_HINT) from error
+                                     f"{first_line(error)}); if it persists, " + _LOCAL_HINT) from error
             raise DataError(
-                f"TFDS could not download or prepare {name!r} ({type(error).__name__}: {_first_line(error)}); "
+                f"TFDS could not download or prepare {name!r} ({type(error).__name__}: {first_line(error)}); "
                 + _LOCAL_HINT
             ) from error
         features = self.builder.info.features
@@ -56,7 +56,7 @@ class TfdsSource:
                 return self.builder.as_dataset(split=name, shuffle_files=False, **how)
             except (KeyError, ValueError) as error:
                 raise DataError(f"TFDS {self.builder.name!r} has partitions {sorted(self.builder.info.splits)}, "
-                                f"not {name!r} ({_first_line(error)})") from None
+                                f"not {name!r} ({first_line(error)})") from None
 
         if not self.attribute:
             images, labels = self._arrays(examples(as_supervised=True))
@@ -110,11 +110,6 @@ def is_transient(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else "no message"
 
 
 @register("dataset", "tfds")
