@@ -163,7 +163,7 @@ def run_train(overrides: list[str], multirun: bool) -> int:
     """One training, or a sweep's jobs one after another. Every job's settings and the store are
     checked first, before any server starts; in a sweep a failed job does not stop the others."""
     from cnnflow.components.errors import UserError
-    from cnnflow.flows import tracking
+    from cnnflow.flows import store
     from cnnflow.flows.config import compose_config
 
     jobs = sweep_jobs(overrides) if multirun else [overrides]
@@ -174,7 +174,7 @@ def run_train(overrides: list[str], multirun: bool) -> int:
         if multirun:
             job_overrides += [f"+tags.sweep={sweep_id}", f"+tags.sweep_job={number}"]
         try:
-            tracking.use_store(compose_config(experiment, job_overrides))
+            store.use_store(compose_config(experiment, job_overrides))
             planned.append((job, experiment, job_overrides, None))
         except UserError as error:
             if not multirun:
@@ -212,9 +212,9 @@ def _run_flow(args: argparse.Namespace):
         from cnnflow.flows.serve import serve_all
 
         return serve_all(*split_experiment(args.overrides))
-    from cnnflow.flows import tracking
+    from cnnflow.flows import store
 
-    tracking.use_store({}, must_exist=True)  # these read runs: no store here is one line, not an empty new one
+    store.use_store({}, must_exist=True)  # these read runs: no store here is one line, not an empty new one
     if args.command == "runs":
         from cnnflow.flows.runs import runs_table
 

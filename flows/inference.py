@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 
 from cnnflow.components.errors import DataError, RunError
-from cnnflow.flows import tracking
+from cnnflow.flows import store
 from cnnflow.flows.engine import flow, run_logger, task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -32,7 +32,7 @@ def resolve_model(reference: str) -> tuple[str, str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    tracking.use_store({}, must_exist=True)
+    store.use_store({}, must_exist=True)
     client = MlflowClient()
     try:
         if reference.startswith("models:/"):
@@ -49,7 +49,7 @@ def resolve_model(reference: str) -> tuple[str, str]:
                 reference = f"models:/{name}/{found.version}"
             return reference, found.run_id
         run_id, _, path = reference.removeprefix("runs:/").partition("/")
-        run_id = tracking.full_run_id(run_id)
+        run_id = store.full_run_id(run_id)
         if path:  # the model named, never silently another one
             uri = f"runs:/{run_id}/{path.rstrip('/')}"
             try:
@@ -71,7 +71,7 @@ def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
     from cnnflow.components.data import Split, make_dataset, parse_split
     from cnnflow.components.data.core import partition_of, split_positions
 
-    cfg, output_dir = tracking.run_settings(run_id)
+    cfg, output_dir = store.run_settings(run_id)
     if split in ("train", "valid", "test"):
         chosen, role = Split.load(output_dir / "split.npz"), split
     else:
@@ -87,12 +87,12 @@ def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
 def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
     """Evaluate a logged or registered model on a split; the result is an MLflow run of its own."""
     model_uri, run_id = resolve_model(model)
-    cfg, _ = tracking.run_settings(run_id)
+    cfg, _ = store.run_settings(run_id)
     metrics = evaluate_split(model_uri, run_id, split)
-    tracking.use_store(cfg)
-    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=f"evaluate {split}") as run:
-        tracking.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split})
-        tracking.log_metrics(run.info.run_id, {f"eval_{name}": value for name, value in metrics.items()})
+    store.use_store(cfg)
+    with mlflow.start_run(experiment_id=store.experiment_id(cfg), run_name=f"evaluate {split}") as run:
+        store.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split})
+        store.log_metrics(run.info.run_id, {f"eval_{name}": value for name, value in metrics.items()})
     run_logger().info(f"{model_uri} on {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
@@ -160,8 +160,8 @@ def predict_files(model_uri: str, run_id: str, files: list[str]) -> list[dict[st
     from cnnflow.components.augment import compose
     from cnnflow.flows.train import _probabilities
 
-    cfg, output_dir = tracking.run_settings(run_id)
-    features = tracking.run_features(run_id, output_dir)
+    cfg, output_dir = store.run_settings(run_id)
+    features = store.run_features(run_id, output_dir)
     shape = tuple(features["image_shape"])
     images = np.stack([read_image(Path(f), shape) for f in files])
     transform = compose(cfg["data"]["transforms"]["eval"])
@@ -228,9 +228,9 @@ def predict_flow(model: str, paths: list[str], csv_path: str | None = None,
             writer.writeheader()
             writer.writerows(rows)
     if figure_file:
-        _, output_dir = tracking.run_settings(run_id)
+        _, output_dir = store.run_settings(run_id)
         with _written_whole(figure_file) as temporary:
-            _figure(rows, tuple(tracking.run_features(run_id, output_dir)["image_shape"]), temporary)
+            _figure(rows, tuple(store.run_features(run_id, output_dir)["image_shape"]), temporary)
     return rows
 
 

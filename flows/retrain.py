@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 
-from cnnflow.flows import tracking
+from cnnflow.flows import store
 from cnnflow.flows.config import compose_config
 from cnnflow.flows.engine import flow, run_logger
 from cnnflow.flows.train import train_flow
@@ -73,7 +73,7 @@ def retrain_flow(experiment: str = "celeba", overrides: list[str] | None = None)
     cfg = compose_config(experiment, overrides)
     if not cfg["registry"].get("name"):
         cfg = compose_config(experiment, overrides + [f"registry.name={experiment}"])
-    tracking.use_store(cfg)
+    store.use_store(cfg)
     schedule = schedule_name(cfg)
     done = finished_runs(cfg, schedule)
     sizes = checked_sizes(cfg, overrides)

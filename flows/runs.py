@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 
 from cnnflow.components.errors import RunError
-from cnnflow.flows import tracking
+from cnnflow.flows import store
 
 COLUMNS = ("run", "experiment", "status", "started", "model", "train", "epochs", "best val_acc", "test_acc",
            "overrides")
@@ -35,16 +35,16 @@ def runs_table(experiment: str | None = None, limit: int = 20) -> str:
     """The `limit` newest runs of one MLflow experiment (or all), one line each."""
     import mlflow
 
-    tracking.use_store({}, must_exist=True)
+    store.use_store({}, must_exist=True)
     experiments = mlflow.search_experiments()
     names = {e.experiment_id: e.name for e in experiments}
     if experiment and experiment not in names.values():
-        raise RunError(f"no MLflow experiment {experiment!r} in {tracking.tracking_uri({})}; "
+        raise RunError(f"no MLflow experiment {experiment!r} in {store.tracking_uri({})}; "
                        f"there are: {', '.join(sorted(names.values())) or 'none'}")
     ids = [i for i, name in names.items() if experiment in (None, name)]
     runs = mlflow.search_runs(ids, output_format="list", order_by=["attributes.start_time DESC"], max_results=limit)
     if not runs:
-        return f"no runs in {tracking.tracking_uri({})}"
+        return f"no runs in {store.tracking_uri({})}"
     rows = [list(COLUMNS)] + [_row(run, names) for run in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

@@ -17,7 +17,7 @@ import mlflow
 
 from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError
-from cnnflow.flows import interrupts, runtime, settings, tracking
+from cnnflow.flows import interrupts, lifecycle, promotion, runtime, settings, store
 from cnnflow.flows.config import compose_config
 from cnnflow.flows.engine import flow, run_logger, task
 
@@ -68,7 +68,7 @@ def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, outpu
 
     split = make_split(cfg["data"], cfg["seed"])
     sizes = split.sizes()
-    tracking.set_tags(run_id, {f"split.{role}_size": size for role, size in sizes.items()}
+    store.set_tags(run_id, {f"split.{role}_size": size for role, size in sizes.items()}
                       | {f"split.{role}": split.partitions[role] for role in sizes})
     counts = class_counts(cfg["data"], split, tuple(features["class_names"]))
     rows = [(role, name, n) for role, per_class in counts.items() for name, n in per_class.items()]
@@ -136,7 +136,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     strategy = runtime.distribution(cfg["runtime"])
     with strategy.scope():  # variables and optimizer state live on every replica
         model = _load_start_model(model_path, initial_epoch)
-    tracking.set_tags(run_id, {"replicas": strategy.num_replicas_in_sync})
+    store.set_tags(run_id, {"replicas": strategy.num_replicas_in_sync})
     model.jit_compile = cfg["runtime"]["jit_compile"]
     _apply_learning_rate(model, cfg["optimizer"])
     output = Path(output_dir)
@@ -152,7 +152,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     needs = cache_needs(cfg["data"], split)
     kept = caching.plan(cfg["data"], needs)
     run_logger().info(caching.describe(kept, needs, cfg["data"]))
-    tracking.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
+    store.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
     # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
     data_seed = cfg["seed"] + initial_epoch
     with interrupts.noted(), strategy.scope():
@@ -166,7 +166,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
                        f"registered. Lower optimizer.learning_rate (or check the data)")
     model.save(output / "model.keras")
     logged = mlflow.keras.log_model(model, name="model", pip_requirements=model_requirements(), signature=_signature(model))
-    tracking.set_tags(run_id, {"model_uri": logged.model_uri})  # the newest stage's model
+    store.set_tags(run_id, {"model_uri": logged.model_uri})  # the newest stage's model
     (output / "history.json").write_text(json.dumps(checkpoint.history))
     return str(output / "model.keras")
 
@@ -275,7 +275,7 @@ def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id
         from sklearn.metrics import roc_auc_score
 
         metrics["test_roc_auc"] = float(roc_auc_score(labels, probabilities))
-    tracking.log_metrics(run_id, metrics, step=epochs_done)
+    store.log_metrics(run_id, metrics, step=epochs_done)
     np.savez(Path(output_dir) / "predictions.npz", labels=labels, probabilities=probabilities)
     run_logger().info("test: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
     return metrics
@@ -318,13 +318,13 @@ def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, featu
     from cnnflow.components.callbacks import read_checkpoint
 
     hardware = {"devices": runtime.devices(), "precision": cfg["runtime"]["precision"]}
-    tracking.set_tags(run_id, hardware)
+    store.set_tags(run_id, hardware)
     run_logger().info(f"training on {hardware['devices']} in {hardware['precision']}")
     trained = train_model(cfg, split_path, start_model, run_id, str(output_dir), initial_epoch)
     epochs_done = read_checkpoint(output_dir)["epoch"]
     metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir), epochs_done)
     plot_results(cfg, features, split_path, run_id, str(output_dir))
-    tracking.maybe_register(cfg, run_id, run_logger())
+    promotion.maybe_register(cfg, run_id, run_logger())
     return metrics
 
 
@@ -341,17 +341,17 @@ def train_flow(experiment: str = "quickstart", overrides: list[str] | None = Non
     unused = settings.unused_settings(cfg)
     if unused:
         logger.warning(f"settings the chosen components do not read (others of their kind do): {', '.join(unused)}")
-    store = tracking.use_store(cfg)
+    uri = store.use_store(cfg)
     features = load_data(cfg["data"])  # bad data files stop here, before any run exists
-    unfinished, checkpoint = tracking.find_unfinished(cfg, logger) if cfg["resume"] else (None, None)
-    with tracking.tracked_run(cfg, unfinished) as (run_id, output_dir):
+    unfinished, checkpoint = lifecycle.find_unfinished(cfg, logger) if cfg["resume"] else (None, None)
+    with lifecycle.tracked_run(cfg, unfinished) as (run_id, output_dir):
         if unfinished:
             logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}; outputs in {output_dir} "
                         f"(resume=false starts a new run instead)")
             split_path, start_model, initial_epoch = str(output_dir / "split.npz"), checkpoint["path"], checkpoint["epoch"]
         else:
-            logger.info(f"MLflow run {run_id} in {store}; outputs in {output_dir}")
-            tracking.log_settings(run_id, cfg, output_dir, features)
+            logger.info(f"MLflow run {run_id} in {uri}; outputs in {output_dir}")
+            store.log_settings(run_id, cfg, output_dir, features)
             split_path = split_data(cfg, features, run_id, str(output_dir))
             start_model, initial_epoch = build_model(cfg, features, split_path, str(output_dir)), 0
         metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, split_path, start_model, initial_epoch)
@@ -372,15 +372,15 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
 
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise SettingsError(f"epochs={epochs!r}: continue needs a positive number of epochs")
-    tracking.use_store({}, must_exist=True)
-    run_id = tracking.full_run_id(run_id)
-    stored, output_dir = tracking.run_settings(run_id)
-    tracking.use_store(stored)
+    store.use_store({}, must_exist=True)
+    run_id = store.full_run_id(run_id)
+    stored, output_dir = store.run_settings(run_id)
+    store.use_store(stored)
     cfg = compose_config(stored["experiment"], stored["overrides"] + list(overrides or []))
     if not any(override.startswith("runtime.precision=") for override in overrides or []):
         # what `auto` resolved to when the run started, even where it would resolve otherwise now
         cfg["runtime"]["precision"] = stored.get("runtime", {}).get("precision", cfg["runtime"]["precision"])
-    tracking.refuse_frozen_changes(stored, cfg)
+    lifecycle.refuse_frozen_changes(stored, cfg)
     found = checkpoints(output_dir)
     checkpoint = next((checkpoint for checkpoint, _ in found if checkpoint), None)
     if checkpoint is None:
@@ -389,9 +389,9 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     cfg["train"]["epochs"] = checkpoint["epoch"] + epochs
     logger = run_logger()
     runtime.use_environment(cfg["runtime"], logger)
-    with tracking.tracked_run(cfg, run_id) as (run_id, output_dir):
-        stage = tracking.next_stage(run_id)
-        tracking.set_tags(run_id, {f"stage.{stage}.epochs": f"{checkpoint['epoch'] + 1}-{cfg['train']['epochs']}",
+    with lifecycle.tracked_run(cfg, run_id) as (run_id, output_dir):
+        stage = lifecycle.next_stage(run_id)
+        store.set_tags(run_id, {f"stage.{stage}.epochs": f"{checkpoint['epoch'] + 1}-{cfg['train']['epochs']}",
                                    f"stage.{stage}.overrides": " ".join(overrides or []) or "(none)",
                                    "stages": stage, "epochs_total": cfg["train"]["epochs"]})
         logger.info(f"continuing run {run_id}: stage {stage}, epochs {checkpoint['epoch'] + 1}-{cfg['train']['epochs']}")

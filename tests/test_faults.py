@@ -28,7 +28,7 @@ from cnnflow.components import registry
 from cnnflow.components.callbacks import checkpoints, read_checkpoint
 from cnnflow.components.data import checked_partitions
 from cnnflow.components.errors import DataError, InfrastructureError, RunError, TransientError
-from cnnflow.flows import cli, settings, tracking
+from cnnflow.flows import cli, promotion, settings, store
 from cnnflow.flows.config import compose_config
 from cnnflow.flows.inference import evaluate_flow, image_files, predict_flow, read_image, resolve_model
 from cnnflow.flows.train import continue_flow, load_data, train_flow
@@ -423,7 +423,7 @@ def test_an_unreachable_or_silent_tracking_server_fails_within_seconds(tmp_path,
 def test_a_store_that_cannot_be_written_or_does_not_exist_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(InfrastructureError, match=r"cannot write the MLflow store .*a_file/mlflow.db: .*a_file: "):
-        tracking.check_store(f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}")
+        store.check_store(f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for command in (["runs"], ["evaluate", "0123abcd"], ["predict", "0123abcd", "x.png"], ["continue", "0123abcd"]):
@@ -460,10 +460,10 @@ from pathlib import Path
 while not Path(sys.argv[2]).exists():
     time.sleep(0.01)
 import mlflow
-from cnnflow.flows import tracking
+from cnnflow.flows import store
 cfg = {"tracking_uri": sys.argv[1], "experiment": "same"}
-tracking.use_store(cfg)
-with mlflow.start_run(experiment_id=tracking.experiment_id(cfg)):
+store.use_store(cfg)
+with mlflow.start_run(experiment_id=store.experiment_id(cfg)):
     mlflow.log_metric("x", 1.0)
 """
 
@@ -492,7 +492,7 @@ def test_a_store_creation_killed_half_way_leaves_no_store_and_a_damaged_store_is
     creating.kill()  # as soon as the new store's file exists: MLflow is creating its tables
     creating.wait()
     assert list(tmp_path.glob("mlflow.db.creating-*")) and not (tmp_path / "mlflow.db").exists()
-    tracking.use_store({"tracking_uri": uri})  # the next command creates a whole one
+    store.use_store({"tracking_uri": uri})  # the next command creates a whole one
     assert (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("mlflow.db.creating-*"))
     assert [e.name for e in mlflow.search_experiments()] == ["Default"]
 
@@ -522,7 +522,7 @@ def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_sto
 
     def finish(run_id):
         barrier.wait()
-        tracking.maybe_register(cfg, run_id, __import__("logging").getLogger("test"))
+        promotion.maybe_register(cfg, run_id, __import__("logging").getLogger("test"))
 
     threads = [threading.Thread(target=finish, args=(run_id,)) for run_id in runs]
     for thread in threads:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cnnflow.components.callbacks import read_checkpoint
 from cnnflow.components.errors import DataError, RunError
-from cnnflow.flows import tracking
+from cnnflow.flows import promotion
 from cnnflow.flows.inference import evaluate_flow, predict_flow
 from cnnflow.flows.train import continue_flow, train_flow
 from conftest import make_idx_folder, tiny_overrides
@@ -191,12 +191,12 @@ def test_registry_alias_moves_only_when_the_metric_improves(mlflow_store):
     cfg = {"registry": {"name": "digits", "alias": "champion", "metric": "val_accuracy", "mode": "max"}}
     log = logging.getLogger("test")
     first, worse, better = logged_run(0.90), logged_run(0.85), logged_run(0.95)
-    assert tracking.maybe_register(cfg, first, log) == 1
-    assert tracking.maybe_register(cfg, worse, log) is None
+    assert promotion.maybe_register(cfg, first, log) == 1
+    assert promotion.maybe_register(cfg, worse, log) is None
     assert MlflowClient().get_model_version_by_alias("digits", "champion").run_id == first
-    assert tracking.maybe_register(cfg, better, log) == 2
+    assert promotion.maybe_register(cfg, better, log) == 2
     assert MlflowClient().get_model_version_by_alias("digits", "champion").run_id == better
     assert MlflowClient().get_run(better).data.tags["registry.previous_champion"].startswith("digits v1")
     assert mlflow.keras.load_model("models:/digits@champion").count_params() == 3
     with pytest.raises(RunError, match="registry.metric='val_auc' is not logged"):
-        tracking.maybe_register({"registry": dict(cfg["registry"], metric="val_auc")}, better, log)
+        promotion.maybe_register({"registry": dict(cfg["registry"], metric="val_auc")}, better, log)

@@ -1,4 +1,5 @@
-"""MLflow bookkeeping shared by the flows: where the store is, and what every run records."""
+"""The MLflow store: where it is (resolved once, from the settings or the environment), that it can
+be used, and what every run records in it (settings, tags, metrics), read back by run id."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -199,77 +199,6 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-# ------------------------------------------------------------------------------- run life cycle
-
-# What a continuation may not change: it would no longer be the same training.
-FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtime.precision")
-
-
-def config_hash(cfg: dict[str, Any]) -> str:
-    """Identity of a training's settings (tags and the spelling of overrides aside)."""
-    identity = {key: value for key, value in cfg.items() if key not in ("tags", "overrides", "resume")}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _lock(folder: Path):
-    """Held while a process trains in `folder`; the OS releases it if the process dies."""
-    handle = open(folder / "run.lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RunError(f"another process is training run {folder.name} (in {folder}); wait for it to end, "
-                       f"or stop it first") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
-
-
-def _locked_elsewhere(folder: Path) -> bool:
-    try:
-        with _lock(folder):
-            return False
-    except RunError:
-        return True
-
-
-def find_unfinished(cfg: dict[str, Any], logger) -> tuple[str | None, dict | None]:
-    """The newest run of the same settings that stopped before finishing, and its newest usable
-    checkpoint; (None, None) to start afresh. What it skips and why goes to `logger`: a damaged
-    newest checkpoint (the one before it is used), a run without any usable one. A run of the same
-    settings that another process is training is refused (RunError naming resume=false), never
-    touched."""
-    import mlflow
-
-    from cnnflow.components.callbacks import checkpoints
-
-    found = mlflow.get_experiment_by_name(cfg.get("mlflow_experiment") or cfg["experiment"])
-    if not found:
-        return None, None
-    runs = mlflow.search_runs([found.experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.config_hash = '{config_hash(cfg)}' and attributes.status != 'FINISHED'")
-    for run in runs:
-        run_id, folder = run.info.run_id, Path(run.data.tags.get("output_dir", "/nonexistent"))
-        if not folder.is_dir():
-            continue
-        if _locked_elsewhere(folder):
-            raise RunError(f"run {run_id} has these settings and another process is training it; wait for it to end "
-                           f"(this command then resumes or finds it done), or add resume=false to start a separate run")
-        skipped = []
-        for checkpoint, why in checkpoints(folder):
-            if checkpoint:
-                for note in skipped:
-                    logger.warning(f"run {run_id}: {note}; resuming from {why} instead")
-                return run_id, checkpoint
-            skipped.append(why)
-        if skipped:
-            logger.warning(f"run {run_id} has no usable checkpoint ({'; '.join(skipped)}); starting a new run")
-    return None, None
-
-
 def full_run_id(reference: str) -> str:
     """A run id from a full id or a unique prefix of one (what `cnnflow runs` prints)."""
     import mlflow
@@ -291,64 +220,6 @@ def full_run_id(reference: str) -> str:
     raise RunError(f"no run {reference!r} in the MLflow store {mlflow.get_tracking_uri()} (cnnflow runs lists them)")
 
 
-@contextlib.contextmanager
-def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
-    """Start (or resume) an MLflow run and its output folder; yields (run_id, output folder).
-
-    An existing run's lock is taken before its status is touched, so a run that another process
-    trains is refused and left as it is. The run ends FINISHED, FAILED on an error, or KILLED on
-    Ctrl-C or SIGTERM; the folder (and its checkpoints) stays either way.
-    """
-    import mlflow
-
-    under_prefect = "prefect" in sys.modules  # in process (flows/engine.py), Prefect is not even imported
-    if under_prefect:
-        from prefect.exceptions import TerminationSignal
-        from prefect.runtime import flow_run
-    stops = (KeyboardInterrupt, TerminationSignal) if under_prefect else (KeyboardInterrupt,)
-    with contextlib.ExitStack() as held:
-        if run_id:
-            output_dir = Path(mlflow.MlflowClient().get_run(run_id).data.tags["output_dir"])
-            output_dir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(_lock(output_dir))
-        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id(cfg))
-        status = "FAILED"
-        try:
-            if not run_id:
-                run_id = run.info.run_id
-                output_dir = (Path(cfg["output_dir"]) / cfg["experiment"] / run_id).resolve()
-                set_tags(run_id, {"cnnflow.experiment": cfg["experiment"], "seed": cfg["seed"],
-                                  "output_dir": output_dir, "code_version": code_version(),
-                                  "config_hash": config_hash(cfg), **cfg.get("tags", {})})
-                output_dir.mkdir(parents=True, exist_ok=True)
-                held.enter_context(_lock(output_dir))
-            if under_prefect and flow_run.id:  # the two UIs point at each other's record
-                set_tags(run_id, {"prefect.flow_run_id": flow_run.id})
-            yield run_id, output_dir
-            status = "FINISHED"
-        except stops:
-            status = "KILLED"
-            raise
-        finally:
-            _end_run(status)
-
-
-def _end_run(status: str) -> None:
-    """End the active run; when the run already failed, a store that cannot take the status (a full
-    disk) must not hide why it failed."""
-    import logging
-
-    import mlflow
-
-    try:
-        mlflow.end_run(status)
-    except Exception as error:
-        if status == "FINISHED":
-            raise
-        text = str(error)
-        reason = "database or disk is full" if "database or disk is full" in text else text.splitlines()[0][:200]
-        logging.getLogger(__name__).warning(f"could not mark the run {status}: {reason}")
-
 
 def run_settings(run_id: str) -> tuple[dict[str, Any], Path]:
     """The composed settings a run was trained with, and its output folder (a full run id)."""
@@ -366,73 +237,6 @@ def run_settings(run_id: str) -> tuple[dict[str, Any], Path]:
         raise RunError(f"run {run_id} has no recorded settings (config.yaml): it ended ({run.info.status}) before "
                        f"its training started. Start a new one with cnnflow train") from None
 
-
-def refuse_frozen_changes(before: dict[str, Any], after: dict[str, Any]) -> None:
-    old, new = flatten(before), flatten(after)
-    changed = sorted(key for key in set(old) | set(new)
-                     if key.startswith(FROZEN_SETTINGS) and old.get(key) != new.get(key)
-                     and (key in old or not key.startswith("runtime.")))  # runs from before runtime.* existed
-    if changed:
-        details = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)
-        raise RunError(f"a continuation trains the same model on the same data; it cannot change {details}. "
-                            f"Start a new training for that (cnnflow train ...)")
-
-
-def next_stage(run_id: str) -> int:
-    from mlflow import MlflowClient
-
-    return int(MlflowClient().get_run(run_id).data.tags.get("stages", "1")) + 1
-
-
-def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
-    """Register the run's model as a new version of `registry.name` and move `registry.alias` to it,
-    when its `registry.metric` beats the value the alias holder had when it was registered."""
-
-    spec = cfg.get("registry") or {}
-    name, alias, metric, mode = spec.get("name"), spec.get("alias", "champion"), spec.get("metric"), spec.get("mode")
-    if not name:
-        return None
-    with store_lock("registry"):  # compare and move as one step: of two trainings ending together, the better wins
-        return _promote(run_id, name, alias, metric, mode, logger)
-
-
-def _promote(run_id: str, name: str, alias: str, metric: str, mode: str, logger) -> int | None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    run = client.get_run(run_id)
-    if metric not in run.data.metrics:
-        raise RunError(f"registry.metric={metric!r} is not logged by this run; it logs: {', '.join(sorted(run.data.metrics))}")
-    value = run.data.metrics[metric]
-    try:
-        champion = client.get_model_version_by_alias(name, alias)
-        best = float(champion.tags.get(f"metric.{metric}", "nan"))
-    except MlflowException:  # no such model or alias yet
-        champion, best = None, float("nan")
-    beats = champion is None or best != best or (value > best if mode == "max" else value < best)
-    previous = f"{name} v{champion.version} ({metric} {best:.4f})" if champion else "none"
-    if not beats:
-        logger.info(f"registry: {metric} {value:.4f} does not beat {alias} {previous}; {alias} stays")
-        set_tags(run_id, {"registry.outcome": f"kept {alias} {previous}"})
-        return None
-    _ensure_registered_model(client, name)
-    version = client.create_model_version(name, run.data.tags["model_uri"], run_id=run_id,
-                                          tags={f"metric.{metric}": str(value)})
-    client.set_registered_model_alias(name, alias, version.version)
-    set_tags(run_id, {"registry.outcome": f"registered {name} v{version.version} as {alias}",
-                      "registry.previous_champion": previous})
-    logger.info(f"registry: {name} v{version.version} is now {alias!r} ({metric} {value:.4f}; before: {previous})")
-    return int(version.version)
-
-
-def _ensure_registered_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
 
 
 def run_features(run_id: str, output_dir: Path) -> dict[str, Any]:

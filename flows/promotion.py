@@ -1,0 +1,61 @@
+"""Registry promotion: a run's model becomes a new version of `registry.name`, and the alias moves
+to it only when it beats the alias holder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnflow.components.errors import RunError
+from cnnflow.flows.store import set_tags, store_lock
+
+def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
+    """Register the run's model as a new version of `registry.name` and move `registry.alias` to it,
+    when its `registry.metric` beats the value the alias holder had when it was registered."""
+
+    spec = cfg.get("registry") or {}
+    name, alias, metric, mode = spec.get("name"), spec.get("alias", "champion"), spec.get("metric"), spec.get("mode")
+    if not name:
+        return None
+    with store_lock("registry"):  # compare and move as one step: of two trainings ending together, the better wins
+        return _promote(run_id, name, alias, metric, mode, logger)
+
+
+def _promote(run_id: str, name: str, alias: str, metric: str, mode: str, logger) -> int | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if metric not in run.data.metrics:
+        raise RunError(f"registry.metric={metric!r} is not logged by this run; it logs: {', '.join(sorted(run.data.metrics))}")
+    value = run.data.metrics[metric]
+    try:
+        champion = client.get_model_version_by_alias(name, alias)
+        best = float(champion.tags.get(f"metric.{metric}", "nan"))
+    except MlflowException:  # no such model or alias yet
+        champion, best = None, float("nan")
+    beats = champion is None or best != best or (value > best if mode == "max" else value < best)
+    previous = f"{name} v{champion.version} ({metric} {best:.4f})" if champion else "none"
+    if not beats:
+        logger.info(f"registry: {metric} {value:.4f} does not beat {alias} {previous}; {alias} stays")
+        set_tags(run_id, {"registry.outcome": f"kept {alias} {previous}"})
+        return None
+    _ensure_registered_model(client, name)
+    version = client.create_model_version(name, run.data.tags["model_uri"], run_id=run_id,
+                                          tags={f"metric.{metric}": str(value)})
+    client.set_registered_model_alias(name, alias, version.version)
+    set_tags(run_id, {"registry.outcome": f"registered {name} v{version.version} as {alias}",
+                      "registry.previous_champion": previous})
+    logger.info(f"registry: {name} v{version.version} is now {alias!r} ({metric} {value:.4f}; before: {previous})")
+    return int(version.version)
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+
+
