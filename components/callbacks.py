@@ -158,15 +158,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
     atomically, and older checkpoints are deleted only once the new one is complete and its model
     file reads back whole. A training killed at any moment, even by a power cut, loses at most the
     epoch in progress. An epoch in which `divergence` saw the training diverge is not checkpointed:
-    there is nothing to resume from garbage weights.
+    there is nothing to resume from garbage weights. `on_saved(epoch, model file, history)` is told
+    of each complete checkpoint (the flow copies it to the run's artifact store).
     """
 
     def __init__(self, folder, history: dict[str, list[float]] | None = None,
-                 divergence: StopOnDivergence | None = None):
+                 divergence: StopOnDivergence | None = None, on_saved=None):
         super().__init__()
         self.folder = Path(folder)
         self.history = {name: list(values) for name, values in (history or {}).items()}
         self.divergence = divergence
+        self.on_saved = on_saved
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -189,6 +191,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for model_file in self.folder.glob("checkpoint-epoch*.keras"):
             if model_file.name not in kept:
                 model_file.unlink()
+        if self.on_saved:
+            self.on_saved(epoch + 1, self.folder / f"{stem}.keras", self.history)
 
 
 def _model_file_of(state: Path) -> str | None:

@@ -73,7 +73,7 @@ def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
 
     cfg, output_dir = store.run_settings(run_id)
     if split in ("train", "valid", "test"):
-        chosen, role = Split.load(output_dir / "split.npz"), split
+        chosen, role = Split.load(store.run_file(run_id, output_dir, "split.npz")), split
     else:
         partition, _ = parse_split(split)
         positions = split_positions(split, len(partition_of(cfg["data"], partition).labels))

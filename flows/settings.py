@@ -106,6 +106,10 @@ class Train(Section):
                          Field(description="a logged model's URI, like runs:/<run id>/model or "
                                            "models:/<name>/<version>")] = None
     callbacks: dict[str, Component | None] = {}
+    checkpoint_every: Annotated[int, Interval(ge=1, le=100000)] = 1
+    checkpoint_slots: Annotated[int, Interval(ge=2, le=100)] = 2
+    lease_timeout: Annotated[float, Interval(ge=10, le=86400),
+                             Field(description="seconds, at least 10, like 120")] = 120
 
 
 class Registry(Section):

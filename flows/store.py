@@ -222,21 +222,51 @@ def full_run_id(reference: str) -> str:
 
 
 def run_settings(run_id: str) -> tuple[dict[str, Any], Path]:
-    """The composed settings a run was trained with, and its output folder (a full run id)."""
+    """The composed settings a run was trained with, and this machine's folder of it (a full run id)."""
     import mlflow
     import yaml
     from mlflow.exceptions import MlflowException
 
     run = mlflow.MlflowClient().get_run(run_id)
-    output_dir = Path(run.data.tags.get("output_dir", ""))
-    if (output_dir / "config.yaml").is_file():
-        return yaml.safe_load((output_dir / "config.yaml").read_text()), output_dir
+    trained_in = Path(run.data.tags.get("output_dir", "/nonexistent"))
+    if (trained_in / "config.yaml").is_file():
+        return yaml.safe_load((trained_in / "config.yaml").read_text()), trained_in
     try:
-        return yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")), output_dir
+        cfg = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
     except MlflowException:
         raise RunError(f"run {run_id} has no recorded settings (config.yaml): it ended ({run.info.status}) before "
                        f"its training started. Start a new one with cnnflow train") from None
+    return cfg, run_folder(run_id, cfg)
 
+
+def run_folder(run_id: str, cfg: dict[str, Any]) -> Path:
+    """This machine's folder of a run: the one it trained in when that is here, else
+    <output_dir>/<experiment>/<run id> under the working directory (made now). Only a cache: what
+    it lacks comes from the run's artifacts (`run_file`)."""
+    import mlflow
+
+    trained_in = Path(mlflow.MlflowClient().get_run(run_id).data.tags.get("output_dir", "/nonexistent"))
+    if trained_in.is_dir():
+        return trained_in
+    folder = (Path(cfg["output_dir"]) / cfg["experiment"] / run_id).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_file(run_id: str, folder: Path, name: str) -> Path:
+    """`folder/name`, fetched from the run's artifacts when this machine does not have it yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    path = Path(folder) / name
+    if not path.is_file():
+        try:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(folder))
+        except (MlflowException, OSError):
+            trained_in = mlflow.MlflowClient().get_run(run_id).data.tags.get("output_dir")
+            raise RunError(f"run {run_id} has no {name} in its artifacts (cnnflow 0.1 kept it only in the folder it "
+                           f"trained in, {trained_in}): run this command on the machine that has that folder") from None
+    return path
 
 
 def run_features(run_id: str, output_dir: Path) -> dict[str, Any]:

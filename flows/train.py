@@ -9,6 +9,7 @@ inputs are settings dicts and files, not values worth hashing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, outpu
                      "split_counts.json", run_id=run_id)
     run_logger().info("split: " + "; ".join(
         f"{role} {sizes[role]} ({', '.join(f'{name} {n}' for name, n in counts[role].items())})" for role in sizes))
-    return split.save(Path(output_dir) / "split.npz")
+    path = split.save(Path(output_dir) / "split.npz")
+    mlflow.MlflowClient().log_artifact(run_id, path)  # a machine without this folder resumes or evaluates from it
+    return path
 
 
 def _metrics(cfg: dict[str, Any]) -> list:
@@ -144,18 +147,25 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     if history:
         backfill_metrics(run_id, history)
     divergence = StopOnDivergence(cfg["train"]["max_loss_factor"])
-    checkpoint = EpochCheckpoint(output, history, divergence)
     epochs = cfg["train"]["epochs"]
+    uploads = lifecycle.CheckpointUploads(run_id, output, cfg["train"]["checkpoint_every"], cfg["train"]["checkpoint_slots"],
+                                          last_epoch=epochs)
+    checkpoint = EpochCheckpoint(output, history, divergence, on_saved=uploads.submit)
+
+    def between_batches(batch, logs):
+        interrupts.raise_if_received()
+        lifecycle.check_lease(run_id)
+
     callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
     callbacks += [divergence, checkpoint, EpochProgress(epochs, run_logger(), cfg["data"]["batch_size"]), MlflowMetrics(run_id),
-                  keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: interrupts.raise_if_received())]
+                  keras.callbacks.LambdaCallback(on_train_batch_end=between_batches)]
     needs = cache_needs(cfg["data"], split)
     kept = caching.plan(cfg["data"], needs)
     run_logger().info(caching.describe(kept, needs, cfg["data"]))
     store.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
     # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
     data_seed = cfg["seed"] + initial_epoch
-    with interrupts.noted(), strategy.scope():
+    with interrupts.noted(), strategy.scope(), contextlib.closing(uploads):
         model.fit(make_dataset(cfg["data"], split, "train", data_seed, kept["train"]),
                   validation_data=make_dataset(cfg["data"], split, "valid", data_seed, kept["valid"]),
                   initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
@@ -348,7 +358,8 @@ def train_flow(experiment: str = "quickstart", overrides: list[str] | None = Non
         if unfinished:
             logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}; outputs in {output_dir} "
                         f"(resume=false starts a new run instead)")
-            split_path, start_model, initial_epoch = str(output_dir / "split.npz"), checkpoint["path"], checkpoint["epoch"]
+            split_path = str(store.run_file(run_id, output_dir, "split.npz"))
+            start_model, initial_epoch = checkpoint["path"], checkpoint["epoch"]
         else:
             logger.info(f"MLflow run {run_id} in {uri}; outputs in {output_dir}")
             store.log_settings(run_id, cfg, output_dir, features)
@@ -367,7 +378,6 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     tags stage.<n>.epochs / stage.<n>.overrides. Overrides may change how training goes on (learning
     rate, callbacks, plots) but not what is trained (data, model, loss, seed, optimizer type).
     """
-    from cnnflow.components.callbacks import checkpoints
     from cnnflow.components.errors import SettingsError
 
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
@@ -381,13 +391,12 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
         # what `auto` resolved to when the run started, even where it would resolve otherwise now
         cfg["runtime"]["precision"] = stored.get("runtime", {}).get("precision", cfg["runtime"]["precision"])
     lifecycle.refuse_frozen_changes(stored, cfg)
-    found = checkpoints(output_dir)
-    checkpoint = next((checkpoint for checkpoint, _ in found if checkpoint), None)
+    logger = run_logger()
+    checkpoint, skipped = lifecycle.newest_checkpoint(run_id, output_dir, logger)
     if checkpoint is None:
-        why = "; ".join(why for _, why in found) or f"nothing in {output_dir}"
+        why = "; ".join(skipped) or f"none in {output_dir} or in the run's artifacts"
         raise RunError(f"run {run_id} has no usable checkpoint ({why}); it cannot be continued")
     cfg["train"]["epochs"] = checkpoint["epoch"] + epochs
-    logger = run_logger()
     runtime.use_environment(cfg["runtime"], logger)
     with lifecycle.tracked_run(cfg, run_id) as (run_id, output_dir):
         stage = lifecycle.next_stage(run_id)
@@ -396,7 +405,7 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
                                    "stages": stage, "epochs_total": cfg["train"]["epochs"]})
         logger.info(f"continuing run {run_id}: stage {stage}, epochs {checkpoint['epoch'] + 1}-{cfg['train']['epochs']}")
         features = load_data(cfg["data"])
-        metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, str(output_dir / "split.npz"),
+        metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, str(store.run_file(run_id, output_dir, "split.npz")),
                                      checkpoint["path"], checkpoint["epoch"])
     logger.info(f"done: run {run_id}, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return run_id

@@ -5,6 +5,7 @@ store, concurrent processes, predict's inputs. Real processes, a real MLflow sto
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -262,16 +263,52 @@ def _crashed_run(idx: Path, monkeypatch, epochs_done: int = 3) -> tuple[list[str
     return overrides, run.info.run_id, Path(run.data.tags["output_dir"])
 
 
-def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(prefect_harness, mlflow_store, idx_folder, caplog,
-                                                                 monkeypatch):
+def _stored(run_id: str, path: str) -> Path:
+    """A file of the run's artifact store (a local folder with a SQLite store)."""
+    from urllib.parse import urlparse
+
+    return Path(urlparse(MlflowClient().get_run(run_id).info.artifact_uri).path) / path
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # as by a full disk or a cut-off upload
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_its_stored_copy_or_the_one_before(
+        prefect_harness, mlflow_store, idx_folder, caplog, monkeypatch):
     overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch)
     assert [c["epoch"] for c, _ in checkpoints(folder)] == [3, 2]  # the newest and the one before it
-    newest = folder / "checkpoint-epoch0003.keras"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
+    # the newest is always stored (a training waits for its last upload); an older one may have been
+    # skipped because a newer one was already waiting
+    assert json.loads(_stored(run_id, "checkpoints/slot-1/state.json").read_text())["epoch"] == 3
+    _truncate(folder / "checkpoint-epoch0003.keras")
+    _truncate(_stored(run_id, "checkpoints/slot-1/model.keras"))  # both copies of epoch 3 are damaged
     assert train_flow("mnist", overrides) == run_id
-    assert "the checkpoint of epoch 3 is unusable" in caplog.text and "resuming from the checkpoint of epoch 2" in caplog.text
+    assert "the checkpoint of epoch 3 is unusable" in caplog.text
+    assert "the checkpoint of epoch 3 in the artifact store is incomplete" in caplog.text
+    assert "resuming from the checkpoint of epoch 2 instead" in caplog.text
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert sorted({m.step for m in MlflowClient().get_metric_history(run_id, "loss")}) == [1, 2, 3, 4, 5]
+
+
+def test_a_run_resumes_on_a_machine_that_never_saw_its_folder(prefect_harness, mlflow_store, idx_folder, caplog,
+                                                              monkeypatch):
+    import shutil
+
+    overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch)
+    shutil.rmtree(folder.parents[1])  # outputs/: all that was local
+    elsewhere = folder.parents[2] / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert train_flow("mnist", overrides) == run_id
+    assert f"resuming MLflow run {run_id} after epoch 3" in caplog.text
+    here = elsewhere / "outputs" / "mnist" / run_id
+    assert (here / "split.npz").is_file() and (here / "checkpoint-epoch0005.keras").is_file()
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
+    shutil.rmtree(elsewhere / "outputs")
+    assert continue_flow(run_id, 1) == run_id  # continue and evaluate too, with nothing local
+    assert evaluate_flow(run_id, "valid")["accuracy"] >= 0.9
 
 
 def test_without_a_usable_checkpoint_a_rerun_starts_afresh_and_says_why(prefect_harness, mlflow_store, idx_folder,
@@ -279,33 +316,84 @@ def test_without_a_usable_checkpoint_a_rerun_starts_afresh_and_says_why(prefect_
     overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch, epochs_done=2)
     for state in folder.glob("checkpoint-epoch*.json"):
         state.write_text("{not json")
+    for stored in _stored(run_id, "checkpoints").glob("slot-*/model.keras"):
+        _truncate(stored)
     new_run = train_flow("mnist", overrides)
     assert new_run != run_id and MlflowClient().get_run(new_run).info.status == "FINISHED"
     assert f"run {run_id} has no usable checkpoint" in caplog.text and "starting a new run" in caplog.text
 
 
-def test_a_run_that_another_process_trains_is_refused_and_left_alone(prefect_harness, mlflow_store, idx_folder):
-    import fcntl
+def _hold_lease(run_id: str, host: str, pid: int, started: float, heartbeat_age: float | None = None) -> None:
+    """What a training process records when it takes a run's lease (flows/lifecycle.py)."""
+    client = MlflowClient()
+    params = client.get_run(run_id).data.params
+    generation = 1 + max((int(k.split(".")[1]) for k in params if k.startswith("lease.")), default=0)
+    client.log_param(run_id, f"lease.{generation}", f"{host} {pid} {started:.2f} feedc0de")
+    if heartbeat_age is not None:
+        client.set_tag(run_id, "lease.heartbeat", f"{generation} {time.time() - heartbeat_age:.0f}")
 
+
+def test_a_run_that_another_process_trains_is_refused_and_left_alone(prefect_harness, mlflow_store, idx_folder):
     run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots={}"])
-    folder = Path(MlflowClient().get_run(run_id).data.tags["output_dir"])
-    with open(folder / "run.lock", "w") as held:  # what a training process holds
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(RunError, match=f"another process is training run {run_id}"):
-            continue_flow(run_id[:8], 1)  # a short id, as `cnnflow runs` prints it
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as trainer:
+        try:
+            _hold_lease(run_id, socket.gethostname(), trainer.pid, psutil.Process(trainer.pid).create_time())
+            with pytest.raises(RunError, match=f"process {trainer.pid} on this machine is training run {run_id}"):
+                continue_flow(run_id[:8], 1)  # a short id, as `cnnflow runs` prints it
+        finally:
+            trainer.kill()
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    trainer.wait()
+    assert continue_flow(run_id, 1) == run_id  # its holder died: taken over at once
+
+
+def test_a_lease_held_on_another_machine_is_refused_until_its_heartbeat_is_older_than_the_timeout(
+        prefect_harness, mlflow_store, idx_folder):
+    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots={}"])
+    _hold_lease(run_id, "gpu-7", 4242, 0.0, heartbeat_age=30)
+    with pytest.raises(RunError, match=r"process 4242 on gpu-7 \(its last heartbeat 3\d s ago\) is training run"):
+        continue_flow(run_id, 1)
+    _hold_lease(run_id, "gpu-7", 4242, 0.0, heartbeat_age=200)  # train.lease_timeout is 120 s
+    assert continue_flow(run_id, 1) == run_id
+    params = MlflowClient().get_run(run_id).data.params
+    assert params["lease.4"].startswith(f"{socket.gethostname()} {os.getpid()} ")  # generations 1, 2 (gpu-7), 3, 4 (us)
+    assert MlflowClient().get_run(run_id).data.tags["lease.released"] == "4"
+
+
+def test_of_two_takers_of_a_lease_exactly_one_wins(mlflow_store):
+    from cnnflow.flows.lifecycle import Lease
+
+    with mlflow.start_run() as run:
+        pass
+    leases = [Lease(run.info.run_id, 120) for _ in range(4)]
+    outcomes = []
+
+    def take(lease):
+        try:
+            lease.acquire()
+            outcomes.append("won")
+        except RunError as error:
+            outcomes.append(str(error))
+
+    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("won") == 1, outcomes
+    winner = next(lease for lease in leases if lease.generation)
+    for lease in leases:
+        lease.release()
+    assert MlflowClient().get_run(run.info.run_id).data.tags["lease.released"] == str(winner.generation)
 
 
 def test_a_resume_aimed_at_a_run_in_training_is_refused_and_names_resume_false(prefect_harness, mlflow_store,
                                                                               idx_folder, monkeypatch):
-    import fcntl
-
     overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch, epochs_done=1)
-    with open(folder / "run.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(RunError, match=f"run {run_id} has these settings and another process is training it.*"
-                                           f"resume=false"):
-            train_flow("mnist", overrides)
+    _hold_lease(run_id, socket.gethostname(), os.getpid(), psutil.Process().create_time())  # this process "trains" it
+    with pytest.raises(RunError, match=f"run {run_id} has these settings and process {os.getpid()} on this machine is "
+                                       f"training it.*resume=false"):
+        train_flow("mnist", overrides)
     assert MlflowClient().get_run(run_id).info.status == "FAILED"
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1
 
