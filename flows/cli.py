@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-h", "--help", action=_HelpWithComponents, help="show this help and the registered components")
     train.add_argument("-m", "--multirun", action="store_true",
                        help="sweep: a,b,c values expand to one run per combination")
+    train.add_argument("--pool", help="run each job on a Prefect work pool's workers (cnnflow deploy --pool NAME first)")
+    train.add_argument("--no-wait", action="store_true", help="with --pool: return once the jobs are submitted")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="experiment=NAME picks the recipe (default quickstart); others override settings")
     cont = commands.add_parser(
@@ -102,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "KEY=VALUE settings set the defaults of train/retrain, e.g. experiment=celeba "
                     "data.path=/data/celeba 'retrain.cron=0 3 * * 0'.")
     serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    deploy = commands.add_parser(
+        "deploy", help="register every flow as a deployment on a Prefect work pool, for workers on any machine",
+        description="Registers train, continue, evaluate, predict and retrain as deployments '<flow>/POOL' on the "
+                    "work pool POOL (a process pool is created if there is none) and returns. Any machine with "
+                    "cnnflow installed runs them: prefect worker start --pool POOL. KEY=VALUE settings are the "
+                    "defaults of train/retrain runs; runs report to this command's MLflow store.")
+    deploy.add_argument("--pool", required=True, help="the Prefect work pool")
+    deploy.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     runs = commands.add_parser("runs", help="compare recent runs of an experiment in a table")
     runs.add_argument("experiment", nargs="?", default=None, help="the MLflow experiment (default: all)")
     runs.add_argument("--limit", type=int, default=20)
@@ -110,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_experiment(overrides: list[str]) -> tuple[str, list[str]]:
+def split_experiment(overrides: list[str], default: str | None = "quickstart") -> tuple[str | None, list[str]]:
     """`experiment=X` is the flow's first parameter; everything else stays an override."""
-    experiment, rest = "quickstart", []
+    experiment, rest = default, []
     for override in overrides:
         key, _, value = override.partition("=")
         if key == "experiment":
@@ -199,11 +209,49 @@ def run_train(overrides: list[str], multirun: bool) -> int:
                 outcomes.append((job, "error" if user_error else "failed",
                                  str(error) if user_error else f"{type(error).__name__}: {error}"))
                 print(f"cnnflow: error: {outcomes[-1][2]}", file=sys.stderr)
-    if multirun:
-        print(f"\nsweep {sweep_id}: {sum(o[1] == 'ok' for o in outcomes)}/{len(outcomes)} jobs succeeded")
-        for job, status, detail in outcomes:
-            print(f"  {status:<6} {' '.join(job) or '(no overrides)'}  ->  {'run ' + detail if status == 'ok' else detail}")
+    return _summary(sweep_id, outcomes) if multirun else 0 if outcomes[0][1] == "ok" else 1
+
+
+def _summary(sweep_id: str, outcomes: list[tuple[list[str], str, str]]) -> int:
+    """Prints each job's outcome (its run id, or why it failed); 0 when every job succeeded."""
+    print(f"\nsweep {sweep_id}: {sum(o[1] == 'ok' for o in outcomes)}/{len(outcomes)} jobs succeeded")
+    for job, status, detail in outcomes:
+        print(f"  {status:<6} {' '.join(job) or '(no overrides)'}  ->  {'run ' + detail if status == 'ok' else detail}")
     return 0 if all(status == "ok" for _, status, _ in outcomes) else 1
+
+
+def run_on_pool(overrides: list[str], multirun: bool, pool: str, wait: bool = True) -> int:
+    """Each job as a run of the pool's train deployment, so every free worker trains one; waits and
+    prints the summary a local sweep prints, the results read from MLflow by the sweep's tag."""
+    import mlflow
+
+    from cnnflow.flows import serve, store
+
+    jobs = sweep_jobs(overrides) if multirun else [overrides]
+    sweep_id = uuid.uuid4().hex[:8]
+    submitted = []
+    for number, job in enumerate(jobs, start=1):
+        experiment, job_overrides = split_experiment(job, default=None)
+        submitted.append((experiment, job_overrides + [f"+tags.sweep={sweep_id}", f"+tags.sweep_job={number}"]))
+    flow_runs = serve.submitted(pool, submitted)
+    for number, (job, flow_run) in enumerate(zip(jobs, flow_runs), start=1):
+        print(f"[sweep {sweep_id}] job {number}/{len(jobs)}: {' '.join(job) or '(no overrides)'} -> flow run "
+              f"{flow_run.name} ({flow_run.id})", flush=True)
+    if not wait:
+        print(f"submitted to work pool {pool}; follow them in the Prefect UI, or: cnnflow runs (tag sweep={sweep_id})")
+        return 0
+    print(f"waiting for the workers of pool {pool} ...", flush=True)
+    ended = serve.finished(flow_runs)
+    store.use_store({}, must_exist=True)
+    runs = {run.data.tags.get("sweep_job"): run for run in mlflow.search_runs(
+        search_all_experiments=True, output_format="list", filter_string=f"tags.sweep = '{sweep_id}'")}
+    outcomes = []
+    for number, (job, flow_run) in enumerate(zip(jobs, ended), start=1):
+        run = runs.get(str(number))
+        ok = flow_run.state.is_completed() and run is not None and run.info.status == "FINISHED"
+        outcomes.append((job, "ok" if ok else "failed", run.info.run_id if ok else
+                         f"{flow_run.state.name}: {flow_run.state.message or ''}".strip()))
+    return _summary(sweep_id, outcomes)
 
 
 def _run_flow(args: argparse.Namespace):
@@ -212,6 +260,12 @@ def _run_flow(args: argparse.Namespace):
         from cnnflow.flows.serve import serve_all
 
         return serve_all(*split_experiment(args.overrides))
+    if args.command == "deploy":
+        from cnnflow.flows.serve import deploy_all
+
+        names = deploy_all(args.pool, *split_experiment(args.overrides))
+        return print(f"deployed on work pool {args.pool}: {', '.join(names)}\nstart a worker on each machine "
+                     f"(with cnnflow installed): prefect worker start --pool {args.pool}")
     from cnnflow.flows import store
 
     store.use_store({}, must_exist=True)  # these read runs: no store here is one line, not an empty new one
@@ -248,11 +302,12 @@ def _disk_full(error: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter is not for users
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a closed network
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for kilobyte downloads are noise
     parser = build_parser()
     # KEY=VALUE overrides may come after options (`continue RUN --epochs 2 optimizer.learning_rate=1e-4`)
     args, extra = parser.parse_known_args(argv)
     unknown_options = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
-    if unknown_options or (extra and args.command not in ("train", "continue", "serve")):
+    if unknown_options or (extra and args.command not in ("train", "continue", "serve", "deploy")):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -273,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_tracebacks_of_user_errors()
     interrupts.terminate_cleanly()  # SIGTERM (workers, Docker, Kubernetes) stops like Ctrl-C
     try:
+        if args.command == "train" and args.pool:
+            return run_on_pool(args.overrides, args.multirun, args.pool, wait=not args.no_wait)
+        if args.no_wait if args.command == "train" else False:
+            parser.error("--no-wait goes with --pool")
         if args.command == "train":
             return run_train(args.overrides, args.multirun)
         _run_flow(args)

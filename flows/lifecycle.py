@@ -83,9 +83,17 @@ class Lease:
         threading.Thread(target=self._heartbeats, name=f"lease {self.run_id[:8]}", daemon=True).start()
 
     def release(self) -> None:
+        """Never raises: a store that cannot take it (a full disk) must not hide why the training
+        stopped, and a holder whose process ends counts as gone anyway."""
+        import logging
+
         self._stopped.set()
         if self.generation and not self.lost.is_set():
-            set_tags(self.run_id, {"lease.released": self.generation})
+            try:
+                set_tags(self.run_id, {"lease.released": self.generation})
+            except Exception as error:
+                logging.getLogger(__name__).warning(f"could not release the lease of run {self.run_id} "
+                                                    f"({str(error).splitlines()[0][:150]}); it lapses when this process ends")
 
     def _newest(self) -> tuple[int, str | None, dict[str, str]]:
         from mlflow import MlflowClient
@@ -348,6 +356,8 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
                                   "config_hash": config_hash(cfg), **cfg.get("tags", {})})
                 output_dir.mkdir(parents=True, exist_ok=True)
                 lease = _leased(run_id, cfg, held)
+            else:  # the command that resumes it is the run's now (a sweep finds its jobs by these tags)
+                set_tags(run_id, cfg.get("tags", {}))
             if under_prefect and flow_run.id:  # the two UIs point at each other's record
                 set_tags(run_id, {"prefect.flow_run_id": flow_run.id})
             yield run_id, output_dir

@@ -1,9 +1,14 @@
-"""`cnnflow serve`: every flow as a Prefect deployment, served from this one process.
+"""Every flow as a Prefect deployment: served from one process, or on a work pool.
 
-The Prefect UI (or API, or a schedule) then starts train, continue, evaluate, predict and retrain
-runs; they execute in subprocesses of this process, with its working directory and environment, so
-they land in the same MLflow store as CLI runs. Schedules stay active when the process stops
-(`pause_on_shutdown=False`), so a restart resumes them.
+`cnnflow serve`: the Prefect UI (or API, or a schedule) starts train, continue, evaluate, predict and
+retrain runs; they execute in subprocesses of this process, with its working directory and
+environment, so they land in the same MLflow store as CLI runs. Schedules stay active when the
+process stops (`pause_on_shutdown=False`), so a restart resumes them.
+
+`cnnflow deploy --pool NAME`: the same deployments, named after the pool, registered on a Prefect
+work pool; any machine with cnnflow installed runs them with `prefect worker start --pool NAME`
+(flows are found by module path: no image, no code storage). Their runs report to the MLflow store
+given to `deploy`, which workers elsewhere must reach: a tracking server.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from cnnflow.flows.engine import configured_api_url
 DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain")
 
 
-def deployments(experiment: str, overrides: list[str]) -> list:
+def deployments(experiment: str, overrides: list[str], name: str = "cnnflow") -> list:
     """The RunnerDeployments: train/continue/evaluate/predict on demand, retrain on retrain.cron."""
     from prefect.deployments.runner import EntrypointType
 
@@ -31,13 +36,13 @@ def deployments(experiment: str, overrides: list[str]) -> list:
     module = EntrypointType.MODULE_PATH  # runs import cnnflow, wherever it is installed
     tags = ["cnnflow"]
     made = [
-        train_flow.to_deployment("cnnflow", parameters={"experiment": experiment, "overrides": overrides},
+        train_flow.to_deployment(name, parameters={"experiment": experiment, "overrides": overrides},
                                  entrypoint_type=module, tags=tags,
                                  description="Train: fill in an experiment and Hydra overrides (key=value)."),
-        continue_flow.to_deployment("cnnflow", entrypoint_type=module, tags=tags),
-        evaluate_flow.to_deployment("cnnflow", entrypoint_type=module, tags=tags),
-        predict_flow.to_deployment("cnnflow", entrypoint_type=module, tags=tags),
-        retrain_flow.to_deployment("cnnflow", parameters={"experiment": experiment, "overrides": overrides},
+        continue_flow.to_deployment(name, entrypoint_type=module, tags=tags),
+        evaluate_flow.to_deployment(name, entrypoint_type=module, tags=tags),
+        predict_flow.to_deployment(name, entrypoint_type=module, tags=tags),
+        retrain_flow.to_deployment(name, parameters={"experiment": experiment, "overrides": overrides},
                                    cron=cfg["retrain"]["cron"], entrypoint_type=module, tags=tags + ["schedule"],
                                    description=f"Retrain {schedule_name(cfg)} on growing subsets "
                                                f"{cfg['retrain']['sizes']}, promoting only improvements."),
@@ -67,3 +72,77 @@ def serve_all(experiment: str, overrides: list[str]) -> None:
             "cnnflow serve needs a Prefect server: start one with `prefect server start`, then "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)")
     serve(*deployments(experiment, overrides), pause_on_shutdown=False)
+
+
+def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
+    """Registers the five flows as deployments `<flow>/<pool>` on the work pool `pool` (made as a
+    `process` pool when it does not exist) and returns their names. Runs get MLFLOW_TRACKING_URI
+    set to this command's store; `experiment` and `overrides` are train's and retrain's defaults."""
+    import logging
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    from cnnflow.flows import store
+
+    if not configured_api_url():
+        raise InfrastructureError("cnnflow deploy needs the Prefect server its workers use: export PREFECT_API_URL=http://"
+                                  "HOST:4200/api (or prefect config set PREFECT_API_URL=...) and run it again")
+    uri = store.absolute(store.use_store(compose_config(experiment, overrides)))
+    if not uri.startswith(("http://", "https://")):
+        logging.getLogger("cnnflow").warning(
+            f"the MLflow store is {uri}: only workers on this machine reach it; for workers elsewhere, start an "
+            f"MLflow tracking server and set MLFLOW_TRACKING_URI=http://HOST:5000 (README: Scaling out)")
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+    names = []
+    for deployment in deployments(experiment, overrides, name=pool):
+        deployment.job_variables = {"env": {"MLFLOW_TRACKING_URI": uri}}
+        deployment.apply(work_pool_name=pool)
+        names.append(f"{deployment.flow_name}/{deployment.name}")
+    return names
+
+
+def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:
+    """Each (experiment, overrides) job as a run of the pool's train deployment (`cnnflow deploy`);
+    the deployment's own settings come first, so a job inherits them as a CLI run inherits a recipe.
+    Returns the flow runs, which any free worker of the pool picks up."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    name = f"train/{pool}"
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise InfrastructureError(f"no deployment {name} on the Prefect server {configured_api_url()}: run cnnflow "
+                                      f"deploy --pool {pool} first") from None
+    defaults = deployment.parameters or {}
+    runs = []
+    for experiment, overrides in jobs:
+        chosen = experiment or defaults.get("experiment", "quickstart")
+        parameters = {"experiment": chosen, "overrides": list(defaults.get("overrides", [])) + overrides}
+        compose_config(chosen, parameters["overrides"])  # a wrong setting stops here, before anything is submitted
+        runs.append(run_deployment(name, parameters=parameters, timeout=0, as_subflow=False))
+    return runs
+
+
+def finished(flow_runs: list, every: float = 5.0) -> list:
+    """The flow runs once each is in a final state (completed, failed, crashed, cancelled)."""
+    import time
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        while True:
+            current = [client.read_flow_run(run.id) for run in flow_runs]
+            if all(run.state and run.state.is_final() for run in current):
+                return current
+            time.sleep(every)

@@ -28,6 +28,15 @@ def tracking_uri(cfg: dict[str, Any]) -> str:
     return cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def absolute(uri: str) -> str:
+    """The URI as another working directory reads it (a SQLite or file store's relative path made absolute)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).expanduser().resolve()}"
+    if "://" not in uri:
+        return str(Path(uri).expanduser().resolve())
+    return uri
+
+
 def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
     """Point MLflow at the store, after checking (within seconds) that it can be used; a new SQLite
     store is created under a lock, so two processes starting at once both get a working one.

@@ -1,0 +1,150 @@
+"""A cluster in a box (marked `cluster`; run by .ci/run after the default suite): an MLflow tracking
+server with an artifact store of its own, a Prefect server, a process work pool and two workers,
+each in its own temporary folder with no folder in common. What README's "Scaling out" promises:
+a sweep spreads over the workers, a training whose worker is killed resumes on the other one from
+the artifact store, and a run trained in one folder is continued and evaluated from another."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from conftest import free_port, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+def _server(command: list[str], health: str, env: dict, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: urllib.request.urlopen(health, timeout=2).status == 200, 120, " ".join(command[:4]))
+    return process
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    mlflow_port, prefect_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2",
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api")
+    servers = [
+        _server([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                 "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
+                 str(root / "artifacts"), "--workers", "1"],
+                f"http://127.0.0.1:{mlflow_port}/health", env, root / "mlflow.log"),
+        _server([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                f"http://127.0.0.1:{prefect_port}/api/health", env, root / "prefect.log"),
+    ]
+    client_env = dict(env, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}")
+    deployed = _cnnflow(["deploy", "--pool", "box"], root / "deployer", client_env)
+    assert deployed.returncode == 0, deployed.stdout
+    workers = {name: _worker(name, root, env) for name in ("w1", "w2")}
+    yield {"root": root, "env": client_env, "workers": workers, "worker_env": env}
+    for process in [*workers.values(), *servers]:
+        _kill_tree(process.pid)
+
+
+def _worker(name: str, root: Path, env: dict) -> subprocess.Popen:
+    """`prefect worker start` in a folder of its own; it knows only the Prefect server (the MLflow
+    store comes with the deployment)."""
+    (root / name).mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "box", "--name", name, "--limit", "1"],
+        cwd=root / name, env=env, stdout=open(root / f"{name}.log", "a"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+
+def _cnnflow(args: list[str], folder: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", *args], cwd=folder, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL to a process and everything it started, each in its whole process group."""
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            os.killpg(os.getpgid(process.pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _client(cluster) -> MlflowClient:
+    return MlflowClient(tracking_uri=cluster["env"]["MLFLOW_TRACKING_URI"])
+
+
+def test_a_sweep_on_a_pool_runs_one_job_on_each_worker(cluster):
+    done = _cnnflow(["train", "--multirun", "--pool", "box", "seed=1,2", "train.epochs=1"], cluster["root"] / "user",
+                    cluster["env"])
+    assert done.returncode == 0, done.stdout
+    assert "2/2 jobs succeeded" in done.stdout
+    run_ids = [line.split("run ")[-1].strip() for line in done.stdout.splitlines() if line.startswith("  ok ")]
+    runs = [_client(cluster).get_run(run_id) for run_id in run_ids]
+    assert [run.info.status for run in runs] == ["FINISHED", "FINISHED"]
+    assert sorted(run.data.tags["seed"] for run in runs) == ["1", "2"]
+    logs = [(cluster["root"] / f"{name}.log").read_text() for name in ("w1", "w2")]
+    assert [sum(f"done: run {run_id}" in log for run_id in run_ids) for log in logs] == [1, 1]  # one each
+
+
+def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_from_the_artifact_store(cluster):
+    job = ["--pool", "box", "seed=5", "train.epochs=12"]
+    submitted = _cnnflow(["train", "--no-wait", *job], cluster["root"] / "user", cluster["env"])
+    assert submitted.returncode == 0, submitted.stdout
+    sweep = submitted.stdout.split("[sweep ")[1].split("]")[0]
+    client = _client(cluster)
+
+    def uploaded_checkpoint():
+        runs = client.search_runs(["1"], filter_string=f"tags.sweep = '{sweep}'")
+        history = client.get_metric_history(runs[0].info.run_id, "checkpoint_upload_seconds") if runs else []
+        return runs[0] if any(m.step >= 2 for m in history) else None
+
+    wait_until(uploaded_checkpoint, 240, "a checkpoint in the artifact store")
+    run = uploaded_checkpoint()
+    trainer = int(run.data.params["lease.1"].split()[1])  # the flow-run process: "host pid started token"
+    worker = next(name for name, process in cluster["workers"].items()
+                  if trainer in [child.pid for child in psutil.Process(process.pid).children(recursive=True)])
+    _kill_tree(cluster["workers"][worker].pid)
+    shutil.rmtree(Path(run.data.tags["output_dir"]).parents[2])  # its temporary folder: as if another machine
+    time.sleep(1)
+    epochs_before = len(client.get_metric_history(run.info.run_id, "loss"))
+    assert 2 <= epochs_before < 12
+
+    resumed = _cnnflow(["train", *job], cluster["root"] / "user", cluster["env"])  # the same job again
+    assert resumed.returncode == 0, resumed.stdout
+    assert f"run {run.info.run_id}" in resumed.stdout  # the same MLflow run, finished by the other worker
+    other = "w2" if worker == "w1" else "w1"
+    log = (cluster["root"] / f"{other}.log").read_text()
+    assert f"resuming MLflow run {run.info.run_id} after epoch" in log
+    assert "in the artifact store" in log or "resuming" in log
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == list(range(1, 13))
+    cluster["workers"][worker] = _worker(worker, cluster["root"], cluster["worker_env"])  # as it was
+
+
+def test_a_run_trained_in_one_folder_is_continued_and_evaluated_from_another(cluster):
+    folder_a, folder_b = cluster["root"] / "a", cluster["root"] / "b"
+    env = {k: v for k, v in cluster["env"].items() if k != "PREFECT_API_URL"}  # a CLI user: flows run in process
+    trained = _cnnflow(["train", "train.epochs=1", "seed=7"], folder_a, env)
+    assert trained.returncode == 0, trained.stdout
+    run_id = trained.stdout.split("done: run ")[1].split(",")[0]
+    shutil.rmtree(folder_a)
+    continued = _cnnflow(["continue", run_id[:8], "--epochs", "1"], folder_b, env)
+    assert continued.returncode == 0, continued.stdout
+    evaluated = _cnnflow(["evaluate", run_id, "valid"], folder_b, env)
+    assert evaluated.returncode == 0, evaluated.stdout
+    assert "on valid: accuracy" in evaluated.stdout
+    assert [m.step for m in _client(cluster).get_metric_history(run_id, "loss")] == [1, 2]
