@@ -240,8 +240,12 @@ def run_on_pool(overrides: list[str], multirun: bool, pool: str, wait: bool = Tr
     if not wait:
         print(f"submitted to work pool {pool}; follow them in the Prefect UI, or: cnnflow runs (tag sweep={sweep_id})")
         return 0
-    print(f"waiting for the workers of pool {pool} ...", flush=True)
-    ended = serve.finished(flow_runs)
+    print(f"waiting for the workers of pool {pool} (Ctrl-C stops waiting; the jobs go on) ...", flush=True)
+    try:
+        ended = serve.finished(flow_runs)
+    except KeyboardInterrupt:
+        print(f"stopped waiting; the jobs go on in pool {pool} (cnnflow runs, tag sweep={sweep_id})", file=sys.stderr)
+        return 130
     store.use_store({}, must_exist=True)
     runs = {run.data.tags.get("sweep_job"): run for run in mlflow.search_runs(
         search_all_experiments=True, output_format="list", filter_string=f"tags.sweep = '{sweep_id}'")}

@@ -89,7 +89,6 @@ def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
     model_uri, run_id = resolve_model(model)
     cfg, _ = store.run_settings(run_id)
     metrics = evaluate_split(model_uri, run_id, split)
-    store.use_store(cfg)
     with mlflow.start_run(experiment_id=store.experiment_id(cfg), run_name=f"evaluate {split}") as run:
         store.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split})
         store.log_metrics(run.info.run_id, {f"eval_{name}": value for name, value in metrics.items()})

@@ -25,7 +25,7 @@ from typing import Any
 
 from cnnflow.components.errors import RunError
 from cnnflow.flows.config import flatten
-from cnnflow.flows.store import code_version, experiment_id, run_folder, set_tags
+from cnnflow.flows.store import code_version, experiment_id, log_metrics, run_folder, set_tags
 
 # What a continuation may not change: it would no longer be the same training.
 FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtime.precision")
@@ -172,6 +172,7 @@ class CheckpointUploads:
         """Called when the local checkpoint of `epoch` is complete."""
         if epoch % self.every and epoch != self.last_epoch:
             return
+        started = time.perf_counter()
         staged = self.folder / ".upload" / f"epoch{epoch:04d}"
         staged.mkdir(parents=True, exist_ok=True)
         try:
@@ -180,7 +181,7 @@ class CheckpointUploads:
             shutil.copyfile(model_file, staged / "model.keras")
         state = {"epoch": epoch, "history": history, "sha256": _sha256(staged / "model.keras")}
         (staged / "state.json").write_text(json.dumps(state))
-        self._pending.put(staged)
+        self._pending.put((staged, time.perf_counter() - started))
 
     def close(self) -> None:
         import logging
@@ -200,19 +201,23 @@ class CheckpointUploads:
             while not self._pending.empty():
                 waiting.append(self._pending.get())
             closing = None in waiting
-            *moot, staged = [item for item in waiting if item is not None] or [None]
-            for older in moot:  # a newer checkpoint waits: the older ones are moot
+            *moot, newest = [item for item in waiting if item is not None] or [None]
+            for older, _ in moot:  # a newer checkpoint waits: the older ones are moot
                 shutil.rmtree(older, ignore_errors=True)
-            if staged is None:
+            if newest is None:
                 continue
+            staged, staging_seconds = newest
             epoch = json.loads((staged / "state.json").read_text())["epoch"]
             slot = f"{CHECKPOINTS}/slot-{epoch % self.slots}"
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             try:
                 client = MlflowClient()
                 client.log_artifact(self.run_id, str(staged / "model.keras"), slot)
                 client.log_artifact(self.run_id, str(staged / "state.json"), slot)
-                client.log_metric(self.run_id, "checkpoint_upload_seconds", time.perf_counter() - started, step=epoch)
+                # what a checkpoint costs: the part the epoch waits for, and this thread's wall and CPU time
+                log_metrics(self.run_id, {"checkpoint_stage_seconds": staging_seconds,
+                                          "checkpoint_upload_seconds": time.perf_counter() - started,
+                                          "checkpoint_upload_cpu_seconds": time.thread_time() - cpu_started}, step=epoch)
                 self.failure = None
             except Exception as error:
                 self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"

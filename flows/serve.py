@@ -87,9 +87,7 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
 
     from cnnflow.flows import store
 
-    if not configured_api_url():
-        raise InfrastructureError("cnnflow deploy needs the Prefect server its workers use: export PREFECT_API_URL=http://"
-                                  "HOST:4200/api (or prefect config set PREFECT_API_URL=...) and run it again")
+    _needs_pool_server("cnnflow deploy")
     uri = store.absolute(store.use_store(compose_config(experiment, overrides)))
     if not uri.startswith(("http://", "https://")):
         logging.getLogger("cnnflow").warning(
@@ -109,6 +107,12 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
     return names
 
 
+def _needs_pool_server(command: str) -> None:
+    if not configured_api_url():
+        raise InfrastructureError(f"{command} needs the Prefect server the pool's workers use: export PREFECT_API_URL="
+                                  f"http://HOST:4200/api (or prefect config set PREFECT_API_URL=...) and run it again")
+
+
 def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:
     """Each (experiment, overrides) job as a run of the pool's train deployment (`cnnflow deploy`);
     the deployment's own settings come first, so a job inherits them as a CLI run inherits a recipe.
@@ -117,6 +121,7 @@ def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
+    _needs_pool_server("cnnflow train --pool")
     name = f"train/{pool}"
     with get_client(sync_client=True) as client:
         try:
@@ -125,13 +130,11 @@ def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:
             raise InfrastructureError(f"no deployment {name} on the Prefect server {configured_api_url()}: run cnnflow "
                                       f"deploy --pool {pool} first") from None
     defaults = deployment.parameters or {}
-    runs = []
-    for experiment, overrides in jobs:
-        chosen = experiment or defaults.get("experiment", "quickstart")
-        parameters = {"experiment": chosen, "overrides": list(defaults.get("overrides", [])) + overrides}
-        compose_config(chosen, parameters["overrides"])  # a wrong setting stops here, before anything is submitted
-        runs.append(run_deployment(name, parameters=parameters, timeout=0, as_subflow=False))
-    return runs
+    planned = [{"experiment": experiment or defaults.get("experiment", "quickstart"),
+                "overrides": list(defaults.get("overrides", [])) + overrides} for experiment, overrides in jobs]
+    for parameters in planned:  # a wrong setting in any job stops here, before anything is submitted
+        compose_config(parameters["experiment"], parameters["overrides"])
+    return [run_deployment(name, parameters=parameters, timeout=0, as_subflow=False) for parameters in planned]
 
 
 def finished(flow_runs: list, every: float = 5.0) -> list:

@@ -384,8 +384,7 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
         raise SettingsError(f"epochs={epochs!r}: continue needs a positive number of epochs")
     store.use_store({}, must_exist=True)
     run_id = store.full_run_id(run_id)
-    stored, output_dir = store.run_settings(run_id)
-    store.use_store(stored)
+    stored, output_dir = store.run_settings(run_id)  # in the store it was found in, whatever the run once named
     cfg = compose_config(stored["experiment"], stored["overrides"] + list(overrides or []))
     if not any(override.startswith("runtime.precision=") for override in overrides or []):
         # what `auto` resolved to when the run started, even where it would resolve otherwise now

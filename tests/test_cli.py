@@ -91,3 +91,19 @@ def test_multirun_survives_a_failing_job_and_summarises(prefect_harness, mlflow_
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("mnist").experiment_id])
     assert sorted(run.info.status for run in runs) == ["FAILED", "FINISHED"]
     assert len({run.data.tags["sweep"] for run in runs}) == 1
+
+
+def test_pool_commands_without_a_prefect_server_are_one_line_and_start_nothing(mlflow_store, monkeypatch, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # the session's test harness set one
+        assert cli.main(["deploy", "--pool", "gpu"]) == 5
+        assert cli.main(["train", "--pool", "gpu", "seed=1,2", "--multirun"]) == 5
+    err = capsys.readouterr().err
+    assert "cnnflow: error: cnnflow deploy needs the Prefect server the pool's workers use" in err
+    assert "cnnflow: error: cnnflow train --pool needs the Prefect server" in err
+    assert "Starting temporary server" not in err
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["train", "--no-wait", "seed=1"])
+    assert usage.value.code == 2 and "--no-wait goes with --pool" in capsys.readouterr().err
