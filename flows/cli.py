@@ -153,6 +153,12 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return [list(job) for job in itertools.product(*axes)]
 
 
+def sweep_tags(sweep_id: str, number: int) -> list[str]:
+    """The tags that find a sweep's jobs in MLflow; the id is quoted, or a hex id such as 7002e071
+    would be read as the number 7.002e+74."""
+    return [f"+tags.sweep='{sweep_id}'", f"+tags.sweep_job={number}"]
+
+
 def _quiet_tracebacks_of_user_errors() -> None:
     """Prefect logs every failed task with a traceback; for a user's mistake, an interruption or a
     full disk the message is enough."""
@@ -182,7 +188,7 @@ def run_train(overrides: list[str], multirun: bool) -> int:
     for number, job in enumerate(jobs, start=1):
         experiment, job_overrides = split_experiment(job)
         if multirun:
-            job_overrides += [f"+tags.sweep={sweep_id}", f"+tags.sweep_job={number}"]
+            job_overrides += sweep_tags(sweep_id, number)
         try:
             store.use_store(compose_config(experiment, job_overrides))
             planned.append((job, experiment, job_overrides, None))
@@ -232,7 +238,7 @@ def run_on_pool(overrides: list[str], multirun: bool, pool: str, wait: bool = Tr
     submitted = []
     for number, job in enumerate(jobs, start=1):
         experiment, job_overrides = split_experiment(job, default=None)
-        submitted.append((experiment, job_overrides + [f"+tags.sweep={sweep_id}", f"+tags.sweep_job={number}"]))
+        submitted.append((experiment, job_overrides + sweep_tags(sweep_id, number)))
     flow_runs = serve.submitted(pool, submitted)
     for number, (job, flow_run) in enumerate(zip(jobs, flow_runs), start=1):
         print(f"[sweep {sweep_id}] job {number}/{len(jobs)}: {' '.join(job) or '(no overrides)'} -> flow run "

@@ -107,3 +107,10 @@ def test_pool_commands_without_a_prefect_server_are_one_line_and_start_nothing(m
     with pytest.raises(SystemExit) as usage:
         cli.main(["train", "--no-wait", "seed=1"])
     assert usage.value.code == 2 and "--no-wait goes with --pool" in capsys.readouterr().err
+
+
+def test_a_sweep_id_that_looks_like_a_number_stays_the_id():
+    from cnnflow.flows.config import compose_config
+
+    tags = compose_config("quickstart", cli.sweep_tags("7002e071", 3))["tags"]  # 7002e071 reads as 7.002e+74 unquoted
+    assert tags == {"sweep": "7002e071", "sweep_job": 3}
