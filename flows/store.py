@@ -156,9 +156,19 @@ def experiment_id(cfg: dict[str, Any]) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found:
         return found.experiment_id
-    with store_lock("create"):
+    from mlflow.exceptions import MlflowException
+
+    with store_lock("create"):  # one machine's processes; the store's unique name settles it across machines
         found = mlflow.get_experiment_by_name(name)
-        return found.experiment_id if found else mlflow.create_experiment(name)
+        if found:
+            return found.experiment_id
+        try:
+            return mlflow.create_experiment(name)
+        except MlflowException:
+            found = mlflow.get_experiment_by_name(name)  # another machine made it a moment ago
+            if not found:
+                raise
+            return found.experiment_id
 
 
 def code_version() -> str:

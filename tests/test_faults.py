@@ -680,3 +680,16 @@ def test_predict_refuses_non_regular_files_huge_images_and_bad_output_paths(pref
     assert list((tmp_path / "new").iterdir()) == []
     rows = predict_flow(run_id, [str(good)], str(tmp_path / "new" / "deeper" / "out.csv"))
     assert (tmp_path / "new" / "deeper" / "out.csv").read_text().splitlines()[1].startswith(f"{good},{rows[0]['label']}")
+
+
+def test_an_experiment_made_by_another_machine_a_moment_ago_is_used(mlflow_store, monkeypatch):
+    made_elsewhere = mlflow.create_experiment("faces")  # after this machine looked, before it creates
+    real_lookup, looks = mlflow.get_experiment_by_name, []
+
+    def stale_first(name):
+        looks.append(name)
+        return None if len(looks) <= 2 else real_lookup(name)  # both looks before the create saw nothing
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", stale_first)
+    assert store.experiment_id({"experiment": "faces"}) == made_elsewhere
+    assert len(looks) == 3
