@@ -1,12 +1,18 @@
 """Registry promotion: a run's model becomes a new version of `registry.name`, and the alias moves
-to it only when it beats the alias holder."""
+to it only when it beats the alias holder. The comparison and the move are one step for every
+process on every machine that shares the store: of two trainings ending together, the better wins."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Any
 
 from cnnflow.components.errors import RunError
-from cnnflow.flows.store import set_tags, store_lock
+from cnnflow.flows.lifecycle import Lease
+from cnnflow.flows.store import experiment_id, set_tags
+
+LOCKS_EXPERIMENT = "cnnflow.locks"  # one run per lock; its lease (lifecycle.Lease) is the lock
 
 def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
     """Register the run's model as a new version of `registry.name` and move `registry.alias` to it,
@@ -16,8 +22,43 @@ def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
     name, alias, metric, mode = spec.get("name"), spec.get("alias", "champion"), spec.get("metric"), spec.get("mode")
     if not name:
         return None
-    with store_lock("registry"):  # compare and move as one step: of two trainings ending together, the better wins
+    with store_wide_lock(f"registry {name}"):
         return _promote(run_id, name, alias, metric, mode, logger)
+
+
+@contextlib.contextmanager
+def store_wide_lock(purpose: str, wait: float = 120.0):
+    """Held by one thread of one process at a time, among all that share the MLflow store."""
+    lease = Lease(_lock_run(purpose), timeout=wait)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            lease.acquire()
+            break
+        except RunError as busy:
+            if time.monotonic() > deadline:
+                raise RunError(f"{purpose}: waited {wait:g} s for another process ({busy})") from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        lease.release()
+
+
+def _lock_run(purpose: str) -> str:
+    """The run whose lease is the lock: the oldest of those tagged with `purpose` (processes that
+    make one at the same moment all settle on the oldest)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = experiment_id({"experiment": LOCKS_EXPERIMENT})
+    query = dict(experiment_ids=[experiment], filter_string=f"tags.`cnnflow.lock` = '{purpose}'",
+                 order_by=["attributes.start_time ASC", "attributes.run_id ASC"], max_results=1)
+    found = client.search_runs(**query)
+    if not found:
+        client.create_run(experiment, run_name=purpose, tags={"cnnflow.lock": purpose})
+        found = client.search_runs(**query)
+    return found[0].info.run_id
 
 
 def _promote(run_id: str, name: str, alias: str, metric: str, mode: str, logger) -> int | None:

@@ -6,6 +6,7 @@ import datetime
 
 from cnnflow.components.errors import RunError
 from cnnflow.flows import store
+from cnnflow.flows.promotion import LOCKS_EXPERIMENT
 
 COLUMNS = ("run", "experiment", "status", "started", "model", "train", "epochs", "best val_acc", "test_acc",
            "overrides")
@@ -37,7 +38,7 @@ def runs_table(experiment: str | None = None, limit: int = 20) -> str:
 
     store.use_store({}, must_exist=True)
     experiments = mlflow.search_experiments()
-    names = {e.experiment_id: e.name for e in experiments}
+    names = {e.experiment_id: e.name for e in experiments if e.name != LOCKS_EXPERIMENT}  # cnnflow's own bookkeeping
     if experiment and experiment not in names.values():
         raise RunError(f"no MLflow experiment {experiment!r} in {store.tracking_uri({})}; "
                        f"there are: {', '.join(sorted(names.values())) or 'none'}")

@@ -621,6 +621,10 @@ def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_sto
     for thread in threads:
         thread.join()
     assert MlflowClient().get_model_version_by_alias("race", "champion").run_id == runs[1]
+    from cnnflow.flows.runs import runs_table
+
+    table = runs_table()  # the lock's own run (experiment cnnflow.locks) is bookkeeping, not a result
+    assert "race" in table and "cnnflow.locks" not in table and "registry race" not in table
 
 
 # ----------------------------------------------------------------- runs, models, predict inputs
