@@ -15,8 +15,10 @@ from cnnflow.flows.store import experiment_id, set_tags
 LOCKS_EXPERIMENT = "cnnflow.locks"  # one run per lock; its lease (lifecycle.Lease) is the lock
 
 def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
-    """Register the run's model as a new version of `registry.name` and move `registry.alias` to it,
-    when its `registry.metric` beats the value the alias holder had when it was registered."""
+    """Register the run's model as a new version of `registry.name` (every run, so each is there to
+    compare and to roll back to), and move `registry.alias` to it when its `registry.metric` beats
+    the value the alias holder had when it was registered. Returns the version, or None without a
+    registry name."""
 
     spec = cfg.get("registry") or {}
     name, alias, metric, mode = spec.get("name"), spec.get("alias", "champion"), spec.get("metric"), spec.get("mode")
@@ -77,16 +79,17 @@ def _promote(run_id: str, name: str, alias: str, metric: str, mode: str, logger)
         champion, best = None, float("nan")
     beats = champion is None or best != best or (value > best if mode == "max" else value < best)
     previous = f"{name} v{champion.version} ({metric} {best:.4f})" if champion else "none"
-    if not beats:
-        logger.info(f"registry: {metric} {value:.4f} does not beat {alias} {previous}; {alias} stays")
-        set_tags(run_id, {"registry.outcome": f"kept {alias} {previous}"})
-        return None
     _ensure_registered_model(client, name)
     version = client.create_model_version(name, run.data.tags["model_uri"], run_id=run_id,
                                           tags={f"metric.{metric}": str(value)})
+    set_tags(run_id, {"registry.previous_champion": previous})
+    if not beats:
+        logger.info(f"registry: {name} v{version.version} ({metric} {value:.4f}) does not beat {alias} {previous}; "
+                    f"{alias} stays")
+        set_tags(run_id, {"registry.outcome": f"registered {name} v{version.version}; kept {alias} {previous}"})
+        return int(version.version)
     client.set_registered_model_alias(name, alias, version.version)
-    set_tags(run_id, {"registry.outcome": f"registered {name} v{version.version} as {alias}",
-                      "registry.previous_champion": previous})
+    set_tags(run_id, {"registry.outcome": f"registered {name} v{version.version} as {alias}"})
     logger.info(f"registry: {name} v{version.version} is now {alias!r} ({metric} {value:.4f}; before: {previous})")
     return int(version.version)
 

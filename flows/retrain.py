@@ -1,5 +1,5 @@
-"""Scheduled retraining: each run trains on the next, larger training subset and promotes its model
-in the MLflow registry only if it beats the current champion on the fixed validation set.
+"""Scheduled retraining: each run trains on the next, larger training subset, registers its model
+as a new version, and makes it champion only if it beats the champion on the fixed validation set.
 
 The sequence is read back from MLflow (runs tagged retrain_schedule=<name> that finished), so a
 restarted server, a missed schedule or a manual run keep it right.

@@ -192,11 +192,15 @@ def test_registry_alias_moves_only_when_the_metric_improves(mlflow_store):
     log = logging.getLogger("test")
     first, worse, better = logged_run(0.90), logged_run(0.85), logged_run(0.95)
     assert promotion.maybe_register(cfg, first, log) == 1
-    assert promotion.maybe_register(cfg, worse, log) is None
+    assert promotion.maybe_register(cfg, worse, log) == 2  # every run is a version; the alias stays
     assert MlflowClient().get_model_version_by_alias("digits", "champion").run_id == first
-    assert promotion.maybe_register(cfg, better, log) == 2
+    assert MlflowClient().get_run(worse).data.tags["registry.outcome"] == \
+        "registered digits v2; kept champion digits v1 (val_accuracy 0.9000)"
+    assert promotion.maybe_register(cfg, better, log) == 3
     assert MlflowClient().get_model_version_by_alias("digits", "champion").run_id == better
     assert MlflowClient().get_run(better).data.tags["registry.previous_champion"].startswith("digits v1")
+    assert [v.run_id for v in sorted(MlflowClient().search_model_versions("name = 'digits'"),
+                                     key=lambda v: int(v.version))] == [first, worse, better]
     assert mlflow.keras.load_model("models:/digits@champion").count_params() == 3
     with pytest.raises(RunError, match="registry.metric='val_auc' is not logged"):
         promotion.maybe_register({"registry": dict(cfg["registry"], metric="val_auc")}, better, log)
