@@ -330,6 +330,11 @@ def find_unfinished(cfg: dict[str, Any], logger) -> tuple[str | None, dict | Non
     return None, None
 
 
+def run_name(cfg: dict[str, Any]) -> str:
+    """What ran, as the MLflow UI lists it: recipe, training images, seed (`celeba-16000-s1`)."""
+    return f"{cfg['experiment']}-{cfg['data'].get('train_size') or 'all'}-s{cfg['seed']}"
+
+
 @contextlib.contextmanager
 def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
     """Start (or resume) an MLflow run and this machine's folder of it; yields (run_id, folder).
@@ -350,7 +355,8 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
         if run_id:
             lease = _leased(run_id, cfg, held)
             output_dir = run_folder(run_id, cfg)
-        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id(cfg))
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id(cfg),
+                               run_name=None if run_id else run_name(cfg))
         status = "FAILED"
         try:
             if not run_id:

@@ -35,7 +35,7 @@ def test_run_has_settings_metrics_tags_and_config(finished_run):
     run_id, _ = finished_run
     client = MlflowClient()
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_name == "mnist-200-s1"  # recipe, train size, seed
     assert client.get_experiment(run.info.experiment_id).name == "mnist"
     params = run.data.params
     assert params["model.name"] == "mnist_cnn" and params["data.batch_size"] == "64"
