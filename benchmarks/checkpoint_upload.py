@@ -25,30 +25,28 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from conftest import free_port, wait_until  # noqa: E402  (tests/conftest.py: the servers the tests start too)
+
 RECIPES = {
     "mnist": lambda args: ["experiment=fashion_mnist", "data.source=idx", f"data.path={args.fashion}"],
     "celeba": lambda args: ["experiment=celeba", f"data.path={args.celeba}"],
 }
 
 
-def tracking_server(folder: Path, port: int = 5091) -> tuple[subprocess.Popen, str]:
+def tracking_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
                                "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                return server, uri
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("the MLflow server did not start")
+    wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, 120, "the MLflow server")
+    return server, uri
 
 
 def cpu_seconds(pid: int) -> float:

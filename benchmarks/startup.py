@@ -71,20 +71,15 @@ def one_image(folder: Path, workdir: Path) -> Path:
 def running_prefect_server(workdir: Path, env: dict[str, str]):
     import urllib.request
 
-    from conftest import free_port
+    from conftest import free_port, wait_until
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=dict(env, PREFECT_HOME=str(workdir / "prefect")),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
-    for _ in range(240):
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                return server, url
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("the Prefect server did not start")
+    wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 120, "the Prefect server")
+    return server, url
 
 
 def main() -> None:
