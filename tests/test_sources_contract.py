@@ -61,8 +61,10 @@ def test_a_recipe_builds_its_source_splits_and_first_batch(experiment, source, t
 def test_the_celeba_recipe_through_tfds_reaches_the_download_without_internet(monkeypatch, tmp_path):
     monkeypatch.setattr(tfds_source, "_online", lambda *args: False)
     cfg = compose_config("celeba", ["data.source=tfds", f"data.data_dir={tmp_path}"])
-    with pytest.raises(DataError, match="TFDS needs internet to download 'celeb_a'"):
+    with pytest.raises(DataError, match="TFDS needs internet to download 'celeb_a'") as refused:
         checked_partitions(cfg["data"])
+    # the hint names the source that reads CelebA's own files, not MNIST's
+    assert "data.source=celeba_folder data.path=" in str(refused.value) and "ubyte" not in str(refused.value)
 
 
 def test_the_celeba_recipe_trains_end_to_end_on_tfds_mock_data(prefect_harness, mlflow_store, tfds_mock):

@@ -21,7 +21,7 @@ class TfdsSource:
         except tfds.core.registered.DatasetNotFoundError:
             raise DataError(f"TFDS has no dataset {name!r}; check data.name (e.g. mnist, fashion_mnist)") from None
         if not manual_dir and not _is_prepared(self.builder) and not _online():
-            raise DataError(f"TFDS needs internet to download {name!r} and this machine has none; " + _LOCAL_HINT)
+            raise DataError(f"TFDS needs internet to download {name!r} and this machine has none; " + _local_hint(name))
         try:
             self.builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
@@ -29,10 +29,10 @@ class TfdsSource:
         except Exception as error:  # TFDS raises many types for a failed download
             if is_transient(error):  # the load-data task retries it (5 s, then 30 s)
                 raise TransientError(f"TFDS could not download {name!r}, maybe for a moment ({type(error).__name__}: "
-                                     f"{first_line(error)}); if it persists, " + _LOCAL_HINT) from error
+                                     f"{first_line(error)}); if it persists, " + _local_hint(name)) from error
             raise DataError(
                 f"TFDS could not download or prepare {name!r} ({type(error).__name__}: {first_line(error)}); "
-                + _LOCAL_HINT
+                + _local_hint(name)
             ) from error
         features = self.builder.info.features
         self.attribute = attribute
@@ -75,10 +75,16 @@ class TfdsSource:
         return np.concatenate([batch[0] for batch in batches]), np.concatenate([batch[1] for batch in batches])
 
 
-_LOCAL_HINT = (
-    "point cnnflow at local files: data.source=idx data.path=<folder with the original *-ubyte.gz files>, "
-    "or data.manual_dir=<that folder> to let TFDS use them, or data.data_dir=<an already prepared TFDS data_dir>."
-)
+def _local_hint(name: str) -> str:
+    """Where the same data can come from without a download: the source that reads this dataset's
+    original files, TFDS's manual_dir, or a prepared data_dir."""
+    if name == "celeb_a":
+        files = ("data.source=celeba_folder data.path=<folder with img_align_celeba/, list_attr_celeba.txt "
+                 "and list_eval_partition.txt>")
+    else:
+        files = "data.source=idx data.path=<folder with the original *-ubyte.gz files>"
+    return (f"point cnnflow at local files: {files}, or data.manual_dir=<that folder> to let TFDS use them, "
+            "or data.data_dir=<an already prepared TFDS data_dir>.")
 
 
 def _is_prepared(builder) -> bool:
