@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from cnnflow.components.data.core import Partition  # noqa: E402
 from cnnflow.components.argtypes import NonNegativeInt, PositiveInt  # noqa: E402
+from cnnflow.components import outputs  # noqa: E402
 from cnnflow.components.registry import register  # noqa: E402
 
 
@@ -34,9 +35,7 @@ class Results:
 
     @property
     def predictions(self) -> np.ndarray:
-        if self.probabilities.ndim == 1:
-            return (self.probabilities >= 0.5).astype(np.int64)
-        return self.probabilities.argmax(axis=1)
+        return outputs.predicted(self.probabilities)
 
 
 def _show(axis, image: np.ndarray, title: str, color: str = "black") -> None:

@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--figure", help="also draw the images with their predictions to this PNG file")
     serve = commands.add_parser(
         "serve", help="serve every flow as a Prefect deployment (needs a Prefect server)",
-        description="Registers train, continue, evaluate, predict and retrain as deployments named "
-                    "'<flow>/cnnflow' and runs them when the Prefect UI, API or the retrain schedule asks. "
+        description="Registers train, continue, evaluate, predict and retrain as deployments (train/EXPERIMENT, "
+                    "retrain/EXPERIMENT, continue/any-run, evaluate/any-model, predict/any-model) and runs them "
+                    "when the Prefect UI, API or the retrain schedule asks. "
                     "KEY=VALUE settings set the defaults of train/retrain, e.g. experiment=celeba "
                     "data.path=/data/celeba 'retrain.cron=0 3 * * 0'.")
     serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -220,9 +221,14 @@ def run_train(overrides: list[str], multirun: bool) -> int:
 
 def _summary(sweep_id: str, outcomes: list[tuple[list[str], str, str]]) -> int:
     """Prints each job's outcome (its run id, or why it failed); 0 when every job succeeded."""
+    from cnnflow.flows import report
+
     print(f"\nsweep {sweep_id}: {sum(o[1] == 'ok' for o in outcomes)}/{len(outcomes)} jobs succeeded")
     for job, status, detail in outcomes:
         print(f"  {status:<6} {' '.join(job) or '(no overrides)'}  ->  {'run ' + detail if status == 'ok' else detail}")
+    report.publish_table(f"sweep-{sweep_id}", [{"job": " ".join(job) or "(no overrides)", "status": status,
+                                                "run or reason": detail} for job, status, detail in outcomes],
+                         f"sweep {sweep_id}: each job's MLflow run, or why it failed")
     return 0 if all(status == "ok" for _, status, _ in outcomes) else 1
 
 

@@ -10,7 +10,7 @@ import copy
 import functools
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cnnflow.components.errors import SettingsError
 
@@ -27,6 +27,47 @@ def _conf_dir() -> Path:
 def choices(group: str) -> list[str]:
     """The config files a group offers (`data` -> digits, fashion_mnist, mnist)."""
     return sorted(path.stem for path in (_conf_dir() / group).glob("*.yaml"))
+
+
+# The recipes, as a type: a flow parameter of this type is a list to choose from in the Prefect UI.
+Experiment = Literal[tuple(choices("experiment"))]
+
+# The settings people change most, as typed fields of the train and retrain flows (the Prefect run
+# form): each filled field becomes the override on the right, placed before the `overrides` list.
+FORM_FIELDS = {"epochs": "train.epochs", "batch_size": "data.batch_size", "data_source": "data.source",
+               "data_path": "data.path", "train_size": "data.train_size", "seed": "seed"}
+
+
+def with_fields(overrides: list[str] | None, **fields: Any) -> list[str]:
+    """The filled fields as overrides, then `overrides`; an empty field keeps the recipe's value. The
+    schema checks both alike when they are composed."""
+    filled = [f"{FORM_FIELDS[name]}={_literal(value)}" for name, value in fields.items() if value not in (None, "")]
+    return filled + list(overrides or [])
+
+
+def fields_of(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The overrides that a field of the run form says (`data.path=/data` -> data_path), as field
+    values, and the rest: so a served form shows them in their fields, and `with_fields` gives back
+    the same settings."""
+    field_of = {key: name for name, key in FORM_FIELDS.items()}
+    fields, rest = {}, []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        value = value.strip("'\"") if value[:1] in "'\"" else value
+        name = field_of.get(key)
+        if name in ("data_source", "data_path") or (name and (value.isdigit() or value == "full")):
+            fields[name] = int(value) if value.isdigit() and name not in ("data_source", "data_path") else value
+        else:
+            rest.append(override)
+    return fields, rest
+
+
+def _literal(value: Any) -> str:
+    """A field's value as Hydra reads it literally: a string quoted (a path with spaces, commas or
+    brackets stays one value), anything else as written."""
+    if isinstance(value, str) and value != "full":
+        return "'" + value.replace("'", "\\'") + "'"
+    return str(value)
 
 
 def compose_config(experiment: str = "quickstart", overrides: list[str] | None = None) -> dict[str, Any]:

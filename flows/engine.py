@@ -76,6 +76,11 @@ def in_process():
         log.propagate = True
 
 
+def recording() -> bool:
+    """Whether flows and tasks go to a Prefect server (its UI shows their runs and artifacts)."""
+    return not _in_process.get()
+
+
 def run_logger():
     """The log of the flow or task run going on: Prefect's run logger, or cnnflow's in process."""
     if _in_process.get():

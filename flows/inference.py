@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 
 from cnnflow.components.errors import DataError, RunError
-from cnnflow.flows import store
+from cnnflow.components.images import read_image
+from cnnflow.flows import report, store
 from cnnflow.flows.engine import flow, run_logger, task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-MAX_IMAGE_PIXELS = 50_000_000  # bigger is no photo a CNN here takes; refused from the header, never decoded
 
 
 def resolve_model(reference: str) -> tuple[str, str]:
@@ -47,7 +46,8 @@ def resolve_model(reference: str) -> tuple[str, str]:
                     raise RunError(f"model {name!r} has no versions in {mlflow.get_tracking_uri()}")
                 found = max(versions, key=lambda v: int(v.version))
                 reference = f"models:/{name}/{found.version}"
-            return reference, found.run_id
+            # a version serves through its pyfunc; evaluate and predict use the Keras model beside it
+            return found.tags.get("keras_model_uri", reference), found.run_id
         run_id, _, path = reference.removeprefix("runs:/").partition("/")
         run_id = store.full_run_id(run_id)
         if path:  # the model named, never silently another one
@@ -85,7 +85,13 @@ def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
 
 @flow(name="evaluate", flow_run_name="evaluate {model} on {split}")
 def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
-    """Evaluate a logged or registered model on a split; the result is an MLflow run of its own."""
+    """Evaluate a logged or registered model on a split; the result is an MLflow run of its own.
+
+    Args:
+        model: A training run's id (or unique prefix), `runs:/RUN_ID/model`, `models:/NAME/VERSION` or
+            `models:/NAME@ALIAS` (e.g. `models:/faces@champion`).
+        split: `test` (the run's own test split), `valid`, or a split string such as `test[:500]`.
+    """
     model_uri, run_id = resolve_model(model)
     cfg, _ = store.run_settings(run_id)
     metrics = evaluate_split(model_uri, run_id, split)
@@ -93,6 +99,7 @@ def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
         store.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split})
         store.log_metrics(run.info.run_id, {f"eval_{name}": value for name, value in metrics.items()})
     run_logger().info(f"{model_uri} on {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    report.publish_evaluation(model_uri, split, run.info.run_id, metrics)
     return metrics
 
 
@@ -118,65 +125,19 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    """The image as uint8 pixels, if it has the size and the channels the model was trained on. The
-    size is read from the header first: an image of another size is refused without being decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    height, width, channels = shape
-    wanted = f"{'grayscale' if channels == 1 else 'RGB'} {width}x{height} images"
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with Image.open(path) as image:  # reads the header only
-            if image.size != (width, height):
-                raise DataError(f"{path} is {image.size[0]}x{image.size[1]}; the model takes {wanted} "
-                                f"(as in its training data)")
-            image.load()
-            gray_mode = image.mode in ("1", "L", "I", "I;16", "F")
-            rgb = None if gray_mode else np.asarray(image.convert("RGB"))
-            gray = np.asarray(image.convert("L"))
-    except DataError:
-        raise
-    except Image.DecompressionBombError:
-        raise DataError(f"{path}: too large to decode safely (over {MAX_IMAGE_PIXELS:,} pixels); the model takes "
-                        f"{wanted}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"{path}: not a readable image ({error})") from None
-    if channels == 3 and rgb is None:
-        raise DataError(f"{path} is grayscale; the model takes {wanted}")
-    # A grayscale picture saved as RGB (three equal channels) is fine; real colour is not.
-    if channels == 1 and rgb is not None and not (np.array_equal(rgb[..., 0], rgb[..., 1])
-                                                  and np.array_equal(rgb[..., 1], rgb[..., 2])):
-        raise DataError(f"{path} is a colour image; the model takes {wanted}")
-    return rgb if channels == 3 else gray[..., np.newaxis]
-
-
 @task(name="predict", cache_policy="none")
 def predict_files(model_uri: str, run_id: str, files: list[str]) -> list[dict[str, Any]]:
     """One row per image: file, predicted label, its probability (and P(positive) for binary models)."""
-    import tensorflow as tf
-
-    from cnnflow.components.augment import compose
-    from cnnflow.flows.train import _probabilities
+    from cnnflow.components import outputs
+    from cnnflow.components.images import preprocessed
 
     cfg, output_dir = store.run_settings(run_id)
     features = store.run_features(run_id, output_dir)
     shape = tuple(features["image_shape"])
-    images = np.stack([read_image(Path(f), shape) for f in files])
-    transform = compose(cfg["data"]["transforms"]["eval"])
-    batch = tf.stack([transform(tf.constant(image), tf.zeros(2, tf.int64)) for image in images])
-    probabilities = _probabilities(cfg, mlflow.keras.load_model(model_uri).predict(batch, verbose=0))
-    names = features["class_names"]
-    rows = []
-    for file, image, probs in zip(files, images, probabilities):
-        if np.ndim(probs) == 0:  # one logit: P(class 1)
-            label = int(probs >= 0.5)
-            rows.append({"file": file, "label": names[label], "probability": float(probs if label else 1 - probs),
-                         f"p_{names[1]}": float(probs)})
-        else:
-            label = int(np.argmax(probs))
-            rows.append({"file": file, "label": names[label], "probability": float(probs[label])})
-    return rows
+    batch = preprocessed([read_image(Path(f), shape) for f in files], cfg["data"]["transforms"]["eval"])
+    probabilities = outputs.probabilities(mlflow.keras.load_model(model_uri).predict(batch, verbose=0),
+                                          bool(cfg["loss"].get("from_logits")))
+    return [{"file": file, **row} for file, row in zip(files, outputs.labelled(probabilities, features["class_names"]))]
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -214,7 +175,15 @@ def _figure(rows: list[dict[str, Any]], shape, path: Path) -> None:
 def predict_flow(model: str, paths: list[str], csv_path: str | None = None,
                  figure_path: str | None = None) -> list[dict[str, Any]]:
     """Predicted labels and probabilities for image files or folders; prints a table, optionally
-    writes it as CSV and draws the images with their predictions."""
+    writes it as CSV and draws the images with their predictions.
+
+    Args:
+        model: A training run's id (or unique prefix), `runs:/RUN_ID/model`, `models:/NAME/VERSION` or
+            `models:/NAME@ALIAS`.
+        paths: Image files (PNG, JPEG) or folders of them, as seen by the machine that runs this flow.
+        csv_path: Where to write the table as CSV (optional).
+        figure_path: Where to draw the images with their predictions, a PNG (optional).
+    """
     model_uri, run_id = resolve_model(model)
     files = [str(f) for f in image_files(paths)]
     csv_file = csv_path and _output_path(csv_path, "--csv")
@@ -230,6 +199,7 @@ def predict_flow(model: str, paths: list[str], csv_path: str | None = None,
         _, output_dir = store.run_settings(run_id)
         with _written_whole(figure_file) as temporary:
             _figure(rows, tuple(store.run_features(run_id, output_dir)["image_shape"]), temporary)
+    report.publish_table("predictions", rows, f"{len(rows)} images predicted by {model_uri}")
     return rows
 
 

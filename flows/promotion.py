@@ -80,8 +80,11 @@ def _promote(run_id: str, name: str, alias: str, metric: str, mode: str, logger)
     beats = champion is None or best != best or (value > best if mode == "max" else value < best)
     previous = f"{name} v{champion.version} ({metric} {best:.4f})" if champion else "none"
     _ensure_registered_model(client, name)
-    version = client.create_model_version(name, run.data.tags["model_uri"], run_id=run_id,
-                                          tags={f"metric.{metric}": str(value)})
+    # The version serves (the pyfunc `serving`, for `mlflow models serve`); its Keras model is a tag,
+    # for evaluate and predict. Runs of cnnflow before `serving` existed register their Keras model.
+    keras_model = run.data.tags["model_uri"]
+    version = client.create_model_version(name, run.data.tags.get("serving_uri", keras_model), run_id=run_id,
+                                          tags={f"metric.{metric}": str(value), "keras_model_uri": keras_model})
     set_tags(run_id, {"registry.previous_champion": previous})
     if not beats:
         logger.info(f"registry: {name} v{version.version} ({metric} {value:.4f}) does not beat {alias} {previous}; "

@@ -11,7 +11,7 @@ from typing import Any
 
 
 from cnnflow.flows import store
-from cnnflow.flows.config import compose_config
+from cnnflow.flows.config import Experiment, compose_config, with_fields
 from cnnflow.flows.engine import flow, run_logger
 from cnnflow.flows.train import train_flow
 
@@ -67,9 +67,23 @@ def current_champion(cfg: dict[str, Any]):
 
 
 @flow(name="retrain", flow_run_name="retrain {experiment}")
-def retrain_flow(experiment: str = "celeba", overrides: list[str] | None = None) -> str:
-    """Train the next subset size of the schedule (retrain.sizes) and promote it if it is better."""
-    overrides = list(overrides or [])
+def retrain_flow(experiment: Experiment = "celeba", overrides: list[str] | None = None, epochs: int | None = None,
+                 batch_size: int | None = None, data_source: str | None = None, data_path: str | None = None,
+                 seed: int | None = None) -> str:
+    """Train the next subset size of the schedule (retrain.sizes) and promote it if it is better.
+
+    Args:
+        experiment: The recipe to retrain (conf/experiment/NAME.yaml); its runs form one sequence.
+        overrides: Any other setting, one `key=value` per item, e.g. `retrain.sizes=[16000,32000,full]`,
+            `retrain.warm_start=true`, `registry.name=faces`. Applied after the fields below.
+        epochs: train.epochs of each run. Empty: the recipe's.
+        batch_size: data.batch_size. Empty: the recipe's.
+        data_source: data.source: tfds, idx, celeba_folder or digits. Empty: the recipe's.
+        data_path: data.path: the folder with the data files, for the idx and celeba_folder sources.
+        seed: The seed of every run of the sequence. Empty: the recipe's.
+    """
+    overrides = with_fields(overrides, epochs=epochs, batch_size=batch_size, data_source=data_source,
+                            data_path=data_path, seed=seed)
     cfg = compose_config(experiment, overrides)
     if not cfg["registry"].get("name"):
         cfg = compose_config(experiment, overrides + [f"registry.name={experiment}"])

@@ -14,14 +14,26 @@ given to `deploy`, which workers elsewhere must reach: a tracking server.
 from __future__ import annotations
 
 from cnnflow.components.errors import DataError, InfrastructureError
-from cnnflow.flows.config import compose_config
+from cnnflow.flows.config import compose_config, fields_of, with_fields
 from cnnflow.flows.engine import configured_api_url
 
 DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain")
 
 
-def deployments(experiment: str, overrides: list[str], name: str = "cnnflow") -> list:
-    """The RunnerDeployments: train/continue/evaluate/predict on demand, retrain on retrain.cron."""
+def deployment_names(experiment: str, pool: str | None = None) -> dict[str, str]:
+    """Each flow's deployment name, saying what it runs: `cnnflow serve experiment=celeba` gives
+    train/celeba, retrain/celeba, continue/any-run, evaluate/any-model and predict/any-model; on a
+    work pool every flow's deployment is named after the pool (train/gpu: "train on the gpu pool")."""
+    if pool:
+        return dict.fromkeys(DEPLOYMENTS, pool)
+    return {"train": experiment, "retrain": experiment, "continue": "any-run", "evaluate": "any-model",
+            "predict": "any-model"}
+
+
+def deployments(experiment: str, overrides: list[str], pool: str | None = None) -> list:
+    """The RunnerDeployments: train/continue/evaluate/predict on demand, retrain on retrain.cron. The
+    train and retrain forms start from the served settings: those with a field of their own fill it in
+    (data_path, epochs, ...), the others are the form's `overrides`."""
     from prefect.deployments.runner import EntrypointType
 
     from cnnflow.flows.inference import evaluate_flow, predict_flow
@@ -35,14 +47,22 @@ def deployments(experiment: str, overrides: list[str], name: str = "cnnflow") ->
         pass
     module = EntrypointType.MODULE_PATH  # runs import cnnflow, wherever it is installed
     tags = ["cnnflow"]
+    names = deployment_names(experiment, pool)
+    fields, rest = fields_of(overrides)
     made = [
-        train_flow.to_deployment(name, parameters={"experiment": experiment, "overrides": overrides},
+        train_flow.to_deployment(names["train"], parameters={"experiment": experiment, **fields, "overrides": rest},
                                  entrypoint_type=module, tags=tags,
-                                 description="Train: fill in an experiment and Hydra overrides (key=value)."),
-        continue_flow.to_deployment(name, entrypoint_type=module, tags=tags),
-        evaluate_flow.to_deployment(name, entrypoint_type=module, tags=tags),
-        predict_flow.to_deployment(name, entrypoint_type=module, tags=tags),
-        retrain_flow.to_deployment(name, parameters={"experiment": experiment, "overrides": overrides},
+                                 description="Train a model: choose a recipe, change the fields you need (empty: the "
+                                             "recipe's value), anything else as key=value overrides. One MLflow run."),
+        continue_flow.to_deployment(names["continue"], entrypoint_type=module, tags=tags,
+                                    description="Train a run for more epochs, in the same MLflow run."),
+        evaluate_flow.to_deployment(names["evaluate"], entrypoint_type=module, tags=tags,
+                                    description="Evaluate a logged or registered model on a split (an MLflow run)."),
+        predict_flow.to_deployment(names["predict"], entrypoint_type=module, tags=tags,
+                                   description="Predict the labels of image files on the machine that runs it."),
+        retrain_flow.to_deployment(names["retrain"],
+                                   parameters={"experiment": experiment,
+                                               **{k: v for k, v in fields.items() if k != "train_size"}, "overrides": rest},
                                    cron=cfg["retrain"]["cron"], entrypoint_type=module, tags=tags + ["schedule"],
                                    description=f"Retrain {schedule_name(cfg)} on growing subsets "
                                                f"{cfg['retrain']['sizes']}, promoting only improvements."),
@@ -100,7 +120,7 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process",
                                                    base_job_template=ProcessWorker.get_default_base_job_template()))
     names = []
-    for deployment in deployments(experiment, overrides, name=pool):
+    for deployment in deployments(experiment, overrides, pool=pool):
         deployment.job_variables = {"env": {"MLFLOW_TRACKING_URI": uri}}
         deployment.apply(work_pool_name=pool)
         names.append(f"{deployment.flow_name}/{deployment.name}")
@@ -130,10 +150,11 @@ def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:
             raise InfrastructureError(f"no deployment {name} on the Prefect server {configured_api_url()}: run cnnflow "
                                       f"deploy --pool {pool} first") from None
     defaults = deployment.parameters or {}
-    planned = [{"experiment": experiment or defaults.get("experiment", "quickstart"),
-                "overrides": list(defaults.get("overrides", [])) + overrides} for experiment, overrides in jobs]
+    planned = [{**defaults, "experiment": experiment or defaults.get("experiment", "quickstart"),
+                "overrides": list(defaults.get("overrides") or []) + overrides} for experiment, overrides in jobs]
     for parameters in planned:  # a wrong setting in any job stops here, before anything is submitted
-        compose_config(parameters["experiment"], parameters["overrides"])
+        fields = {key: value for key, value in parameters.items() if key not in ("experiment", "overrides")}
+        compose_config(parameters["experiment"], with_fields(parameters["overrides"], **fields))
     return [run_deployment(name, parameters=parameters, timeout=0, as_subflow=False) for parameters in planned]
 
 

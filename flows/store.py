@@ -48,11 +48,12 @@ def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
     uri = tracking_uri(cfg)
     check_store(uri, must_exist)
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:"):
-        import logging
+    import logging
 
-        for chatty in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+    # "Creating initial MLflow database tables...", "Validating input example against model signature"
+    for chatty in ("mlflow.store.db.utils", "alembic", "mlflow.pyfunc", "mlflow.models.model"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    if uri.startswith("sqlite:"):
         with store_lock("create"):
             _create_whole(Path(uri.removeprefix("sqlite:///")).expanduser())
             try:
@@ -199,6 +200,40 @@ def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path, features: d
     (output_dir / "features.json").write_text(json.dumps(features))
     for name in ("config.yaml", "features.json"):
         client.log_artifact(run_id, str(output_dir / name))
+
+
+def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str, Any]) -> None:
+    """Each role of the split as an MLflow dataset input (the Datasets column, and comparisons of runs):
+    where the data came from, the partition and size, and a digest of the exact positions used, so two
+    runs on the same images show the same digest."""
+    import warnings
+
+    import numpy as np
+    from mlflow import MlflowClient
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types.schema import Schema, TensorSpec
+
+    if data["source"] == "tfds":
+        source = HTTPDatasetSource(f"https://www.tensorflow.org/datasets/catalog/{data['name']}")
+    else:
+        with warnings.catch_warnings():  # MLflow registers two local-file sources and says so
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(data.get("path") or data["source"]).expanduser().resolve()))
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *features["image_shape"]), "image"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "label")])
+    contexts = {"train": "training", "valid": "validation", "test": "test"}
+    inputs = []
+    for role, positions in split.indices.items():
+        partition = split.partitions[role]
+        digest = hashlib.sha256(f"{data['source']}:{data['name']}:{partition}:".encode()
+                                + np.asarray(positions, dtype=np.int64).tobytes()).hexdigest()[:10]
+        dataset = MetaDataset(source, name=f"{data['name']} {partition}", digest=digest, schema=schema)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [
+            InputTag("mlflow.data.context", contexts.get(role, role)), InputTag("size", str(len(positions)))]))
+    MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:

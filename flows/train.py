@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 
 from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError
-from cnnflow.flows import interrupts, lifecycle, promotion, runtime, settings, store
-from cnnflow.flows.config import compose_config
+from cnnflow.flows import interrupts, lifecycle, promotion, report, runtime, settings, store
+from cnnflow.flows.config import Experiment, compose_config, with_fields
 from cnnflow.flows.engine import flow, run_logger, task
 
 
@@ -77,19 +77,22 @@ def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, outpu
                      "split_counts.json", run_id=run_id)
     run_logger().info("split: " + "; ".join(
         f"{role} {sizes[role]} ({', '.join(f'{name} {n}' for name, n in counts[role].items())})" for role in sizes))
+    store.log_data_inputs(run_id, cfg["data"], split, features)
     path = split.save(Path(output_dir) / "split.npz")
     mlflow.MlflowClient().log_artifact(run_id, path)  # a machine without this folder resumes or evaluates from it
     return path
 
 
 def _metrics(cfg: dict[str, Any]) -> list:
-    """Keras metric names, except that `accuracy` of a one-logit model thresholds the logit at 0
-    (Keras' "accuracy" would threshold it at 0.5, as if it were a probability)."""
+    """Keras metric names, except that `accuracy` of a one-logit model thresholds the logit
+    (components/outputs.py says why)."""
     import keras
 
-    one_logit = cfg["loss"]["name"] == "binary_crossentropy" and cfg["loss"].get("from_logits")
-    return [keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0) if one_logit and name == "accuracy" else name
-            for name in cfg["train"]["metrics"]]
+    from cnnflow.components import outputs
+
+    one_logit = outputs.is_one_logit(cfg["loss"])
+    return [keras.metrics.BinaryAccuracy(name="accuracy", threshold=outputs.ONE_LOGIT_THRESHOLD)
+            if one_logit and name == "accuracy" else name for name in cfg["train"]["metrics"]]
 
 
 def _optimizer(cfg: dict[str, Any], train_size: int):
@@ -132,7 +135,8 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
 
     from cnnflow.components.callbacks import (EpochCheckpoint, EpochProgress, MlflowMetrics, StopOnDivergence,
                                               backfill_metrics, history_of)
-    from cnnflow.components.data import Split, cache_needs, caching, make_dataset
+    from cnnflow.components.data import Split, cache_needs, caching, examples, make_dataset
+    from cnnflow.components.serving import log_serving_model
 
     _prepare_tensorflow(cfg)
     split = Split.load(split_path)
@@ -175,19 +179,29 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
                        f"{where['batch']}) at learning rate {where['learning_rate']:.3g}; the run is FAILED and not "
                        f"registered. Lower optimizer.learning_rate (or check the data)")
     model.save(output / "model.keras")
+    # The input example goes with `serving` only: MLflow 3.17's Keras flavor writes an input example
+    # before it makes the model's folder (FileNotFoundError), so `model` has its signature alone.
     logged = mlflow.keras.log_model(model, name="model", pip_requirements=model_requirements(), signature=_signature(model))
-    store.set_tags(run_id, {"model_uri": logged.model_uri})  # the newest stage's model
+    example = examples(cfg["data"], split, "test").image(0)
+    serving = log_serving_model(str(output / "model.keras"), store.run_features(run_id, output), cfg["data"], cfg["loss"],
+                                example, model_requirements(*SERVING_NEEDS))
+    store.set_tags(run_id, {"model_uri": logged.model_uri, "serving_uri": serving.model_uri})  # the newest stage's
     (output / "history.json").write_text(json.dumps(checkpoint.history))
     return str(output / "model.keras")
 
 
-def model_requirements() -> list[str]:
+# What the `serving` model imports besides TensorFlow and Keras (components/serving.py and the
+# components it carries).
+SERVING_NEEDS = (("mlflow",), ("numpy",), ("pandas",), ("scipy",), ("pillow",), ("annotated-types",))
+
+
+def model_requirements(*more: tuple[str, ...]) -> list[str]:
     """What a logged model needs, pinned to the versions it was trained with (MLflow's own inference
-    of requirements would start a subprocess per logged model)."""
+    of requirements would start a subprocess per logged model): TensorFlow, Keras and `more`."""
     from importlib.metadata import PackageNotFoundError, version
 
     pinned = []
-    for names in (("tensorflow", "tensorflow-cpu", "tensorflow-macos"), ("keras",)):
+    for names in (("tensorflow", "tensorflow-cpu", "tensorflow-macos"), ("keras",), *more):
         for name in names:  # whichever build of TensorFlow is installed here
             try:
                 pinned.append(f"{name}=={version(name)}")
@@ -252,19 +266,6 @@ def _apply_learning_rate(model, optimizer: dict[str, Any]) -> None:
         current.assign(rate)
 
 
-def _probabilities(cfg: dict[str, Any], outputs):
-    """Model outputs as probabilities: one-unit logits through a sigmoid, k-unit logits through softmax."""
-    import numpy as np
-    from scipy.special import expit, softmax
-
-    outputs = np.asarray(outputs, dtype=np.float32)  # a mixed-precision model outputs bfloat16 or float16
-    if outputs.ndim == 2 and outputs.shape[1] == 1:
-        outputs = outputs[:, 0]
-    if not cfg["loss"].get("from_logits"):
-        return outputs
-    return expit(outputs) if outputs.ndim == 1 else softmax(outputs, axis=1)
-
-
 @task(name="evaluate", cache_policy="none")
 def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: str, output_dir: str,
                    epochs_done: int = 0) -> dict:
@@ -273,13 +274,14 @@ def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id
     import keras
     import numpy as np
 
+    from cnnflow.components import outputs
     from cnnflow.components.data import Split, examples, make_dataset
 
     split = Split.load(split_path)
     model = keras.models.load_model(model_path)
     test = make_dataset(cfg["data"], split, "test", cfg["seed"])
     metrics = {f"test_{name}": float(value) for name, value in model.evaluate(test, return_dict=True, verbose=0).items()}
-    probabilities = _probabilities(cfg, model.predict(test, verbose=0))
+    probabilities = outputs.probabilities(model.predict(test, verbose=0), bool(cfg["loss"].get("from_logits")))
     labels = examples(cfg["data"], split, "test").labels
     if probabilities.ndim == 1 and len(np.unique(labels)) == 2:
         from sklearn.metrics import roc_auc_score
@@ -335,16 +337,35 @@ def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, featu
     metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir), epochs_done)
     plot_results(cfg, features, split_path, run_id, str(output_dir))
     promotion.maybe_register(cfg, run_id, run_logger())
+    report.publish_training(run_id, epochs_done, metrics, output_dir)
     return metrics
 
 
 @flow(name="train", flow_run_name="{experiment}")
-def train_flow(experiment: str = "quickstart", overrides: list[str] | None = None) -> str:
-    """Train one model as the experiment (conf/experiment/<name>.yaml) and overrides say; returns the MLflow run id.
+def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | None = None, epochs: int | None = None,
+               batch_size: int | None = None, data_source: str | None = None, data_path: str | None = None,
+               train_size: int | Literal["full"] | None = None, seed: int | None = None) -> str:
+    """Train one model as a recipe and its overrides say; returns the MLflow run id.
 
     An unfinished run of the same settings (killed, crashed, interrupted) is resumed from its last
     completed epoch instead, unless `resume=false`.
+
+    Args:
+        experiment: The recipe (conf/experiment/NAME.yaml): it sets the data, model, loss, optimizer and
+            training. The fields below change its most-changed settings; leave them empty to keep the recipe's.
+        overrides: Any other setting, one `key=value` per item, as on the command line, e.g.
+            `optimizer.learning_rate=0.0005`, `data.valid_size=5000`, `data.train_split="train[:50%]"`,
+            `registry.name=faces`; `+key=value` adds a key. Applied after the fields above.
+        epochs: train.epochs: how many epochs to train. Empty: the recipe's (20 for the chapter's recipes).
+        batch_size: data.batch_size: images per training step. Empty: the recipe's.
+        data_source: data.source: where the images come from: tfds (TensorFlow Datasets, downloads), idx
+            (the original MNIST-format files), celeba_folder (CelebA's own files), digits (bundled), or a plugin's (`cnnflow components` lists them). Empty: the recipe's.
+        data_path: data.path: the folder with the data files, for the idx and celeba_folder sources.
+        train_size: data.train_size: how many training images, or full for all of them. Empty: the recipe's.
+        seed: The seed of the split, the shuffles, the augmentations and the initial weights. Empty: the recipe's (1).
     """
+    overrides = with_fields(overrides, epochs=epochs, batch_size=batch_size, data_source=data_source,
+                            data_path=data_path, train_size=train_size, seed=seed)
     cfg = compose_config(experiment, overrides)
     logger = run_logger()
     runtime.use_environment(cfg["runtime"], logger)
@@ -377,6 +398,12 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     Epoch numbers, the metric history and the optimizer state carry on; the stage is recorded as
     tags stage.<n>.epochs / stage.<n>.overrides. Overrides may change how training goes on (learning
     rate, callbacks, plots) but not what is trained (data, model, loss, seed, optimizer type).
+
+    Args:
+        run_id: The MLflow run to train on (its id, or a unique prefix as `cnnflow runs` prints it).
+        epochs: How many more epochs: a run that has trained 20 goes on with epochs 21 to 20 + this.
+        overrides: Settings that may change between stages, one `key=value` per item, e.g.
+            `optimizer.learning_rate=0.0001`; settings that define what is trained are refused.
     """
     from cnnflow.components.errors import SettingsError
 

@@ -79,3 +79,39 @@ def test_a_learning_rate_schedule_gets_the_length_of_the_training():
     assert schedule.decay_steps == 5 * 391  # 5 epochs of ceil(50000 / 128) batches
     assert float(schedule(0)) == pytest.approx(0.004) and float(schedule(5 * 391)) == pytest.approx(0.0)
     assert compose_config("mnist_fast")["data"]["name"] == "mnist"
+
+
+def test_the_run_forms_fields_are_overrides_before_the_list_checked_by_the_one_schema():
+    from cnnflow.flows.config import fields_of, with_fields
+
+    overrides = with_fields(["seed=3"], epochs=2, data_path="/data/it's, [odd] name", train_size="full", batch_size=None)
+    assert overrides == ["train.epochs=2", "data.path='/data/it\\'s, [odd] name'", "data.train_size=full", "seed=3"]
+    cfg = compose_config("mnist_small", overrides)
+    assert (cfg["train"]["epochs"], cfg["data"]["path"], cfg["data"]["train_size"], cfg["seed"]) == \
+        (2, "/data/it's, [odd] name", "full", 3)
+    assert cfg["data"]["batch_size"] == compose_config("mnist_small")["data"]["batch_size"]  # empty: the recipe's
+    with pytest.raises(SettingsError, match=r"train.epochs=0: should be greater than or equal to 1"):
+        compose_config("mnist_small", with_fields([], epochs=0))
+    # what `cnnflow serve` puts in the form's fields comes back as the same settings
+    served = ["data.source=idx", "data.path=/data/mnist", "data.train_size=200", "optimizer.learning_rate=0.01"]
+    fields, rest = fields_of(served)
+    assert fields == {"data_source": "idx", "data_path": "/data/mnist", "train_size": 200}
+    assert rest == ["optimizer.learning_rate=0.01"]
+    assert compose_config("mnist", with_fields(rest, **fields)) == {**compose_config("mnist", served),
+                                                                     "overrides": with_fields(rest, **fields)}
+
+
+def test_the_flows_parameters_describe_themselves_for_the_prefect_form():
+    from prefect.utilities.callables import parameter_schema
+
+    from cnnflow.flows.inference import evaluate_flow, predict_flow
+    from cnnflow.flows.retrain import retrain_flow
+    from cnnflow.flows.train import continue_flow, train_flow
+
+    train = parameter_schema(train_flow.fn).model_dump()["properties"]
+    assert train["experiment"]["enum"] == choices("experiment")
+    assert {"full"} <= {kind.get("const") for kind in train["train_size"]["anyOf"]}
+    for step in (train_flow, retrain_flow, continue_flow, evaluate_flow, predict_flow):
+        properties = parameter_schema(step.fn).model_dump()["properties"]
+        undescribed = [name for name, field in properties.items() if not field.get("description")]
+        assert not undescribed, f"{step.name}: {undescribed}"

@@ -31,7 +31,8 @@ from cnnflow.components.data import checked_partitions
 from cnnflow.components.errors import DataError, InfrastructureError, RunError, TransientError
 from cnnflow.flows import cli, promotion, settings, store
 from cnnflow.flows.config import compose_config
-from cnnflow.flows.inference import evaluate_flow, image_files, predict_flow, read_image, resolve_model
+from cnnflow.components.images import read_image
+from cnnflow.flows.inference import evaluate_flow, image_files, predict_flow, resolve_model
 from cnnflow.flows.train import continue_flow, load_data, train_flow
 from conftest import make_idx_folder, tiny_overrides, write_idx
 

@@ -117,9 +117,16 @@ def test_serve_runs_deployments_from_the_api_and_keeps_schedules(prefect_server,
     idx = make_idx_folder(tmp_path / "idx")
     serving = start_serving(url, env, tmp_path, idx)
     try:
-        wait_until(lambda: deployment(url, "retrain/cnnflow") is not None, 120, "the deployments")
+        wait_until(lambda: deployment(url, "retrain/mnist") is not None, 120, "the deployments")
+        form = deployment(url, "train/mnist")  # the UI's run form: a list of recipes, typed fields, the served values
+        fields = form.parameter_openapi_schema["properties"]
+        assert "mnist_small" in fields["experiment"]["enum"] and "key=value" in fields["overrides"]["description"]
+        assert {"integer"} == {kind.get("type") for kind in fields["epochs"]["anyOf"]} - {"null"}
+        assert form.parameters == {"experiment": "mnist", "data_source": "idx", "data_path": str(idx),
+                                   "train_size": 200, "epochs": 1,
+                                   "overrides": ["data.valid_size=40", "data.shuffle_buffer=100", "retrain.cron=0 3 * * 0"]}
         with temporary_settings({PREFECT_API_URL: url}):
-            flow_run = run_deployment("train/cnnflow", timeout=300)  # as the UI's "Run" button does
+            flow_run = run_deployment("train/mnist", timeout=300)  # as the UI's "Run" button does
         assert flow_run.state.is_completed(), flow_run.state
         mlflow.set_tracking_uri(f"sqlite:///{store}")
         [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name("mnist").experiment_id])
@@ -127,13 +134,13 @@ def test_serve_runs_deployments_from_the_api_and_keeps_schedules(prefect_server,
     finally:
         serving.send_signal(signal.SIGTERM)
         serving.wait(timeout=60)
-    retrain = deployment(url, "retrain/cnnflow")
+    retrain = deployment(url, "retrain/mnist")
     assert not retrain.paused and [s.active for s in retrain.schedules] == [True]
     assert retrain.schedules[0].schedule.cron == "0 3 * * 0"
     serving = start_serving(url, env, tmp_path, idx)  # a restart keeps the schedule as it was
     try:
         time.sleep(15)
-        retrain = deployment(url, "retrain/cnnflow")
+        retrain = deployment(url, "retrain/mnist")
         assert not retrain.paused and [s.active for s in retrain.schedules] == [True]
     finally:
         serving.send_signal(signal.SIGTERM)

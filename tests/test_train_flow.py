@@ -135,3 +135,74 @@ def test_progress_within_an_epoch_every_tenth_in_a_log_and_live_in_a_terminal():
     assert lines.lines == []  # a bar, not log lines
     progress.on_epoch_end(0, {"loss": 0.5})
     assert terminal.getvalue().endswith("\r" + " " * 100 + "\r") and len(lines.lines) == 1
+
+
+def _png_base64(image: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze()).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _test_images(run_id, store, count):
+    from cnnflow.components.data import Split, examples
+    from cnnflow.flows import store as runs
+
+    cfg, output = runs.run_settings(run_id)
+    test = examples(cfg["data"], Split.load(output / "split.npz"), "test")
+    return [test.image(i) for i in range(count)], output
+
+
+def test_the_serving_model_answers_base64_images_and_refuses_bad_rows_alone(finished_run, store):
+    import pandas as pd
+
+    run_id, _ = finished_run
+    images, output = _test_images(run_id, store, 6)
+    with np.load(output / "predictions.npz") as saved:  # what the Keras model predicted for these test images
+        expected = [str(label) for label in saved["probabilities"][:6].argmax(axis=1)]
+    serving = mlflow.pyfunc.load_model(MlflowClient().get_run(run_id).data.tags["serving_uri"])
+    rows = [_png_base64(image) for image in images] + ["not base64!", "aGVsbG8=", _png_base64(np.zeros((30, 30), np.uint8))]
+    answer = serving.predict(pd.DataFrame({"image": rows}))
+    assert list(answer.columns) == ["label", "probability", "error"]
+    assert list(answer["label"][:6]) == expected and all(answer["error"][:6].isna())
+    assert list(answer["error"][6:]) == [
+        "image 6: not valid base64",
+        "image 7: not a readable image (not an image file PIL can read: PNG, JPEG, ...)",
+        "image 8 is 30x30; the model takes grayscale 28x28 images (as in its training data)"]
+    assert answer["label"][6:].isna().all()
+
+
+def test_the_serving_model_runs_where_cnnflow_is_not_installed(finished_run, store):
+    import subprocess
+    import sys
+    import textwrap
+
+    run_id, _ = finished_run
+    model_dir = mlflow.artifacts.download_artifacts(MlflowClient().get_run(run_id).data.tags["serving_uri"],
+                                                   dst_path=str(store / "served"))
+    [image], _ = _test_images(run_id, store, 1)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.meta_path = [finder for finder in sys.meta_path if "editable" not in repr(finder)]  # hide the install
+        sys.path = [entry for entry in sys.path if "editable" not in entry]
+        try:
+            import cnnflow.components
+            raise SystemExit("cnnflow is still importable")
+        except ImportError:
+            pass
+        import mlflow, pandas
+        model = mlflow.pyfunc.load_model({model_dir!r})
+        import cnnflow.components.serving as serving
+        print(serving.__file__)
+        print(model.predict(pandas.DataFrame({{"image": [{_png_base64(image)!r}]}}))["label"][0])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=store)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where, label = done.stdout.split()[-2:]
+    assert where.startswith(str(Path(model_dir) / "code" / "cnnflow"))
+    with np.load(store / "outputs" / "mnist" / run_id / "predictions.npz") as saved:
+        assert label == str(saved["probabilities"][0].argmax())

@@ -1,0 +1,51 @@
+"""What a model's outputs mean, in one place: outputs to probabilities to labels.
+
+A model ends in k units for k classes (softmax probabilities, or logits when the loss says
+`from_logits`), or in one unit for two classes: the logit (or probability) of class 1. A one-logit
+model predicts class 1 when its logit is above 0, which is its probability being above 0.5; Keras'
+plain "accuracy" would compare the logit itself with 0.5, so training measures accuracy with
+`ONE_LOGIT_THRESHOLD` on the logit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+ONE_LOGIT_THRESHOLD = 0.0  # on the logit; the same decision as probability 0.5
+
+
+def probabilities(outputs, from_logits: bool) -> np.ndarray:
+    """(n, k) class probabilities, or (n,) P(class 1) for a one-unit model."""
+    from scipy.special import expit, softmax
+
+    outputs = np.asarray(outputs, dtype=np.float32)  # a mixed-precision model may output bfloat16 or float16
+    if outputs.ndim == 2 and outputs.shape[1] == 1:
+        outputs = outputs[:, 0]
+    if not from_logits:
+        return outputs
+    return expit(outputs) if outputs.ndim == 1 else softmax(outputs, axis=1)
+
+
+def predicted(probabilities: np.ndarray) -> np.ndarray:
+    """The predicted class of each example."""
+    if probabilities.ndim == 1:
+        return (probabilities >= 0.5).astype(np.int64)
+    return probabilities.argmax(axis=1)
+
+
+def labelled(probabilities: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
+    """Per example: the predicted class name, its probability, and P(class 1) for one-unit models."""
+    rows = []
+    for label, probs in zip(predicted(probabilities), probabilities):
+        if np.ndim(probs) == 0:
+            rows.append({"label": class_names[label], "probability": float(probs if label else 1 - probs),
+                         f"p_{class_names[1]}": float(probs)})
+        else:
+            rows.append({"label": class_names[label], "probability": float(probs[label])})
+    return rows
+
+
+def is_one_logit(loss: dict[str, Any]) -> bool:
+    return loss["name"] == "binary_crossentropy" and bool(loss.get("from_logits"))
