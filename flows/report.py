@@ -43,8 +43,7 @@ def publish_training(run_id: str, epochs: int, metrics: dict[str, float], output
     run = mlflow.MlflowClient().get_run(run_id)
     tags = run.data.tags
     address = run_address(run_id)
-    rows = [("MLflow run", f"[{run.info.run_name}]({address})" if address else f"{run.info.run_name} (`{run_id}`)"),
-            ("store", f"`{mlflow.get_tracking_uri()}`"),
+    rows = [("store", f"`{mlflow.get_tracking_uri()}`"),
             ("epochs", epochs),
             *[(name, f"{value:.4f}") for name, value in metrics.items()],
             ("best val_accuracy", _best(run_id, "val_accuracy")),
@@ -52,7 +51,8 @@ def publish_training(run_id: str, epochs: int, metrics: dict[str, float], output
             ("precision, devices", f"{tags.get('precision', '?')}, {tags.get('devices', '?')}"),
             ("registry", tags.get("registry.outcome", "not registered (set registry.name)"))]
     curves = output_dir / "figures" / "learning_curves.png"
-    markdown = "\n".join([f"# {run.info.run_name}", "", "| | |", "|---|---|",
+    link = f"[{run.info.run_name}]({address})" if address else f"{run.info.run_name} (`{run_id}`)"
+    markdown = "\n".join([f"# {run.info.run_name}", "", f"| MLflow run | {link} |", "|---|---|",
                           *[f"| {name} | {value} |" for name, value in rows], "", _figure(curves, "learning curves")])
     create_markdown_artifact(markdown, key=_key("training", run.info.run_name),
                              description=f"MLflow run {run_id}: test metrics, registry outcome, learning curves")

@@ -99,10 +99,54 @@ def retrain_flow(experiment: Experiment = "celeba", overrides: list[str] | None 
     warm = f"models:/{name}/{champion.version}" if champion and cfg["retrain"]["warm_start"] else None
     run_logger().info(f"retrain {schedule}: run {len(done) + 1} of the sequence {sizes}, data.train_size={size}, "
                           f"champion before: {before}" + (", starting from its weights" if warm else ""))
-    return train_flow(experiment, overrides + [
+    run_id = train_flow(experiment, overrides + [
         f"data.train_size={size}", f"registry.name={name}",
         f"+tags.retrain_schedule={schedule}", f"+tags.retrain_subset_size={size}",
         f"+tags.retrain_sequence={len(done) + 1}", f"+tags.retrain_previous_champion='{before}'",
         f"+tags.retrain_warm_start={warm or 'no'}", *([f"train.init_from={warm}"] if warm else []),
         "resume=false",
     ])
+    _log_sequence_figure(run_id, finished_runs(cfg, schedule), current_champion(cfg))
+    return run_id
+
+
+def sequence_points(runs: list) -> list[tuple[int, float, str]]:
+    """(training images, last validation accuracy, run id) of each finished run of a sequence, in order."""
+    return [(int(run.data.tags["split.train_size"]), run.data.metrics["val_accuracy"], run.info.run_id)
+            for run in runs if "split.train_size" in run.data.tags and "val_accuracy" in run.data.metrics]
+
+
+def _log_sequence_figure(run_id: str, runs: list, champion) -> None:
+    """Validation accuracy against training images over the sequence's finished runs, the champion
+    ringed: logged to the newest run as figures/retrain_sequence.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    points = sequence_points(runs)
+    if not points:
+        return
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label="run (in order)")
+    for number, (size, accuracy, _) in enumerate(points, start=1):
+        axis.annotate(str(number), (size, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    best = [p for p in points if champion is not None and p[2] == champion.run_id]
+    if best:
+        axis.plot([best[0][0]], [best[0][1]], "o", markersize=14, fillstyle="none", color="tab:red",
+                  label=f"champion (v{champion.version})")
+    axis.set_xscale("log")
+    axis.set_xlabel("training images")
+    axis.set_ylabel("validation accuracy (last epoch)")
+    axis.set_title("retraining sequence")
+    axis.legend()
+    figure.tight_layout()
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "retrain_sequence.png"
+        figure.savefig(path, dpi=110)
+        MlflowClient().log_artifact(run_id, str(path), "figures")
+    plt.close(figure)

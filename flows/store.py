@@ -163,8 +163,8 @@ def experiment_id(cfg: dict[str, Any]) -> str:
         found = mlflow.get_experiment_by_name(name)
         if found:
             return found.experiment_id
-        try:
-            return mlflow.create_experiment(name)
+        try:  # the kind makes the MLflow UI open it on its training runs, not on the GenAI overview
+            return mlflow.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
         except MlflowException:
             found = mlflow.get_experiment_by_name(name)  # another machine made it a moment ago
             if not found:
@@ -230,9 +230,10 @@ def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str
         partition = split.partitions[role]
         digest = hashlib.sha256(f"{data['source']}:{data['name']}:{partition}:".encode()
                                 + np.asarray(positions, dtype=np.int64).tobytes()).hexdigest()[:10]
-        dataset = MetaDataset(source, name=f"{data['name']} {partition}", digest=digest, schema=schema)
+        dataset = MetaDataset(source, name=f"{data['name']}-{role}", digest=digest, schema=schema)
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), [
-            InputTag("mlflow.data.context", contexts.get(role, role)), InputTag("size", str(len(positions)))]))
+            InputTag("mlflow.data.context", contexts.get(role, role)), InputTag("partition", partition),
+            InputTag("size", str(len(positions)))]))
     MlflowClient().log_inputs(run_id, datasets=inputs)
 
 

@@ -148,12 +148,48 @@ def wait_until(condition, seconds: float, what: str):
 def prefect_server(tmp_path):
     """`prefect server start` on a free loopback port, with its own database."""
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_API_URL=url)  # where the UI in a browser finds the API (default: port 4200)
     env.pop("PREFECT_API_URL", None)
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
     wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 90, "the Prefect server")
     yield url, env
     server.terminate()
     server.wait(timeout=30)
+
+
+def deployment(url: str, name: str):
+    """The deployment `flow/name` on the Prefect server at `url`, or None."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+
+
+def png_base64(image: np.ndarray) -> str:
+    """An image as a PNG file, base64-encoded: what a client sends to the served model."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze()).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def run_test_images(run_id: str, count: int) -> tuple[list[np.ndarray], Path]:
+    """The first `count` test images of a run (raw pixels), and the run's output folder."""
+    from cnnflow.components.data import Split, examples
+    from cnnflow.flows import store
+
+    cfg, output = store.run_settings(run_id)
+    test = examples(cfg["data"], Split.load(output / "split.npz"), "test")
+    return [test.image(i) for i in range(count)], output

@@ -10,11 +10,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from cnnflow.flows.retrain import checked_sizes, finished_runs, next_subset_size, retrain_flow
+from cnnflow.flows.retrain import checked_sizes, finished_runs, next_subset_size, retrain_flow, sequence_points
 from cnnflow.flows.runs import runs_table
 from cnnflow.components.errors import RunError, SettingsError
 from cnnflow.flows.config import compose_config
-from conftest import make_idx_folder, wait_until
+from conftest import deployment, make_idx_folder, wait_until
 
 SIZES = [16000, 32000, 64000, "full"]
 
@@ -51,6 +51,11 @@ def test_retrain_flow_trains_the_next_size_and_tags_the_sequence(prefect_harness
     assert tags[0]["retrain_previous_champion"] == "none"
     assert tags[0]["registry.outcome"] == "registered mnist v1 as champion"
     assert tags[1]["retrain_previous_champion"].startswith("mnist v1")
+    # the sequence's figure, in the newest run: validation accuracy against training images, run by run
+    points = sequence_points(finished_runs(compose_config("mnist", overrides), "mnist-retrain"))
+    accuracies = [MlflowClient().get_run(run_id).data.metrics["val_accuracy"] for run_id in (first, second)]
+    assert points == [(60, accuracies[0], first), (120, accuracies[1], second)]
+    assert "figures/retrain_sequence.png" in {a.path for a in MlflowClient().list_artifacts(second, "figures")}
     with pytest.raises(SettingsError, match=r"retrain.sizes=\[60, 500\]: 500 is more than the 200 training examples"):
         retrain_flow("mnist", overrides[:-1] + ["retrain.sizes=[60,500]"])
     default = compose_config("mnist", overrides[:-1])  # [16000, 32000, 64000, full] on a 200-image pool
@@ -86,25 +91,6 @@ def start_serving(url, env, cwd, idx):
     return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", *args], cwd=cwd,
                             env=dict(env, PREFECT_API_URL=url, TF_CPP_MIN_LOG_LEVEL="2"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def deployment(url, name):
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from prefect.exceptions import ObjectNotFound
-
-    async def read():
-        async with get_client() as client:
-            try:
-                return await client.read_deployment_by_name(name)
-            except ObjectNotFound:
-                return None
-
-    with temporary_settings({PREFECT_API_URL: url}):
-        return asyncio.run(read())
 
 
 def test_serve_runs_deployments_from_the_api_and_keeps_schedules(prefect_server, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnflow.flows.train import train_flow
-from conftest import make_idx_folder, tiny_overrides
+from conftest import make_idx_folder, png_base64, run_test_images, tiny_overrides
 
 FIGURES = {"learning_curves.png", "predictions.png", "misclassified.png", "confusion_matrix.png"}
 
@@ -20,6 +20,7 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        patch.setenv("CNNFLOW_MLFLOW_UI", "http://mlflow.example:5000")  # where the summary links to
         mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
         yield root
 
@@ -137,35 +138,15 @@ def test_progress_within_an_epoch_every_tenth_in_a_log_and_live_in_a_terminal():
     assert terminal.getvalue().endswith("\r" + " " * 100 + "\r") and len(lines.lines) == 1
 
 
-def _png_base64(image: np.ndarray) -> str:
-    import base64
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image.squeeze()).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _test_images(run_id, store, count):
-    from cnnflow.components.data import Split, examples
-    from cnnflow.flows import store as runs
-
-    cfg, output = runs.run_settings(run_id)
-    test = examples(cfg["data"], Split.load(output / "split.npz"), "test")
-    return [test.image(i) for i in range(count)], output
-
-
 def test_the_serving_model_answers_base64_images_and_refuses_bad_rows_alone(finished_run, store):
     import pandas as pd
 
     run_id, _ = finished_run
-    images, output = _test_images(run_id, store, 6)
+    images, output = run_test_images(run_id, 6)
     with np.load(output / "predictions.npz") as saved:  # what the Keras model predicted for these test images
         expected = [str(label) for label in saved["probabilities"][:6].argmax(axis=1)]
     serving = mlflow.pyfunc.load_model(MlflowClient().get_run(run_id).data.tags["serving_uri"])
-    rows = [_png_base64(image) for image in images] + ["not base64!", "aGVsbG8=", _png_base64(np.zeros((30, 30), np.uint8))]
+    rows = [png_base64(image) for image in images] + ["not base64!", "aGVsbG8=", png_base64(np.zeros((30, 30), np.uint8))]
     answer = serving.predict(pd.DataFrame({"image": rows}))
     assert list(answer.columns) == ["label", "probability", "error"]
     assert list(answer["label"][:6]) == expected and all(answer["error"][:6].isna())
@@ -184,7 +165,7 @@ def test_the_serving_model_runs_where_cnnflow_is_not_installed(finished_run, sto
     run_id, _ = finished_run
     model_dir = mlflow.artifacts.download_artifacts(MlflowClient().get_run(run_id).data.tags["serving_uri"],
                                                    dst_path=str(store / "served"))
-    [image], _ = _test_images(run_id, store, 1)
+    [image], _ = run_test_images(run_id, 1)
     script = textwrap.dedent(f"""
         import sys
         sys.meta_path = [finder for finder in sys.meta_path if "editable" not in repr(finder)]  # hide the install
@@ -198,7 +179,7 @@ def test_the_serving_model_runs_where_cnnflow_is_not_installed(finished_run, sto
         model = mlflow.pyfunc.load_model({model_dir!r})
         import cnnflow.components.serving as serving
         print(serving.__file__)
-        print(model.predict(pandas.DataFrame({{"image": [{_png_base64(image)!r}]}}))["label"][0])
+        print(model.predict(pandas.DataFrame({{"image": [{png_base64(image)!r}]}}))["label"][0])
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=store)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -206,3 +187,45 @@ def test_the_serving_model_runs_where_cnnflow_is_not_installed(finished_run, sto
     assert where.startswith(str(Path(model_dir) / "code" / "cnnflow"))
     with np.load(store / "outputs" / "mnist" / run_id / "predictions.npz") as saved:
         assert label == str(saved["probabilities"][0].argmax())
+
+
+def prefect_artifact(key: str):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def test_the_flow_run_publishes_its_summary_and_learning_curves_in_prefect(finished_run):
+    run_id, _ = finished_run
+    [artifact] = prefect_artifact("training-mnist-200-s1")
+    run = MlflowClient().get_run(run_id)
+    assert artifact.type == "markdown" and artifact.flow_run_id is not None
+    link = f"http://mlflow.example:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    assert f"| MLflow run | [mnist-200-s1]({link}) |" in artifact.data
+    assert f"| test_accuracy | {run.data.metrics['test_accuracy']:.4f} |" in artifact.data
+    assert "| epochs | 2 |" in artifact.data and "| training images | 200 |" in artifact.data
+    assert "![learning curves](data:image/png;base64,iVBORw0KGgo" in artifact.data  # a PNG inside the markdown
+
+
+def test_a_sweep_publishes_its_table_of_jobs(prefect_harness):
+    from cnnflow.flows.cli import _summary
+
+    assert _summary("5eed0001", [(["seed=1"], "ok", "abc123"), (["seed=2"], "failed", "training diverged")]) == 1
+    [artifact] = prefect_artifact("sweep-5eed0001")
+    assert artifact.type == "table"
+    assert json.loads(artifact.data) == [{"job": "seed=1", "status": "ok", "run or reason": "abc123"},
+                                         {"job": "seed=2", "status": "failed", "run or reason": "training diverged"}]
+
+
+def test_the_split_is_logged_as_mlflow_dataset_inputs(finished_run, store):
+    run_id, _ = finished_run
+    inputs = {tag.value: found for found in MlflowClient().get_run(run_id).inputs.dataset_inputs
+              for tag in found.tags if tag.key == "mlflow.data.context"}
+    assert {context: (found.dataset.name, {tag.key: tag.value for tag in found.tags}["size"])
+            for context, found in inputs.items()} == {
+        "training": ("mnist-train", "200"), "validation": ("mnist-valid", "40"), "test": ("mnist-test", "60")}
+    assert json.loads(inputs["training"].dataset.source)["uri"] == str(store / "idx")
+    # training and validation come from one partition, at different positions: different digests
+    assert len({found.dataset.digest for found in inputs.values()}) == 3
