@@ -217,9 +217,11 @@ def _start_from(model, uri: str) -> None:
 
     from cnnflow.components.errors import SettingsError
 
-    try:
-        source = mlflow.keras.load_model(uri)
-    except (MlflowException, OSError) as error:
+    from cnnflow.flows.inference import resolve_model
+
+    try:  # a registry version's Keras model (versions point at the serving pyfunc beside it)
+        source = mlflow.keras.load_model(resolve_model(uri)[0] if uri.startswith("models:/") else uri)
+    except (MlflowException, OSError, RunError) as error:
         raise SettingsError(f"train.init_from={uri}: cannot load it ({str(error).splitlines()[0][:150]})") from None
     mine, theirs = [w.shape for w in model.get_weights()], [w.shape for w in source.get_weights()]
     if mine != theirs:

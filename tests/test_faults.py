@@ -632,7 +632,10 @@ def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_sto
 
 def test_model_references_short_ids_and_runs_without_settings(prefect_harness, mlflow_store, idx_folder, tmp_path):
     run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["registry.name=digits", "plots={}"])
-    assert resolve_model("models:/digits") == ("models:/digits/1", run_id)  # no version: the newest
+    # no version: the newest; a version serves through its pyfunc, and evaluate/predict use its Keras model
+    keras_model = MlflowClient().get_run(run_id).data.tags["model_uri"]
+    assert resolve_model("models:/digits") == (keras_model, run_id)
+    assert MlflowClient().get_model_version("digits", "1").source == MlflowClient().get_run(run_id).data.tags["serving_uri"]
     assert resolve_model(run_id[:8])[1] == run_id
     assert resolve_model(f"runs:/{run_id[:10]}/model") == (f"runs:/{run_id}/model", run_id)
     with pytest.raises(RunError, match=f"run {run_id} has no logged model 'modle' .*; its model is runs:/{run_id}/model"):

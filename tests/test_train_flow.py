@@ -189,19 +189,21 @@ def test_the_serving_model_runs_where_cnnflow_is_not_installed(finished_run, sto
         assert label == str(saved["probabilities"][0].argmax())
 
 
-def prefect_artifact(key: str):
+def prefect_artifact(key: str, flow_run_id: str | None = None):
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+    chosen = ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None)
     with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return client.read_artifacts(artifact_filter=chosen)
 
 
 def test_the_flow_run_publishes_its_summary_and_learning_curves_in_prefect(finished_run):
     run_id, _ = finished_run
-    [artifact] = prefect_artifact("training-mnist-200-s1")
     run = MlflowClient().get_run(run_id)
-    assert artifact.type == "markdown" and artifact.flow_run_id is not None
+    [artifact] = prefect_artifact("training-mnist-200-s1", run.data.tags["prefect.flow_run_id"])
+    assert artifact.type == "markdown"
     link = f"http://mlflow.example:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}"
     assert f"| MLflow run | [mnist-200-s1]({link}) |" in artifact.data
     assert f"| test_accuracy | {run.data.metrics['test_accuracy']:.4f} |" in artifact.data
