@@ -98,8 +98,9 @@ def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
     with mlflow.start_run(experiment_id=store.experiment_id(cfg), run_name=f"evaluate {split}") as run:
         store.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split})
         store.log_metrics(run.info.run_id, {f"eval_{name}": value for name, value in metrics.items()})
-    run_logger().info(f"{model_uri} on {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    report.publish_evaluation(model_uri, split, run.info.run_id, metrics)
+    named = model if model == model_uri else f"{model} ({model_uri})"  # what the user asked for, and what it is
+    run_logger().info(f"{named} on {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    report.publish_evaluation(named, split, run.info.run_id, metrics)
     return metrics
 
 

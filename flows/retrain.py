@@ -76,11 +76,11 @@ def retrain_flow(experiment: Experiment = "celeba", overrides: list[str] | None 
         experiment: The recipe to retrain (conf/experiment/NAME.yaml); its runs form one sequence.
         overrides: Any other setting, one `key=value` per item, e.g. `retrain.sizes=[16000,32000,full]`,
             `retrain.warm_start=true`, `registry.name=faces`. Applied after the fields below.
-        epochs: train.epochs of each run. Empty: the recipe's.
-        batch_size: data.batch_size. Empty: the recipe's.
-        data_source: data.source: tfds, idx, celeba_folder or digits. Empty: the recipe's.
+        epochs: train.epochs of each run. None: the recipe's.
+        batch_size: data.batch_size. None: the recipe's.
+        data_source: data.source: tfds, idx, celeba_folder or digits. None: the recipe's.
         data_path: data.path: the folder with the data files, for the idx and celeba_folder sources.
-        seed: The seed of every run of the sequence. Empty: the recipe's.
+        seed: The seed of every run of the sequence. None: the recipe's.
     """
     overrides = with_fields(overrides, epochs=epochs, batch_size=batch_size, data_source=data_source,
                             data_path=data_path, seed=seed)

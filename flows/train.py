@@ -354,17 +354,17 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
 
     Args:
         experiment: The recipe (conf/experiment/NAME.yaml): it sets the data, model, loss, optimizer and
-            training. The fields below change its most-changed settings; leave them empty to keep the recipe's.
+            training. The fields below change its most-changed settings; leave them None to keep the recipe's.
         overrides: Any other setting, one `key=value` per item, as on the command line, e.g.
             `optimizer.learning_rate=0.0005`, `data.valid_size=5000`, `data.train_split="train[:50%]"`,
             `registry.name=faces`; `+key=value` adds a key. Applied after the fields above.
-        epochs: train.epochs: how many epochs to train. Empty: the recipe's (20 for the chapter's recipes).
-        batch_size: data.batch_size: images per training step. Empty: the recipe's.
+        epochs: train.epochs: how many epochs to train. None: the recipe's (20 for the chapter's recipes).
+        batch_size: data.batch_size: images per training step. None: the recipe's.
         data_source: data.source: where the images come from: tfds (TensorFlow Datasets, downloads), idx
-            (the original MNIST-format files), celeba_folder (CelebA's own files), digits (bundled), or a plugin's (`cnnflow components` lists them). Empty: the recipe's.
+            (the original MNIST-format files), celeba_folder (CelebA's own files), digits (bundled), or a plugin's (`cnnflow components` lists them). None: the recipe's.
         data_path: data.path: the folder with the data files, for the idx and celeba_folder sources.
-        train_size: data.train_size: how many training images, or full for all of them. Empty: the recipe's.
-        seed: The seed of the split, the shuffles, the augmentations and the initial weights. Empty: the recipe's (1).
+        train_size: data.train_size: how many training images, or full for all of them. None: the recipe's.
+        seed: The seed of the split, the shuffles, the augmentations and the initial weights. None: the recipe's (1).
     """
     overrides = with_fields(overrides, epochs=epochs, batch_size=batch_size, data_source=data_source,
                             data_path=data_path, train_size=train_size, seed=seed)
