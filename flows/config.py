@@ -55,7 +55,7 @@ def fields_of(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
         key, _, value = override.partition("=")
         value = value.strip("'\"") if value[:1] in "'\"" else value
         name = field_of.get(key)
-        if name in ("data_source", "data_path") or (name and (value.isdigit() or value == "full")):
+        if value and (name in ("data_source", "data_path") or (name and (value.isdigit() or value == "full"))):
             fields[name] = int(value) if value.isdigit() and name not in ("data_source", "data_path") else value
         else:
             rest.append(override)

@@ -52,7 +52,7 @@ def deployments(experiment: str, overrides: list[str], pool: str | None = None) 
     made = [
         train_flow.to_deployment(names["train"], parameters={"experiment": experiment, **fields, "overrides": rest},
                                  entrypoint_type=module, tags=tags,
-                                 description="Train a model: choose a recipe, change the fields you need (empty: the "
+                                 description="Train a model: choose a recipe, change the fields you need (None: the "
                                              "recipe's value), anything else as key=value overrides. One MLflow run."),
         continue_flow.to_deployment(names["continue"], entrypoint_type=module, tags=tags,
                                     description="Train a run for more epochs, in the same MLflow run."),

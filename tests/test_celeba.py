@@ -266,3 +266,22 @@ def test_one_epoch_celeba_run_records_figures_and_metrics(celeba, prefect_harnes
         totals[split] = totals.get(split, 0) + count
     assert table["columns"] == ["split", "class", "count"] and totals == {"train": 30, "valid": 8, "test": 12}
     assert mlflow.keras.load_model(f"runs:/{run_id}/model").count_params() == 388_673
+    # the served model of a one-logit face model answers P(Male) too, from JPEG files as sent
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from conftest import run_test_images
+
+    images, output = run_test_images(run_id, 2)
+    jpegs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+        jpegs.append(base64.b64encode(buffer.getvalue()).decode())
+    answer = mlflow.pyfunc.load_model(run.data.tags["serving_uri"]).predict(pd.DataFrame({"image": jpegs}))
+    assert list(answer.columns) == ["label", "probability", "p_Male", "error"]
+    assert all((answer["p_Male"] >= 0.5) == (answer["label"] == "Male"))
+    assert list(answer["probability"]) == pytest.approx([max(p, 1 - p) for p in answer["p_Male"]])
