@@ -47,5 +47,19 @@ def labelled(probabilities: np.ndarray, class_names: list[str]) -> list[dict[str
     return rows
 
 
+def positive(probabilities: np.ndarray) -> np.ndarray:
+    """P(class 1) of each example of a two-class task (one unit, or two softmax units)."""
+    return probabilities if probabilities.ndim == 1 else probabilities[:, 1]
+
+
+def binary_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """What a two-class task reports besides accuracy: the ROC AUC of P(class 1). Nothing otherwise."""
+    if len(np.unique(labels)) != 2 or (probabilities.ndim == 2 and probabilities.shape[1] != 2):
+        return {}
+    from sklearn.metrics import roc_auc_score
+
+    return {"roc_auc": float(roc_auc_score(labels, positive(probabilities)))}
+
+
 def is_one_logit(loss: dict[str, Any]) -> bool:
     return loss["name"] == "binary_crossentropy" and bool(loss.get("from_logits"))

@@ -73,18 +73,12 @@ def prediction_grid(results: Results, rows: PositiveInt = 2, cols: PositiveInt =
     for i in range(count):
         predicted, true = results.predictions[i], results.labels[i]
         if show_probability:
-            title = f"true {results.class_names[true]}\nP({results.class_names[1]}) = {_positive(results)[i]:.2f}"
+            title = f"true {results.class_names[true]}\nP({results.class_names[1]}) = {outputs.positive(results.probabilities)[i]:.2f}"
         else:
             title = f"pred {results.class_names[predicted]}"
         _show(figure.add_subplot(rows, cols, i + 1), results.image(i), title, "black" if predicted == true else "red")
     figure.tight_layout()
     return figure
-
-
-def _positive(results: Results) -> np.ndarray:
-    """Probability of class 1, for binary results."""
-    probabilities = results.probabilities
-    return probabilities if probabilities.ndim == 1 else probabilities[:, 1]
 
 
 @register("plot", "misclassified_grid")
@@ -128,11 +122,12 @@ def confusion_matrix(results: Results) -> plt.Figure:
 @register("plot", "roc_curve")
 def roc_curve(results: Results) -> plt.Figure:
     """True vs false positive rate over all thresholds of the positive-class probability, with its AUC."""
-    from sklearn.metrics import roc_auc_score, roc_curve as curve
+    from sklearn.metrics import roc_curve as curve
 
-    false_positive, true_positive, _ = curve(results.labels, _positive(results))
+    false_positive, true_positive, _ = curve(results.labels, outputs.positive(results.probabilities))
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    axis.plot(false_positive, true_positive, label=f"AUC {roc_auc_score(results.labels, _positive(results)):.4f}")
+    auc = outputs.binary_metrics(results.labels, results.probabilities)["roc_auc"]
+    axis.plot(false_positive, true_positive, label=f"AUC {auc:.4f}")
     axis.plot([0, 1], [0, 1], "--", color="gray", label="chance")
     axis.set_xlabel("false positive rate")
     axis.set_ylabel("true positive rate")

@@ -285,10 +285,7 @@ def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id
     metrics = {f"test_{name}": float(value) for name, value in model.evaluate(test, return_dict=True, verbose=0).items()}
     probabilities = outputs.probabilities(model.predict(test, verbose=0), bool(cfg["loss"].get("from_logits")))
     labels = examples(cfg["data"], split, "test").labels
-    if probabilities.ndim == 1 and len(np.unique(labels)) == 2:
-        from sklearn.metrics import roc_auc_score
-
-        metrics["test_roc_auc"] = float(roc_auc_score(labels, probabilities))
+    metrics |= {f"test_{name}": value for name, value in outputs.binary_metrics(labels, probabilities).items()}
     store.log_metrics(run_id, metrics, step=epochs_done)
     np.savez(Path(output_dir) / "predictions.npz", labels=labels, probabilities=probabilities)
     run_logger().info("test: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))

@@ -57,3 +57,14 @@ def test_the_full_celeba_benchmark_prepares_real_tfds_files_that_the_tfds_source
     chosen = tfds_train.partition("train").take(np.array([5, 0, 17]))
     decoded = [tf.io.decode_jpeg(image).shape for image in chosen.images.dataset()]
     assert decoded == [(218, 178, 3)] * 3 and len(chosen.labels) == 3
+
+
+def test_plain_mnist_script_reports_test_accuracy_in_its_test_mode(tmp_path):
+    from conftest import make_idx_folder
+
+    folder = make_idx_folder(tmp_path / "idx", train=300, test=60)
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "plain_mnist.py"), str(folder), "--train-size", "200",
+                          "--valid-size", "100", "--epochs", "2", "--test"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["epoch_seconds"]) == 2
+    assert result["test_accuracy"] >= 0.9  # the generated digits are learnt in two epochs, as in cnnflow's tests
