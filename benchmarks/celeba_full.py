@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+sys.path[:0] = [str(HERE)]
 SIZES = {"train": 162_770, "valid": 19_867, "test": 19_962}  # CelebA's list_eval_partition.txt
 
 from run import cnnflow_train  # noqa: E402  (benchmarks/run.py)
@@ -30,7 +30,7 @@ from run import cnnflow_train  # noqa: E402  (benchmarks/run.py)
 
 def generated_layout(folder: Path) -> Path:
     if not (folder / "list_eval_partition.txt").is_file():
-        from celeba_layout import write_celeba
+        from cnnflow.components.data.celeba_layout import write_celeba
 
         print(f"generating {sum(SIZES.values()):,} faces in CelebA's layout in {folder} ...", file=sys.stderr, flush=True)
         write_celeba(folder, SIZES["train"], SIZES["valid"], SIZES["test"])

@@ -7,7 +7,7 @@
 
     python benchmarks/celeba_input.py /path/to/celeba [--images 16000] [--repeats 3]
 
-The folder is CelebA's native layout (generated fixtures: tests/celeba_layout.py). Times on a shared
+The folder is CelebA's native layout (generated fixtures: cnnflow.components.data.celeba_layout). Times on a shared
 2-core machine are noisy: each figure is the median of --repeats runs. Results also go to JSON.
 """
 

@@ -8,16 +8,22 @@ Workloads (each skipped when its data is not given, except CelebA, see below):
 - celeba: the chapter's CelebA recipe (batch 32, 16,000 + 1,000 faces, random crop + flip) vs
   benchmarks/plain_celeba.py, which decodes and augments every image every epoch as the chapter does.
   Without --celeba, 16,000 + 1,000 + 2,000 generated faces in CelebA's layout are made first
-  (tests/celeba_layout.py, about 40 s);
+  (cnnflow.components.data.celeba_layout, about 40 s);
 - fast: the fast recipe (experiment=fashion_mnist_fast) trained in full for --seeds seeds, with its
   test accuracy and the wall time of the whole command (no plain script of it exists to compare).
 
 The plain script and `cnnflow train` run alternately as separate processes, same model, data, batch
-size and steps. The table shows training images/s (median over repeats of the epochs after the first,
-when caches are warm; the first epoch separately), cnnflow / plain, the achieved FLOP/s as a fraction
-of this machine's fp32 matmul peak measured in this run, and seconds from process start to the first
-training step. Results also go to benchmarks/results/run.json. These 2-core machines are noisy: the
-figures are medians, and only ratios measured in one sitting mean anything.
+size and steps. Every row names its precision, and like is compared with like first: the plain
+script (float32) against cnnflow in float32; then cnnflow in `auto` precision (what the recipe uses:
+bfloat16 on a CPU with bf16 units) as a row of its own, so what bfloat16 adds is not mistaken for
+what cnnflow adds. The table shows training images/s (median of the epochs after the first, when
+caches are warm; the first epoch separately), the epoch time as median (min-max), the throughput
+ratio to the plain script as a median with its range over the epochs paired in alternation, the
+achieved FLOP/s as a fraction of this machine's fp32 matmul peak measured in this run, and seconds
+from process start to the first training step. The defaults (3 repeats x 3 epochs) give 6 later
+epochs per side; the whole run takes about 40 minutes here (mnist ~11, celeba ~22, fast ~6).
+Results also go to benchmarks/results/run.json. These 2-core machines are noisy: only ratios
+measured in one sitting mean anything, and their range says how much.
 """
 
 from __future__ import annotations
@@ -48,19 +54,25 @@ class Workload:
     variants: dict[str, list[str]] | None = None  # extra cnnflow runs: label -> overrides
 
 
+# cnnflow's runs of a workload: float32 first (the plain scripts' precision), then the recipe's own
+# `auto`; the label gets the precision `auto` resolved to, read from the run.
+LIKE_FOR_LIKE = {"cnnflow": ["runtime.precision=float32"], "cnnflow auto": ["runtime.precision=auto"]}
+
+
 def mnist_workload(folder: Path, train_size: int = 20000) -> Workload:
     conv1, conv2 = 28 * 28 * 32 * 5 * 5 * 1, 14 * 14 * 64 * 5 * 5 * 32
     dense = 7 * 7 * 64 * 1024 + 1024 * 10
     return Workload("mnist", "plain_mnist.py", [str(folder), "--train-size", str(train_size)],
                     ["experiment=fashion_mnist", "data.source=idx", f"data.path={folder}",
-                     f"data.train_size={train_size}"], train_size, 10000, 2 * 3 * (conv1 + conv2 + dense))
+                     f"data.train_size={train_size}"], train_size, 10000, 2 * 3 * (conv1 + conv2 + dense),
+                    LIKE_FOR_LIKE)
 
 
 def celeba_workload(folder: Path, train_size: int = 16000) -> Workload:
     macs = 64 * 64 * 32 * 27 + 32 * 32 * 64 * 9 * 32 + 16 * 16 * 128 * 9 * 64 + 8 * 8 * 256 * 9 * 128 + 256
     return Workload("celeba", "plain_celeba.py", [str(folder), "--train-size", str(train_size)],
                     ["experiment=celeba", f"data.path={folder}", f"data.train_size={train_size}"],
-                    train_size, 1000, 2 * 3 * macs, {"cnnflow fp32": ["runtime.precision=float32"]})
+                    train_size, 1000, 2 * 3 * macs, LIKE_FOR_LIKE)
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
@@ -101,15 +113,24 @@ def cnnflow(workload: Workload, epochs: int, workdir: Path, extra: list[str] = (
     client, run = cnnflow_train([*workload.overrides, *extra, f"train.epochs={epochs}", "plots={}"], workdir)
     history = sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"), key=lambda m: m.step)
     return {"epoch_seconds": [m.value for m in history], "startup_seconds": run.data.metrics["startup_seconds"],
-            "wall_seconds": time.time() - started}
+            "wall_seconds": time.time() - started, "precision": run.data.tags["precision"]}
 
 
-def summarize(workload: Workload, results: list[dict], peak: float) -> dict:
-    later = statistics.median(s for r in results for s in r["epoch_seconds"][1:])
+def summarize(workload: Workload, results: list[dict], peak: float, plain_results: list[dict]) -> dict:
+    epochs = [s for r in results for s in r["epoch_seconds"][1:]]
+    later = statistics.median(epochs)
+    # epoch k of repeat r against the plain script's epoch k of repeat r: they ran next to each other
+    paired = [p / s for mine, theirs in zip(results, plain_results)
+              for s, p in zip(mine["epoch_seconds"][1:], theirs["epoch_seconds"][1:])]
     return {
+        "precision": results[0].get("precision", "float32"),
         "images_per_s": (workload.train_images + workload.valid_images) / later,
         "first_epoch_seconds": statistics.median(r["epoch_seconds"][0] for r in results),
         "later_epoch_seconds": later,
+        "later_epoch_range": [min(epochs), max(epochs)],
+        "later_epochs": len(epochs),
+        "ratio": statistics.median(p for r in plain_results for p in r["epoch_seconds"][1:]) / later,
+        "ratio_range": [min(paired), max(paired)],
         # Validation images cost a forward pass only; count FLOPs of the training images.
         "peak_fraction": workload.flops_per_train_image * workload.train_images / later / peak,
         "startup_seconds": statistics.median(r["startup_seconds"] for r in results),
@@ -132,7 +153,7 @@ def fast_recipe(folder: Path, seeds: list[int], workdir: Path) -> list[dict]:
 
 def generated_celeba(folder: Path) -> Path:
     print("generating 16,000 + 1,000 + 2,000 faces in CelebA's layout ...", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, str(HERE.parent / "tests" / "celeba_layout.py"), str(folder), "--train", "16000",
+    subprocess.run([sys.executable, "-m", "cnnflow.components.data.celeba_layout", str(folder), "--train", "16000",
                     "--valid", "1000", "--test", "2000"], check=True, capture_output=True)
     return folder
 
@@ -140,16 +161,20 @@ def generated_celeba(folder: Path) -> Path:
 def print_table(summary: dict, peak: float, args) -> None:
     print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s; {args.repeats} alternating repeats x {args.epochs} "
           f"epochs; images/s = (train + valid) images / median epoch after the first")
-    print(f"{'workload':<9}{'':<14}{'images/s':>9}{'ratio':>7}{'of peak':>9}{'1st epoch':>11}{'later':>8}"
-          f"{'start->1st step':>17}{'wall':>7}")
-    print("  (ratio: throughput / the plain script's; an epoch takes 1/ratio of the plain script's time)")
+    print(f"{'workload':<9}{'':<30}{'images/s':>9}{'ratio (range)':>18}{'of peak':>9}{'1st epoch':>11}"
+          f"{'later epochs: median (min-max), n':>36}{'start->1st step':>17}")
+    print("  (ratio: the plain script's median later epoch / this row's, range over the epochs paired in "
+          "alternation; over 1 is faster)")
     for name, sides in summary.items():
         for side, s in sides.items():
-            ratio = s["images_per_s"] / sides["plain"]["images_per_s"]
-            shown = f"{ratio:>7.2f}" if side != "plain" else f"{'':>7}"
-            print(f"{name if side == 'plain' else '':<9}{side:<14}{s['images_per_s']:>9.0f}{shown}"
-                  f"{s['peak_fraction']:>9.1%}{s['first_epoch_seconds']:>10.1f}s{s['later_epoch_seconds']:>7.1f}s"
-                  f"{s['startup_seconds']:>16.1f}s{s['wall_seconds']:>6.0f}s")
+            label = f"{side} ({s['precision']})" if side != "plain" else "plain Keras (float32)"
+            low, high = s["ratio_range"]
+            shown = f"{s['ratio']:.2f} ({low:.2f}-{high:.2f})" if side != "plain" else ""
+            lo, hi = s["later_epoch_range"]
+            later = f"{s['later_epoch_seconds']:.1f} s ({lo:.1f}-{hi:.1f}), {s['later_epochs']}"
+            print(f"{name if side == 'plain' else '':<9}{label:<30}{s['images_per_s']:>9.0f}{shown:>18}"
+                  f"{s['peak_fraction']:>9.1%}{s['first_epoch_seconds']:>10.1f}s{later:>36}"
+                  f"{s['startup_seconds']:>16.1f}s")
 
 
 def main() -> None:
@@ -157,8 +182,8 @@ def main() -> None:
     parser.add_argument("--mnist", type=Path, help="IDX files of MNIST or Fashion-MNIST (mnist and fast workloads)")
     parser.add_argument("--celeba", type=Path, help="CelebA's native layout; default: generated faces")
     parser.add_argument("--workloads", nargs="+", default=["mnist", "celeba", "fast"], choices=["mnist", "celeba", "fast"])
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fast recipe seeds")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "run.json")
     args = parser.parse_args()
@@ -177,14 +202,14 @@ def main() -> None:
         if "celeba" in args.workloads:
             workloads.append(celeba_workload((args.celeba or generated_celeba(workdir / "celeba")).resolve()))
         for workload in workloads:
-            variants = {"cnnflow": [], **(workload.variants or {})}
+            variants = workload.variants or {"cnnflow": []}
             runs[workload.name] = {"plain": [], **{label: [] for label in variants}}
             for repeat in range(args.repeats):  # alternate, so drifts of the machine hit all alike
                 runs[workload.name]["plain"].append(plain(workload, args.epochs))
                 for label, extra in variants.items():
                     runs[workload.name][label].append(cnnflow(workload, args.epochs, workdir, extra))
                 print(f"{workload.name}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-            summary[workload.name] = {side: summarize(workload, results, peak)
+            summary[workload.name] = {side: summarize(workload, results, peak, runs[workload.name]["plain"])
                                       for side, results in runs[workload.name].items()}
         if "fast" in args.workloads:
             fast = fast_recipe(args.mnist.resolve(), args.seeds, workdir)

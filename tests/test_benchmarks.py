@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from celeba_layout import write_celeba
+from cnnflow.components.data.celeba_layout import write_celeba
 
 from cnnflow.components import registry
 

@@ -140,7 +140,7 @@ def test_evaluate_after_train_matches_the_training_flows_test_accuracy(prefect_h
 
 def test_predict_digits_and_faces_from_files(prefect_harness, mlflow_store, idx, tmp_path):
     from cnnflow.components.data.idx import read_idx
-    from celeba_layout import write_celeba
+    from cnnflow.components.data.celeba_layout import write_celeba
 
     digits_run = train_flow("mnist", tiny_overrides(idx))
     images = read_idx(idx / "t10k-images-idx3-ubyte.gz")

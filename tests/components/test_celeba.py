@@ -17,7 +17,7 @@ from cnnflow.components.data import caching
 from cnnflow.components.data.core import Partition, Records, cache_needs
 from cnnflow.flows.config import compose_config
 from cnnflow.flows.train import train_flow
-from celeba_layout import MALE, write_celeba
+from cnnflow.components.data.celeba_layout import MALE, write_celeba
 
 
 @pytest.fixture(scope="module")

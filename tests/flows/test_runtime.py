@@ -110,7 +110,7 @@ def test_a_mirrored_training_on_two_devices_learns_like_one(tmp_path):
     from pathlib import Path
 
     env = dict(__import__("os").environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    out = subprocess.run([sys.executable, "-c", MIRRORED, str(Path(__file__).parent)], cwd=tmp_path, env=env,
+    out = subprocess.run([sys.executable, "-c", MIRRORED, str(Path(__file__).parents[1])], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     lines = [line.split() for line in out.stdout.strip().splitlines()[-2:]]
     assert [line[:2] for line in lines] == [["1", "FINISHED"], ["2", "FINISHED"]], out.stderr[-3000:]

@@ -11,7 +11,7 @@ from cnnflow.components import registry
 from cnnflow.components.data import checked_partitions, make_dataset, make_split, tfds_source
 from cnnflow.components.errors import DataError
 from cnnflow.flows.config import choices, compose_config
-from celeba_layout import write_celeba
+from cnnflow.components.data.celeba_layout import write_celeba
 from conftest import make_idx_folder
 
 SMALL = ["data.train_size=8", "data.valid_size=4", "data.batch_size=4", "data.shuffle_buffer=0"]

@@ -2,9 +2,10 @@
 
 Each image is a 178x218 RGB JPEG of a drawn "face" whose Male attribute shows as a beard shadow and
 short hair (female: long hair), with random position, colours, strength and noise, so a CNN can learn
-it but not perfectly. Used by the tests (a few dozen images) and for full-size pipeline runs:
+it but not perfectly. Used by the tests (a few dozen images), the benchmarks, and by anyone who
+wants to try the CelebA pipeline without the real files:
 
-    python tests/celeba_layout.py /tmp/celeba --train 16000 --valid 1000 --test 2000
+    python -m cnnflow.components.data.celeba_layout /tmp/celeba --train 16000 --valid 1000 --test 2000
 """
 
 from __future__ import annotations
