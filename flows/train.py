@@ -326,6 +326,8 @@ def plot_results(cfg: dict[str, Any], features: dict[str, Any], split_path: str,
 def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, features: dict[str, Any],
                        split_path: str, start_model: str, initial_epoch: int) -> dict[str, float]:
     """The part of the DAG that a new training, a resumed one and a continuation share."""
+    from mlflow import MlflowClient
+
     from cnnflow.components.callbacks import read_checkpoint
 
     hardware = {"devices": runtime.devices(), "precision": cfg["runtime"]["precision"]}
@@ -333,8 +335,12 @@ def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, featu
     run_logger().info(f"training on {hardware['devices']} in {hardware['precision']}")
     trained = train_model(cfg, split_path, start_model, run_id, str(output_dir), initial_epoch)
     epochs_done = read_checkpoint(output_dir)["epoch"]
-    metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir), epochs_done)
-    plot_results(cfg, features, split_path, run_id, str(output_dir))
+    if cfg["train"]["test"]:
+        metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir), epochs_done)
+        plot_results(cfg, features, split_path, run_id, str(output_dir))
+    else:  # a search chooses on validation; the test split is kept for the one run chosen
+        metrics = {name: MlflowClient().get_run(run_id).data.metrics[name] for name in ("val_loss", "val_accuracy")}
+        run_logger().info("test split not evaluated (train.test=false): validation only")
     promotion.maybe_register(cfg, run_id, run_logger())
     report.publish_training(run_id, epochs_done, metrics, output_dir)
     return metrics

@@ -88,6 +88,7 @@ BAD_SETTINGS = [
     ("train.checkpoint_every=0", "train.checkpoint_every=0: should be greater than or equal to 1"),
     ("train.checkpoint_slots=1", "train.checkpoint_slots=1: should be greater than or equal to 2"),
     ("train.lease_timeout=5", "train.lease_timeout=5: should be seconds, at least 10, like 120"),
+    ("train.test=maybe", "train.test='maybe': should be a valid boolean"),
     ("+train.callbacks.stop={name: early_stopping, patience: -1}", "train.callbacks.stop.patience=-1"),
     ("model.dropout_rate=1.5", "model.dropout_rate=1.5: should be less than 1"),
     ("loss.from_logits=yes", "loss.from_logits='yes': should be a valid boolean"),
