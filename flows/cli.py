@@ -204,7 +204,8 @@ def run_train(overrides: list[str], multirun: bool) -> int:
     with engine.under_configured_server_or_in_process():
         for number, (job, experiment, job_overrides, problem) in enumerate(planned, start=1):
             if multirun:
-                print(f"[sweep {sweep_id}] job {number}/{len(jobs)}: experiment={experiment} {' '.join(job)}", flush=True)
+                named = [] if any(o.startswith("experiment=") for o in job) else [f"experiment={experiment}"]
+                print(f"[sweep {sweep_id}] job {number}/{len(jobs)}: {' '.join(named + job)}", flush=True)
             try:
                 if problem:
                     raise problem
