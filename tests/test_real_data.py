@@ -34,16 +34,17 @@ def test_mnist_recipe_on_real_digits_reaches_96_percent(shared_data, prefect_har
 
 @pytest.mark.slow
 def test_full_fashion_mnist_recipe_reaches_the_plain_keras_result(shared_data, prefect_harness, mlflow_store):
-    """The full 20-epoch recipe (~10 min in bfloat16): within 0.5 points of the plain script's 91.24%."""
+    """The full 20-epoch recipe (~10 min in bfloat16): within 0.5 points of the plain script's 91.24-91.36%."""
     run_id = train_flow("fashion_mnist", ["data.source=idx", f"data.path={shared_data / 'fashion-mnist'}"])
     assert MlflowClient().get_run(run_id).data.metrics["test_accuracy"] >= 0.907
 
 
 @pytest.mark.slow
 def test_the_fast_recipe_beats_the_chapters_recipe_on_fashion_mnist(shared_data, prefect_harness, mlflow_store):
-    """experiment=fashion_mnist_fast as README runs it (5 epochs, about 2 minutes): over the 91.24% the
-    plain Keras script of the chapter's recipe reaches in 20 epochs; seeds 1-3 gave 91.99-92.11%."""
+    """experiment=fashion_mnist_fast as README runs it (5 epochs, about 2 minutes): over the 91.36% that
+    the plain Keras script of the chapter's recipe reached in 20 epochs (benchmarks/plain_mnist.py
+    --full); seeds 1-3 gave 91.99-92.11%."""
     run_id = train_flow("fashion_mnist_fast", ["data.source=idx", f"data.path={shared_data / 'fashion-mnist'}"])
     run = MlflowClient().get_run(run_id)
     assert run.data.params["train.epochs"] == "5" and run.data.tags["split.train_size"] == "50000"
-    assert run.data.metrics["test_accuracy"] > 0.9124
+    assert run.data.metrics["test_accuracy"] > 0.9136
