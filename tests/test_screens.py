@@ -174,5 +174,34 @@ def test_mlflow_models_serve_answers_a_posted_image_with_the_champions_label(mlf
         server.terminate()
         server.wait(timeout=60)
     assert [row["label"] for row in answer[:3]] == expected and all(row["error"] is None for row in answer[:3])
+    assert _label_where_cnnflow_is_not_installed(tmp_path, images[0]) == expected[0]
     assert [row["probability"] for row in answer[:3]] == pytest.approx(probabilities.max(axis=1), abs=0.02)
     assert answer[3]["label"] is None and "not a readable image" in answer[3]["error"]
+
+
+def _label_where_cnnflow_is_not_installed(tmp_path, image) -> str:
+    """The champion's serving model, copied out of the store, loaded by a Python that cannot import
+    the installed cnnflow: it runs on the code it carries."""
+    import textwrap
+
+    model_dir = mlflow.artifacts.download_artifacts("models:/digits@champion", dst_path=str(tmp_path / "served"))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.meta_path = [finder for finder in sys.meta_path if "editable" not in repr(finder)]  # hide the install
+        sys.path = [entry for entry in sys.path if "editable" not in entry]
+        try:
+            import cnnflow.components
+            raise SystemExit("cnnflow is still importable")
+        except ImportError:
+            pass
+        import mlflow, pandas
+        model = mlflow.pyfunc.load_model({model_dir!r})
+        import cnnflow.components.serving as serving
+        print(serving.__file__)
+        print(model.predict(pandas.DataFrame({{"image": [{png_base64(image)!r}]}}))["label"][0])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where, label = done.stdout.split()[-2:]
+    assert where.startswith(str(Path(model_dir) / "code" / "cnnflow"))
+    return label

@@ -157,38 +157,6 @@ def test_the_serving_model_answers_base64_images_and_refuses_bad_rows_alone(fini
     assert answer["label"][6:].isna().all()
 
 
-def test_the_serving_model_runs_where_cnnflow_is_not_installed(finished_run, store):
-    import subprocess
-    import sys
-    import textwrap
-
-    run_id, _ = finished_run
-    model_dir = mlflow.artifacts.download_artifacts(MlflowClient().get_run(run_id).data.tags["serving_uri"],
-                                                   dst_path=str(store / "served"))
-    [image], _ = run_test_images(run_id, 1)
-    script = textwrap.dedent(f"""
-        import sys
-        sys.meta_path = [finder for finder in sys.meta_path if "editable" not in repr(finder)]  # hide the install
-        sys.path = [entry for entry in sys.path if "editable" not in entry]
-        try:
-            import cnnflow.components
-            raise SystemExit("cnnflow is still importable")
-        except ImportError:
-            pass
-        import mlflow, pandas
-        model = mlflow.pyfunc.load_model({model_dir!r})
-        import cnnflow.components.serving as serving
-        print(serving.__file__)
-        print(model.predict(pandas.DataFrame({{"image": [{png_base64(image)!r}]}}))["label"][0])
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=store)
-    assert done.returncode == 0, done.stderr[-2000:]
-    where, label = done.stdout.split()[-2:]
-    assert where.startswith(str(Path(model_dir) / "code" / "cnnflow"))
-    with np.load(store / "outputs" / "mnist" / run_id / "predictions.npz") as saved:
-        assert label == str(saved["probabilities"][0].argmax())
-
-
 def prefect_artifact(key: str, flow_run_id: str | None = None):
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
