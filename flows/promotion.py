@@ -10,7 +10,7 @@ from typing import Any
 
 from cnnflow.components.errors import RunError
 from cnnflow.flows.lifecycle import Lease
-from cnnflow.flows.store import experiment_id, set_tags
+from cnnflow.flows.store import experiment_id, set_tags, store_lock
 
 LOCKS_EXPERIMENT = "cnnflow.locks"  # one run per lock; its lease (lifecycle.Lease) is the lock
 
@@ -58,8 +58,13 @@ def _lock_run(purpose: str) -> str:
                  order_by=["attributes.start_time ASC", "attributes.run_id ASC"], max_results=1)
     found = client.search_runs(**query)
     if not found:
-        client.create_run(experiment, run_name=purpose, tags={"cnnflow.lock": purpose})
-        found = client.search_runs(**query)
+        # one creator per machine (threads and processes alike); machines that create one at the
+        # same moment settle on the oldest
+        with store_lock("create"):
+            found = client.search_runs(**query)
+            if not found:
+                client.create_run(experiment, run_name=purpose, tags={"cnnflow.lock": purpose})
+                found = client.search_runs(**query)
     return found[0].info.run_id
 
 
