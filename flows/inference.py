@@ -68,7 +68,8 @@ def resolve_model(reference: str) -> tuple[str, str]:
 def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
     """Loss and metrics of the model on `split`: a role of the run's own split (train, valid, test)
     or a split string of the data (`test[:500]`)."""
-    from cnnflow.components.data import Split, make_dataset, parse_split
+    from cnnflow.components import outputs
+    from cnnflow.components.data import Split, examples, make_dataset, parse_split
     from cnnflow.components.data.core import partition_of, split_positions
 
     cfg, output_dir = store.run_settings(run_id)
@@ -80,7 +81,8 @@ def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
         chosen, role = Split({"eval": partition}, {"eval": positions}), "eval"
     model = mlflow.keras.load_model(model_uri)
     dataset = make_dataset(cfg["data"], chosen, role, cfg["seed"])
-    return {name: float(value) for name, value in model.evaluate(dataset, return_dict=True, verbose=0).items()}
+    labels = examples(cfg["data"], chosen, role).labels
+    return outputs.evaluated(model, dataset, labels, bool(cfg["loss"].get("from_logits")))[0]
 
 
 @flow(name="evaluate", flow_run_name="evaluate {model} on {split}")

@@ -282,10 +282,9 @@ def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id
     split = Split.load(split_path)
     model = keras.models.load_model(model_path)
     test = make_dataset(cfg["data"], split, "test", cfg["seed"])
-    metrics = {f"test_{name}": float(value) for name, value in model.evaluate(test, return_dict=True, verbose=0).items()}
-    probabilities = outputs.probabilities(model.predict(test, verbose=0), bool(cfg["loss"].get("from_logits")))
     labels = examples(cfg["data"], split, "test").labels
-    metrics |= {f"test_{name}": value for name, value in outputs.binary_metrics(labels, probabilities).items()}
+    metrics, probabilities = outputs.evaluated(model, test, labels, bool(cfg["loss"].get("from_logits")))
+    metrics = {f"test_{name}": value for name, value in metrics.items()}
     store.log_metrics(run_id, metrics, step=epochs_done)
     np.savez(Path(output_dir) / "predictions.npz", labels=labels, probabilities=probabilities)
     run_logger().info("test: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))

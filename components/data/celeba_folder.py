@@ -7,10 +7,16 @@
 
 Any subset of the official files works (rows without an image are an error, or skipped with a logged
 count when `on_bad_image=skip`). Images stay on disk; tf.data decodes them.
+
+A partition's images come in TFDS's read order by default (`order=tfds`), so the first 16,000 are
+the 16,000 that the chapter's `celeba_train.take(16000)` takes: TFDS writes each partition sorted by
+the MD5 of the partition's name followed by the example's key (here the file name), and reads it back
+in that order. `order=file` keeps list_eval_partition.txt's order (000001.jpg, 000002.jpg, ...).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -64,6 +70,12 @@ def read_partitions(path: Path) -> dict[str, list[str]]:
     return partitions
 
 
+def tfds_order(file_names: list[str], partition: str) -> list[str]:
+    """The file names in the order TFDS reads the partition back (see the module docstring)."""
+    salt = partition.encode()
+    return sorted(file_names, key=lambda name: hashlib.md5(salt + name.encode()).hexdigest())
+
+
 def _bad_image(path: Path) -> str | None:
     """Why an image cannot be used, or None: missing, or not a JPEG (checked by its first bytes)."""
     try:
@@ -77,8 +89,8 @@ def _bad_image(path: Path) -> str | None:
 
 
 class CelebaFolder:
-    def __init__(self, folder: Path, attribute: str, on_bad_image: str):
-        self.folder, self.on_bad_image = folder, on_bad_image
+    def __init__(self, folder: Path, attribute: str, on_bad_image: str, order: str):
+        self.folder, self.on_bad_image, self.order = folder, on_bad_image, order
         names, self._attributes = read_attributes(folder / "list_attr_celeba.txt")
         if attribute not in names:
             raise DataError(f"CelebA has no attribute {attribute!r}; the attributes are: {', '.join(names)}")
@@ -103,6 +115,8 @@ class CelebaFolder:
                             f"fix them or set data.options.on_bad_image=skip")
         if problems:
             log.warning("skipped %d unusable CelebA %s images, e.g. %s", len(problems), name, "; ".join(problems[:3]))
+        if self.order == "tfds":
+            files = tfds_order(files, name)
         labels = np.array([self._attributes[f][self._column] == 1 for f in files], dtype=np.int64)
         paths = np.array([str(self.folder / "img_align_celeba" / f) for f in files])
         return Partition(paths, labels, encoded="path")
@@ -110,12 +124,14 @@ class CelebaFolder:
 
 @register("dataset", "celeba_folder")
 def celeba_folder(name: str = "celeb_a", path: str | None = None, data_dir=None, manual_dir=None,
-                  attribute: str = "Male", on_bad_image: Literal["raise", "skip"] = "raise") -> CelebaFolder:
-    """CelebA's native files in the folder `path`; the label is one attribute (Male by default)."""
+                  attribute: str = "Male", on_bad_image: Literal["raise", "skip"] = "raise",
+                  order: Literal["tfds", "file"] = "tfds") -> CelebaFolder:
+    """CelebA's native files in the folder `path`; the label is one attribute (Male by default); each
+    partition in TFDS's read order (the chapter's subsets) or in file order."""
     if not path:
         raise DataError("data.source=celeba_folder needs data.path: the folder holding img_align_celeba/, "
                         "list_attr_celeba.txt and list_eval_partition.txt")
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DataError(f"data.path={path!r} is not a folder")
-    return CelebaFolder(folder, attribute, on_bad_image)
+    return CelebaFolder(folder, attribute, on_bad_image, order)

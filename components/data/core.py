@@ -201,18 +201,20 @@ class Split:
 
 
 def shuffled(positions: np.ndarray, buffer_size: int, seed: int) -> np.ndarray:
-    """The order tf.data's `shuffle(buffer_size, seed, reshuffle_each_iteration=False)` gives once.
+    """The order the chapter's `tf.random.set_seed(seed)` then `shuffle(buffer_size,
+    reshuffle_each_iteration=False)` gives, so the same seed carves the book's validation images.
 
-    A buffer smaller than the data shuffles only locally, exactly like the chapter's pipeline.
-    The global TF seed is set too, as the chapter does: tf.data derives the order from both seeds,
-    and the split must not depend on what ran before in the process.
+    Like the chapter, no op seed is passed: tf.data draws it from the global seed, and setting that
+    seed first makes the draw the same whatever ran before in the process. A buffer smaller than the
+    data shuffles only locally, exactly like the chapter's pipeline. The order depends only on the
+    seeds, the buffer and the count, never on the images, so shuffling positions gives it.
     """
     if buffer_size <= 1 or len(positions) <= 1:
         return positions
     import tensorflow as tf
 
     tf.random.set_seed(seed)
-    order = tf.data.Dataset.range(len(positions)).shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
+    order = tf.data.Dataset.range(len(positions)).shuffle(buffer_size, reshuffle_each_iteration=False)
     return positions[next(iter(order.batch(len(positions)))).numpy()]
 
 

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from cnnflow.components import registry
 from cnnflow.components.augment import compose
 from cnnflow.components.errors import SettingsError
-from cnnflow.components.data import DataError, class_counts, make_dataset, make_split, model_input_shape
+from cnnflow.components.data import DataError, class_counts, examples, make_dataset, make_split, model_input_shape
 from cnnflow.components.data import caching
 from cnnflow.components.data.core import Partition, Records, cache_needs
 from cnnflow.flows.config import compose_config
@@ -35,7 +35,7 @@ def source(folder, **options):
 
 
 def test_partitions_follow_the_partition_file_and_labels_the_male_column(celeba):
-    celeb = source(celeba)
+    celeb = source(celeba, order="file")
     assert celeb.info.class_names == ("Female", "Male") and celeb.info.image_shape == (218, 178, 3)
     rows = [line.split() for line in (celeba / "list_attr_celeba.txt").read_text().splitlines()[2:]]
     male = {row[0]: int(row[1 + MALE] == "1") for row in rows}
@@ -46,7 +46,7 @@ def test_partitions_follow_the_partition_file_and_labels_the_male_column(celeba)
     assert train.image(0).shape == (218, 178, 3)
 
 
-def test_subsets_are_the_first_images_in_file_order(celeba):
+def test_subsets_are_the_first_images_of_each_partition(celeba):
     data = celeba_data(celeba)
     split = make_split(data, seed=1)
     assert split.indices["train"].tolist() == list(range(30))
@@ -232,6 +232,64 @@ def test_celeba_cnn_has_the_chapters_parameter_count():
     assert registry.build("model", "celeba_cnn", input_shape=(64, 64, 3), num_classes=2).count_params() == 388_673
     with pytest.raises(ValueError, match="num_classes=10"):
         registry.build("model", "celeba_cnn", input_shape=(64, 64, 3), num_classes=10)
+
+
+def _tfds_prepared_from(folder, tmp_path):
+    """celeb_a prepared by TFDS's own builder from the files in `folder`, the network being the only
+    thing replaced: its downloads are the local files (plus the landmark and identity lists, which
+    cnnflow does not read)."""
+    import zipfile
+
+    import tensorflow_datasets as tfds
+
+    names = sorted(path.name for path in (folder / "img_align_celeba").iterdir())
+    archive = tmp_path / "img_align_celeba.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for name in names:
+            zipped.write(folder / "img_align_celeba" / name, f"img_align_celeba/{name}")
+    landmarks, identity = tmp_path / "list_landmarks_align_celeba.txt", tmp_path / "identity_CelebA.txt"
+    landmarks.write_text(f"{len(names)}\nlefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x "
+                         "leftmouth_y rightmouth_x rightmouth_y\n" + "".join(f"{n}{' 0' * 10}\n" for n in names))
+    identity.write_text("".join(f"{n} 1\n" for n in names))
+    files = {"img_align_celeba": archive, "list_eval_partition": folder / "list_eval_partition.txt",
+             "list_attr_celeba": folder / "list_attr_celeba.txt", "landmarks_celeba": landmarks,
+             "identity_celeba": identity}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tfds.download.DownloadManager, "download", lambda self, urls: {k: str(files[k]) for k in urls})
+        builder = tfds.builder("celeb_a", data_dir=str(tmp_path / "tensorflow_datasets"))
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder
+
+
+def _pixels(images) -> list[np.ndarray]:
+    return [tf.io.decode_jpeg(tf.io.read_file(i) if isinstance(i, str) else i).numpy() for i in images]
+
+
+def test_both_sources_take_the_chapters_celeba_subsets(tmp_path):
+    """The chapter's `celeba_train.take(n)` after `as_dataset(shuffle_files=False)`, on celeb_a as
+    TFDS prepares it, gives the same images in the same order as the recipe from the folder (in
+    TFDS's read order) and from TFDS."""
+    folder = write_celeba(tmp_path / "celeba", train=24, valid=10, test=4)
+    builder = _tfds_prepared_from(folder, tmp_path)
+    celeba = builder.as_dataset(shuffle_files=False)  # the chapter's code from here
+    celeba_train, celeba_valid = celeba["train"].take(16), celeba["validation"].take(6)
+    book = {role: [(example["image"].numpy(), int(example["attributes"]["Male"])) for example in subset]
+            for role, subset in (("train", celeba_train), ("valid", celeba_valid))}
+
+    sizes = ["data.train_size=16", "data.valid_size=6"]
+    for location in ([f"data.path={folder}"], ["data.source=tfds", f"data.data_dir={tmp_path / 'tensorflow_datasets'}"]):
+        data = compose_config("celeba", [*location, *sizes])["data"]
+        split = make_split(data, seed=1)
+        for role in ("train", "valid"):
+            chosen = examples(data, split, role)
+            images = [item.numpy() for item in chosen.images.dataset()] if isinstance(chosen.images, Records) \
+                else chosen.images
+            assert chosen.labels.tolist() == [male for _, male in book[role]], (location, role)
+            for mine, theirs in zip(_pixels(images), [image for image, _ in book[role]], strict=True):
+                np.testing.assert_array_equal(mine, theirs)
+    in_file_order = source(folder, order="file").partition("train").images[:16]
+    assert [p.rsplit("/", 1)[1] for p in in_file_order] != [p.rsplit("/", 1)[1] for p in
+                                                           source(folder).partition("train").images[:16]]
 
 
 def test_tfds_celeb_a_gives_encoded_images_and_the_attribute(monkeypatch, tmp_path):

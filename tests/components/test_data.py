@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cnnflow.components import registry
-from cnnflow.components.data import DataError, Split, make_dataset, make_split, parse_split
+from cnnflow.components.data import DataError, Split, examples, make_dataset, make_split, parse_split
 from cnnflow.components.data import tfds_source
 from cnnflow.components.data.core import split_positions
 from cnnflow.components.data.idx import read_idx
@@ -75,6 +75,36 @@ def test_split_is_exact_disjoint_and_stable(idx_folder):
         np.testing.assert_array_equal(split.indices[role], again.indices[role])
     other_seed = make_split(data, seed=2)
     assert not np.array_equal(split.indices["valid"], other_seed.indices["valid"])
+
+
+@pytest.mark.parametrize("buffer", [10000, 64])  # the recipe's (larger than the data), and a local shuffle
+def test_the_mnist_recipe_carves_the_chapters_validation_images(buffer, monkeypatch, tmp_path):
+    """The chapter's own split code, on TFDS's mock MNIST, picks the same validation and training
+    images, in the same order, as the recipe."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(tfds_source, "_is_prepared", lambda builder: True)  # the download is what is mocked
+    with tfds.testing.mock_data(num_examples=300):
+        data = compose_config("mnist", ["data.source=tfds", f"data.data_dir={tmp_path}", "data.valid_size=100",
+                                        "data.train_size=200", f"data.shuffle_buffer={buffer}"])["data"]
+        tf.random.set_seed(99)  # whatever ran before in the process must not change the split
+        split = make_split(data, seed=1)
+        mine = {role: examples(data, split, role) for role in ("valid", "train")}
+
+        # the chapter's code from here; it takes as_dataset(...)["train"], the mock needs the split named
+        mnist_bldr = tfds.builder("mnist", data_dir=str(tmp_path))
+        mnist_train_orig = mnist_bldr.as_dataset(split="train", shuffle_files=False)
+        mnist_train = mnist_train_orig.map(
+            lambda item: (tf.cast(item["image"], tf.float32) / 255.0, tf.cast(item["label"], tf.int32)))
+        tf.random.set_seed(1)
+        mnist_train = mnist_train.shuffle(buffer_size=buffer, reshuffle_each_iteration=False)
+        mnist_valid = mnist_train.take(100)
+        mnist_train = mnist_train.skip(100)
+        for role, book in (("valid", mnist_valid), ("train", mnist_train)):
+            images, labels = (np.stack(column) for column in zip(*[(x.numpy(), y.numpy()) for x, y in book]))
+            np.testing.assert_array_equal(mine[role].images, np.rint(images * 255).astype(np.uint8), err_msg=role)
+            np.testing.assert_array_equal(mine[role].labels, labels, err_msg=role)
 
 
 def test_split_from_one_partition_and_round_trip(idx_folder, tmp_path):

@@ -1,0 +1,42 @@
+"""What outputs mean: probabilities, labels, and the two accuracies of a one-logit model."""
+
+import numpy as np
+import pytest
+
+from cnnflow.components import outputs
+
+LOGITS = np.array([-1.0, 0.2, 0.7, 2.0, -0.3, 0.4, 0.3], dtype=np.float32)
+LABELS = np.array([0, 1, 1, 1, 0, 1, 0])
+
+
+def test_one_logit_probabilities_and_labels_threshold_the_logit_at_zero():
+    chances = outputs.probabilities(LOGITS[:, None], from_logits=True)
+    assert chances.shape == (7,)
+    np.testing.assert_allclose(chances, 1 / (1 + np.exp(-LOGITS)), rtol=1e-6)
+    assert outputs.predicted(chances).tolist() == [0, 1, 1, 1, 0, 1, 1]
+    rows = outputs.labelled(chances[:2], ["Female", "Male"])
+    assert rows[0]["label"] == "Female" and rows[0]["probability"] == np.float32(1 - chances[0])
+    assert rows[1]["label"] == "Male" and rows[1]["p_Male"] == np.float32(chances[1])
+
+
+def test_the_chapters_accuracy_of_a_one_logit_model_is_reported_beside_cnnflows():
+    """The chapter compiled its face model with Keras' plain 'accuracy', which compares the logit
+    with 0.5; `evaluated` reports that figure as accuracy_at_logit_0.5 next to the right one."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Identity()])  # outputs the logits it is given
+    model.compile(loss=keras.losses.BinaryCrossentropy(from_logits=True), metrics=["accuracy"])  # as the chapter
+    dataset = tf.data.Dataset.from_tensor_slices((LOGITS[:, None], LABELS)).batch(4)
+    metrics, chances = outputs.evaluated(model, dataset, LABELS, from_logits=True)
+    book = np.mean((LOGITS > 0.5) == LABELS)  # 5 of 7: the Male logits 0.2 and 0.4 count as Female
+    assert book == 5 / 7 and metrics["accuracy_at_logit_0.5"] == book
+    assert metrics["accuracy"] == pytest.approx(book)
+    assert np.mean(outputs.predicted(chances) == LABELS) == 6 / 7  # logit above 0: only 0.3 is wrong
+    assert metrics["roc_auc"] == pytest.approx(11 / 12)  # one of 4 x 3 positive/negative pairs is out of order
+
+
+def test_binary_metrics_only_for_two_class_tasks():
+    assert outputs.binary_metrics(np.array([0, 1, 2]), np.eye(3)) == {}
+    softmax_two = outputs.binary_metrics(LABELS, np.stack([1 - LABELS, LABELS], axis=1).astype(float))
+    assert softmax_two == {"roc_auc": 1.0}  # no logit to threshold: only the AUC
