@@ -7,6 +7,10 @@ from cnnflow.components.errors import SettingsError
 from cnnflow.flows.config import choices, compose_config, flatten
 
 
+# the chapter's counts (README) and the fast recipe's width-24 model (benchmarks/README)
+PARAMETERS = {"mnist_cnn": 3_274_634, "celeba_cnn": 388_673, "fast_cnn": 99_778}
+
+
 @pytest.mark.parametrize("experiment", choices("experiment"))
 def test_every_experiment_composes_and_its_components_instantiate(experiment):
     cfg = compose_config(experiment)
@@ -15,7 +19,7 @@ def test_every_experiment_composes_and_its_components_instantiate(experiment):
     image_shape, classes = ((218, 178, 3), 2) if cfg["data"]["source"] == "celeba_folder" else ((28, 28, 1), 10)
     model = registry.build("model", cfg["model"], input_shape=model_input_shape(cfg["data"], image_shape),
                            num_classes=classes)
-    assert model.count_params() > 0
+    assert model.count_params() == PARAMETERS[cfg["model"]["name"]]
     registry.build("loss", cfg["loss"])
     registry.build("optimizer", cfg["optimizer"])
     for spec in cfg["train"]["callbacks"].values():
