@@ -21,7 +21,8 @@ caches are warm; the first epoch separately), the epoch time as median (min-max)
 ratio to the plain script as a median with its range over the epochs paired in alternation, the
 achieved FLOP/s as a fraction of this machine's fp32 matmul peak measured in this run, and seconds
 from process start to the first training step. The defaults (3 repeats x 3 epochs) give 6 later
-epochs per side; the whole run takes about 40 minutes here (mnist ~11, celeba ~22, fast ~6).
+epochs per side; the whole run takes about 45 minutes here (mnist ~12, celeba ~27 with generating
+the faces, fast ~6).
 Results also go to benchmarks/results/run.json. These 2-core machines are noisy: only ratios
 measured in one sitting mean anything, and their range says how much.
 """
