@@ -56,17 +56,18 @@ def positive(probabilities: np.ndarray) -> np.ndarray:
 
 
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, from_logits: bool = False) -> dict[str, float]:
-    """What a two-class task reports besides accuracy: the ROC AUC of P(class 1), and for a one-logit
-    model the accuracy at the chapter's threshold (logit above 0.5). Nothing for other tasks."""
-    if len(np.unique(labels)) != 2 or (probabilities.ndim == 2 and probabilities.shape[1] != 2):
-        return {}
-    from scipy.special import expit
-    from sklearn.metrics import roc_auc_score
-
-    metrics = {"roc_auc": float(roc_auc_score(labels, positive(probabilities)))}
+    """What a two-class task reports besides accuracy: the ROC AUC of P(class 1) (when both classes
+    occur), and for a one-logit model the accuracy at the chapter's threshold (logit above 0.5)."""
+    metrics = {}
     if from_logits and probabilities.ndim == 1:
+        from scipy.special import expit
+
         book = probabilities > expit(BOOK_LOGIT_THRESHOLD)
         metrics[f"accuracy_at_logit_{BOOK_LOGIT_THRESHOLD}"] = float(np.mean(book == labels.astype(bool)))
+    if len(np.unique(labels)) == 2 and (probabilities.ndim == 1 or probabilities.shape[1] == 2):
+        from sklearn.metrics import roc_auc_score
+
+        metrics["roc_auc"] = float(roc_auc_score(labels, positive(probabilities)))
     return metrics
 
 

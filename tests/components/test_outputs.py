@@ -40,3 +40,9 @@ def test_binary_metrics_only_for_two_class_tasks():
     assert outputs.binary_metrics(np.array([0, 1, 2]), np.eye(3)) == {}
     softmax_two = outputs.binary_metrics(LABELS, np.stack([1 - LABELS, LABELS], axis=1).astype(float))
     assert softmax_two == {"roc_auc": 1.0}  # no logit to threshold: only the AUC
+
+
+def test_a_one_class_test_set_still_gets_the_chapters_accuracy_but_no_auc():
+    chances = outputs.probabilities(LOGITS[:, None], from_logits=True)
+    only_male = np.ones(7, dtype=np.int64)
+    assert outputs.binary_metrics(only_male, chances, from_logits=True) == {"accuracy_at_logit_0.5": 2 / 7}  # logits 0.7, 2.0
