@@ -136,8 +136,8 @@ def test_a_bad_setting_stops_with_one_line_and_exit_code_2_before_anything_exist
 
 
 def test_arguments_for_another_component_of_the_kind_are_no_error_and_never_reach_the_chosen_one():
-    cfg = compose_config("celeba", ["data.source=tfds"])  # the recipe's on_bad_image is celeba_folder's
-    assert cfg["data"]["options"] == {"attribute": "Male", "on_bad_image": "raise"}
+    cfg = compose_config("celeba", ["data.source=tfds"])  # on_bad_image and order are celeba_folder's
+    assert cfg["data"]["options"] == {"attribute": "Male", "on_bad_image": "raise", "order": "tfds"}
     source = registry.get("dataset", "tfds")
     assert registry.arguments_for("dataset", source, cfg["data"]["options"]) == {"attribute": "Male"}
     cfg = compose_config("quickstart", ["+model.width=32"])  # fast_cnn's argument, not mnist_cnn's
