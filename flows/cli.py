@@ -368,5 +368,35 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+EXIT_GRACE_SECONDS = 10
+
+
+def run() -> None:
+    """The `cnnflow` command: `main`, then exit with its code.
+
+    After a Ctrl-C or SIGTERM the exit is bounded: at interpreter exit Prefect's services drain what
+    they hold, and under a Prefect server one was seen to wait forever for work the signal had
+    interrupted (the process lived on after "cnnflow: terminated"). They get EXIT_GRACE_SECONDS.
+    """
+    code = main()
+    if code in (130, 143):
+        _leave_after(EXIT_GRACE_SECONDS, code)
+    sys.exit(code)
+
+
+def _leave_after(seconds: float, code: int) -> None:
+    """End the process with `code` in `seconds` if it has not ended by then."""
+    import threading
+
+    def leave():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True  # a process that ends in time is not held up by it
+    timer.start()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -483,6 +483,15 @@ def test_interrupts_end_cleanly_and_leave_nothing_running(how, code, tmp_path, i
         assert MlflowClient().get_run(run_folder.name).info.status == "KILLED"
 
 
+def test_an_interrupted_command_ends_even_when_something_waits_forever_at_exit():
+    """Prefect's services drain at interpreter exit; after a SIGTERM under a Prefect server one was
+    seen to wait forever. The `cnnflow` command still ends, with the interruption's exit code."""
+    command = ("import threading\nfrom cnnflow.flows import cli\n"
+               "threading._register_atexit(threading.Event().wait)  # a drain that never ends\n"
+               "cli.EXIT_GRACE_SECONDS = 1\ncli.main = lambda: 143  # as after SIGTERM\ncli.run()")
+    assert subprocess.run([sys.executable, "-c", command], timeout=120).returncode == 143
+
+
 # ----------------------------------------------------------------------------- store faults
 
 def _silent_port() -> socket.socket:
