@@ -158,6 +158,7 @@ def _idx_data(folder: Path) -> dict:
     ("count_mismatch", r"t10k-images-idx3-ubyte.gz holds 60 images but .*t10k-labels-idx1-ubyte.gz 59 labels"),
     ("other_image_size", r"t10k-images-idx3-ubyte.gz holds 20x20 images; the other partition's are 28x28"),
     ("truncated_header", r"train-labels-idx1-ubyte.gz ends inside its header"),
+    ("gzip_cut_in_half", r"cannot read IDX file .*train-images-idx3-ubyte.gz: the gzip stream ends early"),
 ])
 def test_idx_files_are_checked_before_any_run_and_the_file_is_named(damage, message, tmp_path):
     folder = make_idx_folder(tmp_path / damage)
@@ -176,6 +177,9 @@ def test_idx_files_are_checked_before_any_run_and_the_file_is_named(damage, mess
     elif damage == "truncated_header":
         with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as handle:
             handle.write(bytes([0, 0, 8, 1, 0]))
+    elif damage == "gzip_cut_in_half":
+        images = folder / "train-images-idx3-ubyte.gz"
+        images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
     with pytest.raises(DataError, match=message):
         checked_partitions(_idx_data(folder))
 

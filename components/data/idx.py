@@ -30,9 +30,7 @@ def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
         with opener(path, "rb") as handle:
             raw = handle.read()
     except (OSError, EOFError) as error:
-        kind = "not a gzip file, or a damaged one" if isinstance(error, gzip.BadGzipFile) or "gzip" in str(error) \
-            else (error.strerror or str(error))
-        raise DataError(f"cannot read IDX file {path}: {kind}") from None
+        raise DataError(f"cannot read IDX file {path}: {_read_failure(error)}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE:
         raise DataError(f"{path} is not an unsigned-byte IDX file (header {raw[:4].hex() or 'empty'}; expected 000008..)")
     declared = raw[3]
@@ -46,6 +44,15 @@ def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
     if body.size != int(np.prod(shape)) or 0 in shape:
         raise DataError(f"{path} declares shape {shape} but holds {body.size} values: truncated or corrupt")
     return body.reshape(shape)
+
+
+def _read_failure(error: OSError | EOFError) -> str:
+    # gzip raises EOFError (no strerror) when the stream stops before its end marker: a cut download
+    if isinstance(error, EOFError):
+        return "the gzip stream ends early: the file is truncated (an interrupted download?)"
+    if isinstance(error, gzip.BadGzipFile) or "gzip" in str(error):
+        return "not a gzip file, or a damaged one"
+    return error.strerror or str(error)
 
 
 def _find(folder: Path, partition: str, kind: str) -> Path:
