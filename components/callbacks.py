@@ -1,5 +1,5 @@
-"""Keras callbacks by name, plus the two every training gets: a one-line-per-epoch progress report
-(terminal and Prefect UI logs) and per-epoch metrics in the MLflow run."""
+"""Keras callbacks by name, plus those every training gets: a one-line-per-epoch progress report
+(terminal and Prefect UI logs), per-epoch metrics for the MLflow run, checkpoints, divergence."""
 
 from __future__ import annotations
 
@@ -68,35 +68,28 @@ class EpochProgress(keras.callbacks.Callback):
         self.logger.info(f"epoch {epoch + 1}/{self.epochs}  {metrics}  {seconds:.1f}s")
 
 
-class MlflowMetrics(keras.callbacks.Callback):
-    """Logs every epoch's metrics (and its duration) to one MLflow run, step = epoch number from 1."""
+class EpochMetrics(keras.callbacks.Callback):
+    """Hands every epoch's metrics (and its duration) to `log(metrics, step)`, step = epoch number
+    from 1; once, before the first step, the seconds from the process start (start-up cost). The
+    flow's `log` queues them for the MLflow run without waiting on the store."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, log):
         super().__init__()
-        self.run_id = run_id
+        self.log = log
         self._first_step_logged = False
 
     def on_train_batch_begin(self, batch, logs=None):
-        """Once: seconds from the process start to the first training step (start-up cost)."""
         if not self._first_step_logged:
             import psutil
-            from mlflow import MlflowClient
 
             self._first_step_logged = True
-            MlflowClient().log_metric(self.run_id, "startup_seconds", time.time() - psutil.Process().create_time())
+            self.log({"startup_seconds": time.time() - psutil.Process().create_time()}, 0)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        values = dict(logs or {}, epoch_seconds=time.perf_counter() - self._started)
-        MlflowClient().log_batch(
-            self.run_id, metrics=[Metric(name, float(value), now, epoch + 1) for name, value in values.items()]
-        )
+        self.log(dict(logs or {}, epoch_seconds=time.perf_counter() - self._started), epoch + 1)
 
 
 def backfill_metrics(run_id: str, history: dict[str, list[float]]) -> int:

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import shutil
 import socket
 import sys
@@ -25,7 +24,8 @@ from typing import Any
 
 from cnnflow.components.errors import RunError
 from cnnflow.flows.config import flatten
-from cnnflow.flows.store import code_version, experiment_id, log_metrics, run_folder, set_tags
+from cnnflow.flows.outbox import Outbox, ServerOutage, Write
+from cnnflow.flows.store import code_version, experiment_id, run_folder, set_tags, store_lock
 
 # What a continuation may not change: it would no longer be the same training.
 FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtime.precision")
@@ -46,7 +46,7 @@ class Lease:
     fails (tags are last-writer-wins). So holding generation n of a run's lease is having written
     param `lease.n` = "host pid start-time token". A holder is gone when it released the lease (tag
     `lease.released`), when it ran on this host and its process is dead (taken over at once: `kill -9`
-    then the same command resumes), or, elsewhere, when its heartbeat (tag `lease.heartbeat`, every
+    then the same command resumes), or, elsewhere, when its heartbeat (tag `lease.heartbeat.n`, every
     timeout/4) is older than `timeout` seconds. Of two processes taking over together, only the one
     whose `lease.n+1` write lands wins; a holder that finds a newer generation stops its training.
     (Clocks of the machines must agree to well within the timeout.)
@@ -60,13 +60,16 @@ class Lease:
         self.generation = 0
         self.lost = threading.Event()
         self._stopped = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def holder(self) -> str | None:
         """Who trains the run now, as people read it, or None when nobody does."""
         generation, holder, tags = self._newest()
         return self._live(generation, holder, tags) if holder else None
 
-    def acquire(self) -> None:
+    def acquire(self, heartbeats: bool = True) -> None:
+        """Take the lease, or raise RunError naming its live holder. `heartbeats`: beat from a thread
+        of the lease's own (a training's outbox beats instead, in order with its writes)."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -79,16 +82,33 @@ class Lease:
         except MlflowException:  # another process wrote this generation first
             raise RunError(f"another process took over run {self.run_id} at this moment; it trains it now") from None
         self.generation = generation + 1
-        self._beat()
-        threading.Thread(target=self._heartbeats, name=f"lease {self.run_id[:8]}", daemon=True).start()
+        self.beat()
+        if heartbeats:
+            self._heartbeat = threading.Thread(target=self._heartbeats, name=f"lease {self.run_id[:8]}", daemon=True)
+            self._heartbeat.start()
 
-    def release(self) -> None:
+    def confirm(self) -> bool:
+        """Whether this process still holds the lease (one read of the store; raises when the store
+        does not answer). A newer generation means another process took over: `lost` is set."""
+        if self._newest()[0] != self.generation:
+            self.lost.set()
+        return not self.lost.is_set()
+
+    def beat(self) -> None:
+        # a tag of this generation's own: a beat of a holder displaced while it was on the wire
+        # cannot overwrite the new holder's
+        set_tags(self.run_id, {f"lease.heartbeat.{self.generation}": f"{time.time():.0f}"})
+
+    def release(self, outage: bool = False) -> None:
         """Never raises: a store that cannot take it (a full disk) must not hide why the training
-        stopped, and a holder whose process ends counts as gone anyway."""
+        stopped, and a holder whose process ends counts as gone anyway. In an `outage` nothing is
+        tried: the lease lapses."""
         import logging
 
         self._stopped.set()
-        if self.generation and not self.lost.is_set():
+        if self._heartbeat:
+            self._heartbeat.join()
+        if self.generation and not self.lost.is_set() and not outage:
             try:
                 set_tags(self.run_id, {"lease.released": self.generation})
             except Exception as error:
@@ -115,37 +135,74 @@ class Lease:
             except (psutil.NoSuchProcess, ValueError):
                 alive = False
             return f"process {pid} on this machine" if alive else None
-        beat_generation, _, beat_time = tags.get("lease.heartbeat", "").partition(" ")
+        beat_time = tags.get(f"lease.heartbeat.{generation}")
+        if beat_time is None:  # cnnflow before 0.2: one tag "generation time"
+            beat_generation, _, beat_time = tags.get("lease.heartbeat", "").partition(" ")
+            beat_time = beat_time if beat_generation == str(generation) else None
         age = time.time() - float(beat_time or 0)
-        if beat_generation == str(generation) and age < self.timeout:
+        if age < self.timeout:
             return f"process {pid} on {host} (its last heartbeat {age:.0f} s ago)"
         return None
 
-    def _beat(self) -> None:
-        set_tags(self.run_id, {"lease.heartbeat": f"{self.generation} {time.time():.0f}"})
-
     def _heartbeats(self) -> None:
-        import logging
-
         while not self._stopped.wait(self.timeout / 4):
             try:
-                if self._newest()[0] != self.generation:
-                    self.lost.set()
+                if not self.confirm():
                     return
-                self._beat()
-            except Exception as error:  # a store that blips: the next beat may pass, within the timeout
-                logging.getLogger(__name__).warning(f"lease heartbeat of run {self.run_id} failed: {error}")
+                self.beat()
+            except Exception:  # a store that blips: the next beat may pass, within the timeout
+                continue
 
 
-_held: dict[str, Lease] = {}
+_held: dict[str, Outbox] = {}
 
 
-def check_lease(run_id: str) -> None:
-    """Stops a training whose lease another process took over (this one was thought gone)."""
-    lease = _held.get(run_id)
-    if lease and lease.lost.is_set():
-        raise RunError(f"run {run_id} was taken over by another process (no heartbeat from this one for "
-                       f"{lease.timeout:g} s: train.lease_timeout); this one stops")
+def writer(run_id: str) -> Outbox:
+    """The one writer into a run this process holds (flows/outbox.py)."""
+    return _held[run_id]
+
+
+@contextlib.contextmanager
+def store_wide_lock(purpose: str, wait: float = 120.0):
+    """Held by one thread of one process at a time, among all that share the MLflow store."""
+    lease = Lease(_lock_run(purpose), timeout=wait)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            lease.acquire()
+            break
+        except RunError as busy:
+            if time.monotonic() > deadline:
+                raise RunError(f"{purpose}: waited {wait:g} s for another process ({busy})") from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        lease.release()
+
+
+LOCKS_EXPERIMENT = "cnnflow.locks"  # one run per lock; its lease is the lock
+
+
+def _lock_run(purpose: str) -> str:
+    """The run whose lease is the lock: the oldest of those tagged with `purpose` (processes that
+    make one at the same moment all settle on the oldest)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = experiment_id({"experiment": LOCKS_EXPERIMENT})
+    query = dict(experiment_ids=[experiment], filter_string=f"tags.`cnnflow.lock` = '{purpose}'",
+                 order_by=["attributes.start_time ASC", "attributes.run_id ASC"], max_results=1)
+    found = client.search_runs(**query)
+    if not found:
+        # one creator per machine (threads and processes alike); machines that create one at the
+        # same moment settle on the oldest
+        with store_lock("create"):
+            found = client.search_runs(**query)
+            if not found:
+                client.create_run(experiment, run_name=purpose, tags={"cnnflow.lock": purpose})
+                found = client.search_runs(**query)
+    return found[0].info.run_id
 
 
 # ------------------------------------------------------------------- checkpoints in the artifact store
@@ -153,79 +210,49 @@ def check_lease(run_id: str) -> None:
 CHECKPOINTS = "checkpoints"  # artifact folder: slot-<k>/model.keras, then slot-<k>/state.json (the commit point)
 
 
-class CheckpointUploads:
-    """Copies a training's checkpoints to its artifact store in a background thread, so the epoch does
-    not wait for the upload. Every `every`-th epoch (and the last) is written to slot epoch % slots:
-    MLflow cannot delete artifacts, so slots are overwritten in turn. The model goes first, then the
-    state file with the model's sha256: a slot caught half-written (the process killed during its
-    upload) does not verify, and the slot before it resumes. Only the newest pending checkpoint is
-    uploaded; `close` waits for it."""
+def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, last_epoch: int):
+    """What EpochCheckpoint calls with each complete local checkpoint: every `every`-th epoch (and
+    the last) goes to artifact slot epoch % slots, overwritten in turn (MLflow cannot delete
+    artifacts). The model goes first, then the state file with the model's sha256: a slot caught
+    half-written does not verify, and the slot before it resumes."""
 
-    def __init__(self, run_id: str, folder: Path, every: int, slots: int, last_epoch: int):
-        self.run_id, self.folder, self.every, self.slots, self.last_epoch = run_id, Path(folder), every, slots, last_epoch
-        self.failure: str | None = None
-        self._pending: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._upload_all, name=f"checkpoint uploads {run_id[:8]}", daemon=True)
-        self._thread.start()
-
-    def submit(self, epoch: int, model_file: Path, history: dict[str, list[float]]) -> None:
-        """Called when the local checkpoint of `epoch` is complete."""
-        if epoch % self.every and epoch != self.last_epoch:
+    def submit(epoch: int, model_file: Path, history: dict[str, list[float]]) -> None:
+        if epoch % every and epoch != last_epoch:
             return
         started = time.perf_counter()
-        staged = self.folder / ".upload" / f"epoch{epoch:04d}"
+        staged = Path(folder) / ".upload" / f"epoch{epoch:04d}"
         staged.mkdir(parents=True, exist_ok=True)
         try:
             os.link(model_file, staged / "model.keras")  # the local checkpoint may be pruned before the upload
         except OSError:
             shutil.copyfile(model_file, staged / "model.keras")
-        state = {"epoch": epoch, "history": history, "sha256": _sha256(staged / "model.keras")}
-        (staged / "state.json").write_text(json.dumps(state))
-        self._pending.put((staged, time.perf_counter() - started))
+        (staged / "state.json").write_text(json.dumps({"epoch": epoch, "history": history,
+                                                       "sha256": sha256_of(staged / "model.keras")}))
+        staging_seconds = time.perf_counter() - started
 
-    def close(self) -> None:
-        import logging
+        def send(confirm) -> None:
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric
 
-        self._pending.put(None)
-        self._thread.join()
-        if self.failure:
-            logging.getLogger(__name__).warning(f"run {self.run_id}: the newest checkpoint is only in {self.folder}, not in "
-                                                f"the artifact store ({self.failure})")
+            slot, client = f"{CHECKPOINTS}/slot-{epoch % slots}", MlflowClient()
+            began, cpu_began = time.perf_counter(), time.thread_time()
+            client.log_artifact(outbox.run_id, str(staged / "model.keras"), slot)
+            confirm()  # the state file commits the slot: never from a displaced holder
+            client.log_artifact(outbox.run_id, str(staged / "state.json"), slot)
+            # what a checkpoint costs: the part the epoch waits for, and this thread's wall and CPU time
+            now = int(time.time() * 1000)
+            costs = {"checkpoint_stage_seconds": staging_seconds, "checkpoint_upload_seconds": time.perf_counter() - began,
+                     "checkpoint_upload_cpu_seconds": time.thread_time() - cpu_began}
+            client.log_batch(outbox.run_id, metrics=[Metric(k, v, now, epoch) for k, v in costs.items()])
+            shutil.rmtree(staged, ignore_errors=True)
 
-    def _upload_all(self) -> None:
-        from mlflow import MlflowClient
+        outbox.put(Write(f"checkpoint of epoch {epoch}", send, kind="checkpoint",
+                         discard=lambda: shutil.rmtree(staged, ignore_errors=True)))
 
-        closing = False
-        while not closing:
-            waiting = [self._pending.get()]
-            while not self._pending.empty():
-                waiting.append(self._pending.get())
-            closing = None in waiting
-            *moot, newest = [item for item in waiting if item is not None] or [None]
-            for older, _ in moot:  # a newer checkpoint waits: the older ones are moot
-                shutil.rmtree(older, ignore_errors=True)
-            if newest is None:
-                continue
-            staged, staging_seconds = newest
-            epoch = json.loads((staged / "state.json").read_text())["epoch"]
-            slot = f"{CHECKPOINTS}/slot-{epoch % self.slots}"
-            started, cpu_started = time.perf_counter(), time.thread_time()
-            try:
-                client = MlflowClient()
-                client.log_artifact(self.run_id, str(staged / "model.keras"), slot)
-                client.log_artifact(self.run_id, str(staged / "state.json"), slot)
-                # what a checkpoint costs: the part the epoch waits for, and this thread's wall and CPU time
-                log_metrics(self.run_id, {"checkpoint_stage_seconds": staging_seconds,
-                                          "checkpoint_upload_seconds": time.perf_counter() - started,
-                                          "checkpoint_upload_cpu_seconds": time.thread_time() - cpu_started}, step=epoch)
-                self.failure = None
-            except Exception as error:
-                self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
-            finally:
-                shutil.rmtree(staged, ignore_errors=True)
+    return submit
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -265,7 +292,7 @@ def _fetched(run_id: str, state: dict, slot: str, folder: Path) -> dict | None:
     try:
         fetched = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{slot}/model.keras",
                                                            dst_path=str(download)))
-        if _sha256(fetched) != state["sha256"]:
+        if sha256_of(fetched) != state["sha256"]:
             return None
         os.replace(fetched, folder / f"{stem}.keras")
     finally:
@@ -336,12 +363,32 @@ def run_name(cfg: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
+def claimed_run(cfg: dict[str, Any], logger):
+    """The run this training is: an unfinished one of the same settings resumed (with its newest
+    checkpoint), else a new one; yields (run_id, folder, checkpoint or None) inside `tracked_run`.
+
+    Finding the run and taking its lease are one step for every process that shares the store (a
+    lock of the settings' hash): of two identical commands started at the same instant, on one
+    machine or two, one trains and the other is refused, naming it. `resume=false` always starts a
+    separate run."""
+    experiment_id(cfg)  # made first: the experiment ids a team knows are not taken by the lock's
+    with contextlib.ExitStack() as stack:
+        with (store_wide_lock(f"start {config_hash(cfg)}", wait=cfg["train"]["lease_timeout"]) if cfg["resume"]
+              else contextlib.nullcontext()):
+            run_id, checkpoint = find_unfinished(cfg, logger) if cfg["resume"] else (None, None)
+            run_id, output_dir = stack.enter_context(tracked_run(cfg, run_id, logger))
+        yield run_id, output_dir, checkpoint
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: dict[str, Any], run_id: str | None = None, logger=None):
     """Start (or resume) an MLflow run and this machine's folder of it; yields (run_id, folder).
 
     An existing run's lease is taken before its status is touched, so a run that another process
-    trains is refused and left as it is. The run ends FINISHED, FAILED on an error, or KILLED on
-    Ctrl-C or SIGTERM; its checkpoints stay either way.
+    trains is refused and left as it is; while held, `writer(run_id)` is the run's one writer. The
+    run ends FINISHED, FAILED on an error, or KILLED on Ctrl-C or SIGTERM; its checkpoints stay
+    either way. A run whose lease another process took, or whose store failed past
+    train.outage_timeout, is left as it is: its status is not this process's to write.
     """
     import mlflow
 
@@ -350,10 +397,10 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
         from prefect.exceptions import TerminationSignal
         from prefect.runtime import flow_run
     stops = (KeyboardInterrupt, TerminationSignal) if under_prefect else (KeyboardInterrupt,)
-    lease = None
+    outbox = None
     with contextlib.ExitStack() as held:
         if run_id:
-            lease = _leased(run_id, cfg, held)
+            outbox = _leased(run_id, cfg, held, logger)
             output_dir = run_folder(run_id, cfg)
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id(cfg),
                                run_name=None if run_id else run_name(cfg))
@@ -366,7 +413,7 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
                                   "output_dir": output_dir, "host": socket.gethostname(), "code_version": code_version(),
                                   "config_hash": config_hash(cfg), **cfg.get("tags", {})})
                 output_dir.mkdir(parents=True, exist_ok=True)
-                lease = _leased(run_id, cfg, held)
+                outbox = _leased(run_id, cfg, held, logger)
             else:  # the command that resumes it is the run's now (a sweep finds its jobs by these tags)
                 set_tags(run_id, cfg.get("tags", {}))
             if under_prefect and flow_run.id:  # the two UIs point at each other's record
@@ -377,19 +424,22 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None):
             status = "KILLED"
             raise
         finally:
-            if lease and lease.lost.is_set():
-                _leave_run()  # the run's status is its new holder's now
+            if outbox:
+                outbox.close()
+            if outbox and (outbox.lease.lost.is_set() or outbox.expired or outbox.in_outage):
+                _leave_run()  # the run's status is its new holder's, or this one's once the store answers
             else:
                 _end_run(status)
 
 
-def _leased(run_id: str, cfg: dict[str, Any], held: contextlib.ExitStack) -> Lease:
+def _leased(run_id: str, cfg: dict[str, Any], held: contextlib.ExitStack, logger) -> Outbox:
     lease = Lease(run_id, cfg["train"]["lease_timeout"])
-    lease.acquire()
-    _held[run_id] = lease
+    lease.acquire(heartbeats=False)
+    outbox = Outbox(lease, cfg["train"]["outage_timeout"], logger)
+    _held[run_id] = outbox
     held.callback(_held.pop, run_id, None)
-    held.callback(lease.release)
-    return lease
+    held.callback(lambda: lease.release(outage=bool(outbox.expired or outbox.in_outage)))
+    return outbox
 
 
 def _leave_run() -> None:

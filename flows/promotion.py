@@ -4,15 +4,11 @@ process on every machine that shares the store: of two trainings ending together
 
 from __future__ import annotations
 
-import contextlib
-import time
 from typing import Any
 
 from cnnflow.components.errors import RunError
-from cnnflow.flows.lifecycle import Lease
-from cnnflow.flows.store import experiment_id, set_tags, store_lock
-
-LOCKS_EXPERIMENT = "cnnflow.locks"  # one run per lock; its lease (lifecycle.Lease) is the lock
+from cnnflow.flows.lifecycle import store_wide_lock
+from cnnflow.flows.store import set_tags
 
 def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
     """Register the run's model as a new version of `registry.name` (every run, so each is there to
@@ -26,46 +22,6 @@ def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
         return None
     with store_wide_lock(f"registry {name}"):
         return _promote(run_id, name, alias, metric, mode, logger)
-
-
-@contextlib.contextmanager
-def store_wide_lock(purpose: str, wait: float = 120.0):
-    """Held by one thread of one process at a time, among all that share the MLflow store."""
-    lease = Lease(_lock_run(purpose), timeout=wait)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            lease.acquire()
-            break
-        except RunError as busy:
-            if time.monotonic() > deadline:
-                raise RunError(f"{purpose}: waited {wait:g} s for another process ({busy})") from None
-            time.sleep(0.2)
-    try:
-        yield
-    finally:
-        lease.release()
-
-
-def _lock_run(purpose: str) -> str:
-    """The run whose lease is the lock: the oldest of those tagged with `purpose` (processes that
-    make one at the same moment all settle on the oldest)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    experiment = experiment_id({"experiment": LOCKS_EXPERIMENT})
-    query = dict(experiment_ids=[experiment], filter_string=f"tags.`cnnflow.lock` = '{purpose}'",
-                 order_by=["attributes.start_time ASC", "attributes.run_id ASC"], max_results=1)
-    found = client.search_runs(**query)
-    if not found:
-        # one creator per machine (threads and processes alike); machines that create one at the
-        # same moment settle on the oldest
-        with store_lock("create"):
-            found = client.search_runs(**query)
-            if not found:
-                client.create_run(experiment, run_name=purpose, tags={"cnnflow.lock": purpose})
-                found = client.search_runs(**query)
-    return found[0].info.run_id
 
 
 def _promote(run_id: str, name: str, alias: str, metric: str, mode: str, logger) -> int | None:

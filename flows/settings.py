@@ -110,6 +110,8 @@ class Train(Section):
     checkpoint_slots: Annotated[int, Interval(ge=2, le=100)] = 2
     lease_timeout: Annotated[float, Interval(ge=10, le=86400),
                              Field(description="seconds, at least 10, like 120")] = 120
+    outage_timeout: Annotated[float, Interval(ge=5, le=604800),
+                              Field(description="seconds, at least 5, like 600")] = 600
     test: bool = True
 
 

@@ -9,7 +9,6 @@ inputs are settings dicts and files, not values worth hashing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ import mlflow
 
 from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError
-from cnnflow.flows import interrupts, lifecycle, promotion, report, runtime, settings, store
+from cnnflow.flows import interrupts, lifecycle, outbox, promotion, report, runtime, settings, store
 from cnnflow.flows.config import Experiment, compose_config, with_fields
 from cnnflow.flows.engine import flow, run_logger, task
 
@@ -133,7 +132,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     model and logs it to MLflow. `model_path` is the untrained model or the checkpoint to go on from."""
     import keras
 
-    from cnnflow.components.callbacks import (EpochCheckpoint, EpochProgress, MlflowMetrics, StopOnDivergence,
+    from cnnflow.components.callbacks import (EpochCheckpoint, EpochMetrics, EpochProgress, StopOnDivergence,
                                               backfill_metrics, history_of)
     from cnnflow.components.data import Split, cache_needs, caching, examples, make_dataset
     from cnnflow.components.serving import log_serving_model
@@ -152,16 +151,18 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
         backfill_metrics(run_id, history)
     divergence = StopOnDivergence(cfg["train"]["max_loss_factor"])
     epochs = cfg["train"]["epochs"]
-    uploads = lifecycle.CheckpointUploads(run_id, output, cfg["train"]["checkpoint_every"], cfg["train"]["checkpoint_slots"],
-                                          last_epoch=epochs)
-    checkpoint = EpochCheckpoint(output, history, divergence, on_saved=uploads.submit)
+    writes = lifecycle.writer(run_id)  # metrics and checkpoints go to the store beside the training
+    upload = lifecycle.checkpoint_uploader(writes, output, cfg["train"]["checkpoint_every"],
+                                           cfg["train"]["checkpoint_slots"], last_epoch=epochs)
+    checkpoint = EpochCheckpoint(output, history, divergence, on_saved=upload)
 
     def between_batches(batch, logs):
         interrupts.raise_if_received()
-        lifecycle.check_lease(run_id)
+        writes.check()
 
     callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
-    callbacks += [divergence, checkpoint, EpochProgress(epochs, run_logger(), cfg["data"]["batch_size"]), MlflowMetrics(run_id),
+    callbacks += [divergence, checkpoint, EpochProgress(epochs, run_logger(), cfg["data"]["batch_size"]),
+                  EpochMetrics(lambda metrics, step: writes.metrics(metrics, step, f"metrics of epoch {step}")),
                   keras.callbacks.LambdaCallback(on_train_batch_end=between_batches)]
     needs = cache_needs(cfg["data"], split)
     kept = caching.plan(cfg["data"], needs)
@@ -169,10 +170,11 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     store.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
     # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
     data_seed = cfg["seed"] + initial_epoch
-    with interrupts.noted(), strategy.scope(), contextlib.closing(uploads):
+    with interrupts.noted(), strategy.scope(), outbox.failing_fast():
         model.fit(make_dataset(cfg["data"], split, "train", data_seed, kept["train"]),
                   validation_data=make_dataset(cfg["data"], split, "valid", data_seed, kept["valid"]),
                   initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
+        writes.flush()  # what the steps after training read (metrics, the last checkpoint) is in the store
     if divergence.diverged:
         where = divergence.diverged
         raise RunError(f"training diverged: the loss became {where['loss']:.4g} in epoch {where['epoch']} (batch "
@@ -378,9 +380,8 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
         logger.warning(f"settings the chosen components do not read (others of their kind do): {', '.join(unused)}")
     uri = store.use_store(cfg)
     features = load_data(cfg["data"])  # bad data files stop here, before any run exists
-    unfinished, checkpoint = lifecycle.find_unfinished(cfg, logger) if cfg["resume"] else (None, None)
-    with lifecycle.tracked_run(cfg, unfinished) as (run_id, output_dir):
-        if unfinished:
+    with lifecycle.claimed_run(cfg, logger) as (run_id, output_dir, checkpoint):
+        if checkpoint:
             logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}; outputs in {output_dir} "
                         f"(resume=false starts a new run instead)")
             split_path = str(store.run_file(run_id, output_dir, "split.npz"))
@@ -428,7 +429,7 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
         raise RunError(f"run {run_id} has no usable checkpoint ({why}); it cannot be continued")
     cfg["train"]["epochs"] = checkpoint["epoch"] + epochs
     runtime.use_environment(cfg["runtime"], logger)
-    with lifecycle.tracked_run(cfg, run_id) as (run_id, output_dir):
+    with lifecycle.tracked_run(cfg, run_id, logger) as (run_id, output_dir):
         stage = lifecycle.next_stage(run_id)
         store.set_tags(run_id, {f"stage.{stage}.epochs": f"{checkpoint['epoch'] + 1}-{cfg['train']['epochs']}",
                                    f"stage.{stage}.overrides": " ".join(overrides or []) or "(none)",

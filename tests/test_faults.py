@@ -34,7 +34,7 @@ from cnnflow.flows.config import compose_config
 from cnnflow.components.images import read_image
 from cnnflow.flows.inference import evaluate_flow, image_files, predict_flow, resolve_model
 from cnnflow.flows.train import continue_flow, load_data, train_flow
-from conftest import make_idx_folder, tiny_overrides, write_idx
+from conftest import make_idx_folder, tiny_overrides, wait_until, write_idx
 
 # --------------------------------------------------------------------------------------- settings
 
@@ -88,6 +88,7 @@ BAD_SETTINGS = [
     ("train.checkpoint_every=0", "train.checkpoint_every=0: should be greater than or equal to 1"),
     ("train.checkpoint_slots=1", "train.checkpoint_slots=1: should be greater than or equal to 2"),
     ("train.lease_timeout=5", "train.lease_timeout=5: should be seconds, at least 10, like 120"),
+    ("train.outage_timeout=1", "train.outage_timeout=1: should be seconds, at least 5, like 600"),
     ("train.test=maybe", "train.test='maybe': should be a valid boolean"),
     ("+train.callbacks.stop={name: early_stopping, patience: -1}", "train.callbacks.stop.patience=-1"),
     ("model.dropout_rate=1.5", "model.dropout_rate=1.5: should be less than 1"),
@@ -339,7 +340,7 @@ def _hold_lease(run_id: str, host: str, pid: int, started: float, heartbeat_age:
     generation = 1 + max((int(k.split(".")[1]) for k in params if k.startswith("lease.")), default=0)
     client.log_param(run_id, f"lease.{generation}", f"{host} {pid} {started:.2f} feedc0de")
     if heartbeat_age is not None:
-        client.set_tag(run_id, "lease.heartbeat", f"{generation} {time.time() - heartbeat_age:.0f}")
+        client.set_tag(run_id, f"lease.heartbeat.{generation}", f"{time.time() - heartbeat_age:.0f}")
 
 
 def test_a_run_that_another_process_trains_is_refused_and_left_alone(prefect_harness, mlflow_store, idx_folder):
@@ -394,6 +395,102 @@ def test_of_two_takers_of_a_lease_exactly_one_wins(mlflow_store):
     for lease in leases:
         lease.release()
     assert MlflowClient().get_run(run.info.run_id).data.tags["lease.released"] == str(winner.generation)
+
+
+_RACER = """
+import os, sys, time
+from pathlib import Path
+from cnnflow.flows import cli, lifecycle
+ready, wanted = Path(sys.argv[1]), int(sys.argv[2])
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < wanted:  # every racer imported: they start the flow together
+    time.sleep(0.01)
+found = lifecycle.find_unfinished
+def slowly(cfg, logger):
+    result = found(cfg, logger)
+    time.sleep(3)  # wider than the racers' start-up jitter: without one step from search to lease, all find nothing
+    return result
+lifecycle.find_unfinished = slowly
+sys.argv = ["cnnflow", *sys.argv[3:]]
+cli.run()
+"""
+
+
+def test_identical_commands_started_at_one_instant_give_one_training_and_refusals(tmp_path, idx_folder):
+    racers, ready = 3, tmp_path / "ready"
+    ready.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2")
+    command = [sys.executable, "-c", _RACER, str(ready), str(racers), "train", "experiment=mnist",
+               *tiny_overrides(idx_folder, epochs=2), "plots={}"]
+    processes = [subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT) for _ in range(racers)]
+    try:
+        outputs = [process.communicate(timeout=300)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    codes = sorted(process.returncode for process in processes)
+    assert codes == [0] + [4] * (racers - 1), outputs
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name("mnist").experiment_id])
+    assert run.info.status == "FINISHED"
+    for output, process in zip(outputs, processes):
+        if process.returncode:
+            assert f"run {run.info.run_id} has these settings and process" in output.splitlines()[-1], output
+            assert "Traceback" not in output
+
+
+_PAUSED_AFTER_EPOCH_2 = """
+import os, signal, sys
+from cnnflow.components.callbacks import EpochProgress
+from cnnflow.flows import cli, lifecycle
+shown = EpochProgress.on_epoch_end
+def pause(self, epoch, logs=None):
+    shown(self, epoch, logs)
+    if epoch + 1 == 2:  # the whole process stops (a laptop lid), at a moment with no write on the wire
+        [outbox] = lifecycle._held.values()
+        outbox.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+EpochProgress.on_epoch_end = pause
+sys.argv = ["cnnflow", *sys.argv[1:]]
+cli.run()
+"""
+
+
+def test_a_displaced_holder_writes_nothing_more_into_the_run(tmp_path, idx_folder):
+    """A trainer paused (a laptop lid, a stalled VM) while another machine takes its run over: when it
+    wakes it stops, and neither a metric, a tag nor a checkpoint of its reaches the run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    process = subprocess.Popen([sys.executable, "-c", _PAUSED_AFTER_EPOCH_2, "train", "experiment=mnist",
+                                *tiny_overrides(idx_folder, epochs=500), "train.lease_timeout=10"],
+                               cwd=tmp_path, env=dict(env, TF_CPP_MIN_LOG_LEVEL="2"), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: psutil.Process(process.pid).status() == psutil.STATUS_STOPPED, 240, "the pause")
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        client = MlflowClient()
+        [run] = client.search_runs([mlflow.get_experiment_by_name("mnist").experiment_id])
+        run_id = run.info.run_id
+        _hold_lease(run_id, "gpu-7", 4242, 0.0, heartbeat_age=0)  # the other machine's lease
+        before = client.get_run(run_id)
+        metrics = {key: len(client.get_metric_history(run_id, key)) for key in before.data.metrics}
+        slots = {path: path.stat().st_mtime for path in _stored(run_id, "checkpoints").rglob("*")}
+        assert [m.step for m in client.get_metric_history(run_id, "checkpoint_upload_seconds")] == [1, 2]
+    finally:
+        process.send_signal(signal.SIGCONT)
+    try:
+        out, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()  # a trainer that did not stop must not outlive the test
+    assert process.returncode == 4, out
+    assert out.strip().splitlines()[-1].startswith(f"cnnflow: error: run {run_id} was taken over by another process"), out
+    after = client.get_run(run_id)
+    assert {key: len(client.get_metric_history(run_id, key)) for key in after.data.metrics} == metrics
+    assert after.data.tags == before.data.tags and after.data.params == before.data.params
+    assert {path: path.stat().st_mtime for path in _stored(run_id, "checkpoints").rglob("*")} == slots
+    assert after.info.status == "RUNNING"  # its status is the new holder's to write
+    assert read_checkpoint(Path(run.data.tags["output_dir"]))["epoch"] == 2  # this machine keeps its own
 
 
 def test_a_resume_aimed_at_a_run_in_training_is_refused_and_names_resume_false(prefect_harness, mlflow_store,
