@@ -109,17 +109,22 @@ def backfill_metrics(run_id: str, history: dict[str, list[float]]) -> int:
     return len({metric.step for metric in missing})
 
 
+_LOSS_FLOOR = 0.01
+
+
 class StopOnDivergence(keras.callbacks.Callback):
     """Stops training at the first batch whose loss is NaN or infinite (Keras' TerminateOnNaN), or
     grew to more than `max_loss_factor` times the first batch's: such a model is garbage even where
     its numbers stay finite. `diverged` says where, so the flow can fail the run with the epoch and
     the learning rate."""
 
-    def __init__(self, max_loss_factor: float | None = None):
+    def __init__(self, max_loss_factor: float | None = None, first_loss: float | None = None):
+        """`first_loss`: a resumed training's first loss (its first epoch's), so that a resume near
+        convergence, where the loss is near 0, does not take its own noise for divergence."""
         super().__init__()
         self.max_loss_factor = max_loss_factor
         self.diverged: dict | None = None
-        self._first_loss: float | None = None
+        self._first_loss: float | None = first_loss
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch + 1
@@ -131,7 +136,9 @@ class StopOnDivergence(keras.callbacks.Callback):
         loss = float(loss)
         if self._first_loss is None and math.isfinite(loss):
             self._first_loss = abs(loss)
-        exploded = self.max_loss_factor and self._first_loss and loss > self.max_loss_factor * self._first_loss
+        # a warm start may begin near 0: growth from there to 0.01 x max_loss_factor is no divergence
+        scale = max(self._first_loss or 0.0, _LOSS_FLOOR)
+        exploded = self.max_loss_factor and self._first_loss is not None and loss > self.max_loss_factor * scale
         if not math.isfinite(loss) or exploded:
             rate = self.model.optimizer.learning_rate
             self.diverged = {"epoch": self._epoch, "batch": batch + 1, "loss": float(loss),

@@ -25,7 +25,7 @@ from typing import Any
 from cnnflow.components.errors import RunError
 from cnnflow.flows.config import flatten
 from cnnflow.flows.outbox import Outbox, ServerOutage, Write
-from cnnflow.flows.store import code_version, experiment_id, run_folder, set_tags, store_lock
+from cnnflow.flows.store import LOCKS_EXPERIMENT, code_version, experiment_id, run_folder, set_tags, store_lock
 
 # What a continuation may not change: it would no longer be the same training.
 FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtime.precision")
@@ -179,9 +179,6 @@ def store_wide_lock(purpose: str, wait: float = 120.0):
         yield
     finally:
         lease.release()
-
-
-LOCKS_EXPERIMENT = "cnnflow.locks"  # one run per lock; its lease is the lock
 
 
 def _lock_run(purpose: str) -> str:
@@ -362,19 +359,23 @@ def run_name(cfg: dict[str, Any]) -> str:
     return f"{cfg['experiment']}-{cfg['data'].get('train_size') or 'all'}-s{cfg['seed']}"
 
 
+_START_WAIT = 600.0  # seconds another start may hold the lock (it may be downloading a large checkpoint)
+
+
 @contextlib.contextmanager
 def claimed_run(cfg: dict[str, Any], logger):
     """The run this training is: an unfinished one of the same settings resumed (with its newest
     checkpoint), else a new one; yields (run_id, folder, checkpoint or None) inside `tracked_run`.
 
     Finding the run and taking its lease are one step for every process that shares the store (a
-    lock of the settings' hash): of two identical commands started at the same instant, on one
+    lock of the experiment): of two identical commands started at the same instant, on one
     machine or two, one trains and the other is refused, naming it. `resume=false` always starts a
     separate run."""
+    experiment = cfg.get("mlflow_experiment") or cfg["experiment"]
     experiment_id(cfg)  # made first: the experiment ids a team knows are not taken by the lock's
+    # one lock per experiment, not per settings: a handful of bookkeeping runs, not one per training
     with contextlib.ExitStack() as stack:
-        with (store_wide_lock(f"start {config_hash(cfg)}", wait=cfg["train"]["lease_timeout"]) if cfg["resume"]
-              else contextlib.nullcontext()):
+        with (store_wide_lock(f"start {experiment}", wait=_START_WAIT) if cfg["resume"] else contextlib.nullcontext()):
             run_id, checkpoint = find_unfinished(cfg, logger) if cfg["resume"] else (None, None)
             run_id, output_dir = stack.enter_context(tracked_run(cfg, run_id, logger))
         yield run_id, output_dir, checkpoint

@@ -100,7 +100,8 @@ class Outbox:
                 write.discard()
                 return
             if write.kind == "checkpoint":
-                for older in [w for w in self._pending if w.kind == "checkpoint"]:
+                on_the_wire = self._pending[0] if self._sending and self._pending else None
+                for older in [w for w in self._pending if w.kind == "checkpoint" and w is not on_the_wire]:
                     self._pending.remove(older)
                     older.discard()
             self._pending.append(write)
@@ -170,7 +171,7 @@ class Outbox:
                 failures = 0
                 if write:
                     with self._changed:
-                        self._pending.popleft()
+                        self._pending.remove(write)
             except Displaced:
                 self._drop_all("another process holds the run now")
                 return
@@ -179,7 +180,7 @@ class Outbox:
                     self.logger.warning(f"run {self.run_id}: the store refused the {write.what} "
                                         f"({first_line(error)}); it is dropped")
                     with self._changed:
-                        self._pending.popleft()
+                        self._pending.remove(write)
                     continue
                 failures += 1
                 if self._failed(error, attempt):

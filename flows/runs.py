@@ -6,7 +6,7 @@ import datetime
 
 from cnnflow.components.errors import RunError
 from cnnflow.flows import store
-from cnnflow.flows.lifecycle import LOCKS_EXPERIMENT
+from cnnflow.flows.store import LOCKS_EXPERIMENT
 
 COLUMNS = ("run", "experiment", "status", "started", "model", "train", "epochs", "best val_acc", "test_acc",
            "overrides")

@@ -18,6 +18,7 @@ from cnnflow.components.errors import InfrastructureError, RunError, first_line
 from cnnflow.flows.config import flatten, to_yaml
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a file in the working directory
+LOCKS_EXPERIMENT = "cnnflow.locks"  # cnnflow's bookkeeping: one run per lock, its lease the lock (flows/lifecycle.py)
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 _MAX_PARAM_LENGTH = 6000
 _PARAM_KEY_FORBIDDEN = re.compile(r"[^\w\-. :/]")  # MLflow refuses other characters in param names
@@ -254,6 +255,14 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+def training_runs(filter_string: str = "") -> list:
+    """Runs of every experiment but cnnflow's bookkeeping (the locks)."""
+    import mlflow
+
+    ids = [e.experiment_id for e in mlflow.MlflowClient().search_experiments() if e.name != LOCKS_EXPERIMENT]
+    return mlflow.search_runs(ids, filter_string=filter_string, output_format="list") if ids else []
+
+
 def full_run_id(reference: str) -> str:
     """A run id from a full id or a unique prefix of one (what `cnnflow runs` prints)."""
     import mlflow
@@ -266,8 +275,7 @@ def full_run_id(reference: str) -> str:
         pass
     matches = []
     if re.fullmatch(r"[0-9a-f]{4,31}", reference):
-        matches = [run.info.run_id for run in mlflow.search_runs(search_all_experiments=True, output_format="list")
-                   if run.info.run_id.startswith(reference)]
+        matches = [run.info.run_id for run in training_runs() if run.info.run_id.startswith(reference)]
     if len(matches) == 1:
         return matches[0]
     if matches:

@@ -149,7 +149,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     history = history_of(model_path) if initial_epoch else None
     if history:
         backfill_metrics(run_id, history)
-    divergence = StopOnDivergence(cfg["train"]["max_loss_factor"])
+    divergence = StopOnDivergence(cfg["train"]["max_loss_factor"], first_loss=(history or {}).get("loss", [None])[0])
     epochs = cfg["train"]["epochs"]
     writes = lifecycle.writer(run_id)  # metrics and checkpoints go to the store beside the training
     upload = lifecycle.checkpoint_uploader(writes, output, cfg["train"]["checkpoint_every"],

@@ -147,6 +147,30 @@ def wait_until(condition, seconds: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def start_server(command: list[str], health: str, env: dict, log: Path) -> subprocess.Popen:
+    """A server process in a session of its own (so `kill_tree` ends all it started), once its health URL answers."""
+    process = subprocess.Popen(command, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: urllib.request.urlopen(health, timeout=2).status == 200, 120, " ".join(command[:4]))
+    return process
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to a process and everything it started, each in its whole process group."""
+    import signal
+
+    import psutil
+
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            os.killpg(os.getpgid(process.pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 @pytest.fixture
 def prefect_server(tmp_path):
     """`prefect server start` on a free loopback port, with its own database."""

@@ -8,26 +8,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 from mlflow import MlflowClient
 
-from conftest import free_port, wait_until
+from conftest import free_port, kill_tree, start_server, wait_until
 
 pytestmark = pytest.mark.cluster
-
-
-def _server(command: list[str], health: str, env: dict, log: Path) -> subprocess.Popen:
-    process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    wait_until(lambda: urllib.request.urlopen(health, timeout=2).status == 200, 120, " ".join(command[:4]))
-    return process
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +30,11 @@ def cluster(tmp_path_factory):
     env.update(PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2",
                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api")
     servers = [
-        _server([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+        start_server([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                  "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
                  str(root / "artifacts"), "--workers", "1"],
                 f"http://127.0.0.1:{mlflow_port}/health", env, root / "mlflow.log"),
-        _server([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        start_server([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                 f"http://127.0.0.1:{prefect_port}/api/health", env, root / "prefect.log"),
     ]
     client_env = dict(env, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}")
@@ -51,7 +43,7 @@ def cluster(tmp_path_factory):
     workers = {name: _worker(name, root, env) for name in ("w1", "w2")}
     yield {"root": root, "env": client_env, "workers": workers, "worker_env": env}
     for process in [*workers.values(), *servers]:
-        _kill_tree(process.pid)
+        kill_tree(process.pid)
 
 
 def _worker(name: str, root: Path, env: dict) -> subprocess.Popen:
@@ -68,19 +60,6 @@ def _cnnflow(args: list[str], folder: Path, env: dict, timeout: float = 300) -> 
     folder.mkdir(parents=True, exist_ok=True)
     return subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", *args], cwd=folder, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL to a process and everything it started, each in its whole process group."""
-    try:
-        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for process in family:
-        try:
-            os.killpg(os.getpgid(process.pid), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _client(cluster) -> MlflowClient:
@@ -117,7 +96,7 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_from_the_
     trainer = int(run.data.params["lease.1"].split()[1])  # the flow-run process: "host pid started token"
     worker = next(name for name, process in cluster["workers"].items()
                   if trainer in [child.pid for child in psutil.Process(process.pid).children(recursive=True)])
-    _kill_tree(cluster["workers"][worker].pid)
+    kill_tree(cluster["workers"][worker].pid)
     shutil.rmtree(Path(run.data.tags["output_dir"]).parents[2])  # its temporary folder: as if another machine
     time.sleep(1)
     epochs_before = len(client.get_metric_history(run.info.run_id, "loss"))

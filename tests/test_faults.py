@@ -192,7 +192,7 @@ def test_bad_data_fails_the_flow_before_an_mlflow_run_exists(prefect_harness, ml
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels)
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: label 200 at position 0"):
         train_flow("mnist", tiny_overrides(folder))
-    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert store.training_runs() == []
 
 
 @pytest.mark.parametrize("mode", ["under Prefect", "in process"])
@@ -247,7 +247,7 @@ def test_a_diverging_training_fails_is_not_registered_and_says_where(prefect_har
     with pytest.raises(RunError, match=r"training diverged: the loss became .* in epoch 1 \(batch \d\) at learning "
                                        r"rate 1e\+30; the run is FAILED and not registered"):
         train_flow("mnist", overrides)
-    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    [run] = store.training_runs()
     assert run.info.status == "FAILED"
     assert MlflowClient().search_registered_models() == []
     assert read_checkpoint(run.data.tags["output_dir"]) is None  # no checkpoint of garbage weights to resume
@@ -269,7 +269,7 @@ def _crashed_run(idx: Path, monkeypatch, epochs_done: int = 3) -> tuple[list[str
         patch.setattr(EpochProgress, "on_epoch_end", power_cut)
         with pytest.raises(RuntimeError, match="power cut"):
             train_flow("mnist", overrides)
-    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    [run] = store.training_runs()
     return overrides, run.info.run_id, Path(run.data.tags["output_dir"])
 
 
@@ -501,7 +501,7 @@ def test_a_resume_aimed_at_a_run_in_training_is_refused_and_names_resume_false(p
                                        f"training it.*resume=false"):
         train_flow("mnist", overrides)
     assert MlflowClient().get_run(run_id).info.status == "FAILED"
-    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1
+    assert len(store.training_runs()) == 1
 
 
 # ----------------------------------------------------------------------- signals, real processes

@@ -1,0 +1,31 @@
+"""The callbacks every training gets, on a real (tiny) Keras model."""
+
+from __future__ import annotations
+
+import keras
+import pytest
+
+from cnnflow.components.callbacks import StopOnDivergence
+
+
+def _watching(divergence: StopOnDivergence) -> StopOnDivergence:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    divergence.set_model(model)
+    divergence.on_epoch_begin(0)
+    return divergence
+
+
+@pytest.mark.parametrize("first_loss, losses, diverged_at", [
+    (None, [2.3, 1.0, 2400.0], 3),         # a fresh training: 1000x its first batch's loss
+    (None, [2.3, float("nan")], 2),        # NaN at once
+    (0.4, [2e-6, 1.8e-4, 3e-3], None),     # resumed near convergence: noise around 0 is no divergence
+    (0.4, [2e-6, 401.0], 2),               # ... but 1000x its first epoch's loss is
+    (None, [1e-6, 5e-3, 9.0], None),       # a warm start from ~0: the scale never drops below 0.01
+    (None, [1e-6, 11.0], 2),
+])
+def test_divergence_is_growth_against_the_trainings_first_loss(first_loss, losses, diverged_at):
+    divergence = _watching(StopOnDivergence(1000, first_loss=first_loss))
+    for batch, loss in enumerate(losses):
+        divergence.on_train_batch_end(batch, {"loss": loss})
+    assert (divergence.diverged or {}).get("batch") == diverged_at

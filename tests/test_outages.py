@@ -1,0 +1,130 @@
+"""Outages of a real MLflow tracking server during a training (marked `cluster`; run by .ci/run after
+the default suite): the server is stopped for real and started again on the same port and store.
+A short outage is ridden out: the training goes on, says when the outage starts and ends, and every
+epoch's metrics reach the run once, in order. An outage past train.outage_timeout ends the training
+in one line with exit code 5, its run neither FAILED nor lost, and the same command resumes it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import free_port, kill_tree, start_server, tiny_overrides, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+class TrackingServer:
+    """`mlflow server` with its own SQLite store and artifact folder, stopped and started at will."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        self.process = start_server(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
+             str(self.root / "artifacts"), "--workers", "1"], f"{self.uri}/health", env, self.root / "mlflow.log")
+
+    def stop(self) -> None:
+        kill_tree(self.process.pid)
+        self.process.wait()
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    server = TrackingServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _train(folder: Path, server: TrackingServer, overrides: list[str]) -> subprocess.Popen:
+    folder.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_"))}
+    env.update(MLFLOW_TRACKING_URI=server.uri, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "train", "experiment=mnist", *overrides],
+                            cwd=folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _the_run(server: TrackingServer):
+    client = MlflowClient(tracking_uri=server.uri)
+    experiment = client.get_experiment_by_name("mnist")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return runs[0] if runs else None
+
+
+def _wait_for_epochs(server: TrackingServer, count: int, process: subprocess.Popen) -> str:
+    """The run's id once `count` epochs of it are in the store."""
+    def logged():
+        assert process.poll() is None, process.stdout.read()
+        run = _the_run(server)
+        return run and len(_epochs_logged(server, run.info.run_id)) >= count
+
+    wait_until(logged, 240, f"{count} epochs in the run")
+    return _the_run(server).info.run_id
+
+
+def _epochs_logged(server: TrackingServer, run_id: str) -> list[int]:
+    return [m.step for m in MlflowClient(tracking_uri=server.uri).get_metric_history(run_id, "loss")]
+
+
+def _finish(process: subprocess.Popen, timeout: float) -> str:
+    try:
+        return process.communicate(timeout=timeout)[0]
+    finally:
+        kill_tree(process.pid)
+
+
+def test_a_tracking_server_down_for_half_a_minute_is_ridden_out(tracking_server, tmp_path, idx_folder):
+    epochs = 60
+    process = _train(tmp_path / "user", tracking_server,
+                     tiny_overrides(idx_folder, epochs=epochs) + ["plots={}", "train.checkpoint_every=10"])
+    run_id = _wait_for_epochs(tracking_server, 2, process)
+    tracking_server.stop()
+    time.sleep(30)
+    assert process.poll() is None  # trained on
+    tracking_server.start()
+    out = _finish(process, 600)
+    assert process.returncode == 0, out
+    assert out.count("fails: it is unreachable. Training goes on") == 1, out
+    assert out.count("answers again after") == 1, out
+    assert _epochs_logged(tracking_server, run_id) == list(range(1, epochs + 1))  # each once, in order
+    run = MlflowClient(tracking_uri=tracking_server.uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert any(key.startswith("system/") for key in run.data.metrics)
+
+
+def test_an_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(tracking_server, tmp_path, idx_folder):
+    epochs = 40
+    overrides = tiny_overrides(idx_folder, epochs=epochs) + ["plots={}", "train.outage_timeout=5"]
+    process = _train(tmp_path / "user", tracking_server, overrides)
+    run_id = _wait_for_epochs(tracking_server, 2, process)
+    tracking_server.stop()
+    stopped = time.monotonic()
+    out = _finish(process, 120)
+    assert process.returncode == 5, out
+    assert time.monotonic() - stopped < 60
+    assert "Traceback" not in out
+    assert out.strip().splitlines()[-1].startswith(f"cnnflow: error: the MLflow store {tracking_server.uri} has failed "
+                                                    f"for "), out
+    assert "longer than train.outage_timeout=5" in out.strip().splitlines()[-1]
+
+    tracking_server.start()
+    assert _the_run(tracking_server).info.status == "RUNNING"  # not FAILED: it is resumable
+    again = _train(tmp_path / "user", tracking_server, overrides)  # the same command
+    out = _finish(again, 600)
+    assert again.returncode == 0, out
+    assert f"resuming MLflow run {run_id} after epoch" in out
+    assert _epochs_logged(tracking_server, run_id) == list(range(1, epochs + 1))  # what the store missed, logged again
+    assert MlflowClient(tracking_uri=tracking_server.uri).get_run(run_id).info.status == "FINISHED"
