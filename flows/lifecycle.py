@@ -24,7 +24,7 @@ from typing import Any
 
 from cnnflow.components.errors import RunError
 from cnnflow.flows.config import flatten
-from cnnflow.flows.outbox import Outbox, ServerOutage, Write
+from cnnflow.flows.outbox import Outbox, Write
 from cnnflow.flows.store import LOCKS_EXPERIMENT, code_version, experiment_id, run_folder, set_tags, store_lock
 
 # What a continuation may not change: it would no longer be the same training.
@@ -162,10 +162,14 @@ def writer(run_id: str) -> Outbox:
     return _held[run_id]
 
 
+_LOCK_STALE_SECONDS = 120.0  # a lock whose holder on another machine has not beaten for this long is free
+
+
 @contextlib.contextmanager
 def store_wide_lock(purpose: str, wait: float = 120.0):
-    """Held by one thread of one process at a time, among all that share the MLflow store."""
-    lease = Lease(_lock_run(purpose), timeout=wait)
+    """Held by one thread of one process at a time, among all that share the MLflow store; waits up
+    to `wait` seconds for it."""
+    lease = Lease(_lock_run(purpose), timeout=_LOCK_STALE_SECONDS)
     deadline = time.monotonic() + wait
     while True:
         try:

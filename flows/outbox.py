@@ -21,6 +21,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ def outage_reason(error: BaseException) -> str:
     lowered = text.lower()
     if "no space left" in lowered or "disk is full" in lowered or "errno 28" in lowered:
         return "its disk is full"
-    if "too many 50" in lowered or "error responses" in lowered or " 50" in text[:200] and "status" in lowered:
-        return "it answers HTTP 5xx (a failing server, or its artifact store full or unwritable: see its log)"
+    status = re.search(r"too many (5\d\d) error responses|error code (5\d\d)|\b(5\d\d) (?:server|internal)", lowered)
+    if status:
+        code = next(group for group in status.groups() if group)
+        return f"it answers HTTP {code} (a failing server, or its artifact store full or unwritable: see its log)"
     if "timed out" in lowered or "timeout" in lowered:
         return "it does not answer (timeout)"
     if "connection refused" in lowered or "failed to establish" in lowered or "max retries" in lowered \

@@ -1,0 +1,74 @@
+"""The one writer into a training's run (flows/outbox.py) against a real SQLite store: writes arrive
+in order, a newer checkpoint makes older waiting ones moot, a displaced holder drops what it has not
+sent, and outages are named as an operator reads them. Real server outages: tests/test_outages.py."""
+
+from __future__ import annotations
+
+import threading
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from cnnflow.flows.lifecycle import Lease
+from cnnflow.flows.outbox import Displaced, Outbox, Write, outage_reason
+
+
+@pytest.fixture
+def leased_run(mlflow_store):
+    with mlflow.start_run() as run:
+        pass
+    lease = Lease(run.info.run_id, 120)
+    lease.acquire(heartbeats=False)
+    yield lease
+    lease.release()
+
+
+def test_metrics_arrive_in_step_order_and_a_newer_checkpoint_makes_older_waiting_ones_moot(leased_run):
+    outbox = Outbox(leased_run, outage_timeout=60)
+    on_the_wire, gate, sent, dropped = threading.Event(), threading.Event(), [], []
+
+    def checkpoint(epoch):
+        def send(confirm):
+            on_the_wire.set()
+            gate.wait(30)  # the first upload is on the wire while the others queue behind it
+            sent.append(epoch)
+        return Write(f"checkpoint of epoch {epoch}", send, kind="checkpoint", discard=lambda: dropped.append(epoch))
+
+    outbox.put(checkpoint(1))
+    assert on_the_wire.wait(30)
+    for step in range(1, 6):
+        outbox.metrics({"loss": 1.0 / step}, step)
+    outbox.put(checkpoint(2))
+    outbox.put(checkpoint(3))
+    gate.set()
+    outbox.flush()
+    outbox.close()
+    assert sent == [1, 3] and dropped == [2]  # epoch 1 was on the wire; 2 was overtaken by 3
+    history = MlflowClient().get_metric_history(leased_run.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5]
+
+
+def test_a_displaced_holder_drops_what_it_has_not_sent_and_says_so_at_its_next_check(leased_run):
+    outbox = Outbox(leased_run, outage_timeout=60)
+    MlflowClient().log_param(leased_run.run_id, f"lease.{leased_run.generation + 1}", "gpu-7 4242 0.00 feedc0de")
+    outbox.metrics({"loss": 0.5}, 1)
+    with pytest.raises(Displaced, match="was taken over by another process"):
+        outbox.flush()
+    outbox.close()
+    assert MlflowClient().get_metric_history(leased_run.run_id, "loss") == []
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("API request to http://h:5000/api/2.0/mlflow-artifacts/artifacts/1/model.keras failed with exception "
+     "HTTPConnectionPool(host='h', port=5000): Max retries exceeded with url: /x (Caused by "
+     "ResponseError('too many 500 error responses'))", "it answers HTTP 500"),
+    ("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with error code 503 != 200. Response body: ''",
+     "it answers HTTP 503"),
+    ("HTTPConnectionPool(host='h', port=5000): Max retries exceeded with url: /api (Caused by NewConnectionError("
+     "'Failed to establish a new connection: [Errno 111] Connection refused'))", "it is unreachable"),
+    ("HTTPConnectionPool(host='h', port=5000): Read timed out. (read timeout=20)", "it does not answer (timeout)"),
+    ("(sqlite3.OperationalError) database or disk is full", "its disk is full"),
+])
+def test_an_outage_is_named_as_an_operator_reads_it(message, reason):
+    assert outage_reason(Exception(message)).startswith(reason)
