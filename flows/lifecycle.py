@@ -431,7 +431,9 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None, logger=None):
         finally:
             if outbox:
                 outbox.close()
-            if outbox and (outbox.lease.lost.is_set() or outbox.expired or outbox.in_outage):
+            # A finished training's status is written even in an outage (MLflow's own retries wait
+            # minutes for the store); a stopped one's is not, so Ctrl-C is not held up by a dead store.
+            if outbox and (outbox.lease.lost.is_set() or outbox.expired or (outbox.in_outage and status != "FINISHED")):
                 _leave_run()  # the run's status is its new holder's, or this one's once the store answers
             else:
                 _end_run(status)
