@@ -189,7 +189,8 @@ class Outbox:
                 if self._failed(error, attempt):
                     self._drop_all("the outage lasted too long")
                     return
-                if self._closing.wait(_RETRY_SECONDS[min(failures, len(_RETRY_SECONDS)) - 1]):
+                left = self.outage_timeout - (time.time() - self.outage_since)  # the bound is met, not overshot
+                if self._closing.wait(max(0.2, min(_RETRY_SECONDS[min(failures, len(_RETRY_SECONDS)) - 1], left + 0.1))):
                     continue
             finally:
                 with self._changed:
