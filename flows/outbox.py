@@ -135,12 +135,17 @@ class Outbox:
                 self._changed.wait(0.5)
         self.check()
 
-    def close(self) -> None:
-        """Stop the writer: what is queued is tried once more, not through an outage; joined."""
+    def close(self, wait: float = 60.0) -> None:
+        """Stop the writer: what is queued is tried once more, not through an outage. Joined for at
+        most `wait` seconds: a call stuck on a dead store (MLflow retries for minutes outside the
+        training) must not hold up the end of the command; the thread is a daemon."""
         self._closing.set()
         with self._changed:
             self._changed.notify_all()
-        self._thread.join()
+        self._thread.join(wait)
+        if self._thread.is_alive():
+            self.logger.warning(f"run {self.run_id}: the MLflow store did not answer the last write within {wait:g} s; "
+                                f"leaving it behind")
         self._stop_system_metrics()
 
     @property
