@@ -25,7 +25,8 @@ from typing import Any
 from cnnflow.components.errors import RunError
 from cnnflow.flows.config import flatten
 from cnnflow.flows.outbox import Outbox, Write
-from cnnflow.flows.store import LOCKS_EXPERIMENT, code_version, experiment_id, run_folder, set_tags, store_lock
+from cnnflow.flows.store import (LOCKS_EXPERIMENT, code_version, experiment_id, log_metrics, run_folder, set_tags,
+                                 store_lock)
 
 # What a continuation may not change: it would no longer be the same training.
 FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtime.precision")
@@ -233,7 +234,6 @@ def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, la
 
         def send(confirm) -> None:
             from mlflow import MlflowClient
-            from mlflow.entities import Metric
 
             slot, client = f"{CHECKPOINTS}/slot-{epoch % slots}", MlflowClient()
             began, cpu_began = time.perf_counter(), time.thread_time()
@@ -241,10 +241,9 @@ def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, la
             confirm()  # the state file commits the slot: never from a displaced holder
             client.log_artifact(outbox.run_id, str(staged / "state.json"), slot)
             # what a checkpoint costs: the part the epoch waits for, and this thread's wall and CPU time
-            now = int(time.time() * 1000)
-            costs = {"checkpoint_stage_seconds": staging_seconds, "checkpoint_upload_seconds": time.perf_counter() - began,
-                     "checkpoint_upload_cpu_seconds": time.thread_time() - cpu_began}
-            client.log_batch(outbox.run_id, metrics=[Metric(k, v, now, epoch) for k, v in costs.items()])
+            log_metrics(outbox.run_id, {"checkpoint_stage_seconds": staging_seconds,
+                                        "checkpoint_upload_seconds": time.perf_counter() - began,
+                                        "checkpoint_upload_cpu_seconds": time.thread_time() - cpu_began}, step=epoch)
             shutil.rmtree(staged, ignore_errors=True)
 
         outbox.put(Write(f"checkpoint of epoch {epoch}", send, kind="checkpoint",
