@@ -51,7 +51,8 @@ def tracking_server(tmp_path):
 def _train(folder: Path, server: TrackingServer, overrides: list[str]) -> subprocess.Popen:
     folder.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_"))}
-    env.update(MLFLOW_TRACKING_URI=server.uri, TF_CPP_MIN_LOG_LEVEL="2")
+    # a sample a second: MLflow's default (10 s) can outlast a tiny training and log no system metric
+    env.update(MLFLOW_TRACKING_URI=server.uri, TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "train", "experiment=mnist", *overrides],
                             cwd=folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
