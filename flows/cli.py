@@ -266,8 +266,10 @@ def run_on_pool(overrides: list[str], multirun: bool, pool: str, wait: bool = Tr
     for number, (job, flow_run) in enumerate(zip(jobs, ended), start=1):
         run = runs.get(str(number))
         ok = flow_run.state.is_completed() and run is not None and run.info.status == "FINISHED"
-        outcomes.append((job, "ok" if ok else "failed", run.info.run_id if ok else
-                         f"{flow_run.state.name}: {flow_run.state.message or ''}".strip()))
+        restarts = max(0, (flow_run.run_count or 1) - 1)
+        outcomes.append((job, "ok" if ok else "failed", (run.info.run_id if ok else
+                         f"{flow_run.state.name}: {flow_run.state.message or ''}".strip())
+                         + (f" ({restarts} restart{'s' * (restarts > 1)} after crashes)" if restarts else "")))
     return _summary(sweep_id, outcomes)
 
 

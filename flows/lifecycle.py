@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnflow.components.errors import RunError
+from cnnflow.flows import healing
 from cnnflow.flows.config import flatten
 from cnnflow.flows.outbox import Outbox, Write
 from cnnflow.flows.store import (LOCKS_EXPERIMENT, code_version, experiment_id, log_metrics, run_folder, set_tags,
@@ -33,12 +34,16 @@ FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtim
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-    """Identity of a training's settings (tags and the spelling of overrides aside)."""
-    identity = {key: value for key, value in cfg.items() if key not in ("tags", "overrides", "resume")}
+    """Identity of a training's settings (tags, the spelling of overrides and how jobs run aside)."""
+    identity = {key: value for key, value in cfg.items() if key not in ("tags", "overrides", "resume", "jobs")}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------- the lease
+
+class HeldElsewhere(RunError):
+    """The run's lease has a live holder."""
+
 
 class Lease:
     """One trainer per run, across machines that share only the MLflow store.
@@ -77,7 +82,7 @@ class Lease:
         generation, holder, tags = self._newest()
         live = holder and self._live(generation, holder, tags)
         if live:
-            raise RunError(f"{live} is training run {self.run_id}; wait for it to end, or stop it first")
+            raise HeldElsewhere(f"{live} is training run {self.run_id}; wait for it to end, or stop it first")
         try:
             MlflowClient().log_param(self.run_id, f"lease.{generation + 1}", self.me)
         except MlflowException:  # another process wrote this generation first
@@ -246,7 +251,7 @@ def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, la
                                         "checkpoint_upload_cpu_seconds": time.thread_time() - cpu_began}, step=epoch)
             shutil.rmtree(staged, ignore_errors=True)
 
-        outbox.put(Write(f"checkpoint of epoch {epoch}", send, kind="checkpoint",
+        outbox.put(Write(f"checkpoint of epoch {epoch}", send, kind="checkpoint", epoch=epoch,
                          discard=lambda: shutil.rmtree(staged, ignore_errors=True)))
 
     return submit
@@ -347,7 +352,7 @@ def find_unfinished(cfg: dict[str, Any], logger) -> tuple[str | None, dict | Non
         run_id = run.info.run_id
         holder = Lease(run_id, cfg["train"]["lease_timeout"]).holder()
         if holder:
-            raise RunError(f"run {run_id} has these settings and {holder} is training it; wait for it to end (this "
+            raise HeldElsewhere(f"run {run_id} has these settings and {holder} is training it; wait for it to end (this "
                            f"command then resumes or finds it done), or add resume=false to start a separate run")
         checkpoint, skipped = newest_checkpoint(run_id, run_folder(run_id, cfg), logger)
         if checkpoint:
@@ -376,11 +381,26 @@ def claimed_run(cfg: dict[str, Any], logger):
     separate run."""
     experiment = cfg.get("mlflow_experiment") or cfg["experiment"]
     experiment_id(cfg)  # made first: the experiment ids a team knows are not taken by the lock's
-    # one lock per experiment, not per settings: a handful of bookkeeping runs, not one per training
+    restart = healing.restart_number()
+    if restart:
+        healing.wait_before_restart(restart, logger)
+    # a crashed job's lease lapses a lease_timeout after its last heartbeat: a restart waits for it
+    patience = time.monotonic() + (cfg["train"]["lease_timeout"] + 30 if restart else 0)
     with contextlib.ExitStack() as stack:
-        with (store_wide_lock(f"start {experiment}", wait=_START_WAIT) if cfg["resume"] else contextlib.nullcontext()):
-            run_id, checkpoint = find_unfinished(cfg, logger) if cfg["resume"] else (None, None)
-            run_id, output_dir = stack.enter_context(tracked_run(cfg, run_id, logger))
+        while True:
+            try:  # one lock per experiment, not per settings: a handful of bookkeeping runs, not one per training
+                with (store_wide_lock(f"start {experiment}", wait=_START_WAIT) if cfg["resume"]
+                      else contextlib.nullcontext()):
+                    run_id, checkpoint = find_unfinished(cfg, logger) if cfg["resume"] else (None, None)
+                    run_id, output_dir = stack.enter_context(tracked_run(cfg, run_id, logger))
+                break
+            except HeldElsewhere as held:
+                if time.monotonic() > patience:
+                    raise
+                logger.info(f"{held}; waiting for its lease to lapse")
+                time.sleep(10)
+        if restart and checkpoint:
+            healing.record_restart(run_id, checkpoint["epoch"], restart)
         yield run_id, output_dir, checkpoint
 
 

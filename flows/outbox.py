@@ -45,8 +45,9 @@ class Displaced(RunError):
 class Write:
     what: str  # as messages name it: "metrics of epoch 3"
     send: Callable[[Callable[[], None]], None]  # called with `confirm`, to call between its parts
-    kind: str = "write"
+    kind: str = "write"  # "checkpoint" and "metrics" carry the epoch they are of
     discard: Callable[[], None] = lambda: None  # when dropped unsent
+    epoch: int = 0
 
 
 def outage_reason(error: BaseException) -> str:
@@ -87,7 +88,9 @@ class Outbox:
         self._reason = ""
         self._kept_during_outage = 0
         self._pending: collections.deque[Write] = collections.deque()
-        self._sending = False
+        self._durable_epoch = 0  # the newest checkpoint in the store
+        self._flushing = False
+        self._sending = None
         self._changed = threading.Condition()
         self._closing = threading.Event()
         self._monitor = None
@@ -103,20 +106,23 @@ class Outbox:
                 write.discard()
                 return
             if write.kind == "checkpoint":
-                on_the_wire = self._pending[0] if self._sending and self._pending else None
-                for older in [w for w in self._pending if w.kind == "checkpoint" and w is not on_the_wire]:
+                for older in [w for w in self._pending if w.kind == "checkpoint" and w is not self._sending]:
                     self._pending.remove(older)
                     older.discard()
             self._pending.append(write)
             self._changed.notify_all()
 
-    def metrics(self, metrics: dict[str, float], step: int, what: str | None = None) -> None:
+    def metrics(self, metrics: dict[str, float], epoch: int) -> None:
+        """An epoch's metrics (epoch 0: before the first). They wait for a checkpoint of that epoch or a
+        later one to reach the store (or for `flush`): a training killed before it resumes from an
+        earlier checkpoint and logs that epoch again, so MLflow would hold it twice."""
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(name, float(value), now, step) for name, value in metrics.items()]
-        self.put(Write(what or f"metrics of step {step}", lambda confirm: MlflowClient().log_batch(self.run_id, metrics=batch)))
+        batch = [Metric(name, float(value), now, epoch) for name, value in metrics.items()]
+        self.put(Write(f"metrics of epoch {epoch}", lambda confirm: MlflowClient().log_batch(self.run_id, metrics=batch),
+                       kind="metrics", epoch=epoch))
 
     def check(self) -> None:
         """Raise what stops the training: the run taken over by another process, or an outage past
@@ -128,8 +134,11 @@ class Outbox:
             raise ServerOutage(self.expired)
 
     def flush(self) -> None:
-        """Wait until everything queued is delivered (bounded by train.outage_timeout), or raise why not."""
+        """Wait until everything queued is delivered (bounded by train.outage_timeout), or raise why not.
+        The training has ended: metrics waiting for a checkpoint go too."""
         with self._changed:
+            self._flushing = True
+            self._changed.notify_all()
             while self._pending or self._sending:
                 self.check()
                 self._changed.wait(0.5)
@@ -160,13 +169,12 @@ class Outbox:
         self._start_system_metrics()
         while True:
             with self._changed:
-                while not self._pending and not self._closing.is_set() and time.time() < next_beat:
+                while self._next() is None and not self._closing.is_set() and time.time() < next_beat:
                     self._changed.wait(next_beat - time.time())
-                if self._closing.is_set() and (not self._pending or failures):
+                if self._closing.is_set() and (self._next() is None or failures):
                     self._drop_all("the training ended")
                     return
-                write = self._pending[0] if self._pending else None
-                self._sending = write is not None
+                write = self._sending = self._next()
             attempt = time.time()
             try:
                 self._confirm()
@@ -180,6 +188,8 @@ class Outbox:
                 if write:
                     with self._changed:
                         self._pending.remove(write)
+                        if write.kind == "checkpoint":
+                            self._durable_epoch = max(self._durable_epoch, write.epoch)
             except Displaced:
                 self._drop_all("another process holds the run now")
                 return
@@ -199,8 +209,13 @@ class Outbox:
                     continue
             finally:
                 with self._changed:
-                    self._sending = False
+                    self._sending = None
                     self._changed.notify_all()
+
+    def _next(self) -> Write | None:
+        """The first queued write that may go now: metrics wait for their epoch's checkpoint."""
+        return next((write for write in self._pending if self._flushing or write.kind != "metrics"
+                     or write.epoch <= self._durable_epoch), None)
 
     def _confirm(self) -> None:
         if not self.lease.confirm():

@@ -13,9 +13,12 @@ given to `deploy`, which workers elsewhere must reach: a tracking server.
 
 from __future__ import annotations
 
+import os
+
 from cnnflow.components.errors import DataError, InfrastructureError
 from cnnflow.flows.config import compose_config, fields_of, with_fields
 from cnnflow.flows.engine import configured_api_url
+from cnnflow.flows.healing import RESUMABLE_TAG, install_automations, job_environment
 
 DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain")
 
@@ -51,7 +54,7 @@ def deployments(experiment: str, overrides: list[str], pool: str | None = None) 
     fields, rest = fields_of(overrides)
     made = [
         train_flow.to_deployment(names["train"], parameters={"experiment": experiment, **fields, "overrides": rest},
-                                 entrypoint_type=module, tags=tags,
+                                 entrypoint_type=module, tags=tags + [RESUMABLE_TAG],
                                  description="Train a model: choose a recipe, change the fields you need (None: the "
                                              "recipe's value), anything else as key=value overrides. One MLflow run."),
         continue_flow.to_deployment(names["continue"], entrypoint_type=module, tags=tags,
@@ -63,7 +66,7 @@ def deployments(experiment: str, overrides: list[str], pool: str | None = None) 
         retrain_flow.to_deployment(names["retrain"],
                                    parameters={"experiment": experiment,
                                                **{k: v for k, v in fields.items() if k != "train_size"}, "overrides": rest},
-                                   cron=cfg["retrain"]["cron"], entrypoint_type=module, tags=tags + ["schedule"],
+                                   cron=cfg["retrain"]["cron"], entrypoint_type=module, tags=tags + ["schedule", RESUMABLE_TAG],
                                    description=f"Retrain {schedule_name(cfg)} on growing subsets "
                                                f"{cfg['retrain']['sizes']}, promoting only improvements."),
     ]
@@ -91,6 +94,9 @@ def serve_all(experiment: str, overrides: list[str]) -> None:
         raise InfrastructureError(
             "cnnflow serve needs a Prefect server: start one with `prefect server start`, then "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)")
+    jobs = compose_config(experiment, overrides)["jobs"]
+    install_automations(jobs)
+    os.environ.update(job_environment(jobs))  # the runs are this process's children
     serve(*deployments(experiment, overrides), pause_on_shutdown=False)
 
 
@@ -108,7 +114,8 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
     from cnnflow.flows import store
 
     _needs_pool_server("cnnflow deploy")
-    uri = store.absolute(store.use_store(compose_config(experiment, overrides)))
+    cfg = compose_config(experiment, overrides)
+    uri = store.absolute(store.use_store(cfg))
     if not uri.startswith(("http://", "https://")):
         logging.getLogger("cnnflow").warning(
             f"the MLflow store is {uri}: only workers on this machine reach it; for workers elsewhere, start an "
@@ -119,9 +126,10 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process",
                                                    base_job_template=ProcessWorker.get_default_base_job_template()))
+    install_automations(cfg["jobs"])
     names = []
     for deployment in deployments(experiment, overrides, pool=pool):
-        deployment.job_variables = {"env": {"MLFLOW_TRACKING_URI": uri}}
+        deployment.job_variables = {"env": {"MLFLOW_TRACKING_URI": uri, **job_environment(cfg["jobs"])}}
         deployment.apply(work_pool_name=pool)
         names.append(f"{deployment.flow_name}/{deployment.name}")
     return names
@@ -158,15 +166,32 @@ def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:
     return [run_deployment(name, parameters=parameters, timeout=0, as_subflow=False) for parameters in planned]
 
 
+_RESUBMIT_GRACE = 60.0  # seconds a crashed run may wait for the resubmitting automation before it counts as ended
+
+
 def finished(flow_runs: list, every: float = 5.0) -> list:
-    """The flow runs once each is in a final state (completed, failed, crashed, cancelled)."""
+    """The flow runs once each has ended: completed, failed, cancelled, or crashed and not resubmitted
+    (flows/healing.py); said once per restart as it happens."""
     import time
+    from datetime import datetime, timezone
 
     from prefect import get_client
 
+    def ended(run) -> bool:
+        if not (run.state and run.state.is_final()):
+            return False
+        waited = (datetime.now(timezone.utc) - run.state.timestamp).total_seconds()
+        return not run.state.is_crashed() or waited > _RESUBMIT_GRACE
+
+    crashes = {}
     with get_client(sync_client=True) as client:
         while True:
             current = [client.read_flow_run(run.id) for run in flow_runs]
-            if all(run.state and run.state.is_final() for run in current):
+            for run in current:
+                if run.state and run.state.is_crashed() and crashes.get(run.id) != run.run_count:
+                    crashes[run.id] = run.run_count
+                    print(f"flow run {run.name} crashed ({run.state.message or 'its process died'}); "
+                          f"resubmitted if it has restarts left", flush=True)
+            if all(ended(run) for run in current):
                 return current
             time.sleep(every)

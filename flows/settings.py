@@ -130,6 +130,11 @@ class Retrain(Section):
     warm_start: bool = False
 
 
+class Jobs(Section):
+    crash_after: Annotated[float, Interval(ge=60, le=86400), Field(description="seconds, at least 60, like 300")] = 300
+    restarts: Annotated[int, Interval(ge=0, le=100)] = 3
+
+
 class Runtime(Section):
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
     jit_compile: bool
@@ -150,6 +155,7 @@ class Settings(Section):
     resume: bool
     registry: Registry
     retrain: Retrain
+    jobs: Jobs
     runtime: Runtime
     data: Data
     model: Component

@@ -17,7 +17,7 @@ import mlflow
 
 from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError
-from cnnflow.flows import interrupts, lifecycle, outbox, promotion, report, runtime, settings, store
+from cnnflow.flows import healing, interrupts, lifecycle, outbox, promotion, report, runtime, settings, store
 from cnnflow.flows.config import Experiment, compose_config, with_fields
 from cnnflow.flows.engine import flow, run_logger, task
 
@@ -162,7 +162,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
 
     callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
     callbacks += [divergence, checkpoint, EpochProgress(epochs, run_logger(), cfg["data"]["batch_size"]),
-                  EpochMetrics(lambda metrics, step: writes.metrics(metrics, step, f"metrics of epoch {step}")),
+                  EpochMetrics(writes.metrics),
                   keras.callbacks.LambdaCallback(on_train_batch_end=between_batches)]
     needs = cache_needs(cfg["data"], split)
     kept = caching.plan(cfg["data"], needs)
@@ -380,6 +380,10 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
         logger.warning(f"settings the chosen components do not read (others of their kind do): {', '.join(unused)}")
     uri = store.use_store(cfg)
     features = load_data(cfg["data"])  # bad data files stop here, before any run exists
+    finished = healing.finished_run() if healing.restart_number() else None
+    if finished:
+        logger.info(f"done: run {finished} had finished before this job crashed")
+        return finished
     with lifecycle.claimed_run(cfg, logger) as (run_id, output_dir, checkpoint):
         if checkpoint:
             logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}; outputs in {output_dir} "

@@ -38,7 +38,8 @@ def cluster(tmp_path_factory):
                 f"http://127.0.0.1:{prefect_port}/api/health", env, root / "prefect.log"),
     ]
     client_env = dict(env, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}")
-    deployed = _cnnflow(["deploy", "--pool", "box"], root / "deployer", client_env)
+    # a dead worker's run is Crashed a minute after its last heartbeat (default 5 minutes)
+    deployed = _cnnflow(["deploy", "--pool", "box", "jobs.crash_after=60"], root / "deployer", client_env)
     assert deployed.returncode == 0, deployed.stdout
     workers = {name: _worker(name, root, env) for name in ("w1", "w2")}
     yield {"root": root, "env": client_env, "workers": workers, "worker_env": env}
@@ -79,15 +80,18 @@ def test_a_sweep_on_a_pool_runs_one_job_on_each_worker(cluster):
     assert [sum(f"done: run {run_id}" in log for run_id in run_ids) for log in logs] == [1, 1]  # one each
 
 
-def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_from_the_artifact_store(cluster):
-    job = ["--pool", "box", "seed=5", "train.epochs=12"]
-    submitted = _cnnflow(["train", "--no-wait", *job], cluster["root"] / "user", cluster["env"])
-    assert submitted.returncode == 0, submitted.stdout
-    sweep = submitted.stdout.split("[sweep ")[1].split("]")[0]
+def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself(cluster):
+    """Nobody resubmits: Prefect hears no heartbeat, marks the run Crashed, resubmits it (flows/healing.py),
+    and the other worker resumes it from the artifact store; the waiting command reports one job."""
+    user = cluster["root"] / "user"
+    user.mkdir(exist_ok=True)
+    waiting = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "train", "--pool", "box", "seed=5",
+                                "train.epochs=12"], cwd=user, env=cluster["env"], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     client = _client(cluster)
 
     def uploaded_checkpoint():
-        runs = client.search_runs(["1"], filter_string=f"tags.sweep = '{sweep}'")
+        runs = client.search_runs(["1"], filter_string="tags.seed = '5'")
         history = client.get_metric_history(runs[0].info.run_id, "checkpoint_upload_seconds") if runs else []
         return runs[0] if any(m.step >= 2 for m in history) else None
 
@@ -96,21 +100,23 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_from_the_
     trainer = int(run.data.params["lease.1"].split()[1])  # the flow-run process: "host pid started token"
     worker = next(name for name, process in cluster["workers"].items()
                   if trainer in [child.pid for child in psutil.Process(process.pid).children(recursive=True)])
-    kill_tree(cluster["workers"][worker].pid)
+    kill_tree(cluster["workers"][worker].pid)  # the worker and its training: a machine gone
     shutil.rmtree(Path(run.data.tags["output_dir"]).parents[2])  # its temporary folder: as if another machine
     time.sleep(1)
     epochs_before = len(client.get_metric_history(run.info.run_id, "loss"))
     assert 2 <= epochs_before < 12
 
-    resumed = _cnnflow(["train", *job], cluster["root"] / "user", cluster["env"])  # the same job again
-    assert resumed.returncode == 0, resumed.stdout
-    assert f"run {run.info.run_id}" in resumed.stdout  # the same MLflow run, finished by the other worker
+    out, _ = waiting.communicate(timeout=600)
+    assert waiting.returncode == 0, out
+    assert "1/1 jobs succeeded" in out and f"run {run.info.run_id} (1 restart after crashes)" in out, out
+    assert out.count("crashed (cnnflow: no heartbeat for 60 s)") == 1, out
     other = "w2" if worker == "w1" else "w1"
     log = (cluster["root"] / f"{other}.log").read_text()
+    assert "restart 1 of this job after a crash" in log
     assert f"resuming MLflow run {run.info.run_id} after epoch" in log
-    assert "in the artifact store" in log or "resuming" in log
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == list(range(1, 13))
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["restarts"] == "1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))  # each once
     cluster["workers"][worker] = _worker(worker, cluster["root"], cluster["worker_env"])  # as it was
 
 

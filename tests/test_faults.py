@@ -89,6 +89,8 @@ BAD_SETTINGS = [
     ("train.checkpoint_slots=1", "train.checkpoint_slots=1: should be greater than or equal to 2"),
     ("train.lease_timeout=5", "train.lease_timeout=5: should be seconds, at least 10, like 120"),
     ("train.outage_timeout=1", "train.outage_timeout=1: should be seconds, at least 5, like 600"),
+    ("jobs.crash_after=30", "jobs.crash_after=30: should be seconds, at least 60, like 300"),
+    ("jobs.restarts=-1", "jobs.restarts=-1: should be greater than or equal to 0"),
     ("train.test=maybe", "train.test='maybe': should be a valid boolean"),
     ("+train.callbacks.stop={name: early_stopping, patience: -1}", "train.callbacks.stop.patience=-1"),
     ("model.dropout_rate=1.5", "model.dropout_rate=1.5: should be less than 1"),

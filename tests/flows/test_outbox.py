@@ -33,7 +33,8 @@ def test_metrics_arrive_in_step_order_and_a_newer_checkpoint_makes_older_waiting
             on_the_wire.set()
             gate.wait(30)  # the first upload is on the wire while the others queue behind it
             sent.append(epoch)
-        return Write(f"checkpoint of epoch {epoch}", send, kind="checkpoint", discard=lambda: dropped.append(epoch))
+        return Write(f"checkpoint of epoch {epoch}", send, kind="checkpoint", discard=lambda: dropped.append(epoch),
+                     epoch=epoch)
 
     outbox.put(checkpoint(1))
     assert on_the_wire.wait(30)
@@ -47,6 +48,27 @@ def test_metrics_arrive_in_step_order_and_a_newer_checkpoint_makes_older_waiting
     assert sent == [1, 3] and dropped == [2]  # epoch 1 was on the wire; 2 was overtaken by 3
     history = MlflowClient().get_metric_history(leased_run.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5]
+
+
+def test_an_epochs_metrics_reach_the_store_after_a_checkpoint_of_it_so_a_resume_never_logs_one_twice(leased_run):
+    outbox = Outbox(leased_run, outage_timeout=60)
+    seen_by_checkpoint, sent = {}, threading.Event()
+
+    def checkpoint(epoch):
+        def send(confirm):
+            seen_by_checkpoint[epoch] = [m.step for m in MlflowClient().get_metric_history(leased_run.run_id, "loss")]
+            sent.set()
+        return Write(f"checkpoint of epoch {epoch}", send, kind="checkpoint", epoch=epoch)
+
+    for epoch in (1, 2):
+        outbox.metrics({"loss": 1.0 / epoch}, epoch)
+    outbox.put(checkpoint(1))
+    assert sent.wait(30)  # else checkpoint 2 would make it moot
+    outbox.put(checkpoint(2))
+    outbox.metrics({"loss": 0.3}, 3)  # killed before its checkpoint: a resume trains epoch 3 again
+    outbox.close()
+    assert seen_by_checkpoint == {1: [], 2: [1]}
+    assert [m.step for m in MlflowClient().get_metric_history(leased_run.run_id, "loss")] == [1, 2]
 
 
 def test_a_displaced_holder_drops_what_it_has_not_sent_and_says_so_at_its_next_check(leased_run):
