@@ -74,9 +74,13 @@ def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> Non
     """A table artifact (predictions, a sweep's jobs); outside a flow run too, under a server."""
     if not engine.recording() or not engine.configured_api_url():
         return
+    import warnings
+
     from prefect.artifacts import create_table_artifact
 
-    create_table_artifact(rows, key=_key(key), description=description)
+    with warnings.catch_warnings():  # Prefect 3.9 warns it may stop taking artifacts made outside a run
+        warnings.simplefilter("ignore", FutureWarning)
+        create_table_artifact(rows, key=_key(key), description=description)
 
 
 def _figure(path: Path, title: str) -> str:

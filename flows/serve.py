@@ -171,7 +171,7 @@ _RESUBMIT_GRACE = 60.0  # seconds a crashed run may wait for the resubmitting au
 
 def finished(flow_runs: list, every: float = 5.0) -> list:
     """The flow runs once each has ended: completed, failed, cancelled, or crashed and not resubmitted
-    (flows/healing.py); said once per restart as it happens."""
+    (flows/healing.py); each restart is said as it starts."""
     import time
     from datetime import datetime, timezone
 
@@ -183,15 +183,14 @@ def finished(flow_runs: list, every: float = 5.0) -> list:
         waited = (datetime.now(timezone.utc) - run.state.timestamp).total_seconds()
         return not run.state.is_crashed() or waited > _RESUBMIT_GRACE
 
-    crashes = {}
+    attempts = {run.id: 1 for run in flow_runs}
     with get_client(sync_client=True) as client:
         while True:
             current = [client.read_flow_run(run.id) for run in flow_runs]
             for run in current:
-                if run.state and run.state.is_crashed() and crashes.get(run.id) != run.run_count:
-                    crashes[run.id] = run.run_count
-                    print(f"flow run {run.name} crashed ({run.state.message or 'its process died'}); "
-                          f"resubmitted if it has restarts left", flush=True)
+                if run.run_count > attempts[run.id]:  # a crashed run resubmitted and running again
+                    attempts[run.id] = run.run_count
+                    print(f"flow run {run.name}: restart {run.run_count - 1} after a crash", flush=True)
             if all(ended(run) for run in current):
                 return current
             time.sleep(every)
