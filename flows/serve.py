@@ -9,6 +9,9 @@ process stops (`pause_on_shutdown=False`), so a restart resumes them.
 work pool; any machine with cnnflow installed runs them with `prefect worker start --pool NAME`
 (flows are found by module path: no image, no code storage). Their runs report to the MLflow store
 given to `deploy`, which workers elsewhere must reach: a tracking server.
+
+Both set up the automations that mark a dead worker's run Crashed and resubmit a crashed training
+(flows/healing.py, settings `jobs.*`).
 """
 
 from __future__ import annotations
