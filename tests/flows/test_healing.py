@@ -1,0 +1,40 @@
+"""Crashed jobs heal (flows/healing.py): the automations are made once and follow the settings, and a
+job that dies twice at one epoch is not resumed again. A dead worker's job marked Crashed,
+resubmitted and resumed for real: tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from cnnflow.components.errors import RunError
+from cnnflow.flows.healing import CRASH_AUTOMATION, RESUBMIT_AUTOMATION, install_automations, record_restart
+
+
+def test_the_automations_are_made_once_and_follow_the_settings(prefect_harness):
+    from prefect import get_client
+
+    install_automations({"crash_after": 300, "restarts": 3})
+    install_automations({"crash_after": 120, "restarts": 2})
+    with get_client(sync_client=True) as client:
+        crash = client.read_automations_by_name(CRASH_AUTOMATION)
+        resubmit = client.read_automations_by_name(RESUBMIT_AUTOMATION)
+    assert len(crash) == 1 and len(resubmit) == 1
+    assert crash[0].trigger.within.total_seconds() == 120
+    assert crash[0].actions[0].message == "cnnflow: no heartbeat for 120 s"
+    # resubmitted while its run count (attempts so far) is at most 2: the third crash stays Crashed
+    assert sorted(resubmit[0].trigger.match.root["prefect.run-count"]) == ["0", "1", "2"]
+    install_automations({"crash_after": 120, "restarts": 0})
+    with get_client(sync_client=True) as client:
+        assert not client.read_automations_by_name(RESUBMIT_AUTOMATION)[0].enabled
+
+
+def test_a_job_that_dies_twice_at_one_epoch_is_not_resumed_again(mlflow_store):
+    with mlflow.start_run() as run:
+        pass
+    record_restart(run.info.run_id, 3, restart=1)
+    record_restart(run.info.run_id, 5, restart=2)  # progress since: resumed
+    with pytest.raises(RunError, match="crashed twice in a row at epoch 6"):
+        record_restart(run.info.run_id, 5, restart=3)
+    tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags["restart_epochs"] == "3,5" and tags["restarts"] == "2"
