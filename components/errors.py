@@ -44,6 +44,11 @@ class InfrastructureError(UserError):
     exit_code = 5
 
 
+class ServerOutage(InfrastructureError):
+    """A server a training needs (the MLflow store, the Prefect server) failed for longer than
+    train.outage_timeout; the training stops resumable, its run never marked FAILED for it."""
+
+
 class TransientError(InfrastructureError):
     """A failure that may pass by itself (connection reset, timeout, HTTP 5xx): tasks retry it."""
 

@@ -363,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cnnflow: {'interrupted' if exit_code(error) == 130 else 'terminated'} (a training keeps its last "
                   f"completed epoch: the same command resumes it)", file=sys.stderr)
             return exit_code(error)
+        from cnnflow.flows.engine import prefect_outage_raised
+
+        if outage := prefect_outage_raised():
+            print(f"cnnflow: error: {outage}", file=sys.stderr)
+            return exit_code(outage)
         if what := _disk_full(error):
             print(f"cnnflow: error: the disk is full: {what}; free space under {os.getcwd()} (or where "
                   f"MLFLOW_TRACKING_URI points), then the same command resumes", file=sys.stderr)
@@ -376,12 +381,13 @@ EXIT_GRACE_SECONDS = 10
 def run() -> None:
     """The `cnnflow` command: `main`, then exit with its code.
 
-    After a Ctrl-C or SIGTERM the exit is bounded: at interpreter exit Prefect's services drain what
-    they hold, and under a Prefect server one was seen to wait forever for work the signal had
-    interrupted (the process lived on after "cnnflow: terminated"). They get EXIT_GRACE_SECONDS.
+    After a Ctrl-C, SIGTERM or a server outage the exit is bounded: at interpreter exit Prefect's
+    services drain what they hold, and under a Prefect server one was seen to wait forever for work
+    the signal had interrupted (the process lived on after "cnnflow: terminated"), and with the
+    server gone each queued event takes seconds to fail. They get EXIT_GRACE_SECONDS.
     """
     code = main()
-    if code in (130, 143):
+    if code in (130, 143, 5):  # 5: a server outage, whose dropped events Prefect would try one by one
         _leave_after(EXIT_GRACE_SECONDS, code)
     sys.exit(code)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -108,7 +109,17 @@ class Step:
             from prefect.cache_policies import NONE
 
             options["cache_policy"] = NONE
-        return getattr(prefect, self.kind)(**options)(self.fn)
+
+        @functools.wraps(self.fn)
+        def then_reported(*args, **kwargs):  # its end state goes to a server that answers
+            result = self.fn(*args, **kwargs)
+            prefect_answers()
+            return result
+
+        # Prefect validates a flow's parameters against its signature, resolved in the wrapper's module:
+        # resolved here in the function's own
+        then_reported.__signature__ = inspect.signature(self.fn, eval_str=True)
+        return getattr(prefect, self.kind)(**options)(then_reported)
 
     def __getattr__(self, attribute: str):
         if attribute.startswith("__") or attribute == "prefect":  # not there: no detour through Prefect
@@ -120,6 +131,9 @@ class Step:
 
     def __call__(self, *args, **kwargs):
         if not _in_process.get():
+            if self.kind == "flow":
+                _one_line_per_prefect_outage()
+            prefect_answers()  # a run started into an outage would lose its states
             return self.prefect(*args, **kwargs)
         if self.kind == "flow":
             log.info(f"{self.name} flow runs in this process: no Prefect server is configured (set PREFECT_API_URL "
@@ -157,3 +171,104 @@ def _with_retries(step: Step, args: tuple, kwargs: dict):
             log.warning(f"{step.name} failed ({type(error).__name__}: {error}); retry {attempt + 1} of {retries} "
                         f"in {delay:g} s")
             time.sleep(delay)
+
+
+# ------------------------------------------------------------------ the Prefect server's outages
+# Prefect 3 sends task-run states and logs as they happen and drops what its server does not take;
+# a flow run's own state and artifacts need the server. So a step under a server starts and ends
+# only while the server answers: a training rides out an outage of the Prefect server as it rides
+# out the MLflow store's (flows/outbox.py), within train.outage_timeout.
+
+_outage = {"bound": 600.0, "since": None, "said": False}
+
+
+def bound_prefect_outages(seconds: float) -> None:
+    """How long a flow waits for the Prefect server (train.outage_timeout of the flow going on)."""
+    _outage["bound"] = float(seconds)
+
+
+def prefect_answers() -> None:
+    """Returns once the configured Prefect server answers (at once when it does, or when there is
+    none); raises ServerOutage when it has not answered for the bound. Said in one line when the
+    waiting starts and one when it ends."""
+    url = configured_api_url()
+    if not url:
+        return
+    from cnnflow.components.errors import ServerOutage
+
+    while (reason := _prefect_fails(url)) is not None:
+        now = time.monotonic()
+        if _outage["since"] is None:
+            _outage["since"] = now
+        if not _outage["said"]:
+            _outage["said"] = True
+            _logger().warning(f"the Prefect server {url} fails: {reason}. Prefect loses the task states and logs "
+                              f"sent while it is down; the work goes on and waits for it before its next step (for "
+                              f"at most {_outage['bound']:g} s: train.outage_timeout)")
+        lasted = now - _outage["since"]
+        if lasted > _outage["bound"]:
+            raise _outage.setdefault("raised", ServerOutage(f"the Prefect server {url} has failed for {lasted:.0f} s ({reason}), longer than "
+                               f"train.outage_timeout={_outage['bound']:g}; what was trained is in MLflow (a finished "
+                               f"run is FINISHED): run the same command again once the server answers, and it "
+                               f"resumes or finds the run done"))
+        time.sleep(min(5.0, max(0.5, _outage["bound"] - lasted)))
+    if _outage["since"] is not None:
+        _logger().warning(f"the Prefect server {url} answers again after {time.monotonic() - _outage['since']:.0f} s")
+    _outage["since"], _outage["said"] = None, False
+
+
+def prefect_outage_raised() -> Exception | None:
+    """The ServerOutage this process stopped on, if any: Prefect's engine, unable to report it to
+    the server that is gone, raises its own connection error in its place."""
+    return _outage.get("raised")
+
+
+def _prefect_fails(url: str) -> str | None:
+    """None when the server's health check answers; else what failed, as an operator reads it."""
+    import httpx
+
+    from cnnflow.flows.outbox import outage_reason
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=10, headers=_prefect_auth())
+    except httpx.HTTPError as error:
+        return outage_reason(error)
+    return f"it answers HTTP {response.status_code}" if response.status_code >= 500 else None
+
+
+def _prefect_auth() -> dict[str, str]:
+    """The header Prefect's own client sends: its auth string (self-hosted) before an API key."""
+    import base64
+
+    auth, key = os.environ.get("PREFECT_API_AUTH_STRING"), os.environ.get("PREFECT_API_KEY")
+    if "prefect" in sys.modules and not (auth or key):
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
+
+        auth, key = PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value()
+    if auth:
+        return {"Authorization": f"Basic {base64.b64encode(auth.encode()).decode()}"}
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _logger():
+    try:
+        return run_logger()
+    except Exception:  # Prefect's MissingContextError: not inside a flow or task run
+        return log
+
+
+def _one_line_per_prefect_outage() -> None:
+    """Prefect says an outage every few seconds per event it drops (and prints each failed log
+    upload); cnnflow says it once, in prefect_answers. Idempotent."""
+    if getattr(_one_line_per_prefect_outage, "done", False):
+        return
+    _one_line_per_prefect_outage.done = True
+    logging.raiseExceptions = False  # what Prefect's log upload checks before printing its failures
+
+    class PrefectOutageNoise(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            text = record.getMessage()
+            return not ("Unable to connect to" in text or "EventsWorker' failed to process item" in text)
+
+    for name in ("prefect.events.clients", "prefect._internal.concurrency"):
+        logging.getLogger(name).addFilter(PrefectOutageNoise())

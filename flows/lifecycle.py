@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cnnflow.components.errors import RunError
+from cnnflow.components.errors import RunError, ServerOutage
 from cnnflow.flows import healing
 from cnnflow.flows.config import flatten
 from cnnflow.flows.outbox import Outbox, Write
@@ -447,12 +447,16 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None, logger=None):
         except stops:
             status = "KILLED"
             raise
+        except ServerOutage:
+            status = "RESUMABLE"  # stopped by a server it needs, not by its work: left RUNNING
+            raise
         finally:
             if outbox:
                 outbox.close()
             # A finished training's status is written even in an outage (MLflow's own retries wait
             # minutes for the store); a stopped one's is not, so Ctrl-C is not held up by a dead store.
-            if outbox and (outbox.lease.lost.is_set() or outbox.expired or (outbox.in_outage and status != "FINISHED")):
+            if status == "RESUMABLE" or (outbox and (outbox.lease.lost.is_set() or outbox.expired
+                                                     or (outbox.in_outage and status != "FINISHED"))):
                 _leave_run()  # the run's status is its new holder's, or this one's once the store answers
             else:
                 _end_run(status)

@@ -27,14 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from cnnflow.components.errors import InfrastructureError, RunError, first_line
+from cnnflow.components.errors import RunError, ServerOutage, first_line
 
 _log = logging.getLogger(__name__)
 _RETRY_SECONDS = (1, 2, 4, 8, 15)  # back-off between tries while the store does not answer
-
-
-class ServerOutage(InfrastructureError):
-    """The MLflow store did not take a training's writes for longer than train.outage_timeout."""
 
 
 class Displaced(RunError):
@@ -271,6 +267,7 @@ class Outbox:
 
             logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # it says every start and stop
             self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
+            self._monitor.mlflow_logger = _SystemMetricsThrough(self)  # one writer: never past a lost lease
             self._monitor.start()
         except Exception as error:  # never worth stopping a training for
             self.logger.debug(f"no system metrics: {error}")
@@ -284,6 +281,29 @@ class Outbox:
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor._shutdown_event.set()  # without the final flush, which waits on a store that may be gone
+
+
+class _SystemMetricsThrough:
+    """What MLflow's system-metrics monitor logs with (its BatchMetricsLogger's interface), put in
+    the outbox, so its samples go in order with the rest and never into a run this process lost."""
+
+    data: list = []
+    total_training_time = total_log_batch_time = 0.0
+
+    def __init__(self, outbox: Outbox):
+        self.outbox = outbox
+
+    def record_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(name, float(value), now, step or 0) for name, value in metrics.items()]
+        self.outbox.put(Write(f"system metrics {step or 0}", kind="system",
+                              send=lambda confirm: MlflowClient().log_batch(self.outbox.run_id, metrics=batch)))
+
+    def flush(self) -> None:
+        pass
 
 
 def _store() -> str:
