@@ -1,8 +1,9 @@
-"""Outages of a real MLflow tracking server during a training (marked `cluster`; run by .ci/run after
-the default suite): the server is stopped for real and started again on the same port and store.
-A short outage is ridden out: the training goes on, says when the outage starts and ends, and every
-epoch's metrics reach the run once, in order. An outage past train.outage_timeout ends the training
-in one line with exit code 5, its run neither FAILED nor lost, and the same command resumes it."""
+"""Outages of a real MLflow tracking server and of a real Prefect server during a training (marked
+`cluster`; run by .ci/run after the default suite): the server is stopped for real and started again
+on the same port and store. A short outage is ridden out: the training goes on, says when the outage
+starts and ends, and every epoch's metrics reach the run once, in order (and the Prefect flow run
+ends Completed). An outage past train.outage_timeout ends the training in one line with exit code 5,
+its run neither FAILED nor lost, and the same command resumes it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from mlflow import MlflowClient
 
@@ -129,3 +131,98 @@ def test_an_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(
     assert f"resuming MLflow run {run_id} after epoch" in out
     assert _epochs_logged(tracking_server, run_id) == list(range(1, epochs + 1))  # what the store missed, logged again
     assert MlflowClient(tracking_uri=tracking_server.uri).get_run(run_id).info.status == "FINISHED"
+
+
+class PrefectServer:
+    """`prefect server start` with its own database, stopped and started at will."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.process = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(self.root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        self.process = start_server([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                     "--port", str(self.port)], f"{self.url}/health", env, self.root / "prefect.log")
+
+    def stop(self) -> None:
+        kill_tree(self.process.pid)
+        self.process.wait()
+
+    def flow_run_states(self) -> list[str]:
+        return [run["state_type"] for run in httpx.post(f"{self.url}/flow_runs/filter", json={}).json()]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def _train_under(folder: Path, server: PrefectServer, overrides: list[str]) -> subprocess.Popen:
+    """A CLI training whose flow and task runs go to `server`; its MLflow store is SQLite in `folder`."""
+    folder.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_API_URL=server.url, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "train", "experiment=mnist", *overrides],
+                            cwd=folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _local_run(folder: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    return client, client.search_runs([client.get_experiment_by_name("mnist").experiment_id])[0]
+
+
+def _wait_for_line(process: subprocess.Popen, text: str) -> str:
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"the training ended before {text!r}:\n{''.join(seen)}")
+
+
+def test_a_prefect_server_down_mid_training_is_ridden_out(prefect_server, tmp_path, idx_folder):
+    before = prefect_server.flow_run_states().count("COMPLETED")
+    process = _train_under(tmp_path, prefect_server, tiny_overrides(idx_folder, epochs=30) + ["plots={}"])
+    out = _wait_for_line(process, "epoch 2/30  ")
+    prefect_server.stop()
+    time.sleep(15)
+    assert process.poll() is None  # trained on, or waits for the server
+    prefect_server.start()
+    out += _finish(process, 600)
+    assert process.returncode == 0, out
+    assert out.count(f"the Prefect server {prefect_server.url} fails: it is unreachable") == 1, out
+    assert out.count(f"the Prefect server {prefect_server.url} answers again after") == 1, out
+    assert "Traceback" not in out and "EventsWorker" not in out and "Error logging to API" not in out, out
+    client, run = _local_run(tmp_path)
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 31))
+    assert prefect_server.flow_run_states().count("COMPLETED") == before + 1  # the flow run's end reached Prefect
+
+
+def test_a_prefect_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(prefect_server, tmp_path,
+                                                                                        idx_folder):
+    overrides = tiny_overrides(idx_folder, epochs=6) + ["plots={}", "train.outage_timeout=5"]
+    process = _train_under(tmp_path, prefect_server, overrides)
+    out = _wait_for_line(process, "epoch 2/6  ")
+    prefect_server.stop()
+    out += _finish(process, 300)
+    assert process.returncode == 5, out
+    assert out.strip().splitlines()[-1].startswith(f"cnnflow: error: the Prefect server {prefect_server.url} has "
+                                                    f"failed for "), out
+    assert "longer than train.outage_timeout=5" in out and "Traceback" not in out, out
+    client, run = _local_run(tmp_path)
+    assert run.info.status == "RUNNING"  # not FAILED: resumable
+
+    prefect_server.start()
+    again = _train_under(tmp_path, prefect_server, overrides)  # the same command
+    out = _finish(again, 600)
+    assert again.returncode == 0, out
+    assert f"resuming MLflow run {run.info.run_id} after epoch 6" in out
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
