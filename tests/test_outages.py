@@ -22,42 +22,57 @@ from conftest import free_port, kill_tree, start_server, tiny_overrides, wait_un
 pytestmark = pytest.mark.cluster
 
 
-class TrackingServer:
-    """`mlflow server` with its own SQLite store and artifact folder, stopped and started at will."""
+class Server:
+    """A server process on a fixed port and store, stopped and started at will."""
 
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+    def __init__(self, command: list[str], health: str, env: dict, log: Path):
+        self.command, self.health, self.env, self.log = command, health, env, log
         self.process = None
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        self.process = start_server(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
-             str(self.root / "artifacts"), "--workers", "1"], f"{self.uri}/health", env, self.root / "mlflow.log")
+        self.process = start_server(self.command, self.health, self.env, self.log)
 
     def stop(self) -> None:
         kill_tree(self.process.pid)
         self.process.wait()
 
 
-@pytest.fixture
-def tracking_server(tmp_path):
-    server = TrackingServer(tmp_path)
+class TrackingServer(Server):
+    """`mlflow server` with its own SQLite store and artifact folder."""
+
+    def __init__(self, root: Path):
+        port = free_port()
+        self.uri = f"http://127.0.0.1:{port}"
+        super().__init__([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                          "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
+                          str(root / "artifacts"), "--workers", "1"], f"{self.uri}/health",
+                         {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, root / "mlflow.log")
+
+
+def _running(server: Server):
     server.start()
     yield server
     server.stop()
 
 
-def _train(folder: Path, server: TrackingServer, overrides: list[str]) -> subprocess.Popen:
+@pytest.fixture
+def tracking_server(tmp_path):
+    yield from _running(TrackingServer(tmp_path))
+
+
+def _train(folder: Path, overrides: list[str], **settings: str) -> subprocess.Popen:
+    """`cnnflow train experiment=mnist` in `folder`, with no MLflow or Prefect settings but `settings`."""
     folder.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_"))}
-    # a sample a second: MLflow's default (10 s) can outlast a tiny training and log no system metric
-    env.update(MLFLOW_TRACKING_URI=server.uri, TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", **settings)
     return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "train", "experiment=mnist", *overrides],
                             cwd=folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def _train_against(folder: Path, server: TrackingServer, overrides: list[str]) -> subprocess.Popen:
+    # a sample a second: MLflow's default (10 s) can outlast a tiny training and log no system metric
+    return _train(folder, overrides, MLFLOW_TRACKING_URI=server.uri, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
 
 
 def _the_run(server: TrackingServer):
@@ -91,8 +106,8 @@ def _finish(process: subprocess.Popen, timeout: float) -> str:
 
 def test_a_tracking_server_down_for_half_a_minute_is_ridden_out(tracking_server, tmp_path, idx_folder):
     epochs = 60
-    process = _train(tmp_path / "user", tracking_server,
-                     tiny_overrides(idx_folder, epochs=epochs) + ["plots={}", "train.checkpoint_every=10"])
+    process = _train_against(tmp_path / "user", tracking_server,
+                              tiny_overrides(idx_folder, epochs=epochs) + ["plots={}", "train.checkpoint_every=10"])
     run_id = _wait_for_epochs(tracking_server, 2, process)
     tracking_server.stop()
     time.sleep(30)
@@ -111,7 +126,7 @@ def test_a_tracking_server_down_for_half_a_minute_is_ridden_out(tracking_server,
 def test_an_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(tracking_server, tmp_path, idx_folder):
     epochs = 40
     overrides = tiny_overrides(idx_folder, epochs=epochs) + ["plots={}", "train.outage_timeout=5"]
-    process = _train(tmp_path / "user", tracking_server, overrides)
+    process = _train_against(tmp_path / "user", tracking_server, overrides)
     run_id = _wait_for_epochs(tracking_server, 2, process)
     tracking_server.stop()
     stopped = time.monotonic()
@@ -125,7 +140,7 @@ def test_an_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(
 
     tracking_server.start()
     assert _the_run(tracking_server).info.status == "RUNNING"  # not FAILED: it is resumable
-    again = _train(tmp_path / "user", tracking_server, overrides)  # the same command
+    again = _train_against(tmp_path / "user", tracking_server, overrides)  # the same command
     out = _finish(again, 600)
     assert again.returncode == 0, out
     assert f"resuming MLflow run {run_id} after epoch" in out
@@ -133,23 +148,16 @@ def test_an_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(
     assert MlflowClient(tracking_uri=tracking_server.uri).get_run(run_id).info.status == "FINISHED"
 
 
-class PrefectServer:
-    """`prefect server start` with its own database, stopped and started at will."""
+class PrefectServer(Server):
+    """`prefect server start` with its own database."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.process = None
-
-    def start(self) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(PREFECT_HOME=str(self.root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        self.process = start_server([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                     "--port", str(self.port)], f"{self.url}/health", env, self.root / "prefect.log")
-
-    def stop(self) -> None:
-        kill_tree(self.process.pid)
-        self.process.wait()
+        env.update(PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        super().__init__([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                         f"{self.url}/health", env, root / "prefect.log")
 
     def flow_run_states(self) -> list[str]:
         return [run["state_type"] for run in httpx.post(f"{self.url}/flow_runs/filter", json={}).json()]
@@ -157,20 +165,12 @@ class PrefectServer:
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
-    server.start()
-    yield server
-    server.stop()
+    yield from _running(PrefectServer(tmp_path_factory.mktemp("prefect")))
 
 
 def _train_under(folder: Path, server: PrefectServer, overrides: list[str]) -> subprocess.Popen:
-    """A CLI training whose flow and task runs go to `server`; its MLflow store is SQLite in `folder`."""
-    folder.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(PREFECT_API_URL=server.url, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "train", "experiment=mnist", *overrides],
-                            cwd=folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    """Its flow and task runs go to `server`; its MLflow store is SQLite in `folder`."""
+    return _train(folder, overrides, PREFECT_API_URL=server.url)
 
 
 def _local_run(folder: Path):
