@@ -207,10 +207,11 @@ def prefect_answers() -> None:
                               f"at most {_outage['bound']:g} s: train.outage_timeout)")
         lasted = now - _outage["since"]
         if lasted > _outage["bound"]:
-            raise _outage.setdefault("raised", ServerOutage(f"the Prefect server {url} has failed for {lasted:.0f} s ({reason}), longer than "
-                               f"train.outage_timeout={_outage['bound']:g}; what was trained is in MLflow (a finished "
-                               f"run is FINISHED): run the same command again once the server answers, and it "
-                               f"resumes or finds the run done"))
+            _outage["raised"] = ServerOutage(
+                f"the Prefect server {url} has failed for {lasted:.0f} s ({reason}), longer than "
+                f"train.outage_timeout={_outage['bound']:g}; what was trained is in MLflow (a finished run is "
+                f"FINISHED): run the same command again once the server answers, and it resumes or finds the run done")
+            raise _outage["raised"]
         time.sleep(min(5.0, max(0.5, _outage["bound"] - lasted)))
     if _outage["since"] is not None:
         _logger().warning(f"the Prefect server {url} answers again after {time.monotonic() - _outage['since']:.0f} s")
@@ -251,9 +252,11 @@ def _prefect_auth() -> dict[str, str]:
 
 
 def _logger():
+    from prefect.exceptions import MissingContextError
+
     try:
         return run_logger()
-    except Exception:  # Prefect's MissingContextError: not inside a flow or task run
+    except MissingContextError:  # not inside a flow or task run
         return log
 
 

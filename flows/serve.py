@@ -178,7 +178,10 @@ def finished(flow_runs: list, every: float = 5.0) -> list:
     import time
     from datetime import datetime, timezone
 
+    import httpx
     from prefect import get_client
+
+    from cnnflow.flows.outbox import outage_reason
 
     def ended(run) -> bool:
         if not (run.state and run.state.is_final()):
@@ -186,10 +189,21 @@ def finished(flow_runs: list, every: float = 5.0) -> list:
         waited = (datetime.now(timezone.utc) - run.state.timestamp).total_seconds()
         return not run.state.is_crashed() or waited > _RESUBMIT_GRACE
 
-    attempts = {run.id: 1 for run in flow_runs}
+    attempts, unanswered_since = {run.id: 1 for run in flow_runs}, None
     with get_client(sync_client=True) as client:
         while True:
-            current = [client.read_flow_run(run.id) for run in flow_runs]
+            try:
+                current = [client.read_flow_run(run.id) for run in flow_runs]
+            except httpx.HTTPError as error:  # the jobs go on without the server; so does the waiting
+                if unanswered_since is None:
+                    unanswered_since = time.monotonic()
+                    print(f"the Prefect server {configured_api_url()} fails ({outage_reason(error)}); the jobs go on, "
+                          f"and this waits for the server (Ctrl-C stops waiting)", flush=True)
+                time.sleep(every)
+                continue
+            if unanswered_since is not None:
+                print(f"the Prefect server answers again after {time.monotonic() - unanswered_since:.0f} s", flush=True)
+                unanswered_since = None
             for run in current:
                 if run.run_count > attempts[run.id]:  # a crashed run resubmitted and running again
                     attempts[run.id] = run.run_count
