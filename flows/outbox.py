@@ -112,13 +112,16 @@ class Outbox:
         """An epoch's metrics (epoch 0: before the first). They wait for a checkpoint of that epoch or a
         later one to reach the store (or for `flush`): a training killed before it resumes from an
         earlier checkpoint and logs that epoch again, so MLflow would hold it twice."""
+        self.put(self.metrics_write(f"metrics of epoch {epoch}", metrics, epoch, kind="metrics"))
+
+    def metrics_write(self, what: str, metrics: dict[str, float], step: int, kind: str) -> Write:
+        """A write of `metrics` at `step`, stamped now (when they were measured, not when sent)."""
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(name, float(value), now, epoch) for name, value in metrics.items()]
-        self.put(Write(f"metrics of epoch {epoch}", lambda confirm: MlflowClient().log_batch(self.run_id, metrics=batch),
-                       kind="metrics", epoch=epoch))
+        batch = [Metric(name, float(value), now, step) for name, value in metrics.items()]
+        return Write(what, lambda confirm: MlflowClient().log_batch(self.run_id, metrics=batch), kind=kind, epoch=step)
 
     def check(self) -> None:
         """Raise what stops the training: the run taken over by another process, or an outage past
@@ -294,13 +297,7 @@ class _SystemMetricsThrough:
         self.outbox = outbox
 
     def record_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(name, float(value), now, step or 0) for name, value in metrics.items()]
-        self.outbox.put(Write(f"system metrics {step or 0}", kind="system",
-                              send=lambda confirm: MlflowClient().log_batch(self.outbox.run_id, metrics=batch)))
+        self.outbox.put(self.outbox.metrics_write(f"system metrics {step or 0}", metrics, step or 0, kind="system"))
 
     def flush(self) -> None:
         pass
