@@ -12,7 +12,8 @@ Prefect does both, set up by `cnnflow deploy` and `cnnflow serve` (idempotently,
   from the artifact store (flows/lifecycle.py).
 The restarted job itself waits a back-off, waits for the MLflow lease of a holder that may still be
 alive (cnnflow's lease, not Prefect's heartbeat, decides whether a training is alive), and stops
-being resubmitted when two attempts in a row crashed at the same epoch.
+being resubmitted when two attempts in a row crashed at the same epoch. A worker stopped with
+SIGTERM hands its trainings back the same way (flows/worker.py): stopped cleanly, Crashed, resubmitted.
 """
 
 from __future__ import annotations
@@ -112,19 +113,21 @@ def wait_before_restart(restart: int, logger) -> None:
     time.sleep(wait)
 
 
-def record_restart(run_id: str, epoch: int, restart: int) -> None:
-    """Notes the epoch a restart resumed from; refuses (RunError) when the previous restart resumed
-    from the same one: the attempt between them crashed before finishing an epoch."""
+def record_restart(run_id: str, epoch: int, restart: int, handed_back: bool = False) -> None:
+    """Notes the epoch a restart resumed from (`3h`: the job was handed back by a worker stopped with
+    SIGTERM, flows/worker.py); refuses (RunError) when the previous restart resumed from the same
+    epoch and this one follows a crash: the attempt between them crashed before finishing an epoch."""
     from mlflow import MlflowClient
 
     from cnnflow.flows.store import set_tags
 
-    earlier = [int(e) for e in MlflowClient().get_run(run_id).data.tags.get("restart_epochs", "").split(",") if e]
-    if earlier and earlier[-1] == epoch:
+    earlier = [e for e in MlflowClient().get_run(run_id).data.tags.get("restart_epochs", "").split(",") if e]
+    if not handed_back and earlier and earlier[-1] == str(epoch):
         raise RunError(f"run {run_id} crashed twice in a row at epoch {epoch + 1} (restarts {restart - 1} and "
                        f"{restart}); not resumed again: see the worker's log for why its process died, then run "
                        f"the same job again")
-    set_tags(run_id, {"restart_epochs": ",".join(map(str, [*earlier, epoch])), "restarts": restart})
+    set_tags(run_id, {"restart_epochs": ",".join([*earlier, f"{epoch}h" if handed_back else str(epoch)]),
+                      "restarts": restart})
 
 
 def finished_run() -> str | None:

@@ -362,6 +362,12 @@ def find_unfinished(cfg: dict[str, Any], logger) -> tuple[str | None, dict | Non
     return None, None
 
 
+def _status(run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_run(run_id).info.status
+
+
 def run_name(cfg: dict[str, Any]) -> str:
     """What ran, as the MLflow UI lists it: recipe, training images, seed (`celeba-16000-s1`)."""
     return f"{cfg['experiment']}-{cfg['data'].get('train_size') or 'all'}-s{cfg['seed']}"
@@ -392,6 +398,7 @@ def claimed_run(cfg: dict[str, Any], logger):
                 with (store_wide_lock(f"start {experiment}", wait=_START_WAIT) if cfg["resume"]
                       else contextlib.nullcontext()):
                     run_id, checkpoint = find_unfinished(cfg, logger) if cfg["resume"] else (None, None)
+                    handed_back = bool(restart and run_id) and _status(run_id) == "KILLED"  # stopped cleanly
                     run_id, output_dir = stack.enter_context(tracked_run(cfg, run_id, logger))
                 break
             except HeldElsewhere as held:
@@ -400,7 +407,7 @@ def claimed_run(cfg: dict[str, Any], logger):
                 logger.info(f"{held}; waiting for its lease to lapse")
                 time.sleep(10)
         if restart and checkpoint:
-            healing.record_restart(run_id, checkpoint["epoch"], restart)
+            healing.record_restart(run_id, checkpoint["epoch"], restart, handed_back)
         yield run_id, output_dir, checkpoint
 
 

@@ -105,15 +105,15 @@ def serve_all(experiment: str, overrides: list[str]) -> None:
 
 def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
     """Registers the five flows as deployments `<flow>/<pool>` on the work pool `pool` (made as a
-    `process` pool when it does not exist) and returns their names. Runs get MLFLOW_TRACKING_URI
+    "cnnflow" pool, flows/worker.py, when it does not exist) and returns their names. Runs get MLFLOW_TRACKING_URI
     set to this command's store; `experiment` and `overrides` are train's and retrain's defaults."""
     import logging
 
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
 
+    from cnnflow.flows.worker import Worker
     from cnnflow.flows import store
 
     _needs_pool_server("cnnflow deploy")
@@ -125,10 +125,15 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
             f"MLflow tracking server and set MLFLOW_TRACKING_URI=http://HOST:5000 (README: Scaling out)")
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(pool)
+            existing = client.read_work_pool(pool)
+            if existing.type != Worker.type:
+                logging.getLogger("cnnflow").warning(
+                    f"work pool {pool} has the type {existing.type}: its workers stopped with SIGTERM kill their "
+                    f"trainings, found only {cfg['jobs']['crash_after']} s later (jobs.crash_after); a pool that "
+                    f"cnnflow deploy makes (type {Worker.type}) hands them back at once (README: Operations)")
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
-                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            client.create_work_pool(WorkPoolCreate(name=pool, type=Worker.type,
+                                                   base_job_template=Worker.get_default_base_job_template()))
     install_automations(cfg["jobs"])
     names = []
     for deployment in deployments(experiment, overrides, pool=pool):

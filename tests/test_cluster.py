@@ -98,9 +98,7 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
 
     wait_until(uploaded_checkpoint, 240, "a checkpoint in the artifact store")
     run = uploaded_checkpoint()
-    trainer = int(run.data.params["lease.1"].split()[1])  # the flow-run process: "host pid started token"
-    worker = next(name for name, process in cluster["workers"].items()
-                  if trainer in [child.pid for child in psutil.Process(process.pid).children(recursive=True)])
+    worker = _trainer_of(run, cluster)
     kill_tree(cluster["workers"][worker].pid)  # the worker and its training: a machine gone
     shutil.rmtree(Path(run.data.tags["output_dir"]).parents[2])  # its temporary folder: as if another machine
     time.sleep(1)
@@ -122,6 +120,47 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
     assert finished.info.status == "FINISHED" and finished.data.tags["restarts"] == "1"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))  # each once
     cluster["workers"][worker] = _worker(worker, cluster["root"], cluster["worker_env"])  # as it was
+
+
+def _trainer_of(run, cluster) -> str:
+    """The name of the worker whose flow-run process trains `run` (its lease: "host pid started token")."""
+    trainer = int(run.data.params["lease.1"].split()[1])
+    return next(name for name, process in cluster["workers"].items()
+                if trainer in [child.pid for child in psutil.Process(process.pid).children(recursive=True)])
+
+
+def test_a_worker_stopped_with_sigterm_hands_its_training_back_at_once(cluster):
+    """flows/worker.py: the training stops cleanly (KILLED), Prefect marks it Crashed and it is
+    resubmitted at once, not a heartbeat timeout later; the other worker resumes it."""
+    (cluster["root"] / "user").mkdir(exist_ok=True)
+    waiting = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "train", "--pool", "box", "seed=6",
+                                "train.epochs=10"], cwd=cluster["root"] / "user", env=cluster["env"], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    client = _client(cluster)
+
+    def two_epochs():
+        runs = client.search_runs(["1"], filter_string="tags.seed = '6'")
+        return runs[0] if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 2 else None
+
+    wait_until(two_epochs, 240, "two epochs")
+    run = two_epochs()
+    worker = _trainer_of(run, cluster)
+    cluster["workers"][worker].terminate()
+    assert cluster["workers"][worker].wait(timeout=40) == 0
+    assert client.get_run(run.info.run_id).info.status == "KILLED"  # stopped cleanly, before the worker
+    log = (cluster["root"] / f"{worker}.log").read_text()
+    assert "handing 1 back to the pool" in log and "still running" not in log
+
+    out, _ = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, out
+    assert f"run {run.info.run_id} (1 restart after crashes)" in out, out
+    flow_run = out.split("(")[1].split(")")[0]
+    states = httpx.get(f"{cluster['env']['PREFECT_API_URL']}/flow_run_states/", params={"flow_run_id": flow_run}).json()
+    assert [s["message"] for s in states if s["type"] == "CRASHED"] == ["Execution was aborted by a termination signal."]
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["restart_epochs"].endswith("h")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 11))
+    cluster["workers"][worker] = _worker(worker, cluster["root"], cluster["worker_env"])
 
 
 def test_a_run_trained_in_one_folder_is_continued_and_evaluated_from_another(cluster):

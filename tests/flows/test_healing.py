@@ -38,3 +38,14 @@ def test_a_job_that_dies_twice_at_one_epoch_is_not_resumed_again(mlflow_store):
         record_restart(run.info.run_id, 5, restart=3)
     tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
     assert tags["restart_epochs"] == "3,5" and tags["restarts"] == "2"
+
+
+def test_a_job_handed_back_by_a_stopped_worker_is_not_counted_as_a_crash_at_its_epoch(mlflow_store):
+    with mlflow.start_run() as run:
+        pass
+    record_restart(run.info.run_id, 5, restart=1)
+    record_restart(run.info.run_id, 5, restart=2, handed_back=True)  # a worker stopped with SIGTERM
+    record_restart(run.info.run_id, 5, restart=3)  # one crash at epoch 6 since the last crash restart
+    with pytest.raises(RunError, match="crashed twice in a row at epoch 6"):
+        record_restart(run.info.run_id, 5, restart=4)
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.tags["restart_epochs"] == "5,5h,5"
