@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser(
         "deploy", help="register every flow as a deployment on a Prefect work pool, for workers on any machine",
         description="Registers train, continue, evaluate, predict and retrain as deployments '<flow>/POOL' on the "
-                    "work pool POOL (a process pool is created if there is none) and returns. Any machine with "
+                    "work pool POOL (of the type cnnflow, created if there is none) and returns. Any machine with "
                     "cnnflow installed runs them: prefect worker start --pool POOL. KEY=VALUE settings are the "
                     "defaults of train/retrain runs; runs report to this command's MLflow store.")
     deploy.add_argument("--pool", required=True, help="the Prefect work pool")
