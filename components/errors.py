@@ -49,6 +49,12 @@ class ServerOutage(InfrastructureError):
     train.outage_timeout; the training stops resumable, its run never marked FAILED for it."""
 
 
+class StoppedByOutage(BaseException):
+    """A ServerOutage of a job that its pool resubmits after a crash (flows/healing.py): raised past
+    the flow as a BaseException, which Prefect records as Crashed (an Exception would be Failed), so
+    the job is scheduled again and resumes once the servers answer."""
+
+
 class TransientError(InfrastructureError):
     """A failure that may pass by itself (connection reset, timeout, HTTP 5xx): tasks retry it."""
 

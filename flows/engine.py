@@ -112,7 +112,14 @@ class Step:
 
         @functools.wraps(self.fn)
         def then_reported(*args, **kwargs):  # its end state goes to a server that answers
-            result = self.fn(*args, **kwargs)
+            from cnnflow.components.errors import ServerOutage, StoppedByOutage
+
+            try:
+                result = self.fn(*args, **kwargs)
+            except ServerOutage as outage:
+                if self.kind == "flow" and _resubmitted_after_crashes():
+                    raise StoppedByOutage(str(outage)) from outage
+                raise
             prefect_answers()
             return result
 
@@ -180,6 +187,15 @@ def _with_retries(step: Step, args: tuple, kwargs: dict):
 # out the MLflow store's (flows/outbox.py), within train.outage_timeout.
 
 _outage = {"bound": 600.0, "since": None, "said": False}
+
+
+def _resubmitted_after_crashes() -> bool:
+    """Whether this flow run is a job its pool schedules again when it crashes (flows/healing.py)."""
+    from prefect.runtime import flow_run
+
+    from cnnflow.flows.healing import RESUMABLE_TAG
+
+    return RESUMABLE_TAG in (flow_run.tags or [])
 
 
 def bound_prefect_outages(seconds: float) -> None:

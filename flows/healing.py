@@ -130,12 +130,31 @@ def record_restart(run_id: str, epoch: int, restart: int, handed_back: bool = Fa
                       "restarts": restart})
 
 
-def finished_run() -> str | None:
-    """The MLflow run this flow run had finished when it crashed (its Prefect state not yet written)."""
+def outcome_of_earlier_attempt(lease_timeout: float, logger) -> str | None:
+    """The MLflow run an earlier attempt of this flow run finished, or None for this attempt to resume
+    (or start) the training. While an earlier attempt still holds its run's lease, it waits: a run
+    marked Crashed by mistake (its heartbeats lost in a Prefect outage longer than jobs.crash_after)
+    trains on, and this attempt takes over only if that one dies."""
     import mlflow
     from prefect.runtime import flow_run
 
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                              filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}' and "
-                                            f"attributes.status = 'FINISHED'")
-    return runs[0].info.run_id if runs else None
+    from cnnflow.flows.lifecycle import Lease
+
+    said = False
+    while True:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                                  filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'",
+                                  order_by=["attributes.start_time DESC"])
+        if not runs:
+            return None
+        run = runs[0]
+        if run.info.status == "FINISHED":
+            return run.info.run_id
+        holder = Lease(run.info.run_id, lease_timeout).holder()
+        if not holder:
+            return None
+        if not said:
+            logger.warning(f"an earlier attempt of this job, {holder}, still trains run {run.info.run_id}: waiting "
+                           f"for it to finish (if it dies, this attempt resumes the run)")
+            said = True
+        time.sleep(10)

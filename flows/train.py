@@ -381,9 +381,10 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
         logger.warning(f"settings the chosen components do not read (others of their kind do): {', '.join(unused)}")
     uri = store.use_store(cfg)
     features = load_data(cfg["data"])  # bad data files stop here, before any run exists
-    finished = healing.finished_run() if healing.restart_number() else None
+    finished = (healing.outcome_of_earlier_attempt(cfg["train"]["lease_timeout"], logger)
+                if healing.restart_number() else None)
     if finished:
-        logger.info(f"done: run {finished} had finished before this job crashed")
+        logger.info(f"done: run {finished} was finished by an earlier attempt of this job")
         return finished
     with lifecycle.claimed_run(cfg, logger) as (run_id, output_dir, checkpoint):
         if checkpoint:
