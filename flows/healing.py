@@ -25,6 +25,7 @@ from cnnflow.components.errors import RunError
 
 CRASH_AUTOMATION = "cnnflow: crash unheard flow runs"
 RESUBMIT_AUTOMATION = "cnnflow: resubmit crashed trainings"
+RESUBMITTED = "cnnflow: resubmitted after a crash"
 RESUMABLE_TAG = "cnnflow-resumable"  # on the train and retrain deployments: a rerun resumes, never repeats
 
 
@@ -72,7 +73,7 @@ def install_automations(jobs: dict[str, Any]) -> None:
                                  for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1,
                                  within=timedelta(0)),
             actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True,
-                                        message="cnnflow: resubmitted after a crash")]),
+                                        message=RESUBMITTED)]),
     ]
     for automation in wanted:
         if automation.name == RESUBMIT_AUTOMATION and not jobs["restarts"]:

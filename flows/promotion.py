@@ -44,7 +44,10 @@ def _promote(run_id: str, name: str, alias: str, metric: str, mode: str, logger)
     # The version serves (the pyfunc `serving`, for `mlflow models serve`); its Keras model is a tag,
     # for evaluate and predict. Runs of cnnflow before `serving` existed register their Keras model.
     keras_model = run.data.tags["model_uri"]
-    version = client.create_model_version(name, run.data.tags.get("serving_uri", keras_model), run_id=run_id,
+    source = run.data.tags.get("serving_uri", keras_model)
+    # an MLflow server requires the logged model's id beside a `models:/m-...` source (a local store does not)
+    model_id = source.removeprefix("models:/").split("/")[0] if source.startswith("models:/m-") else None
+    version = client.create_model_version(name, source, run_id=run_id, model_id=model_id,
                                           tags={f"metric.{metric}": str(value), "keras_model_uri": keras_model})
     set_tags(run_id, {"registry.previous_champion": previous})
     if not beats:

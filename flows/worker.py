@@ -9,6 +9,10 @@ run, sends each flow-run process SIGTERM and waits for them: a training stops af
 its MLflow run KILLED and its lease released, Prefect marks the flow run Crashed, and the resubmit
 automation (flows/healing.py) schedules it again for any free worker, which resumes it. Then the
 worker stops as Prefect's does. A second SIGTERM stops it at once.
+
+Every CHECK_SECONDS it also resubmits the pool's crashed trainings that the resubmit automation
+missed (events around a restart of the Prefect server reach no automation), by the automation's
+own rule: the same run counts, nothing when it is disabled.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 from prefect.workers.process import ProcessWorker
 
 HAND_BACK_SECONDS = 25.0  # inside the 30 s Kubernetes and Docker wait between SIGTERM and SIGKILL
+MISSED = "cnnflow: resubmitted after a crash (by a worker: the automation missed it)"
+CHECK_SECONDS = 30.0  # how often, and after how long, a crashed training the automation missed is resubmitted
 
 
 class Worker(ProcessWorker):
@@ -31,6 +38,7 @@ class Worker(ProcessWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._handing_back = threading.Event()
+        self._next_check = time.monotonic() + CHECK_SECONDS
         if threading.current_thread() is threading.main_thread():
             self._stop = signal.getsignal(signal.SIGTERM)  # `prefect worker start`'s: stop now
             signal.signal(signal.SIGTERM, self._hand_back)
@@ -38,7 +46,41 @@ class Worker(ProcessWorker):
     async def get_and_submit_flow_runs(self):
         if self._handing_back.is_set():
             return []
+        if time.monotonic() > self._next_check:
+            self._next_check = time.monotonic() + CHECK_SECONDS
+            try:
+                await self._resubmit_missed_crashes()
+            except Exception as error:  # a check that could not run now runs at the next poll
+                self._logger.debug(f"cnnflow: the check for crashed trainings failed: {error}")
         return await super().get_and_submit_flow_runs()
+
+    async def _resubmit_missed_crashes(self, left_alone_for: float = CHECK_SECONDS) -> None:
+        """Does what the resubmit automation does (flows/healing.py) for the pool's crashed trainings it
+        left alone for `left_alone_for` seconds: Prefect's server passes events to automations in memory, so the
+        Crashed events of a moment around its restart can reach no automation."""
+        from datetime import datetime, timedelta, timezone
+
+        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                    FlowRunFilterTags, WorkPoolFilter, WorkPoolFilterName)
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import AwaitingRetry
+
+        from cnnflow.flows.healing import RESUBMIT_AUTOMATION, RESUMABLE_TAG
+
+        rule = next(iter(await self.client.read_automations_by_name(RESUBMIT_AUTOMATION)), None)
+        if rule is None or not rule.enabled:
+            return
+        run_counts = {int(count) for count in rule.trigger.match.root.get("prefect.run-count", [])}
+        crashed = await self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+                                          tags=FlowRunFilterTags(all_=[RESUMABLE_TAG])),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])))
+        left_alone = datetime.now(timezone.utc) - timedelta(seconds=left_alone_for)
+        for flow_run in crashed:
+            if flow_run.run_count in run_counts and flow_run.state.timestamp <= left_alone:
+                self._logger.warning(f"cnnflow: flow run {flow_run.name} ({flow_run.id}) crashed and was not "
+                                     f"resubmitted by the automation; resubmitting it")
+                await self.client.set_flow_run_state(flow_run.id, AwaitingRetry(message=MISSED), force=True)
 
     def _hand_back(self, number, frame) -> None:
         if self._handing_back.is_set():

@@ -52,8 +52,12 @@ def test_four_jobs_survive_a_dead_worker_and_both_servers_down_with_nobody_actin
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         client = MlflowClient(tracking_uri=mlflow_server.uri)
 
+        def jobs():
+            experiment = client.get_experiment_by_name("quickstart")
+            return client.search_runs([experiment.experiment_id]) if experiment else []
+
         def training(count: int):
-            runs = client.search_runs(["1"]) if client.get_experiment("1") else []
+            runs = jobs()
             started = [run for run in runs if client.get_metric_history(run.info.run_id, "loss")]
             return started if len(started) >= count else None
 
@@ -74,7 +78,7 @@ def test_four_jobs_survive_a_dead_worker_and_both_servers_down_with_nobody_actin
         out, _ = waiting.communicate(timeout=900)
         assert waiting.returncode == 0, out
         assert "4/4 jobs succeeded" in out, out
-        runs = client.search_runs(["1"])
+        runs = jobs()
         assert sorted(run.data.tags["seed"] for run in runs) == ["1", "2", "3", "4"]  # one run per job
         for run in runs:
             assert run.info.status == "FINISHED", run.data.tags["seed"]

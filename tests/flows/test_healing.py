@@ -49,3 +49,42 @@ def test_a_job_handed_back_by_a_stopped_worker_is_not_counted_as_a_crash_at_its_
     with pytest.raises(RunError, match="crashed twice in a row at epoch 6"):
         record_restart(run.info.run_id, 5, restart=4)
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.tags["restart_epochs"] == "5,5h,5"
+
+
+def test_a_cnnflow_worker_resubmits_a_crashed_training_the_automation_missed(prefect_harness):
+    """flows/worker.py: after a restart of the Prefect server, Crashed events can reach no automation;
+    the pool's workers apply the automation's rule themselves, to crashes it left alone."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.states import Crashed, Running
+
+    from cnnflow.flows.healing import RESUMABLE_TAG
+    from cnnflow.flows.worker import MISSED, Worker
+
+    async def scenario():
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="heal", type=Worker.type,
+                                                         base_job_template=Worker.get_default_base_job_template()))
+            flow_id = await client.create_flow_from_name("train")
+            deployment_id = await client.create_deployment(flow_id, "heal", work_pool_name="heal",
+                                                           tags=[RESUMABLE_TAG], entrypoint="flows/train.py:train_flow")
+            flow_run = await client.create_flow_run_from_deployment(deployment_id)
+            await client.set_flow_run_state(flow_run.id, Running(), force=True)
+            await client.set_flow_run_state(flow_run.id, Crashed(message="dead"), force=True)
+
+            async def state():
+                return (await client.read_flow_run(flow_run.id)).state
+
+            async with Worker(work_pool_name="heal") as worker:
+                await asyncio.to_thread(install_automations, {"crash_after": 300, "restarts": 0})
+                await worker._resubmit_missed_crashes(left_alone_for=0)
+                assert (await state()).type.value == "CRASHED"  # the rule says never: the workers neither
+                await asyncio.to_thread(install_automations, {"crash_after": 300, "restarts": 1})
+                await worker._resubmit_missed_crashes()
+                assert (await state()).type.value == "CRASHED"  # just crashed: the automation's turn
+                await worker._resubmit_missed_crashes(left_alone_for=0)
+                assert ((await state()).name, (await state()).message) == ("AwaitingRetry", MISSED)
+
+    asyncio.run(scenario())
