@@ -387,9 +387,7 @@ def claimed_run(cfg: dict[str, Any], logger):
     separate run."""
     experiment = cfg.get("mlflow_experiment") or cfg["experiment"]
     experiment_id(cfg)  # made first: the experiment ids a team knows are not taken by the lock's
-    restart = healing.restart_number()
-    if restart:
-        healing.wait_before_restart(restart, logger)
+    restart = healing.restart_number()  # its back-off is behind it (flows/train.py)
     # a crashed job's lease lapses a lease_timeout after its last heartbeat: a restart waits for it
     patience = time.monotonic() + (cfg["train"]["lease_timeout"] + 30 if restart else 0)
     with contextlib.ExitStack() as stack:

@@ -14,7 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from cnnflow.components.errors import InfrastructureError, RunError, first_line
+from cnnflow.components.errors import InfrastructureError, RunError, ServerOutage, first_line
 from cnnflow.flows.config import flatten, to_yaml
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a file in the working directory
@@ -121,11 +121,11 @@ def _check_server(uri: str) -> None:
     except requests.RequestException as error:
         reason = {"ConnectTimeout": "no connection within 3 s", "ReadTimeout": "no answer within 5 s",
                   "ConnectionError": "connection refused"}.get(type(error).__name__, type(error).__name__)
-        raise InfrastructureError(f"cannot reach the MLflow tracking server {uri} ({reason}). Start it "
-                                  f"(mlflow server --host ... --port ...) or {_FIX}") from None
-    if answer.status_code >= 500:
-        raise InfrastructureError(f"the MLflow tracking server {uri} answers HTTP {answer.status_code}; check its log, "
-                                  f"or {_FIX}")
+        raise ServerOutage(f"cannot reach the MLflow tracking server {uri} ({reason}). Start it "
+                           f"(mlflow server --host ... --port ...) or {_FIX}") from None
+    if answer.status_code >= 500:  # an outage: a job on a pool is scheduled again (flows/healing.py)
+        raise ServerOutage(f"the MLflow tracking server {uri} answers HTTP {answer.status_code}; check its log, "
+                           f"or {_FIX}")
 
 
 @contextlib.contextmanager

@@ -379,10 +379,12 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
     unused = settings.unused_settings(cfg)
     if unused:
         logger.warning(f"settings the chosen components do not read (others of their kind do): {', '.join(unused)}")
+    restart = healing.restart_number()
+    if restart:  # before anything that needs a server: the outage that crashed it may go on
+        healing.wait_before_restart(restart, logger)
     uri = store.use_store(cfg)
     features = load_data(cfg["data"])  # bad data files stop here, before any run exists
-    finished = (healing.outcome_of_earlier_attempt(cfg["train"]["lease_timeout"], logger)
-                if healing.restart_number() else None)
+    finished = healing.outcome_of_earlier_attempt(cfg["train"]["lease_timeout"], logger) if restart else None
     if finished:
         logger.info(f"done: run {finished} was finished by an earlier attempt of this job")
         return finished
