@@ -21,6 +21,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ class Step:
             from cnnflow.components.errors import ServerOutage, StoppedByOutage
 
             try:
-                result = self.fn(*args, **kwargs)
+                with _watching_prefect() if self.kind == "flow" else contextlib.nullcontext():
+                    result = self.fn(*args, **kwargs)
             except ServerOutage as outage:
                 if self.kind == "flow" and _resubmitted_after_crashes():
                     raise StoppedByOutage(str(outage)) from outage
@@ -186,7 +188,8 @@ def _with_retries(step: Step, args: tuple, kwargs: dict):
 # only while the server answers: a training rides out an outage of the Prefect server as it rides
 # out the MLflow store's (flows/outbox.py), within train.outage_timeout.
 
-_outage = {"bound": 600.0, "since": None, "said": False}
+_outage = {"bound": 600.0, "since": None}
+WATCH_SECONDS = 5.0  # how often a running flow checks the Prefect server
 
 
 def _resubmitted_after_crashes() -> bool:
@@ -206,22 +209,14 @@ def bound_prefect_outages(seconds: float) -> None:
 def prefect_answers() -> None:
     """Returns once the configured Prefect server answers (at once when it does, or when there is
     none); raises ServerOutage when it has not answered for the bound. Said in one line when the
-    waiting starts and one when it ends."""
+    outage starts and one when it ends."""
     url = configured_api_url()
     if not url:
         return
     from cnnflow.components.errors import ServerOutage
 
-    while (reason := _prefect_fails(url)) is not None:
-        now = time.monotonic()
-        if _outage["since"] is None:
-            _outage["since"] = now
-        if not _outage["said"]:
-            _outage["said"] = True
-            _logger().warning(f"the Prefect server {url} fails: {reason}. Prefect loses the task states and logs "
-                              f"sent while it is down; the work goes on and waits for it before its next step (for "
-                              f"at most {_outage['bound']:g} s: train.outage_timeout)")
-        lasted = now - _outage["since"]
+    while (reason := _observe_prefect(url, _logger())) is not None:
+        lasted = time.monotonic() - _outage["since"]
         if lasted > _outage["bound"]:
             _outage["raised"] = ServerOutage(
                 f"the Prefect server {url} has failed for {lasted:.0f} s ({reason}), longer than "
@@ -229,9 +224,50 @@ def prefect_answers() -> None:
                 f"FINISHED): run the same command again once the server answers, and it resumes or finds the run done")
             raise _outage["raised"]
         time.sleep(min(5.0, max(0.5, _outage["bound"] - lasted)))
-    if _outage["since"] is not None:
-        _logger().warning(f"the Prefect server {url} answers again after {time.monotonic() - _outage['since']:.0f} s")
-    _outage["since"], _outage["said"] = None, False
+
+
+_watch_lock = threading.Lock()
+
+
+def _observe_prefect(url: str, logger) -> str | None:
+    """Whether the Prefect server fails now (what failed, or None); the first failure and the first
+    answer after failures are said, once each, whichever thread sees them."""
+    reason = _prefect_fails(url)
+    with _watch_lock:
+        if reason is not None and _outage["since"] is None:
+            _outage["since"] = time.monotonic()
+            logger.warning(f"the Prefect server {url} fails: {reason}. Prefect loses the task states and logs sent "
+                           f"while it is down; the work goes on and waits for it before its next step (for at most "
+                           f"{_outage['bound']:g} s: train.outage_timeout)")
+        elif reason is None and _outage["since"] is not None:
+            logger.warning(f"the Prefect server {url} answers again after {time.monotonic() - _outage['since']:.0f} s")
+            _outage["since"] = None
+    return reason
+
+
+@contextlib.contextmanager
+def _watching_prefect(every: float = WATCH_SECONDS):
+    """While a flow runs (a training step may take hours), the Prefect server's outages are said as
+    they start and end, not only at the next step."""
+    url = configured_api_url()
+    if not url or _outage.get("watching"):
+        yield
+        return
+    logger, stop = _logger(), threading.Event()
+
+    def watch():
+        while not stop.wait(every):
+            _observe_prefect(url, logger)
+
+    _outage["watching"] = True
+    watcher = threading.Thread(target=watch, name="prefect outages", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(timeout=15)
+        _outage["watching"] = False
 
 
 def prefect_outage_raised() -> Exception | None:

@@ -189,8 +189,8 @@ def _wait_for_line(process: subprocess.Popen, text: str) -> str:
 
 def test_a_prefect_server_down_mid_training_is_ridden_out(prefect_server, tmp_path, idx_folder):
     before = prefect_server.flow_run_states().count("COMPLETED")
-    process = _train_under(tmp_path, prefect_server, tiny_overrides(idx_folder, epochs=30) + ["plots={}"])
-    out = _wait_for_line(process, "epoch 2/30  ")
+    process = _train_under(tmp_path, prefect_server, tiny_overrides(idx_folder, epochs=60) + ["plots={}"])
+    out = _wait_for_line(process, "epoch 2/60  ")
     prefect_server.stop()
     time.sleep(15)
     assert process.poll() is None  # trained on, or waits for the server
@@ -199,10 +199,11 @@ def test_a_prefect_server_down_mid_training_is_ridden_out(prefect_server, tmp_pa
     assert process.returncode == 0, out
     assert out.count(f"the Prefect server {prefect_server.url} fails: it is unreachable") == 1, out
     assert out.count(f"the Prefect server {prefect_server.url} answers again after") == 1, out
+    assert out.index("fails: it is unreachable") < out.index("epoch 60/60"), out  # said in the training step
     assert "Traceback" not in out and "EventsWorker" not in out and "Error logging to API" not in out, out
     client, run = _local_run(tmp_path)
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 31))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 61))
     assert prefect_server.flow_run_states().count("COMPLETED") == before + 1  # the flow run's end reached Prefect
 
 
