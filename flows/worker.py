@@ -10,9 +10,11 @@ its MLflow run KILLED and its lease released, Prefect marks the flow run Crashed
 automation (flows/healing.py) schedules it again for any free worker, which resumes it. Then the
 worker stops as Prefect's does. A second SIGTERM stops it at once.
 
-Every CHECK_SECONDS it also resubmits the pool's crashed trainings that the resubmit automation
-missed (events around a restart of the Prefect server reach no automation), by the automation's
-own rule: the same run counts, nothing when it is disabled.
+Every CHECK_SECONDS it also does what the two automations cannot: it marks Crashed a run of the
+pool left Pending (its process died before it started, during a Prefect outage, so it never sent
+a heartbeat), and resubmits the pool's crashed trainings that the resubmit automation missed
+(events around a restart of the Prefect server reach no automation), by the automations' own
+rules: the same crash_after and run counts, nothing when they are disabled.
 """
 
 from __future__ import annotations
@@ -49,38 +51,54 @@ class Worker(ProcessWorker):
         if time.monotonic() > self._next_check:
             self._next_check = time.monotonic() + CHECK_SECONDS
             try:
-                await self._resubmit_missed_crashes()
+                await self._heal_pool()
             except Exception as error:  # a check that could not run now runs at the next poll
-                self._logger.debug(f"cnnflow: the check for crashed trainings failed: {error}")
+                self._logger.debug(f"cnnflow: the pool's check for crashed runs failed: {error}")
         return await super().get_and_submit_flow_runs()
 
-    async def _resubmit_missed_crashes(self, left_alone_for: float = CHECK_SECONDS) -> None:
-        """Does what the resubmit automation does (flows/healing.py) for the pool's crashed trainings it
-        left alone for `left_alone_for` seconds: Prefect's server passes events to automations in memory, so the
-        Crashed events of a moment around its restart can reach no automation."""
+    async def _heal_pool(self, now=None) -> None:
+        """What the two automations (flows/healing.py) do, for the pool's runs they cannot see or
+        missed: a run Pending for longer than jobs.crash_after (its process died before it started,
+        so it never sent a heartbeat) is marked Crashed; a training Crashed for CHECK_SECONDS that
+        the resubmit rule covers is scheduled again (Prefect's server passes events to automations
+        in memory: a crash recorded around its restart reaches none). `now`: for tests."""
         from datetime import datetime, timedelta, timezone
 
-        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
-                                                    FlowRunFilterTags, WorkPoolFilter, WorkPoolFilterName)
         from prefect.client.schemas.objects import StateType
-        from prefect.states import AwaitingRetry
+        from prefect.states import AwaitingRetry, Crashed
 
-        from cnnflow.flows.healing import RESUBMIT_AUTOMATION, RESUMABLE_TAG
+        from cnnflow.flows.healing import CRASH_AUTOMATION, RESUBMIT_AUTOMATION, RESUMABLE_TAG
 
-        rule = next(iter(await self.client.read_automations_by_name(RESUBMIT_AUTOMATION)), None)
-        if rule is None or not rule.enabled:
+        now = now or datetime.now(timezone.utc)
+        crash_rule = await self._automation(CRASH_AUTOMATION)
+        if crash_rule is not None and crash_rule.enabled:
+            crash_after = crash_rule.trigger.within.total_seconds()
+            for flow_run in await self._runs_in(StateType.PENDING):
+                if flow_run.state.timestamp <= now - timedelta(seconds=crash_after):
+                    message = f"cnnflow: pending for more than {crash_after:g} s (its process never started)"
+                    self._logger.warning(f"{message}: flow run {flow_run.name} ({flow_run.id})")
+                    await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+        resubmit_rule = await self._automation(RESUBMIT_AUTOMATION)
+        if resubmit_rule is None or not resubmit_rule.enabled:
             return
-        run_counts = {int(count) for count in rule.trigger.match.root.get("prefect.run-count", [])}
-        crashed = await self.client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
-                                          tags=FlowRunFilterTags(all_=[RESUMABLE_TAG])),
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])))
-        left_alone = datetime.now(timezone.utc) - timedelta(seconds=left_alone_for)
-        for flow_run in crashed:
-            if flow_run.run_count in run_counts and flow_run.state.timestamp <= left_alone:
+        run_counts = {int(count) for count in resubmit_rule.trigger.match.root.get("prefect.run-count", [])}
+        for flow_run in await self._runs_in(StateType.CRASHED, tag=RESUMABLE_TAG):
+            if flow_run.run_count in run_counts and flow_run.state.timestamp <= now - timedelta(seconds=CHECK_SECONDS):
                 self._logger.warning(f"cnnflow: flow run {flow_run.name} ({flow_run.id}) crashed and was not "
                                      f"resubmitted by the automation; resubmitting it")
                 await self.client.set_flow_run_state(flow_run.id, AwaitingRetry(message=MISSED), force=True)
+
+    async def _automation(self, name: str):
+        return next(iter(await self.client.read_automations_by_name(name)), None)
+
+    async def _runs_in(self, state_type, tag: str | None = None) -> list:
+        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                    FlowRunFilterTags, WorkPoolFilter, WorkPoolFilterName)
+
+        return await self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[state_type])),
+                                          tags=FlowRunFilterTags(all_=[tag]) if tag else None),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])))
 
     def _hand_back(self, number, frame) -> None:
         if self._handing_back.is_set():

@@ -51,17 +51,19 @@ def test_a_job_handed_back_by_a_stopped_worker_is_not_counted_as_a_crash_at_its_
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.tags["restart_epochs"] == "5,5h,5"
 
 
-def test_a_cnnflow_worker_resubmits_a_crashed_training_the_automation_missed(prefect_harness):
-    """flows/worker.py: after a restart of the Prefect server, Crashed events can reach no automation;
-    the pool's workers apply the automation's rule themselves, to crashes it left alone."""
+def test_a_cnnflow_worker_heals_what_the_automations_missed_or_cannot_see(prefect_harness):
+    """flows/worker.py: after a restart of the Prefect server, Crashed events can reach no automation,
+    and a run whose process died before it started stays Pending with no heartbeat to miss; the
+    pool's workers apply the automations' rules to both."""
     import asyncio
+    from datetime import datetime, timedelta, timezone
 
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.states import Crashed, Running
+    from prefect.states import Crashed, Pending, Running
 
     from cnnflow.flows.healing import RESUMABLE_TAG
-    from cnnflow.flows.worker import MISSED, Worker
+    from cnnflow.flows.worker import CHECK_SECONDS, MISSED, Worker
 
     async def scenario():
         async with get_client() as client:
@@ -70,21 +72,29 @@ def test_a_cnnflow_worker_resubmits_a_crashed_training_the_automation_missed(pre
             flow_id = await client.create_flow_from_name("train")
             deployment_id = await client.create_deployment(flow_id, "heal", work_pool_name="heal",
                                                            tags=[RESUMABLE_TAG], entrypoint="flows/train.py:train_flow")
-            flow_run = await client.create_flow_run_from_deployment(deployment_id)
-            await client.set_flow_run_state(flow_run.id, Running(), force=True)
-            await client.set_flow_run_state(flow_run.id, Crashed(message="dead"), force=True)
+            crashed = await client.create_flow_run_from_deployment(deployment_id)
+            await client.set_flow_run_state(crashed.id, Running(), force=True)
+            await client.set_flow_run_state(crashed.id, Crashed(message="dead"), force=True)
+            stuck = await client.create_flow_run_from_deployment(deployment_id)
+            await client.set_flow_run_state(stuck.id, Pending(), force=True)
 
-            async def state():
+            async def state(flow_run):
                 return (await client.read_flow_run(flow_run.id)).state
 
+            def later(seconds: float):
+                return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+
             async with Worker(work_pool_name="heal") as worker:
-                await asyncio.to_thread(install_automations, {"crash_after": 300, "restarts": 0})
-                await worker._resubmit_missed_crashes(left_alone_for=0)
-                assert (await state()).type.value == "CRASHED"  # the rule says never: the workers neither
-                await asyncio.to_thread(install_automations, {"crash_after": 300, "restarts": 1})
-                await worker._resubmit_missed_crashes()
-                assert (await state()).type.value == "CRASHED"  # just crashed: the automation's turn
-                await worker._resubmit_missed_crashes(left_alone_for=0)
-                assert ((await state()).name, (await state()).message) == ("AwaitingRetry", MISSED)
+                await asyncio.to_thread(install_automations, {"crash_after": 120, "restarts": 0})
+                await worker._heal_pool(now=later(60))
+                assert (await state(stuck)).type.value == "PENDING"  # not for long enough yet
+                await worker._heal_pool(now=later(121))
+                assert (await state(stuck)).message == "cnnflow: pending for more than 120 s (its process never started)"
+                assert (await state(crashed)).type.value == "CRASHED"  # the rule says never: the workers neither
+                await asyncio.to_thread(install_automations, {"crash_after": 120, "restarts": 1})
+                await worker._heal_pool()
+                assert (await state(crashed)).type.value == "CRASHED"  # just crashed: the automation's turn
+                await worker._heal_pool(now=later(CHECK_SECONDS + 1))
+                assert ((await state(crashed)).name, (await state(crashed)).message) == ("AwaitingRetry", MISSED)
 
     asyncio.run(scenario())
