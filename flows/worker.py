@@ -10,11 +10,11 @@ its MLflow run KILLED and its lease released, Prefect marks the flow run Crashed
 automation (flows/healing.py) schedules it again for any free worker, which resumes it. Then the
 worker stops as Prefect's does. A second SIGTERM stops it at once.
 
-Every CHECK_SECONDS it also does what the two automations cannot: it marks Crashed a run of the
-pool left Pending (its process died before it started, during a Prefect outage, so it never sent
-a heartbeat), and resubmits the pool's crashed trainings that the resubmit automation missed
-(events around a restart of the Prefect server reach no automation), by the automations' own
-rules: the same crash_after and run counts, nothing when they are disabled.
+Every CHECK_SECONDS it also does what the two automations miss around a restart of the Prefect
+server, by their own rules (the same crash_after and run counts, nothing when they are disabled):
+it marks Crashed a run of the pool unheard for crash_after, or left Pending that long (its process
+died as it started, so it never sent a heartbeat), and resubmits the pool's crashed trainings that
+stayed Crashed.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class Worker(ProcessWorker):
         super().__init__(*args, **kwargs)
         self._handing_back = threading.Event()
         self._next_check = time.monotonic() + CHECK_SECONDS
+        self._unheard_since = 0.0  # when this worker last failed to reach the Prefect server
         if threading.current_thread() is threading.main_thread():
             self._stop = signal.getsignal(signal.SIGTERM)  # `prefect worker start`'s: stop now
             signal.signal(signal.SIGTERM, self._hand_back)
@@ -53,14 +54,17 @@ class Worker(ProcessWorker):
             try:
                 await self._heal_pool()
             except Exception as error:  # a check that could not run now runs at the next poll
+                self._unheard_since = time.time()  # the server was down: heartbeats were lost, not missed
                 self._logger.debug(f"cnnflow: the pool's check for crashed runs failed: {error}")
         return await super().get_and_submit_flow_runs()
 
     async def _heal_pool(self, now=None) -> None:
         """What the two automations (flows/healing.py) do, for the pool's runs they cannot see or
-        missed: a run Pending for longer than jobs.crash_after (its process died before it started,
-        so it never sent a heartbeat) is marked Crashed; a training Crashed for CHECK_SECONDS that
-        the resubmit rule covers is scheduled again (Prefect's server passes events to automations
+        missed. A run that sent no heartbeat for jobs.crash_after (the crash automation's trigger
+        state does not survive a restart of the Prefect server), or stayed Pending that long (its
+        process died before it started, so it never sent one), is marked Crashed, unless this worker
+        itself could not reach the server within that time. A training Crashed for CHECK_SECONDS
+        that the resubmit rule covers is scheduled again (the server passes events to automations
         in memory: a crash recorded around its restart reaches none). `now`: for tests."""
         from datetime import datetime, timedelta, timezone
 
@@ -73,11 +77,14 @@ class Worker(ProcessWorker):
         crash_rule = await self._automation(CRASH_AUTOMATION)
         if crash_rule is not None and crash_rule.enabled:
             crash_after = crash_rule.trigger.within.total_seconds()
-            for flow_run in await self._runs_in(StateType.PENDING):
-                if flow_run.state.timestamp <= now - timedelta(seconds=crash_after):
-                    message = f"cnnflow: pending for more than {crash_after:g} s (its process never started)"
-                    self._logger.warning(f"{message}: flow run {flow_run.name} ({flow_run.id})")
-                    await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+            since = now - timedelta(seconds=crash_after)
+            if since.timestamp() > self._unheard_since:
+                for flow_run in [*await self._runs_in(StateType.PENDING), *await self._runs_in(StateType.RUNNING)]:
+                    if flow_run.state.timestamp <= since and not await self._heard_from(flow_run, since, now):
+                        message = (f"cnnflow: no heartbeat for {crash_after:g} s" if flow_run.state.is_running() else
+                                   f"cnnflow: pending for more than {crash_after:g} s (its process never started)")
+                        self._logger.warning(f"{message}: flow run {flow_run.name} ({flow_run.id})")
+                        await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
         resubmit_rule = await self._automation(RESUBMIT_AUTOMATION)
         if resubmit_rule is None or not resubmit_rule.enabled:
             return
@@ -87,6 +94,14 @@ class Worker(ProcessWorker):
                 self._logger.warning(f"cnnflow: flow run {flow_run.name} ({flow_run.id}) crashed and was not "
                                      f"resubmitted by the automation; resubmitting it")
                 await self.client.set_flow_run_state(flow_run.id, AwaitingRetry(message=MISSED), force=True)
+
+    async def _heard_from(self, flow_run, since, until) -> bool:
+        from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+        heartbeats = await self.client.read_events(EventFilter(
+            occurred=EventOccurredFilter(since=since, until=until), event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run.id}"])), limit=1)
+        return bool(heartbeats.events)
 
     async def _automation(self, name: str):
         return next(iter(await self.client.read_automations_by_name(name)), None)

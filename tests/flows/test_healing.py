@@ -52,9 +52,9 @@ def test_a_job_handed_back_by_a_stopped_worker_is_not_counted_as_a_crash_at_its_
 
 
 def test_a_cnnflow_worker_heals_what_the_automations_missed_or_cannot_see(prefect_harness):
-    """flows/worker.py: after a restart of the Prefect server, Crashed events can reach no automation,
-    and a run whose process died before it started stays Pending with no heartbeat to miss; the
-    pool's workers apply the automations' rules to both."""
+    """flows/worker.py: around a restart of the Prefect server the automations miss things: a run
+    that went unheard, a run whose process died as it started (Pending, no heartbeat to miss), a
+    Crashed event; the pool's workers apply the automations' rules to all three."""
     import asyncio
     from datetime import datetime, timedelta, timezone
 
@@ -77,6 +77,8 @@ def test_a_cnnflow_worker_heals_what_the_automations_missed_or_cannot_see(prefec
             await client.set_flow_run_state(crashed.id, Crashed(message="dead"), force=True)
             stuck = await client.create_flow_run_from_deployment(deployment_id)
             await client.set_flow_run_state(stuck.id, Pending(), force=True)
+            unheard = await client.create_flow_run_from_deployment(deployment_id)
+            await client.set_flow_run_state(unheard.id, Running(), force=True)
 
             async def state(flow_run):
                 return (await client.read_flow_run(flow_run.id)).state
@@ -88,8 +90,14 @@ def test_a_cnnflow_worker_heals_what_the_automations_missed_or_cannot_see(prefec
                 await asyncio.to_thread(install_automations, {"crash_after": 120, "restarts": 0})
                 await worker._heal_pool(now=later(60))
                 assert (await state(stuck)).type.value == "PENDING"  # not for long enough yet
+                assert (await state(unheard)).type.value == "RUNNING"
+                worker._unheard_since = later(10).timestamp()  # the worker lost the server: heartbeats were lost
+                await worker._heal_pool(now=later(121))
+                assert (await state(unheard)).type.value == "RUNNING"
+                worker._unheard_since = 0.0
                 await worker._heal_pool(now=later(121))
                 assert (await state(stuck)).message == "cnnflow: pending for more than 120 s (its process never started)"
+                assert (await state(unheard)).message == "cnnflow: no heartbeat for 120 s"
                 assert (await state(crashed)).type.value == "CRASHED"  # the rule says never: the workers neither
                 await asyncio.to_thread(install_automations, {"crash_after": 120, "restarts": 1})
                 await worker._heal_pool()
