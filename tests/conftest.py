@@ -154,6 +154,16 @@ def start_server(command: list[str], health: str, env: dict, log: Path) -> subpr
     return process
 
 
+def worker_training(run, workers: dict) -> str:
+    """The name of the worker (of `workers`: name -> its process) whose flow-run process trains `run`,
+    read from the run's lease ("host pid started token")."""
+    import psutil
+
+    trainer = int(run.data.params["lease.1"].split()[1])
+    return next(name for name, process in workers.items()
+                if trainer in [child.pid for child in psutil.Process(process.pid).children(recursive=True)])
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL to a process and everything it started, each in its whole process group."""
     import signal

@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow import MlflowClient
 
-from conftest import kill_tree, wait_until
+from conftest import kill_tree, wait_until, worker_training
 from test_outages import PrefectServer, TrackingServer
 
 pytestmark = pytest.mark.cluster
@@ -92,10 +91,8 @@ def test_four_jobs_survive_a_dead_worker_and_both_servers_down_with_nobody_actin
     waiting = _train(box, ["--multirun", "seed=1,2", "train.outage_timeout=20,600", f"train.epochs={EPOCHS}"])
     wait_until(lambda: _training(box, 3), 300, "three jobs training")
     victim = _training(box, 3)[0]
-    trainer = int(victim.data.params["lease.1"].split()[1])
-    name = next(name for name, process in box["workers"].items()
-                if trainer in [child.pid for child in psutil.Process(process.pid).children(recursive=True)])
-    kill_tree(box["workers"].pop(name).pid)  # the worker and its training, mid-epoch: a machine gone
+    # the worker and its training, mid-epoch: a machine gone
+    kill_tree(box["workers"].pop(worker_training(victim, box["workers"])).pid)
 
     box["mlflow"].stop()  # the two outages overlap for half a minute
     time.sleep(OUTAGE - 35)

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from mlflow import MlflowClient
 
-from conftest import free_port, kill_tree, start_server, wait_until
+from conftest import free_port, kill_tree, start_server, wait_until, worker_training
 
 pytestmark = pytest.mark.cluster
 
@@ -98,7 +97,7 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
 
     wait_until(uploaded_checkpoint, 240, "a checkpoint in the artifact store")
     run = uploaded_checkpoint()
-    worker = _trainer_of(run, cluster)
+    worker = worker_training(run, cluster["workers"])
     kill_tree(cluster["workers"][worker].pid)  # the worker and its training: a machine gone
     shutil.rmtree(Path(run.data.tags["output_dir"]).parents[2])  # its temporary folder: as if another machine
     time.sleep(1)
@@ -122,13 +121,6 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
     cluster["workers"][worker] = _worker(worker, cluster["root"], cluster["worker_env"])  # as it was
 
 
-def _trainer_of(run, cluster) -> str:
-    """The name of the worker whose flow-run process trains `run` (its lease: "host pid started token")."""
-    trainer = int(run.data.params["lease.1"].split()[1])
-    return next(name for name, process in cluster["workers"].items()
-                if trainer in [child.pid for child in psutil.Process(process.pid).children(recursive=True)])
-
-
 def test_a_worker_stopped_with_sigterm_hands_its_training_back_at_once(cluster):
     """flows/worker.py: the training stops cleanly (KILLED), Prefect marks it Crashed and it is
     resubmitted at once, not a heartbeat timeout later; the other worker resumes it."""
@@ -144,7 +136,7 @@ def test_a_worker_stopped_with_sigterm_hands_its_training_back_at_once(cluster):
 
     wait_until(two_epochs, 240, "two epochs")
     run = two_epochs()
-    worker = _trainer_of(run, cluster)
+    worker = worker_training(run, cluster["workers"])
     cluster["workers"][worker].terminate()
     assert cluster["workers"][worker].wait(timeout=40) == 0
     assert client.get_run(run.info.run_id).info.status == "KILLED"  # stopped cleanly, before the worker
