@@ -232,7 +232,7 @@ _watch_lock = threading.Lock()
 def _observe_prefect(url: str, logger) -> str | None:
     """Whether the Prefect server fails now (what failed, or None); the first failure and the first
     answer after failures are said, once each, whichever thread sees them."""
-    reason = _prefect_fails(url)
+    reason = prefect_fails(url)
     with _watch_lock:
         if reason is not None and _outage["since"] is None:
             _outage["since"] = time.monotonic()
@@ -276,7 +276,7 @@ def prefect_outage_raised() -> Exception | None:
     return _outage.get("raised")
 
 
-def _prefect_fails(url: str) -> str | None:
+def prefect_fails(url: str) -> str | None:
     """None when the server's health check answers; else what failed, as an operator reads it."""
     import httpx
 

@@ -20,7 +20,7 @@ import os
 
 from cnnflow.components.errors import DataError, InfrastructureError
 from cnnflow.flows.config import compose_config, fields_of, with_fields
-from cnnflow.flows.engine import configured_api_url
+from cnnflow.flows.engine import configured_api_url, prefect_fails
 from cnnflow.flows.healing import RESUMABLE_TAG, install_automations, job_environment
 
 DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain")
@@ -144,9 +144,14 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
 
 
 def _needs_pool_server(command: str) -> None:
-    if not configured_api_url():
+    url = configured_api_url()
+    if not url:
         raise InfrastructureError(f"{command} needs the Prefect server the pool's workers use: export PREFECT_API_URL="
                                   f"http://HOST:4200/api (or prefect config set PREFECT_API_URL=...) and run it again")
+    reason = prefect_fails(url)
+    if reason:
+        raise InfrastructureError(f"{command} needs the Prefect server {url}, and it fails: {reason}. Start it "
+                                  f"(prefect server start) or point PREFECT_API_URL at the one the workers use")
 
 
 def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:

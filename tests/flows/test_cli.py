@@ -104,6 +104,12 @@ def test_pool_commands_without_a_prefect_server_are_one_line_and_start_nothing(m
     assert "cnnflow: error: cnnflow deploy needs the Prefect server the pool's workers use" in err
     assert "cnnflow: error: cnnflow train --pool needs the Prefect server" in err
     assert "Starting temporary server" not in err
+    unreachable = "http://127.0.0.1:9/api"  # nothing listens on port 9
+    with temporary_settings({PREFECT_API_URL: unreachable}):
+        assert cli.main(["deploy", "--pool", "gpu"]) == 5
+    assert capsys.readouterr().err.strip() == (f"cnnflow: error: cnnflow deploy needs the Prefect server {unreachable}, "
+                                               f"and it fails: it is unreachable. Start it (prefect server start) or "
+                                               f"point PREFECT_API_URL at the one the workers use")
     with pytest.raises(SystemExit) as usage:
         cli.main(["train", "--no-wait", "seed=1"])
     assert usage.value.code == 2 and "--no-wait goes with --pool" in capsys.readouterr().err
