@@ -75,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-wait", action="store_true", help="with --pool: return once the jobs are submitted")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="experiment=NAME picks the recipe (default quickstart); others override settings")
+    search = commands.add_parser(
+        "search", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="pruned hyperparameter search (Optuna): trials until the budget is spent, the best one on test",
+        description="Search a recipe's settings: overrides in Hydra's sweep grammar are the space, the others are "
+                    "fixed; search.* (or search=NAME, a file of conf/search/) set the budget, sampler and pruner. "
+                    "The same command again continues the study.",
+        epilog="examples:\n  cnnflow search experiment=fashion_mnist_fast data.source=idx data.path=DIR search.epochs=45 \\\n"
+               "      'model.width=int(interval(16,64))' 'optimizer.learning_rate=tag(log,interval(1e-3,2e-2))' \\\n"
+               "      'data.batch_size=choice(64,128,256)'\n"
+               "  cnnflow search experiment=fashion_mnist_fast search=fashion_mnist_fast data.source=idx data.path=DIR\n"
+               "search settings (search.KEY=VALUE): trials, epochs, metric, direction, sampler (tpe, random), "
+               "startup_trials,\n  pruner (hyperband, successive_halving, median, none), seed, name, storage, parallel")
+    search.add_argument("--pool", help="train each trial on a Prefect work pool's workers (cnnflow deploy --pool NAME first)")
+    search.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     cont = commands.add_parser(
         "continue", help="train a run for more epochs, in the same MLflow run (epochs, history, optimizer state go on)",
         description="Continue a training from its last checkpoint: `cnnflow continue RUN_ID --epochs 10 "
@@ -99,15 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--figure", help="also draw the images with their predictions to this PNG file")
     serve = commands.add_parser(
         "serve", help="serve every flow as a Prefect deployment (needs a Prefect server)",
-        description="Registers train, continue, evaluate, predict and retrain as deployments (train/EXPERIMENT, "
-                    "retrain/EXPERIMENT, continue/any-run, evaluate/any-model, predict/any-model) and runs them "
+        description="Registers train, continue, evaluate, predict, retrain and search as deployments (train/EXPERIMENT, "
+                    "retrain/EXPERIMENT, search/EXPERIMENT, continue/any-run, evaluate/any-model, predict/any-model) and runs them "
                     "when the Prefect UI, API or the retrain schedule asks. "
                     "KEY=VALUE settings set the defaults of train/retrain, e.g. experiment=celeba "
                     "data.path=/data/celeba 'retrain.cron=0 3 * * 0'.")
     serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     deploy = commands.add_parser(
         "deploy", help="register every flow as a deployment on a Prefect work pool, for workers on any machine",
-        description="Registers train, continue, evaluate, predict and retrain as deployments '<flow>/POOL' on the "
+        description="Registers train, continue, evaluate, predict, retrain and search as deployments '<flow>/POOL' on the "
                     "work pool POOL (of the type cnnflow, created if there is none) and returns. Any machine with "
                     "cnnflow installed runs them: prefect worker start --pool POOL. KEY=VALUE settings are the "
                     "defaults of train/retrain runs; runs report to this command's MLflow store.")
@@ -220,6 +234,24 @@ def run_train(overrides: list[str], multirun: bool) -> int:
     return _summary(sweep_id, outcomes) if multirun else 0 if outcomes[0][1] == "ok" else 1
 
 
+def run_search(overrides: list[str], pool: str | None) -> int:
+    """A search: its settings, space and store checked before any server starts; the best trial printed."""
+    from cnnflow.flows import engine, store
+    from cnnflow.flows.search import planned, search_flow
+
+    experiment, rest = split_experiment(overrides)
+    store.use_store(planned(experiment, rest).cfg)
+    with engine.under_configured_server_or_in_process():
+        result = search_flow(experiment, rest, pool)
+    print(f"\nsearch {result['study']}: {result['trials']} trials ({result['pruned']} pruned), {result['epochs_spent']} "
+          f"epochs; MLflow run {result['run_id']}")
+    print(f"  best: trial {result['best_trial']}  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                         for k, v in result["params"].items()))
+    print("  " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith(("val_", "test_")) or k == "loss")
+          + f"  (run {result['best_run']})")
+    return 0
+
+
 def _summary(sweep_id: str, outcomes: list[tuple[list[str], str, str]]) -> int:
     """Prints each job's outcome (its run id, or why it failed); 0 when every job succeeded."""
     from cnnflow.flows import report
@@ -326,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     # KEY=VALUE overrides may come after options (`continue RUN --epochs 2 optimizer.learning_rate=1e-4`)
     args, extra = parser.parse_known_args(argv)
     unknown_options = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
-    if unknown_options or (extra and args.command not in ("train", "continue", "serve", "deploy")):
+    if unknown_options or (extra and args.command not in ("train", "search", "continue", "serve", "deploy")):
         parser.error(f"unrecognized arguments: {' '.join(unknown_options or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -353,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--no-wait goes with --pool")
         if args.command == "train":
             return run_train(args.overrides, args.multirun)
+        if args.command == "search":
+            return run_search(args.overrides, args.pool)
         _run_flow(args)
         return 0
     except UserError as error:

@@ -36,6 +36,10 @@ FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtim
 def config_hash(cfg: dict[str, Any]) -> str:
     """Identity of a training's settings (tags, the spelling of overrides and how jobs run aside)."""
     identity = {key: value for key, value in cfg.items() if key not in ("tags", "overrides", "resume", "jobs")}
+    # a search's trial is its own training, even where another trial drew the same values
+    trial = {key: value for key, value in cfg.get("tags", {}).items() if key in ("search", "search_trial")}
+    if trial:
+        identity["search_trial"] = trial
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -23,7 +23,7 @@ from cnnflow.flows.config import compose_config, fields_of, with_fields
 from cnnflow.flows.engine import configured_api_url, prefect_fails
 from cnnflow.flows.healing import RESUMABLE_TAG, install_automations, job_environment
 
-DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain")
+DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain", "search")
 
 
 def deployment_names(experiment: str, pool: str | None = None) -> dict[str, str]:
@@ -33,7 +33,7 @@ def deployment_names(experiment: str, pool: str | None = None) -> dict[str, str]
     if pool:
         return dict.fromkeys(DEPLOYMENTS, pool)
     return {"train": experiment, "retrain": experiment, "continue": "any-run", "evaluate": "any-model",
-            "predict": "any-model"}
+            "predict": "any-model", "search": experiment}
 
 
 def deployments(experiment: str, overrides: list[str], pool: str | None = None) -> list:
@@ -44,6 +44,7 @@ def deployments(experiment: str, overrides: list[str], pool: str | None = None) 
 
     from cnnflow.flows.inference import evaluate_flow, predict_flow
     from cnnflow.flows.retrain import checked_sizes, retrain_flow, schedule_name
+    from cnnflow.flows.search import search_flow
     from cnnflow.flows.train import continue_flow, train_flow
 
     cfg = compose_config(experiment, overrides)
@@ -72,8 +73,15 @@ def deployments(experiment: str, overrides: list[str], pool: str | None = None) 
                                    cron=cfg["retrain"]["cron"], entrypoint_type=module, tags=tags + ["schedule", RESUMABLE_TAG],
                                    description=f"Retrain {schedule_name(cfg)} on growing subsets "
                                                f"{cfg['retrain']['sizes']}, promoting only improvements."),
+        search_flow.to_deployment(names["search"], parameters={"experiment": experiment, "pool": pool,
+                                                               "overrides": overrides + ["search=default"]},
+                                  entrypoint_type=module, tags=tags + [RESUMABLE_TAG],
+                                  description="Search hyperparameters with pruning: add the space to overrides in "
+                                              "Hydra's sweep grammar, e.g. model.width=int(interval(16,64)); the "
+                                              "search.* settings set the budget. Run again to continue a study."),
     ]
-    for deployment, step in zip(made, (train_flow, continue_flow, evaluate_flow, predict_flow, retrain_flow)):
+    for deployment, step in zip(made, (train_flow, continue_flow, evaluate_flow, predict_flow, retrain_flow,
+                                       search_flow)):
         deployment.entrypoint = f"{__name__}.{step.fn.__name__}"  # a Prefect flow: see __getattr__ below
     return made
 
@@ -81,9 +89,9 @@ def deployments(experiment: str, overrides: list[str], pool: str | None = None) 
 def __getattr__(name: str):
     """`cnnflow.flows.serve.<flow function>` is that flow's Prefect object: what a deployment's
     entrypoint must name (cnnflow's flow objects make Prefect's only when needed, flows/engine.py)."""
-    from cnnflow.flows import inference, retrain, train
+    from cnnflow.flows import inference, retrain, search, train
 
-    for module in (train, inference, retrain):
+    for module in (train, inference, retrain, search):
         step = getattr(module, name, None)
         if step is not None and hasattr(step, "kind") and step.kind == "flow":
             return step.prefect
@@ -104,7 +112,7 @@ def serve_all(experiment: str, overrides: list[str]) -> None:
 
 
 def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
-    """Registers the five flows as deployments `<flow>/<pool>` on the work pool `pool` (made as a
+    """Registers the six flows as deployments `<flow>/<pool>` on the work pool `pool` (made as a
     "cnnflow" pool, flows/worker.py, when it does not exist) and returns their names. Runs get MLFLOW_TRACKING_URI
     set to this command's store; `experiment` and `overrides` are train's and retrain's defaults."""
     import logging
@@ -182,22 +190,25 @@ def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:
 _RESUBMIT_GRACE = 60.0  # seconds a crashed run may wait for the resubmitting automation before it counts as ended
 
 
+def has_ended(run) -> bool:
+    """Completed, failed, cancelled, or crashed and not resubmitted within _RESUBMIT_GRACE."""
+    from datetime import datetime, timezone
+
+    if not (run.state and run.state.is_final()):
+        return False
+    waited = (datetime.now(timezone.utc) - run.state.timestamp).total_seconds()
+    return not run.state.is_crashed() or waited > _RESUBMIT_GRACE
+
+
 def finished(flow_runs: list, every: float = 5.0) -> list:
     """The flow runs once each has ended: completed, failed, cancelled, or crashed and not resubmitted
     (flows/healing.py); each restart is said as it starts."""
     import time
-    from datetime import datetime, timezone
 
     import httpx
     from prefect import get_client
 
     from cnnflow.flows.outbox import outage_reason
-
-    def ended(run) -> bool:
-        if not (run.state and run.state.is_final()):
-            return False
-        waited = (datetime.now(timezone.utc) - run.state.timestamp).total_seconds()
-        return not run.state.is_crashed() or waited > _RESUBMIT_GRACE
 
     attempts, unanswered_since = {run.id: 1 for run in flow_runs}, None
     with get_client(sync_client=True) as client:
@@ -218,6 +229,6 @@ def finished(flow_runs: list, every: float = 5.0) -> list:
                 if run.run_count > attempts[run.id]:  # a crashed run resubmitted and running again
                     attempts[run.id] = run.run_count
                     print(f"flow run {run.name}: restart {run.run_count - 1} after a crash", flush=True)
-            if all(ended(run) for run in current):
+            if all(has_ended(run) for run in current):
                 return current
             time.sleep(every)

@@ -144,6 +144,23 @@ class Runtime(Section):
     strategy: Literal["default", "mirrored"] = "default"
 
 
+class Search(Section):
+    trials: Count | None = 20
+    epochs: Annotated[int, Interval(ge=1, le=10**7)] | None = None
+    metric: Annotated[str, Field(pattern=r"^(val_\w+|loss|val_loss)$",
+                                 description="a validation metric, like val_accuracy or val_loss (a search never "
+                                             "looks at test figures)")] = "val_accuracy"
+    direction: Literal["max", "min"] = "max"
+    sampler: Literal["tpe", "random"] = "tpe"
+    startup_trials: NonNegative = 5
+    pruner: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
+    seed: Seed = 0
+    name: Annotated[str, Field(pattern=r"^[\w.-]+$", description="letters, digits, _, . and -")] | None = None
+    storage: Name | None = None
+    parallel: Count | None = None
+    space: dict[str, str] = {}
+
+
 class Settings(Section):
     experiment: Name
     overrides: list[str]
@@ -163,6 +180,7 @@ class Settings(Section):
     optimizer: Component
     train: Train
     plots: dict[str, Component | None]
+    search: Search | None = None  # only `cnnflow search` composes it (search=NAME)
 
 
 # Arguments the flow passes to a component itself; a config must not set them.
@@ -290,9 +308,18 @@ def _schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     keys = set()
     for name, field in model.model_fields.items():
         keys.add(f"{prefix}{name}")
-        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
-            keys |= _schema_keys(field.annotation, f"{prefix}{name}.")
+        section = _section(field.annotation)
+        if section:
+            keys |= _schema_keys(section, f"{prefix}{name}.")
     return keys
+
+
+def _section(annotation: Any) -> type[Section] | None:
+    """The section a field holds, also where it may be None (`search: Search | None`)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return None
 
 
 def _dotted(location: tuple) -> tuple[str, list]:
@@ -330,7 +357,7 @@ def _field_description(parts: list) -> str | None:
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
             return None
         field = model.model_fields[part]
-        model = field.annotation
+        model = _section(field.annotation) or field.annotation
     return field.description if field else None
 
 

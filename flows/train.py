@@ -164,6 +164,10 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     callbacks += [divergence, checkpoint, EpochProgress(epochs, run_logger(), cfg["data"]["batch_size"]),
                   EpochMetrics(writes.metrics),
                   keras.callbacks.LambdaCallback(on_train_batch_end=between_batches)]
+    if "search" in cfg["tags"]:  # a search's trial: its search may prune it at an epoch end (flows/search.py)
+        from cnnflow.flows.search import Verdicts
+
+        callbacks.append(Verdicts(run_id, epochs, run_logger()).callback)  # last: after the epoch's checkpoint
     needs = cache_needs(cfg["data"], split)
     kept = caching.plan(cfg["data"], needs)
     run_logger().info(caching.describe(kept, needs, cfg["data"]))

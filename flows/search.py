@@ -1,0 +1,689 @@
+"""`cnnflow search`: an Optuna study over a recipe's settings; each trial is one training run.
+
+    cnnflow search experiment=fashion_mnist_fast data.source=idx data.path=DIR search.epochs=45 \\
+        'model.width=int(interval(16,64))' 'optimizer.learning_rate=tag(log,interval(1e-3,2e-2))' \\
+        'data.batch_size=choice(64,128,256)'
+
+The space is written in Hydra's sweep grammar, as Hydra's Optuna sweeper reads it (or in a file of
+conf/search/); every other override is fixed. The study lives in an Optuna storage (SQL beside a
+SQLite MLflow store), so the same command again continues it: trials still training are taken up
+where they are and no trial is counted twice. A trial is a training run tagged search=<study> and
+search_trial=<n>, a child of the search's MLflow run; it never evaluates the test split
+(train.test=false). When the budget is spent, the best trial alone is evaluated on test.
+
+Pruning goes through the MLflow store alone, so a trial may train on any worker of a pool: at each
+epoch end the trainer writes the epoch's metrics to its run's tag `search.report` and waits, briefly,
+for the tag `search.verdict`, which this command's judge thread writes after asking the study's
+pruner. A trainer that hears no verdict trains on; a judge that comes back judges what is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnflow.components.errors import RunError, SettingsError, UserError
+from cnnflow.flows import report, store
+from cnnflow.flows.config import Experiment, compose_config
+from cnnflow.flows.engine import flow, run_logger
+
+REPORT_TAG, VERDICT_TAG, STATE_TAG = "search.report", "search.verdict", "search.state"
+VERDICT_SECONDS = 60.0  # how long a trainer waits for a verdict before it trains on without one
+JUDGE_SECONDS = 1.0  # how often the judge reads the trials' reports
+MAX_FAILURES_IN_A_ROW = 3
+
+
+# ------------------------------------------------------------------------------------ the space
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a search needs, checked before anything is created."""
+
+    experiment: str
+    fixed: list[str]
+    expressions: dict[str, str]  # key -> the sweep expression as written
+    space: dict[str, Any]  # key -> Optuna distribution
+    search: dict[str, Any]  # the search.* settings
+    cfg: dict[str, Any]  # the recipe with the fixed overrides
+    study_name: str
+    storage: str
+
+    @property
+    def max_epochs(self) -> int:
+        return self.cfg["train"]["epochs"]
+
+
+def planned(experiment: str, overrides: list[str]) -> Plan:
+    """The search the command line asks for: `search=NAME` and `search.*` choose the search's own
+    settings, overrides in sweep grammar make the space, the rest is fixed. Every bound of the space
+    is composed and checked against the settings schema, so a range a setting does not take is
+    refused here, in one line."""
+    search_choice = [o for o in overrides if o.startswith("search=")][-1:] or ["search=default"]
+    search_overrides = [o for o in overrides if o.startswith("search.")]
+    rest = [o for o in overrides if not o.startswith(("search=", "search."))]
+    expressions, fixed = _sweeps(rest)
+    cfg = compose_config(experiment, [*fixed, *search_choice, *search_overrides])
+    search = cfg.pop("search")
+    expressions = {**search["space"], **expressions}
+    if not expressions:
+        raise SettingsError("search needs a space: overrides in Hydra's sweep grammar, e.g. "
+                            "'model.width=int(interval(16,64))' 'data.batch_size=choice(64,128,256)', or search=NAME "
+                            "for a file of conf/search/ with a space")
+    if not search["trials"] and not search["epochs"]:
+        raise SettingsError("search.trials=null and search.epochs=null: set a budget, e.g. search.trials=20 or "
+                            "search.epochs=45")
+    space = {key: distribution(key, expression) for key, expression in expressions.items()}
+    for key, dist in space.items():
+        for value in _extremes(dist):
+            compose_config(experiment, [*fixed, as_override(key, value)])
+    metric = search["metric"].removeprefix("val_")
+    if metric != "loss" and metric not in cfg["train"]["metrics"]:
+        raise SettingsError(f"search.metric={search['metric']!r}: the trials record val_loss and val_<m> for "
+                            f"train.metrics={cfg['train']['metrics']}")
+    identity = [experiment, sorted(fixed), sorted(expressions.items()),
+                {k: search[k] for k in ("metric", "direction", "sampler", "startup_trials", "pruner", "seed")}]
+    name = search["name"] or f"{experiment}-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:8]}"
+    return Plan(experiment, fixed, expressions, space, search, cfg, name, search["storage"] or _default_storage(cfg))
+
+
+def _sweeps(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Overrides in sweep grammar (key -> expression) and the fixed ones."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    expressions, fixed = {}, []
+    for override in overrides:
+        try:
+            parsed = OverridesParser.create().parse_override(override)
+        except HydraException as error:
+            raise SettingsError(f"{override}: {str(error).splitlines()[0]}") from None
+        if parsed.is_sweep_override():
+            expressions[parsed.get_key_element()] = override.partition("=")[2]
+        else:
+            fixed.append(override)
+    return expressions, fixed
+
+
+def distribution(key: str, expression: str):
+    """Hydra's sweep expression as an Optuna distribution: `choice(a,b)` and `a,b` categorical,
+    `range(lo,hi,step)` stepped, `interval(lo,hi)` continuous (`int(...)`: integers, `tag(log, ...)`:
+    on a log scale)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+    from hydra.errors import HydraException
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    try:
+        parsed = OverridesParser.create().parse_override(f"{key}={expression}")
+    except HydraException as error:
+        raise SettingsError(f"{key}={expression}: {str(error).splitlines()[0]}") from None
+    value = parsed.value()
+    log = "log" in getattr(value, "tags", ())
+    try:
+        if isinstance(value, ChoiceSweep):
+            return CategoricalDistribution(list(parsed.sweep_iterator()))
+        if isinstance(value, RangeSweep):
+            numbers = (value.start, value.stop, value.step)
+            if all(isinstance(n, int) for n in numbers):
+                return IntDistribution(value.start, value.stop - 1, log=log, step=value.step)
+            return FloatDistribution(value.start, value.stop - value.step, step=value.step)
+        if isinstance(value, IntervalSweep):
+            if isinstance(value.start, int) and isinstance(value.end, int):
+                return IntDistribution(value.start, value.end, log=log)
+            return FloatDistribution(value.start, value.end, log=log)
+    except ValueError as error:  # Optuna's own refusal: low > high, log of 0, ...
+        raise SettingsError(f"{key}={expression}: {error}") from None
+    raise SettingsError(f"{key}={expression}: a search space is choice(...), range(...) or interval(...) (with "
+                        f"int(...) and tag(log, ...)), or a,b,c")
+
+
+def _extremes(dist) -> list:
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    return [dist.low, dist.high]
+
+
+def as_override(key: str, value: Any) -> str:
+    """A sampled value as the override that sets it (a string quoted unless it is a plain word)."""
+    if isinstance(value, str) and not value.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        value = "'" + value.replace("'", "\\'") + "'"
+    elif isinstance(value, float):
+        value = repr(value)
+    return f"{key}={value}"
+
+
+def _default_storage(cfg: dict[str, Any]) -> str:
+    """Beside a SQLite MLflow store (optuna.db next to mlflow.db); else optuna.db in this folder."""
+    uri = store.tracking_uri(cfg)
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path.cwd()
+    return f"sqlite:///{(folder / 'optuna.db').resolve()}"
+
+
+def shown(url: str) -> str:
+    """A storage URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# ------------------------------------------------------------------------------------ the study
+
+def opened_study(plan: Plan):
+    """The plan's study, created or continued."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # cnnflow says what each trial did
+    search = plan.search
+    sampler = (optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=search["startup_trials"],
+                                          constant_liar=True)
+               if search["sampler"] == "tpe" else optuna.samplers.RandomSampler(seed=search["seed"]))
+    pruner = {"hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=plan.max_epochs),
+              "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1),
+              "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=search["startup_trials"],
+                                                            n_warmup_steps=1),
+              "none": optuna.pruners.NopPruner}[search["pruner"]]()
+    try:
+        storage = optuna.storages.RDBStorage(plan.storage, engine_kwargs=_engine_options(plan.storage))
+        return optuna.create_study(storage=storage, study_name=plan.study_name, sampler=sampler, pruner=pruner,
+                                   direction="maximize" if search["direction"] == "max" else "minimize",
+                                   load_if_exists=True)
+    except (SQLAlchemyError, ValueError, ImportError) as error:
+        raise SettingsError(f"search.storage={shown(plan.storage)}: cannot open it as an Optuna storage "
+                            f"({str(error).splitlines()[0][:200]})") from None
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    # the judge thread and the trials loop write one SQLite file together
+    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+
+def _states():
+    from optuna.trial import TrialState
+
+    return TrialState
+
+
+def epochs_for_next_trial(study, plan: Plan) -> int:
+    """How many epochs the next trial may train (0: the budget is spent). Running trials keep what
+    they were given, so the epoch budget is never overrun; the last trial may get fewer epochs."""
+    state = _states()
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state in (state.COMPLETE, state.PRUNED)]
+    running = [t for t in trials if t.state == state.RUNNING]
+    if plan.search["trials"] and len(done) + len(running) >= plan.search["trials"]:
+        return 0
+    if not plan.search["epochs"]:
+        return plan.max_epochs
+    spent = sum(t.user_attrs.get("epochs_trained", 0) for t in trials if t.state != state.RUNNING)
+    spent += sum(t.user_attrs.get("epochs", plan.max_epochs) for t in running)
+    return max(0, min(plan.max_epochs, plan.search["epochs"] - spent))
+
+
+def trial_overrides(plan: Plan, trial, epochs: int) -> list[str]:
+    """The training a trial is: the fixed settings, the sampled ones, validation only, its tags."""
+    sampled = [as_override(key, trial.params[key]) for key in plan.space]
+    shorter = [f"train.epochs={epochs}"] if epochs < plan.max_epochs else []
+    return [*plan.fixed, *sampled, *shorter, "train.test=false", f"+tags.search='{plan.study_name}'",
+            f"+tags.search_trial={trial.number}"]
+
+
+def new_trial(study, plan: Plan, epochs: int):
+    trial = study.ask(plan.space)
+    trial.set_user_attr("epochs", epochs)
+    trial.set_user_attr("overrides", trial_overrides(plan, trial, epochs))
+    return trial
+
+
+def describe(trial, plan: Plan) -> str:
+    values = " ".join(as_override(key, _rounded(trial.params[key])) for key in plan.space)
+    return f"trial {trial.number} ({values})"
+
+
+def _rounded(value: Any) -> Any:
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def trial_run(plan: Plan, number: int):
+    """The MLflow run of trial `number`, newest first, or None."""
+    import mlflow
+
+    runs = mlflow.search_runs([store.experiment_id(plan.cfg)], output_format="list", max_results=1,
+                              order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.search = '{plan.study_name}' and tags.search_trial = '{number}'")
+    return runs[0] if runs else None
+
+
+def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str:
+    """Tell the study how trial `number` ended, from its MLflow run; returns one line saying it."""
+    from mlflow import MlflowClient
+
+    state = _states()
+    trial = study.trials[number]
+    run = trial_run(plan, number)
+    if failure or run is None or run.info.status != "FINISHED":
+        why = failure or (f"its run {run.info.run_id} ended {run.info.status}" if run else "it has no MLflow run")
+        study.tell(number, state=state.FAIL)
+        if run:
+            MlflowClient().set_tag(run.info.run_id, STATE_TAG, f"failed: {why}"[:500])
+        return f"{describe(trial, plan)}: failed ({why}); another trial takes its place"
+    reported = json.loads(run.data.tags.get(REPORT_TAG) or "{}")
+    epochs = reported.get("epoch") or trial.user_attrs.get("epochs", plan.max_epochs)
+    study._storage.set_trial_user_attr(trial._trial_id, "run_id", run.info.run_id)
+    study._storage.set_trial_user_attr(trial._trial_id, "epochs_trained", epochs)
+    metric = plan.search["metric"]
+    value = reported.get("logs", {}).get(metric)
+    if value is not None and epochs not in trial.intermediate_values:  # the last epoch, which has no verdict
+        study._storage.set_trial_intermediate_value(trial._trial_id, epochs, value)
+    if run.data.tags.get(STATE_TAG, "").startswith("pruned"):
+        study.tell(number, state=state.PRUNED)
+        return f"{describe(trial, plan)}: pruned at epoch {epochs}, {metric} {value:.4f}  (run {run.info.run_id})"
+    value = run.data.metrics[metric]
+    study.tell(number, value)
+    MlflowClient().set_tag(run.info.run_id, STATE_TAG, "complete")
+    return f"{describe(trial, plan)}: complete after {epochs} epochs, {metric} {value:.4f}  (run {run.info.run_id})"
+
+
+# ------------------------------------------------------------------------------------ pruning
+
+class Judge:
+    """The search's side of pruning: every JUDGE_SECONDS it reads the reports of the study's running
+    trial runs in MLflow, reports each new epoch to the study, and writes the pruner's verdict. It
+    also makes each trial run a child of the search's run."""
+
+    def __init__(self, study, plan: Plan, parent_run_id: str, logger):
+        self.study, self.plan, self.parent, self.logger = study, plan, parent_run_id, logger
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cnnflow-search-judge", daemon=True)
+        self._failing = False
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(JUDGE_SECONDS):
+            try:
+                self.judge_reports()
+                if self._failing:
+                    self.logger.info("search: the judge reaches the MLflow store again")
+                self._failing = False
+            except Exception as error:  # a store outage: the trainers train on meanwhile
+                if not self._failing:
+                    self.logger.warning(f"search: cannot read the trials' reports ({str(error).splitlines()[0][:200]}); "
+                                        f"trials train on without verdicts until the store answers")
+                self._failing = True
+
+    def judge_reports(self) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        runs = mlflow.search_runs([store.experiment_id(self.plan.cfg)], output_format="list",
+                                  filter_string=f"tags.search = '{self.plan.study_name}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            tags = run.data.tags
+            if tags.get("mlflow.parentRunId") != self.parent:
+                client.set_tag(run.info.run_id, "mlflow.parentRunId", self.parent)
+            reported = json.loads(tags.get(REPORT_TAG) or "null")
+            judged = json.loads(tags.get(VERDICT_TAG) or "null")
+            if not reported or (judged and judged["epoch"] >= reported["epoch"]):
+                continue
+            prune = self.verdict(int(tags["search_trial"]), reported["epoch"], reported["logs"])
+            if prune is not None:
+                client.set_tag(run.info.run_id, VERDICT_TAG, json.dumps({"epoch": reported["epoch"], "prune": prune}))
+
+    def verdict(self, number: int, epoch: int, logs: dict[str, float]) -> bool | None:
+        """Whether the pruner stops trial `number` after `epoch` (None: it is no longer running)."""
+        import optuna
+
+        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+        if self.study._storage.get_trial(trial_id).state != _states().RUNNING:
+            return None
+        trial = optuna.trial.Trial(self.study, trial_id)
+        value = logs.get(self.plan.search["metric"])
+        if value is None:
+            return False
+        if epoch not in trial.storage.get_trial(trial_id).intermediate_values:
+            trial.report(value, epoch)
+        return bool(trial.should_prune())  # numpy's bool, from some pruners
+
+
+class Verdicts:
+    """The trainer's side of pruning, as a Keras callback (flows/train.py adds it to a trial's
+    training): at each epoch end the epoch's metrics go to the run's tag `search.report`; then it
+    waits for the judge's verdict on that epoch, and a `prune` stops the training after it."""
+
+    def __init__(self, run_id: str, last_epoch: int, logger, wait: float = VERDICT_SECONDS):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(inner, epoch, logs=None):
+                if self.pruned_after(epoch + 1, logs or {}):
+                    inner.model.stop_training = True
+
+        self.callback = Callback()
+        self.run_id, self.last_epoch, self.logger, self.wait = run_id, last_epoch, logger, wait
+
+    def pruned_after(self, epoch: int, logs: dict[str, Any]) -> bool:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        try:
+            client.set_tag(self.run_id, REPORT_TAG, json.dumps({"epoch": epoch, "logs": {
+                name: float(value) for name, value in logs.items()}}))
+        except Exception as error:  # the store is out: the outbox keeps the training's own writes
+            self.logger.warning(f"search: could not report epoch {epoch} ({str(error).splitlines()[0][:150]}); "
+                                f"training on")
+            return False
+        if epoch >= self.last_epoch:
+            return False
+        deadline = time.monotonic() + self.wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                verdict = json.loads(client.get_run(self.run_id).data.tags.get(VERDICT_TAG) or "null")
+                if verdict and verdict["epoch"] >= epoch:
+                    if verdict["prune"]:
+                        client.set_tag(self.run_id, STATE_TAG, f"pruned at epoch {epoch}")
+                        self.logger.info(f"search: pruned after epoch {epoch}: the trial is weaker than its peers "
+                                         f"were at this epoch")
+                    return bool(verdict["prune"])
+            time.sleep(0.3)
+        self.logger.warning(f"search: no verdict on epoch {epoch} within {self.wait:.0f} s (is the search command "
+                            f"running?); training on, and waiting at most 5 s from now on")
+        self.wait = 5.0
+        return False
+
+
+# ------------------------------------------------------------------------------------ the flow
+
+@flow(name="search", flow_run_name="search {experiment}")
+def search_flow(experiment: Experiment = "quickstart", overrides: list[str] | None = None, pool: str | None = None) -> dict:
+    """A pruned hyperparameter search: trials until the budget is spent, then the best on test.
+
+    Args:
+        experiment: The recipe whose settings are searched.
+        overrides: The space in Hydra's sweep grammar (`model.width=int(interval(16,64))`,
+            `optimizer.learning_rate=tag(log,interval(1e-4,1e-2))`, `data.batch_size=choice(64,128,256)`),
+            fixed settings (`key=value`), and the search's own (`search=NAME`, `search.trials=20`,
+            `search.epochs=45`, `search.pruner=median`, ...).
+        pool: Train each trial on this Prefect work pool's workers (cnnflow deploy --pool NAME first);
+            None: here, one trial after another.
+    """
+    logger = run_logger()
+    plan = planned(experiment, list(overrides or []))
+    uri = store.use_store(plan.cfg)
+    study = opened_study(plan)
+    state = _states()
+    done = [t for t in study.trials if t.state.is_finished()]
+    if study.trials:
+        logger.info(f"search: continuing study {plan.study_name}: {len(done)} trials done, "
+                    f"{sum(t.state == state.RUNNING for t in study.trials)} to take up")
+    with _parent_run(study, plan, uri, logger) as parent, Judge(study, plan, parent, logger):
+        if pool:
+            _run_on_pool(study, plan, pool, logger)
+        else:
+            _run_here(study, plan, logger)
+        summary = _summary(study, plan, parent, logger)
+    return summary
+
+
+def _run_here(study, plan: Plan, logger) -> None:
+    """Trials one after another in this process; a trial the last command left running first."""
+    from cnnflow.flows.train import train_flow
+
+    state = _states()
+    failures = 0
+    taken_up = [t for t in study.trials if t.state == state.RUNNING]
+    while True:
+        trial = taken_up.pop(0) if taken_up else None
+        if trial is None:
+            epochs = epochs_for_next_trial(study, plan)
+            if not epochs:
+                return
+            trial = new_trial(study, plan, epochs)
+        else:
+            logger.info(f"search: taking up {describe(trial, plan)} where it stopped")
+        logger.info(f"search: {describe(trial, plan)}, {trial.user_attrs['epochs']} epochs")
+        failure = None
+        run = trial_run(plan, trial.number)
+        if not (run and run.info.status == "FINISHED"):  # else it ended before the last command could tell
+            try:
+                train_flow(plan.experiment, trial.user_attrs["overrides"])
+            except (UserError, Exception) as error:
+                failure = str(error).splitlines()[0][:300] if isinstance(error, UserError) else \
+                    f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        logger.info("search: " + concluded(study, plan, trial.number, failure))
+        failures = failures + 1 if failure else 0
+        if failures >= MAX_FAILURES_IN_A_ROW:
+            raise RunError(f"{failures} trials in a row failed, the last: {failure}; the search stops (the same "
+                           f"command continues it once that is fixed)")
+
+
+POOL_SECONDS = 3.0  # how often a search on a pool looks at its trials' flow runs
+
+
+def _run_on_pool(study, plan: Plan, pool: str, logger) -> None:
+    """Trials as runs of the pool's train deployment, as many at once as the pool has workers online
+    (or search.parallel); trials the last command left running are watched, not submitted again."""
+    import httpx
+    from prefect import get_client
+
+    from cnnflow.flows import serve
+    from cnnflow.flows.outbox import outage_reason
+
+    state = _states()
+    in_flight = {t.number: t.user_attrs.get("flow_run_id") for t in study.trials if t.state == state.RUNNING}
+    failures, unanswered = 0, False
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                for number, flow_run_id in list(in_flight.items()):
+                    run = client.read_flow_run(flow_run_id) if flow_run_id else None
+                    if run is not None and not serve.has_ended(run):
+                        continue
+                    failure = None if run is not None and run.state.is_completed() else \
+                        f"flow run {run.name}: {run.state.name} {run.state.message or ''}".strip() if run else None
+                    logger.info("search: " + concluded(study, plan, number, failure))
+                    del in_flight[number]
+                    failures = failures + 1 if study.trials[number].state == state.FAIL else 0
+                    if failures >= MAX_FAILURES_IN_A_ROW:
+                        raise RunError(f"{failures} trials in a row failed, the last: {failure}; the search stops (the "
+                                       f"same command continues it once that is fixed)")
+                while len(in_flight) < _parallel(client, plan, pool) and (epochs := epochs_for_next_trial(study, plan)):
+                    trial = new_trial(study, plan, epochs)
+                    [flow_run] = serve.submitted(pool, [(plan.experiment, trial.user_attrs["overrides"])])
+                    trial.set_user_attr("flow_run_id", str(flow_run.id))
+                    in_flight[trial.number] = str(flow_run.id)
+                    logger.info(f"search: {describe(trial, plan)}, {epochs} epochs -> flow run {flow_run.name} on "
+                                f"pool {pool}")
+                if unanswered:
+                    logger.info("search: the Prefect server answers again")
+                unanswered = False
+            except httpx.HTTPError as error:  # the trials go on without the server; the search waits for it
+                if not unanswered:
+                    logger.warning(f"search: the Prefect server fails ({outage_reason(error)}); the trials go on, "
+                                   f"and the search waits for the server")
+                unanswered = True
+            if not in_flight and not unanswered:
+                return
+            time.sleep(POOL_SECONDS)
+
+
+def _parallel(client, plan: Plan, pool: str) -> int:
+    if plan.search["parallel"]:
+        return plan.search["parallel"]
+    return max(1, sum(worker.status == "ONLINE" for worker in client.read_workers_for_work_pool(pool)))
+
+
+@contextlib.contextmanager
+def _parent_run(study, plan: Plan, uri: str, logger):
+    """The search's MLflow run (the same one when a search is continued): RUNNING while it searches,
+    then FINISHED, or KILLED when stopped. Not the active run: each trial's training is that."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    run_id = study.user_attrs.get("mlflow_run_id")
+    try:
+        run_id = run_id and client.get_run(run_id).info.run_id
+    except MlflowException:
+        run_id = None  # the study outlived its MLflow store: a new parent run
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(store.experiment_id(plan.cfg), run_name=f"search {plan.study_name}").info.run_id
+        study.set_user_attr("mlflow_run_id", run_id)
+        for key, value in {"study": plan.study_name, "storage": shown(plan.storage), "experiment": plan.experiment,
+                           **{f"space.{key}": expression for key, expression in plan.expressions.items()},
+                           **{key: plan.search[key] for key in ("metric", "direction", "sampler", "pruner", "seed",
+                                                                 "startup_trials")},
+                           "fixed": " ".join(plan.fixed) or "(none)"}.items():
+            client.log_param(run_id, key, value)
+    store.set_tags(run_id, {"search.study": plan.study_name, "search.budget.trials": plan.search["trials"],
+                            "search.budget.epochs": plan.search["epochs"], "cnnflow.experiment": plan.experiment})
+    logger.info(f"search: study {plan.study_name} in {shown(plan.storage)}; MLflow run {run_id} in {uri}")
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status)
+
+
+def _summary(study, plan: Plan, parent: str, logger) -> dict:
+    """The best trial evaluated on test (once per study), figures and the table on the search's run."""
+    from mlflow import MlflowClient
+
+    from cnnflow.flows.inference import evaluate_flow
+
+    state = _states()
+    trials = study.trials
+    complete = [t for t in trials if t.state == state.COMPLETE]
+    if not complete:
+        raise RunError(f"no trial of study {plan.study_name} completed ({len(trials)} tried); nothing to evaluate")
+    best = study.best_trial
+    client = MlflowClient()
+    test = {k.removeprefix("best_test_"): v for k, v in client.get_run(parent).data.metrics.items()
+            if k.startswith("best_test_")}
+    if not test or client.get_run(parent).data.tags.get("search.best_trial") != str(best.number):
+        test = evaluate_flow(best.user_attrs["run_id"], "test")
+        store.log_metrics(parent, {f"best_test_{name}": value for name, value in test.items()})
+    metric = plan.search["metric"]
+    store.set_tags(parent, {"search.best_trial": best.number, "search.best_run": best.user_attrs["run_id"],
+                            "search.best_params": " ".join(as_override(k, _rounded(v)) for k, v in best.params.items())})
+    epochs_spent = sum(t.user_attrs.get("epochs_trained", 0) for t in trials)
+    store.log_metrics(parent, {f"best_{metric}": best.value, "epochs_spent": epochs_spent, "trials": len(trials),
+                               "trials_pruned": sum(t.state == state.PRUNED for t in trials)})
+    rows = table(study, plan)
+    client.log_table(parent, {key: [row[key] for row in rows] for key in rows[0]}, "trials.json")
+    for path in figures(study, plan, store.run_folder(parent, plan.cfg)):
+        client.log_artifact(parent, str(path), "figures")
+    report.publish_table(f"search-{plan.study_name}", rows, f"search {plan.study_name}: every trial, best first")
+    result = {"study": plan.study_name, "run_id": parent, "best_trial": best.number, "best_run": best.user_attrs["run_id"],
+              "params": best.params, metric: best.value, **{f"test_{k}": v for k, v in test.items()},
+              "trials": len(trials), "pruned": sum(t.state == state.PRUNED for t in trials),
+              "epochs_spent": epochs_spent}
+    logger.info(f"search: best {describe(best, plan)}: {metric} {best.value:.4f}, test " +
+                ", ".join(f"{k} {v:.4f}" for k, v in test.items()) + f"; {len(trials)} trials, "
+                f"{result['pruned']} pruned, {epochs_spent} epochs")
+    return result
+
+
+def table(study, plan: Plan) -> list[dict[str, Any]]:
+    """One row per trial, the best first, then by value (pruned ones by their last value)."""
+    state = _states()
+    sign = -1 if plan.search["direction"] == "max" else 1
+    metric = plan.search["metric"]
+
+    ordered = sorted(study.trials, key=lambda t: (t.state != state.COMPLETE, sign * (last_value(t) or 0)))
+    return [{"trial": t.number, "state": t.state.name.lower(),
+             metric: round(last_value(t), 4) if last_value(t) is not None else None,
+             "epochs": t.user_attrs.get("epochs_trained", 0),
+             **{key: _rounded(t.params.get(key)) for key in plan.space}, "run": t.user_attrs.get("run_id", "")}
+            for t in ordered]
+
+
+def figures(study, plan: Plan, folder: Path) -> list[Path]:
+    """best-so-far against epochs spent; each parameter against the objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    state = _states()
+    metric, better = plan.search["metric"], (max if plan.search["direction"] == "max" else min)
+    folder.mkdir(parents=True, exist_ok=True)
+    ended = sorted((t for t in study.trials if t.state in (state.COMPLETE, state.PRUNED)),
+                   key=lambda t: t.datetime_complete)
+    spent, best, xs, ys, points = 0, None, [], [], []
+    for t in ended:
+        spent += t.user_attrs.get("epochs_trained", 0)
+        if t.state == state.COMPLETE:
+            best = t.value if best is None else better(best, t.value)
+        points.append((spent, last_value(t), t.state == state.COMPLETE))
+        if best is not None:
+            xs.append(spent)
+            ys.append(best)
+    figure, axes = plt.subplots(figsize=(6.4, 4))
+    axes.step(xs, ys, where="post", color="tab:blue", label=f"best {metric} so far")
+    for done in (True, False):
+        chosen = [(x, y) for x, y, c in points if c == done and y is not None]
+        if chosen:
+            axes.scatter(*zip(*chosen), s=28, label="complete trial" if done else "pruned trial (last value)",
+                         color="tab:blue" if done else "none", edgecolors="tab:blue" if done else "tab:grey")
+    axes.set(xlabel="epochs spent (all trials)", ylabel=metric,
+             title=f"search {plan.study_name}: best {metric} against epochs spent")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right" if plan.search["direction"] == "max" else "upper right", fontsize=8)
+    paths = [folder / "best_so_far.png"]
+    figure.tight_layout()
+    figure.savefig(paths[0], dpi=110)
+    plt.close(figure)
+
+    figure, all_axes = plt.subplots(1, len(plan.space), figsize=(3.6 * len(plan.space), 3.4), squeeze=False)
+    best_trial = study.best_trial if any(t.state == state.COMPLETE for t in study.trials) else None
+    for axes, (key, dist) in zip(all_axes[0], plan.space.items()):
+        for done in (True, False):
+            chosen = [(t.params[key], last_value(t)) for t in ended
+                      if (t.state == state.COMPLETE) == done and last_value(t) is not None]
+            if chosen:
+                axes.scatter(*zip(*chosen), s=28, color="tab:blue" if done else "none",
+                             edgecolors="tab:blue" if done else "tab:grey",
+                             label="complete" if done else "pruned (last value)")
+        if best_trial:
+            axes.scatter([best_trial.params[key]], [best_trial.value], s=120, marker="*", color="tab:orange",
+                         label=f"best (trial {best_trial.number})", zorder=3)
+        if getattr(dist, "log", False):
+            axes.set_xscale("log")
+        axes.set(xlabel=key, ylabel=metric)
+        axes.grid(alpha=0.3)
+    all_axes[0][0].legend(fontsize=7)
+    figure.suptitle(f"search {plan.study_name}: each setting against {metric}")
+    figure.tight_layout()
+    paths.append(folder / "parameters.png")
+    figure.savefig(paths[1], dpi=110)
+    plt.close(figure)
+    return paths
+
+
+def last_value(trial) -> float | None:
+    """A complete trial's value; a pruned one's last reported value."""
+    if trial.value is not None:
+        return trial.value
+    return trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None

@@ -1,0 +1,173 @@
+"""`cnnflow search`: the space grammar and its refusals, pruning at an epoch end, the parent run with
+its child trials and the one test evaluation, and a killed search that continues its study."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from cnnflow.components.errors import SettingsError
+from cnnflow.flows import cli, search
+from conftest import tiny_overrides
+
+SPACE = ["model.dropout_rate=interval(0.0,0.5)", "optimizer.learning_rate=tag(log,interval(1e-4,1e-2))"]
+
+
+def test_the_sweep_grammar_becomes_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    assert search.distribution("model.width", "int(interval(16,64))") == IntDistribution(16, 64)
+    assert search.distribution("optimizer.learning_rate", "tag(log,interval(1e-4,1e-2))") == \
+        FloatDistribution(1e-4, 1e-2, log=True)
+    assert search.distribution("data.batch_size", "choice(64,128,256)") == CategoricalDistribution([64, 128, 256])
+    assert search.distribution("seed", "1,2,3") == CategoricalDistribution([1, 2, 3])
+    assert search.distribution("model.width", "range(16,65,16)") == IntDistribution(16, 64, step=16)
+    assert search.distribution("model.dropout_rate", "interval(0,0.5)") == FloatDistribution(0.0, 0.5)
+
+
+def test_a_sampled_value_becomes_the_override_that_sets_it():
+    assert search.as_override("model.width", 41) == "model.width=41"
+    assert search.as_override("optimizer.learning_rate", 0.004312) == "optimizer.learning_rate=0.004312"
+    assert search.as_override("model", "fast_cnn") == "model=fast_cnn"
+    assert search.as_override("data.path", "/data/a b") == "data.path='/data/a b'"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.width=int(interval(16,"], r"^model.width=int\(interval\(16,: "),
+    (["model.widht=int(interval(16,64))"], r"unknown setting model.widht; did you mean model.width\?"),
+    (["model.dropout_rate=interval(0.5,1.5)"], r"^model.dropout_rate=1.5: should be less than 1"),
+    (["data.batch_size=choice(64,0)"], r"^data.batch_size=0: should be greater than or equal to 1"),
+    (["model.width=int(interval(64,16))"], r"^model.width=int\(interval\(64,16\)\): .*low"),
+    ([], r"search needs a space"),
+    ([*SPACE, "search.trials=null"], r"set a budget"),
+    ([*SPACE, "search.metric=test_accuracy"], r"^search.metric='test_accuracy': should be a validation metric"),
+    ([*SPACE, "search.metric=val_auc"], r"the trials record val_loss and val_<m> for train.metrics=\['accuracy'\]"),
+    ([*SPACE, "search.pruner=asha"], r"^search.pruner='asha': should be 'hyperband', 'successive_halving'"),
+    ([*SPACE, "search.trails=3"], r"unknown setting search.trails; did you mean search.trials\?"),
+    ([*SPACE, "search=nosuch"], r"Unknown search config 'nosuch'|Could not find 'search/nosuch'"),
+])
+def test_a_bad_space_or_search_setting_is_one_line_exit_2_and_creates_nothing(overrides, message, tmp_path,
+                                                                              monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SettingsError, match=message):
+        search.planned("mnist", overrides)
+    assert cli.main(["search", "experiment=mnist", *overrides]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("cnnflow: error: ") and "\n" not in error and "Traceback" not in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no optuna.db, no mlflow.db, no outputs
+
+
+def test_each_search_file_composes_with_every_bound_checked():
+    from cnnflow.flows.config import choices
+
+    for name in choices("search"):
+        plan = search.planned("fashion_mnist_fast", [f"search={name}"] + (["model.width=choice(16,32)"]
+                                                                         if name == "default" else []))
+        assert plan.space and (plan.search["trials"] or plan.search["epochs"])
+
+
+def test_a_pruned_trial_stops_at_an_epoch_end_and_the_best_alone_is_tested(prefect_harness, mlflow_store,
+                                                                           idx_folder, tmp_path):
+    overrides = [*tiny_overrides(idx_folder, epochs=3), "search.trials=3", "search.pruner=median",
+                 "search.startup_trials=1", "optimizer.learning_rate=choice(0.003,1e-9)"]
+    plan = search.planned("mnist", overrides)
+    study = search.opened_study(plan)
+    # a rate that learns nothing comes second: the median pruner stops it. The third trial draws the
+    # first one's values: a training of its own, as good as the first at every epoch, so not pruned.
+    for rate in (0.003, 1e-9, 0.003):
+        study.enqueue_trial({"optimizer.learning_rate": rate}, skip_if_exists=False)
+
+    result = search.search_flow("mnist", overrides)
+
+    trials = optuna.load_study(study_name=plan.study_name, storage=plan.storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert trials[1].intermediate_values.keys() == {1} and trials[0].intermediate_values.keys() == {1, 2, 3}
+    client = MlflowClient()
+    runs = {int(r.data.tags["search_trial"]): r for r in mlflow.search_runs(
+        search_all_experiments=True, output_format="list", filter_string=f"tags.search = '{plan.study_name}'")}
+    assert sorted(runs) == [0, 1, 2]
+    assert runs[1].data.tags[search.STATE_TAG] == "pruned at epoch 1"
+    assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [1]  # stopped after epoch 1
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
+    assert {r.data.tags[search.STATE_TAG] for i, r in runs.items() if i != 1} == {"complete"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {result["run_id"]}
+    assert all(r.data.params["train.test"] == "False" and not any(k.startswith("test_") for k in r.data.metrics)
+               for r in runs.values())  # trials never look at the test split
+    best = max((0, 2), key=lambda i: runs[i].data.metrics["val_accuracy"])
+    assert result["best_run"] == runs[best].info.run_id and result["params"] == trials[best].params
+    evaluations = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                     filter_string="tags.evaluation_of != ''")
+    assert [e.data.tags["evaluation_of"] for e in evaluations] == [result["best_run"]]  # tested once, the best
+    parent = client.get_run(result["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_test_accuracy"] == evaluations[0].data.metrics["eval_accuracy"]
+    assert parent.data.params["space.optimizer.learning_rate"] == "choice(0.003,1e-9)"
+    assert parent.data.metrics["epochs_spent"] == 3 + 1 + 3 and parent.data.metrics["trials_pruned"] == 1
+    assert {a.path for a in client.list_artifacts(result["run_id"], "figures")} == \
+        {"figures/best_so_far.png", "figures/parameters.png"}
+    table = json.loads(Path(client.download_artifacts(result["run_id"], "trials.json", str(tmp_path))).read_text())
+    assert table["data"][0][0] == best and len(table["data"]) == 3
+
+    again = search.search_flow("mnist", overrides)  # the same command once the budget is spent: nothing new
+    assert again["run_id"] == result["run_id"] and again["trials"] == 3
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string="tags.evaluation_of != ''")) == 1
+
+
+def test_an_epoch_budget_is_never_overrun(prefect_harness, mlflow_store, idx_folder):
+    overrides = [*tiny_overrides(idx_folder, epochs=2), "search.trials=null", "search.epochs=5",
+                 "search.pruner=none", "model.dropout_rate=choice(0.1,0.2,0.3)"]
+    result = search.search_flow("mnist", overrides)
+    plan = search.planned("mnist", overrides)
+    trials = optuna.load_study(study_name=plan.study_name, storage=plan.storage).trials
+    assert [t.user_attrs["epochs_trained"] for t in trials] == [2, 2, 1]  # the last trial gets what is left
+    assert result["epochs_spent"] == 5
+
+
+def _search_command(idx: Path, cwd: Path) -> list[str]:
+    return [sys.executable, "-m", "cnnflow.flows.cli", "search", "experiment=mnist",
+            *tiny_overrides(idx, epochs=4), "search.trials=2", "search.pruner=none",
+            "model.dropout_rate=choice(0.1,0.3)"]
+
+
+def test_a_search_killed_mid_trial_continues_its_study_and_counts_no_trial_twice(tmp_path, idx_folder):
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PREFECT_HOME=str(tmp_path / ".prefect"))
+    work = tmp_path / "work"
+    work.mkdir()
+    first = subprocess.Popen(_search_command(idx_folder, work), cwd=work, env=env, text=True, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not any((run / "checkpoint-epoch0002.json").exists() for run in work.glob("outputs/mnist/*")):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the search and its training die at once, mid-trial
+    first.communicate(timeout=30)
+
+    second = subprocess.run(_search_command(idx_folder, work), cwd=work, env=env, text=True, timeout=600,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert second.returncode == 0, second.stdout
+    assert "taking up trial 0" in second.stdout and "continuing study" in second.stdout, second.stdout
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    studies = optuna.get_all_study_summaries(f"sqlite:///{work / 'optuna.db'}")
+    assert len(studies) == 1
+    trials = optuna.load_study(study_name=studies[0].study_name, storage=f"sqlite:///{work / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.search = '{studies[0].study_name}'")
+    assert sorted(r.data.tags["search_trial"] for r in runs) == ["0", "1"]  # trial 0 resumed, not run again
+    for run in runs:
+        assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`search.study` != ''")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
