@@ -168,3 +168,30 @@ def test_a_run_trained_in_one_folder_is_continued_and_evaluated_from_another(clu
     assert evaluated.returncode == 0, evaluated.stdout
     assert "on valid: accuracy" in evaluated.stdout
     assert [m.step for m in _client(cluster).get_metric_history(run_id, "loss")] == [1, 2]
+
+
+def test_a_search_on_a_pool_trains_a_trial_on_each_worker_and_prunes_through_mlflow(cluster):
+    """The workers share only the servers with the search command: each trial reports its epochs to
+    its MLflow run, and the command's verdicts stop the weak ones there."""
+    import optuna
+
+    user = cluster["root"] / "searcher"
+    user.mkdir(exist_ok=True)
+    storage = f"sqlite:///{user / 'optuna.db'}"
+    study = optuna.create_study(study_name="pool-search", storage=storage, direction="maximize")
+    for rate in (0.003, 0.003, 1e-9, 1e-9):  # two good trials side by side, then two that learn nothing
+        study.enqueue_trial({"optimizer.learning_rate": rate}, skip_if_exists=False)
+    done = _cnnflow(["search", "--pool", "box", "train.epochs=3", "search.trials=4", "search.pruner=median",
+                     "search.startup_trials=1", "search.name=pool-search", f"search.storage={storage}",
+                     "optimizer.learning_rate=choice(0.003,1e-9)"], user, cluster["env"], timeout=900)
+    assert done.returncode == 0, done.stdout
+    assert "search pool-search: 4 trials (2 pruned)" in done.stdout, done.stdout
+    client = _client(cluster)
+    runs = {int(r.data.tags["search_trial"]): r for r in client.search_runs(
+        ["1"], filter_string="tags.search = 'pool-search'")}
+    assert [runs[i].data.tags["search.state"] for i in range(4)] == ["complete", "complete", "pruned at epoch 1",
+                                                                     "pruned at epoch 1"]
+    assert [len(client.get_metric_history(runs[i].info.run_id, "loss")) for i in range(4)] == [3, 3, 1, 1]
+    logs = [(cluster["root"] / f"{name}.log").read_text() for name in ("w1", "w2")]
+    assert all(any(f"done: run {run.info.run_id}" in log for run in runs.values()) for log in logs)  # both trained
+    assert len({run.data.tags["mlflow.parentRunId"] for run in runs.values()}) == 1
