@@ -442,6 +442,7 @@ def search_flow(experiment: Experiment = "quickstart", overrides: list[str] | No
 
 def _run_here(study, plan: Plan, logger) -> None:
     """Trials one after another in this process; a trial the last command left running first."""
+    from cnnflow.flows.lifecycle import HeldElsewhere
     from cnnflow.flows.train import train_flow
 
     state = _states()
@@ -462,7 +463,10 @@ def _run_here(study, plan: Plan, logger) -> None:
         if not (run and run.info.status == "FINISHED"):  # else it ended before the last command could tell
             try:
                 train_flow(plan.experiment, trial.user_attrs["overrides"])
-            except (UserError, Exception) as error:
+            except HeldElsewhere as error:  # not this trial's failure: another command trains it
+                raise RunError(f"{describe(trial, plan)} is being trained elsewhere ({error}); is the same search "
+                               f"running in another command? Stop that one, or wait for it") from None
+            except Exception as error:
                 failure = str(error).splitlines()[0][:300] if isinstance(error, UserError) else \
                     f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         logger.info("search: " + concluded(study, plan, trial.number, failure))

@@ -68,3 +68,17 @@ def test_plain_mnist_script_reports_test_accuracy_in_its_test_mode(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(result["epoch_seconds"]) == 2
     assert result["test_accuracy"] >= 0.9  # the generated digits are learnt in two epochs, as in cnnflow's tests
+
+
+def test_the_search_benchmark_runs_a_search_and_reads_its_result_back(tmp_path):
+    from conftest import make_idx_folder
+
+    folder = make_idx_folder(tmp_path / "idx", train=300, test=60)
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "search.py"), "--data", str(folder), "--folder",
+                          str(tmp_path / "runs"), "--seeds", "0", "--samplers", "random", "--", "data.train_size=200",
+                          "data.valid_size=40", "data.shuffle_each_epoch=0", "train.epochs=1", "search.epochs=2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    row = json.loads(Path(out.stdout.strip().splitlines()[-1].removeprefix("written: ")).read_text())["searches"][0]
+    assert row["trials"] == 2 and row["epochs_spent"] == 2 and 0 <= row["best_val_accuracy"] <= 1
+    assert "random seed 0: best val" in out.stdout and "random: median best val" in out.stdout

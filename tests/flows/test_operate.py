@@ -118,6 +118,16 @@ def test_serve_runs_deployments_from_the_api_and_keeps_schedules(prefect_server,
         mlflow.set_tracking_uri(f"sqlite:///{store}")
         [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name("mnist").experiment_id])
         assert run.info.status == "FINISHED" and run.data.tags["split.train_size"] == "200"
+        search_form = deployment(url, "search/mnist")  # a search from the UI: the space goes into the overrides
+        assert search_form.parameters["pool"] is None and search_form.parameters["overrides"][-1] == "search=default"
+        with temporary_settings({PREFECT_API_URL: url}):
+            searched = run_deployment("search/mnist", timeout=600, parameters={"overrides": [
+                *search_form.parameters["overrides"], "search.trials=2", "model.dropout_rate=choice(0.1,0.2)"]})
+        assert searched.state.is_completed(), searched.state
+        trials = MlflowClient().search_runs([run.info.experiment_id], filter_string="tags.search != ''")
+        assert sorted(t.data.tags["search_trial"] for t in trials) == ["0", "1"]
+        [parent] = MlflowClient().search_runs([run.info.experiment_id], filter_string="tags.`search.study` != ''")
+        assert parent.info.status == "FINISHED" and parent.data.tags["search.best_run"] in {t.info.run_id for t in trials}
     finally:
         serving.send_signal(signal.SIGTERM)
         serving.wait(timeout=60)

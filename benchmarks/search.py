@@ -1,0 +1,80 @@
+"""What pruned search buys under a fixed epoch budget: TPE with Hyperband pruning against random
+search, over several search seeds, on real Fashion-MNIST (benchmarks/README.md: Search).
+
+    python benchmarks/search.py --data ../shared/data/fashion-mnist --folder runs/search
+    python benchmarks/search.py --data DIR --seeds 0 --samplers tpe      # one search
+
+Each search is `cnnflow search experiment=fashion_mnist_fast search=fashion_mnist_fast` (the space
+width 16-64, learning rate 1e-3 to 2e-2 on a log scale, batch 64/128/256; 45 epochs, the grid's
+budget) in a folder of its own, so each has its own MLflow store and study; a search that was
+stopped continues when the script runs again. Prints one row per search, then the median and range
+of the best validation accuracy per sampler against the grid's 0.9268; JSON to benchmarks/results/.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+GRID_BEST = 0.9268  # benchmarks/README.md: the 9-run grid under the same 45 epochs
+
+
+def one_search(data: Path, folder: Path, sampler: str, seed: int, extra: list[str]) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "cnnflow.flows.cli", "search", "experiment=fashion_mnist_fast",
+               "search=fashion_mnist_fast", "data.source=idx", f"data.path={data.resolve()}",
+               f"search.sampler={sampler}", f"search.seed={seed}", *extra]
+    started = time.perf_counter()
+    with open(folder / "search.log", "a") as log:
+        done = subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {folder / 'search.log'}")
+    return {"sampler": sampler, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
+            **summary(folder)}
+
+
+def summary(folder: Path) -> dict:
+    """The search's result, read back from its MLflow run (what the command printed, without parsing)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               filter_string="tags.`search.study` != ''")
+    metrics = run.data.metrics
+    return {"best_val_accuracy": metrics["best_val_accuracy"], "best_test_accuracy": metrics["best_test_accuracy"],
+            "trials": int(metrics["trials"]), "pruned": int(metrics["trials_pruned"]),
+            "epochs_spent": int(metrics["epochs_spent"]), "best": run.data.tags["search.best_params"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the Fashion-MNIST IDX folder")
+    parser.add_argument("--folder", type=Path, default=Path("runs/search"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--samplers", nargs="+", default=["tpe", "random"], choices=["tpe", "random"])
+    parser.add_argument("extra", nargs="*", help="after --: more overrides for every search (tests shrink the data)")
+    args = parser.parse_args()
+    rows = []
+    for sampler in args.samplers:
+        for seed in args.seeds:
+            row = one_search(args.data, args.folder / f"{sampler}-{seed}", sampler, seed, args.extra)
+            rows.append(row)
+            print(f"{sampler:<6} seed {seed}: best val {row['best_val_accuracy']:.4f} test {row['best_test_accuracy']:.4f}"
+                  f"  {row['trials']} trials ({row['pruned']} pruned), {row['epochs_spent']} epochs, "
+                  f"{row['seconds'] / 60:.1f} min  [{row['best']}]", flush=True)
+    for sampler in args.samplers:
+        values = [r["best_val_accuracy"] for r in rows if r["sampler"] == sampler]
+        print(f"{sampler}: median best val {statistics.median(values):.4f} (range {min(values):.4f}-{max(values):.4f}) "
+              f"over {len(values)} seeds; the grid: {GRID_BEST}")
+    out = Path(__file__).parent / "results" / f"search-{date.today()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"grid_best": GRID_BEST, "searches": rows}, indent=1))
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
