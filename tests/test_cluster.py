@@ -170,9 +170,10 @@ def test_a_run_trained_in_one_folder_is_continued_and_evaluated_from_another(clu
     assert [m.step for m in _client(cluster).get_metric_history(run_id, "loss")] == [1, 2]
 
 
-def test_a_search_on_a_pool_trains_a_trial_on_each_worker_and_prunes_through_mlflow(cluster):
+def test_a_search_on_a_pool_trains_a_trial_on_each_worker_prunes_and_survives_its_command(cluster):
     """The workers share only the servers with the search command: each trial reports its epochs to
-    its MLflow run, and the command's verdicts stop the weak ones there."""
+    its MLflow run, and the command's verdicts stop the weak ones there. The command is killed while
+    trials train; the same command again takes them up and submits nothing twice."""
     import optuna
 
     user = cluster["root"] / "searcher"
@@ -181,14 +182,23 @@ def test_a_search_on_a_pool_trains_a_trial_on_each_worker_and_prunes_through_mlf
     study = optuna.create_study(study_name="pool-search", storage=storage, direction="maximize")
     for rate in (0.003, 0.003, 1e-9, 1e-9):  # two good trials side by side, then two that learn nothing
         study.enqueue_trial({"optimizer.learning_rate": rate}, skip_if_exists=False)
-    done = _cnnflow(["search", "--pool", "box", "train.epochs=3", "search.trials=4", "search.pruner=median",
-                     "search.startup_trials=1", "search.name=pool-search", f"search.storage={storage}",
-                     "optimizer.learning_rate=choice(0.003,1e-9)"], user, cluster["env"], timeout=900)
-    assert done.returncode == 0, done.stdout
-    assert "search pool-search: 4 trials (2 pruned)" in done.stdout, done.stdout
+    command = ["search", "--pool", "box", "train.epochs=3", "search.trials=4", "search.pruner=median",
+               "search.startup_trials=1", "search.name=pool-search", f"search.storage={storage}",
+               "optimizer.learning_rate=choice(0.003,1e-9)"]
     client = _client(cluster)
+    first = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", *command], cwd=user, env=cluster["env"],
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: client.search_runs(["1"], filter_string="tags.search = 'pool-search' and "
+                                                               "tags.`search.report` != ''"), 300, "a trial's first epoch")
+    kill_tree(first.pid)  # the search command dies; its trials train on, on the workers
+    first.communicate(timeout=30)
+    done = _cnnflow(command, user, cluster["env"], timeout=900)  # the same command again
+    assert done.returncode == 0, done.stdout
+    assert "continuing study pool-search" in done.stdout, done.stdout
+    assert "search pool-search: 4 trials (2 pruned)" in done.stdout, done.stdout
     runs = {int(r.data.tags["search_trial"]): r for r in client.search_runs(
         ["1"], filter_string="tags.search = 'pool-search'")}
+    assert len(client.search_runs(["1"], filter_string="tags.search = 'pool-search'")) == 4  # none trained twice
     assert [runs[i].data.tags["search.state"] for i in range(4)] == ["complete", "complete", "pruned at epoch 1",
                                                                      "pruned at epoch 1"]
     assert [len(client.get_metric_history(runs[i].info.run_id, "loss")) for i in range(4)] == [3, 3, 1, 1]
