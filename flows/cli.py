@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sweep: a,b,c values expand to one run per combination")
     train.add_argument("--pool", help="run each job on a Prefect work pool's workers (cnnflow deploy --pool NAME first)")
     train.add_argument("--no-wait", action="store_true", help="with --pool: return once the jobs are submitted")
+    train.add_argument("--cfg", choices=("job", "all"),
+                       help="print the composed, checked settings and stop, as Hydra's --cfg does (cnnflow has no "
+                            "Hydra runtime section: all prints the same as job)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="experiment=NAME picks the recipe (default quickstart); others override settings")
     search = commands.add_parser(
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                "search settings (search.KEY=VALUE): trials, epochs, metric, direction, sampler (tpe, random), "
                "startup_trials,\n  pruner (hyperband, successive_halving, median, none), seed, name, storage, parallel")
     search.add_argument("--pool", help="train each trial on a Prefect work pool's workers (cnnflow deploy --pool NAME first)")
+    search.add_argument("--cfg", choices=("job", "all"), help="print the fixed settings, the search's own and its "
+                                                              "space, checked, and stop")
     search.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     cont = commands.add_parser(
         "continue", help="train a run for more epochs, in the same MLflow run (epochs, history, optimizer state go on)",
@@ -232,6 +237,22 @@ def run_train(overrides: list[str], multirun: bool) -> int:
                                  str(error) if user_error else f"{type(error).__name__}: {error}"))
                 print(f"cnnflow: error: {outcomes[-1][2]}", file=sys.stderr)
     return _summary(sweep_id, outcomes) if multirun else 0 if outcomes[0][1] == "ok" else 1
+
+
+def print_settings(command: str, overrides: list[str]) -> int:
+    """`--cfg job`: what a run would be given, composed and checked, without running it."""
+    from cnnflow.flows.config import compose_config, to_yaml
+
+    experiment, rest = split_experiment(overrides)
+    if command == "search":
+        from cnnflow.flows.search import planned
+
+        plan = planned(experiment, rest)
+        settings = {**plan.cfg, "search": {**plan.search, "space": plan.expressions, "study": plan.study_name}}
+    else:
+        settings = compose_config(experiment, rest)
+    print(to_yaml(settings), end="")
+    return 0
 
 
 def run_search(overrides: list[str], pool: str | None) -> int:
@@ -383,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_on_pool(args.overrides, args.multirun, args.pool, wait=not args.no_wait)
         if args.no_wait if args.command == "train" else False:
             parser.error("--no-wait goes with --pool")
+        if args.command in ("train", "search") and args.cfg:
+            return print_settings(args.command, args.overrides)
         if args.command == "train":
             return run_train(args.overrides, args.multirun)
         if args.command == "search":

@@ -120,3 +120,18 @@ def test_a_sweep_id_that_looks_like_a_number_stays_the_id():
 
     tags = compose_config("quickstart", cli.sweep_tags("7002e071", 3))["tags"]  # 7002e071 reads as 7.002e+74 unquoted
     assert tags == {"sweep": "7002e071", "sweep_job": 3}
+
+
+def test_cfg_job_prints_the_checked_settings_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--cfg", "job", "experiment=mnist", "train.epochs=2", "data.batch_size=32"]) == 0
+    settings = yaml.safe_load(capsys.readouterr().out)
+    assert settings["experiment"] == "mnist" and settings["train"]["epochs"] == 2 and settings["data"]["batch_size"] == 32
+    assert cli.main(["search", "--cfg", "all", "experiment=mnist", "model.dropout_rate=interval(0.1,0.4)"]) == 0
+    search = yaml.safe_load(capsys.readouterr().out)["search"]
+    assert search["space"] == {"model.dropout_rate": "interval(0.1,0.4)"} and search["trials"] == 20
+    assert cli.main(["train", "--cfg", "job", "train.epochz=2"]) == 2
+    assert capsys.readouterr().err.strip() == "cnnflow: error: unknown setting train.epochz; did you mean train.epochs?"
+    assert list(tmp_path.iterdir()) == []  # nothing ran: no store, no outputs
