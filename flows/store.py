@@ -274,12 +274,13 @@ def full_run_id(reference: str) -> str:
     except MlflowException:
         pass
     matches = []
-    if re.fullmatch(r"[0-9a-f]{4,31}", reference):
+    if re.fullmatch(r"[0-9a-f]{1,31}", reference):  # however short: one run starting with it is that run
         matches = [run.info.run_id for run in training_runs() if run.info.run_id.startswith(reference)]
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise RunError(f"run id {reference!r} is ambiguous: {', '.join(sorted(matches)[:5])}; give more characters")
+        raise RunError(f"run id {reference!r} is ambiguous: {len(matches)} runs start with it "
+                       f"({', '.join(sorted(matches)[:5])}{', ...' if len(matches) > 5 else ''}); give more characters")
     raise RunError(f"no run {reference!r} in the MLflow store {mlflow.get_tracking_uri()} (cnnflow runs lists them)")
 
 

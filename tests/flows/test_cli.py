@@ -135,3 +135,23 @@ def test_cfg_job_prints_the_checked_settings_and_runs_nothing(tmp_path, monkeypa
     assert cli.main(["train", "--cfg", "job", "train.epochz=2"]) == 2
     assert capsys.readouterr().err.strip() == "cnnflow: error: unknown setting train.epochz; did you mean train.epochs?"
     assert list(tmp_path.iterdir()) == []  # nothing ran: no store, no outputs
+
+
+def test_a_run_id_prefix_of_any_length_is_matched_or_answered_honestly(mlflow_store):
+    from cnnflow.components.errors import RunError
+    from cnnflow.flows import store
+
+    client = MlflowClient()
+    experiment = client.create_experiment("prefixes")
+    ids = [client.create_run(experiment).info.run_id for _ in range(17)]  # 17 ids, 16 hex digits: two share one
+    for run_id in ids:  # the shortest prefix only this run has, however short, is this run
+        prefix = next(run_id[:n] for n in range(1, 33) if sum(o.startswith(run_id[:n]) for o in ids) == 1)
+        assert store.full_run_id(prefix) == run_id
+    first = next(c for c in "0123456789abcdef" if sum(o.startswith(c) for o in ids) >= 2)
+    with pytest.raises(RunError, match=rf"run id '{first}' is ambiguous: {sum(o.startswith(first) for o in ids)} runs "
+                                       rf"start with it \("):
+        store.full_run_id(first)
+    absent = next(p for p in (f"{a}{b}{c}" for a in "0123456789abcdef" for b in "0123456789abcdef" for c in "01")
+                  if not any(o.startswith(p) for o in ids))
+    with pytest.raises(RunError, match=rf"no run '{absent}' in the MLflow store"):
+        store.full_run_id(absent)
