@@ -35,6 +35,9 @@ def _groups_text() -> str:
 
 
 def _components_text() -> str:
+    from cnnflow.flows import runtime
+
+    runtime.import_tensorflow_quietly()  # the registry imports the components, and they TensorFlow
     from cnnflow.components import registry
 
     lines = ["registered components (the `name:` a config selects):"]

@@ -155,3 +155,16 @@ def test_a_run_id_prefix_of_any_length_is_matched_or_answered_honestly(mlflow_st
                   if not any(o.startswith(p) for o in ids))
     with pytest.raises(RunError, match=rf"no run '{absent}' in the MLflow store"):
         store.full_run_id(absent)
+
+
+def test_help_shows_no_tensorflow_start_up_lines():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}  # as a user's shell has it
+    for command in (["train", "--help"], ["components"]):
+        out = subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", *command], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0 and "mnist_cnn" in out.stdout
+        assert "I0000" not in out.stderr and "absl" not in out.stderr, out.stderr
