@@ -157,17 +157,10 @@ def split_experiment(overrides: list[str], default: str | None = "quickstart") -
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     """Hydra's sweep syntax (`seed=1,2,3`, `range(1,4)`, `choice(a,b)`): the cartesian product of jobs."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    from cnnflow.flows.config import parsed_overrides
 
-    from cnnflow.components.errors import SettingsError
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as error:
-        raise SettingsError(str(error).splitlines()[0]) from None
     axes = []
-    for override in parsed:
+    for override in parsed_overrides(overrides):
         if override.is_sweep_override():
             key = override.get_key_element()
             axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])

@@ -120,10 +120,39 @@ def refuse_interpolations(overrides: list[str]) -> None:
                                 f"value itself")
 
 
+def unreadable(override: str, error: Exception) -> SettingsError:
+    """An override Hydra's grammar cannot read, as one line that says how to quote it."""
+    key, _, value = override.partition("=")
+    if re.match(r"\s*(choice|range|interval|tag|int|float|str|bool|glob|shuffle|sort)\(", value):
+        reason = " ".join(str(error).split())[:200]
+        return SettingsError(f"{override}: not a sweep expression Hydra can read ({reason})")
+    return SettingsError(f"{override}: Hydra's override grammar cannot read this value (spaces, brackets, "
+                         f"non-ASCII letters and some other characters need quotes); quote it: \"{key}='{value}'\"")
+
+
+def parsed_overrides(overrides: list[str]) -> list:
+    """Hydra's parse of each override, or the one line saying which cannot be read and how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, parsed = OverridesParser.create(), []
+    for override in overrides:
+        try:
+            parsed.append(parser.parse_override(override))
+        except HydraException as error:
+            raise unreadable(override, error) from None
+    return parsed
+
+
 def _settings_error(error: Exception, experiment: str, overrides: list[str]) -> SettingsError:
     """Hydra's refusal as one line: a typo gets the nearest valid key, a value of the wrong shape
-    (a list for a mapping, ...) what it should be."""
+    (a list for a mapping, ...) what it should be, a value Hydra cannot read how to quote it."""
+    from hydra.errors import OverrideParseException
+
     from cnnflow.flows import settings
+
+    if isinstance(error, OverrideParseException):
+        parsed_overrides(overrides)  # raises the line naming the override
 
     not_in_struct = _NOT_IN_STRUCT.search(str(error))
     if not_in_struct and "not in struct" in str(error.__cause__):

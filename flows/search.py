@@ -30,7 +30,7 @@ from typing import Any
 
 from cnnflow.components.errors import RunError, SettingsError, UserError
 from cnnflow.flows import report, store
-from cnnflow.flows.config import Experiment, compose_config
+from cnnflow.flows.config import Experiment, compose_config, parsed_overrides
 from cnnflow.flows.engine import flow, run_logger
 
 REPORT_TAG, VERDICT_TAG, STATE_TAG = "search.report", "search.verdict", "search.state"
@@ -94,15 +94,8 @@ def planned(experiment: str, overrides: list[str]) -> Plan:
 
 def _sweeps(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
     """Overrides in sweep grammar (key -> expression) and the fixed ones."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     expressions, fixed = {}, []
-    for override in overrides:
-        try:
-            parsed = OverridesParser.create().parse_override(override)
-        except HydraException as error:
-            raise SettingsError(f"{override}: {str(error).splitlines()[0]}") from None
+    for override, parsed in zip(overrides, parsed_overrides(overrides)):
         if parsed.is_sweep_override():
             expressions[parsed.get_key_element()] = override.partition("=")[2]
         else:
@@ -114,15 +107,10 @@ def distribution(key: str, expression: str):
     """Hydra's sweep expression as an Optuna distribution: `choice(a,b)` and `a,b` categorical,
     `range(lo,hi,step)` stepped, `interval(lo,hi)` continuous (`int(...)`: integers, `tag(log, ...)`:
     on a log scale)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
-    from hydra.errors import HydraException
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    try:
-        parsed = OverridesParser.create().parse_override(f"{key}={expression}")
-    except HydraException as error:
-        raise SettingsError(f"{key}={expression}: {str(error).splitlines()[0]}") from None
+    [parsed] = parsed_overrides([f"{key}={expression}"])
     value = parsed.value()
     log = "log" in getattr(value, "tags", ())
     try:

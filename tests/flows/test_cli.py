@@ -168,3 +168,14 @@ def test_help_shows_no_tensorflow_start_up_lines():
                              text=True, timeout=300)
         assert out.returncode == 0 and "mnist_cnn" in out.stdout
         assert "I0000" not in out.stderr and "absl" not in out.stderr, out.stderr
+
+
+def test_a_value_hydra_cannot_read_is_answered_with_how_to_quote_it(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--cfg", "job", "data.path=/data/a b/é"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("""quote it: "data.path='/data/a b/é'\"""") and "\\n" not in error, error
+    assert cli.main(["train", "--cfg", "job", "data.path='/data/a b/é'"]) == 0  # as the hint says
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["path"] == "/data/a b/é"
