@@ -14,8 +14,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
-from pathlib import Path
 
 # pip takes the platform tags literally: a Linux machine of glibc 2.28 installs any of these
 PLATFORMS = {"Linux x86_64": ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
@@ -30,8 +28,9 @@ def _name(requirement: str) -> str:
 
 
 def direct_requirements() -> list[str]:
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-    return [r for r in project["dependencies"] if "sys_platform" not in r]
+    """cnnflow's own dependencies, read from the installed package's metadata (pyproject.toml would
+    need tomllib, which Python 3.10 lacks), without extras and platform-only ones."""
+    return [r for r in importlib.metadata.requires("cnnflow") or [] if "sys_platform" not in r and "extra ==" not in r]
 
 
 def compiled_dependencies() -> list[str]:
