@@ -13,6 +13,7 @@ of the best validation accuracy per sampler against the grid's 0.9268; JSON to b
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,8 +30,9 @@ def one_search(data: Path, folder: Path, sampler: str, seed: int, extra: list[st
                "search=fashion_mnist_fast", "data.source=idx", f"data.path={data.resolve()}",
                f"search.sampler={sampler}", f"search.seed={seed}", *extra]
     started = time.perf_counter()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder.resolve() / 'mlflow.db'}"}  # its own store
     with open(folder / "search.log", "a") as log:
-        done = subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, text=True)
+        done = subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {folder / 'search.log'}")
     return {"sampler": sampler, "seed": seed, "seconds": round(time.perf_counter() - started, 1),

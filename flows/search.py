@@ -89,7 +89,23 @@ def planned(experiment: str, overrides: list[str]) -> Plan:
     identity = [experiment, sorted(fixed), sorted(expressions.items()),
                 {k: search[k] for k in ("metric", "direction", "sampler", "startup_trials", "pruner", "seed")}]
     name = search["name"] or f"{experiment}-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:8]}"
-    return Plan(experiment, fixed, expressions, space, search, cfg, name, search["storage"] or _default_storage(cfg))
+    return Plan(experiment, fixed, expressions, space, search, cfg, name, _checked_storage(search["storage"], cfg))
+
+
+def _checked_storage(url: str | None, cfg: dict[str, Any]) -> str:
+    """The study's storage URL; a URL SQLAlchemy has no driver for is refused before anything is made."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    if not url:
+        return _default_storage(cfg)
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ImportError) as error:
+        raise SettingsError(f"search.storage={url}: cannot open it as an Optuna storage ({str(error).splitlines()[0]}); "
+                            f"give a database URL, like sqlite:///optuna.db or postgresql://USER:PASSWORD@HOST/DB") \
+            from None
+    return url
 
 
 def _sweeps(overrides: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -155,7 +155,8 @@ class Search(Section):
     startup_trials: NonNegative = 5
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
     seed: Seed = 0
-    name: Annotated[str, Field(pattern=r"^[\w.-]+$", description="letters, digits, _, . and -")] | None = None
+    name: Annotated[Annotated[str, Field(pattern=r"^[\w.-]+$")] | None,
+                    Field(description="letters, digits, _, . and -")] = None
     storage: Name | None = None
     parallel: Count | None = None
     space: dict[str, str] = {}

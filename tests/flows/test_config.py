@@ -59,7 +59,7 @@ def test_overrides_apply():
     (["data=nope"], "choices for data: celeba, digits"),
     (["train.epochz=3"], "train.epochz"),
     (["seed"], "seed"),
-    (["data.train_split=test[:10]"], "Quote values"),
+    (["data.train_split=test[:10]"], "quote it: \"data.train_split='test[:10]'\""),
     (["runtime.precision=half"], "runtime.precision='half': should be 'auto', 'float32', 'mixed_bfloat16' or 'mixed_float16'"),
     (["runtime.intra_op_threads=-2"], "runtime.intra_op_threads=-2: should be greater than or equal to 0"),
     (["runtime.jit_compile=maybe"], "runtime.jit_compile='maybe': should be a valid boolean"),
