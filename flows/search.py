@@ -656,7 +656,7 @@ def figures(study, plan: Plan, folder: Path) -> list[Path]:
             axes.scatter(*zip(*chosen), s=28, label="complete trial" if done else "pruned trial (last value)",
                          color="tab:blue" if done else "none", edgecolors="tab:blue" if done else "tab:grey")
     axes.set(xlabel="epochs spent (all trials)", ylabel=metric,
-             title=f"search {plan.study_name}: best {metric} against epochs spent")
+             title=f"best {metric} against epochs spent\nsearch {plan.study_name}")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right" if plan.search["direction"] == "max" else "upper right", fontsize=8)
     paths = [folder / "best_so_far.png"]
@@ -682,7 +682,7 @@ def figures(study, plan: Plan, folder: Path) -> list[Path]:
         axes.set(xlabel=key, ylabel=metric)
         axes.grid(alpha=0.3)
     all_axes[0][0].legend(fontsize=7)
-    figure.suptitle(f"search {plan.study_name}: each setting against {metric}")
+    figure.suptitle(f"each setting against {metric} (pruned trials: their last value)\nsearch {plan.study_name}")
     figure.tight_layout()
     paths.append(folder / "parameters.png")
     figure.savefig(paths[1], dpi=110)
