@@ -176,6 +176,9 @@ def test_a_search_on_a_pool_trains_a_trial_on_each_worker_prunes_and_survives_it
     trials train; the same command again takes them up and submits nothing twice."""
     import optuna
 
+    for name, process in cluster["workers"].items():  # each worker up, whatever an earlier test left
+        if process.poll() is not None:
+            cluster["workers"][name] = _worker(name, cluster["root"], cluster["worker_env"])
     user = cluster["root"] / "searcher"
     user.mkdir(exist_ok=True)
     storage = f"sqlite:///{user / 'optuna.db'}"
