@@ -354,13 +354,14 @@ class Judge:
         import optuna
 
         trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
-        if self.study._storage.get_trial(trial_id).state != _states().RUNNING:
+        frozen = self.study._storage.get_trial(trial_id)
+        if frozen.state != _states().RUNNING:
             return None
         trial = optuna.trial.Trial(self.study, trial_id)
         value = logs.get(self.plan.search["metric"])
         if value is None:
             return False
-        if epoch not in trial.storage.get_trial(trial_id).intermediate_values:
+        if epoch not in frozen.intermediate_values:
             trial.report(value, epoch)
         return bool(trial.should_prune())  # numpy's bool, from some pruners
 
@@ -587,9 +588,9 @@ def _summary(study, plan: Plan, parent: str, logger) -> dict:
         raise RunError(f"no trial of study {plan.study_name} completed ({len(trials)} tried); nothing to evaluate")
     best = study.best_trial
     client = MlflowClient()
-    test = {k.removeprefix("best_test_"): v for k, v in client.get_run(parent).data.metrics.items()
-            if k.startswith("best_test_")}
-    if not test or client.get_run(parent).data.tags.get("search.best_trial") != str(best.number):
+    recorded = client.get_run(parent).data
+    test = {k.removeprefix("best_test_"): v for k, v in recorded.metrics.items() if k.startswith("best_test_")}
+    if not test or recorded.tags.get("search.best_trial") != str(best.number):
         test = evaluate_flow(best.user_attrs["run_id"], "test")
         store.log_metrics(parent, {f"best_test_{name}": value for name, value in test.items()})
     metric = plan.search["metric"]
