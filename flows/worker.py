@@ -19,6 +19,7 @@ stayed Crashed.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -42,6 +43,7 @@ class Worker(ProcessWorker):
         self._handing_back = threading.Event()
         self._next_check = time.monotonic() + CHECK_SECONDS
         self._unheard_since = 0.0  # when this worker last failed to reach the Prefect server
+        self._main = _main_task()  # `prefect worker start` stops when it is cancelled, as on Ctrl-C
         if threading.current_thread() is threading.main_thread():
             self._stop = signal.getsignal(signal.SIGTERM)  # `prefect worker start`'s: stop now
             signal.signal(signal.SIGTERM, self._hand_back)
@@ -116,11 +118,18 @@ class Worker(ProcessWorker):
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])))
 
     def _hand_back(self, number, frame) -> None:
+        # Only flags here: a handler that prints can land inside another write to stdout (a
+        # "reentrant call" error), and a signal sent to itself may wait for an idle loop to wake.
         if self._handing_back.is_set():
             if callable(self._stop):
                 self._stop(number, frame)
             return
         self._handing_back.set()
+        threading.Thread(target=self._hand_back_and_stop, daemon=True).start()
+
+    def _hand_back_and_stop(self) -> None:
+        import psutil
+
         runs = _flow_run_processes()
         print(f"cnnflow worker: SIGTERM: taking no new flow run; handing {len(runs)} back to the pool "
               f"(they resume on another worker), then stopping", flush=True)
@@ -129,16 +138,21 @@ class Worker(ProcessWorker):
                 os.killpg(process.pid, signal.SIGTERM)  # the process group, as Prefect's cancel does
             except ProcessLookupError:
                 pass
-        threading.Thread(target=self._stop_when_gone, args=(runs,), daemon=True).start()
-
-    def _stop_when_gone(self, runs) -> None:
-        import psutil
-
         _, alive = psutil.wait_procs(runs, timeout=HAND_BACK_SECONDS)
         if alive:
             print(f"cnnflow worker: {len(alive)} flow run(s) still running after {HAND_BACK_SECONDS:.0f} s; "
                   f"stopping anyway (Prefect marks them Crashed when their heartbeat stops)", flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)  # now the stop of `prefect worker start`, in the main thread
+        if self._main is None:
+            os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM: the stop of whoever runs this worker
+        else:
+            self._main.get_loop().call_soon_threadsafe(self._main.cancel)
+
+
+def _main_task() -> asyncio.Task | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # built outside an event loop
+        return None
 
 
 def _flow_run_processes() -> list:
