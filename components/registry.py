@@ -13,27 +13,19 @@ Entry points are loaded the first time a name is missing, so a plugin costs noth
 
 from __future__ import annotations
 
+import functools
 import importlib
-import inspect
 import importlib.metadata
+import inspect
+import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from cnnflow.components.errors import SettingsError
 
 KINDS = ("dataset", "augment", "model", "loss", "optimizer", "callback", "plot")
 ENTRY_POINT_GROUP = "cnnflow.components"
-
-# The modules of this package whose import registers the built-in components.
-_BUILTIN_MODULES = (
-    "cnnflow.components.data",
-    "cnnflow.components.augment",
-    "cnnflow.components.models",
-    "cnnflow.components.losses",
-    "cnnflow.components.optimizers",
-    "cnnflow.components.callbacks",
-    "cnnflow.components.plots",
-)
 
 _registry: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 _loaded_entry_points: set[str] = set()
@@ -74,8 +66,22 @@ def _qualname(fn: Callable[..., Any]) -> str:
 
 
 def load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
+    """Import each module of this package that registers something: a new component is one file
+    with its decorator, and no list names it. Modules without a top-level ``@register(`` line (the
+    serving code, the data generator, the teaching code) are not imported."""
+    for module in _builtin_modules():
         importlib.import_module(module)
+
+
+@functools.cache
+def _builtin_modules() -> tuple[str, ...]:
+    package = Path(__file__).parent
+    return tuple(sorted(f"cnnflow.components.{'.'.join(path.relative_to(package).with_suffix('').parts)}"
+                        for path in package.rglob("*.py")
+                        if path.name != "__init__.py" and _REGISTERS.search(path.read_text(encoding="utf-8"))))
+
+
+_REGISTERS = re.compile(r"^@register\(", re.MULTILINE)
 
 
 def load_plugins() -> list[str]:

@@ -1,6 +1,5 @@
-"""Data sources (one module each) and the split/pipeline code they all share."""
+"""Data sources (one module each, found by the registry) and the split/pipeline code they all share."""
 
-from cnnflow.components.data import caching, celeba_folder, digits, idx, tfds_source  # noqa: F401  (register the sources)
 from cnnflow.components.data.core import (  # noqa: F401
     CLASS_NAMES,
     DataError,

@@ -1,3 +1,1 @@
-"""Model families; each module registers its builders on import."""
-
-from cnnflow.components.models import celeba_cnn, fast_cnn, mnist_cnn  # noqa: F401
+"""Model families: one module each, found by the registry (components/registry.py)."""

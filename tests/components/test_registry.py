@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from cnnflow.components import registry
@@ -22,6 +24,32 @@ def test_unknown_kind_and_bad_arguments_are_clear():
 def test_registering_a_different_function_under_a_taken_name_fails():
     with pytest.raises(ValueError, match="registered twice"):
         registry.register("loss", "binary_crossentropy")(lambda: None)
+
+
+def test_a_new_built_in_module_is_one_file_and_one_decorator(tmp_path):
+    """A copy of the package with one more file in components/models/: the registry finds and
+    builds it by name, with no import list edited."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(registry.__file__).parents[1]
+    shutil.copytree(package / "components", tmp_path / "cnnflow" / "components")
+    (tmp_path / "cnnflow" / "__init__.py").write_text("")
+    (tmp_path / "cnnflow" / "components" / "models" / "tiny_cnn.py").write_text(
+        "import keras\n\nfrom cnnflow.components.registry import register\n\n\n"
+        "@register(\"model\", \"tiny_cnn\")\n"
+        "def tiny_cnn(input_shape, num_classes):\n"
+        "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(), keras.layers.Dense(num_classes)])\n")
+    built = subprocess.run(
+        [sys.executable, "-c", "import cnnflow.components.registry as r; "
+         "print(r.__file__, r.names('model'), r.build('model', 'tiny_cnn', input_shape=(4, 4, 1), num_classes=3).count_params())"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    where, models = built.stdout.split(" ", 1)
+    assert where == str(tmp_path / "cnnflow" / "components" / "registry.py")  # the copy, not the installed package
+    assert "'tiny_cnn'" in models and "'mnist_cnn'" in models and models.split()[-1] == "51"  # 16*3 weights + 3 biases
 
 
 def test_mnist_cnn_has_the_chapters_parameter_count():

@@ -1,0 +1,126 @@
+"""A search on a pool of 2 workers against the same search on 1 worker (benchmarks/README.md: Search).
+
+    python benchmarks/search_workers.py --data ../shared/data/fashion-mnist [--trials 6 --epochs 2]
+
+Starts an MLflow tracking server, a Prefect server and `cnnflow deploy --pool box` in a temporary
+folder, then, alternating, runs the same study (random sampler, seed 0, no pruner: the same trials
+and the same epochs whatever the timing) with `cnnflow search --pool box` and `search.parallel` 1
+on one worker, then 2 on two workers. Each worker is `prefect worker start`, started for its phase
+and stopped after it. Prints the wall and CPU seconds of each phase and the ratio two/one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent / "tests")]
+
+from conftest import free_port, kill_tree, start_server  # noqa: E402
+
+
+def servers(root: Path) -> tuple[list[subprocess.Popen], dict[str, str]]:
+    mlflow_port, prefect_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2",
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api",
+               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}")
+    started = [
+        start_server([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                      "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
+                      str(root / "artifacts"), "--workers", "1"],
+                     f"http://127.0.0.1:{mlflow_port}/health", env, root / "mlflow.log"),
+        start_server([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                      str(prefect_port)], f"http://127.0.0.1:{prefect_port}/api/health", env, root / "prefect.log"),
+    ]
+    return started, env
+
+
+def cnnflow(args: list[str], folder: Path, env: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "cnnflow.log", "a") as log:
+        done = subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", *args], cwd=folder, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"cnnflow {' '.join(args)} failed (exit {done.returncode}); see {folder / 'cnnflow.log'}")
+
+
+def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space: list[str]) -> tuple[float, float]:
+    """Wall seconds of the search command, and CPU seconds of everything the workers ran for it."""
+    pool = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "box", "--name",
+                              f"{name}-w{i}", "--limit", "1"], cwd=root, env=env,
+                             stdout=open(root / f"{name}-w{i}.log", "a"), stderr=subprocess.STDOUT,
+                             start_new_session=True) for i in range(workers)]
+    cpu: dict[int, float] = {}
+
+    def sample() -> None:  # the CPU time of each process a worker started, at its last sighting
+        for worker in pool:
+            for process in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
+                try:
+                    times = process.cpu_times()
+                    cpu[process.pid] = times.user + times.system
+                except psutil.NoSuchProcess:
+                    pass
+
+    try:
+        time.sleep(10)  # the workers poll the pool before the first trial is submitted
+        (root / name).mkdir()
+        started = time.perf_counter()
+        search = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "search", "--pool", "box",
+                                   f"search.name={name}", f"search.parallel={workers}", *space],
+                                  cwd=root / name, env=env,
+                                  stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        while search.poll() is None:
+            sample()
+            time.sleep(1)
+        wall = time.perf_counter() - started
+        if search.returncode:
+            raise SystemExit(f"the search {name} failed (exit {search.returncode}); see {root / f'{name}.log'}")
+        return wall, sum(cpu.values())
+    finally:
+        for worker in pool:
+            kill_tree(worker.pid)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the Fashion-MNIST IDX folder")
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=2, help="per trial")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs (one worker, two workers)")
+    parser.add_argument("extra", nargs="*", help="after --: more overrides (tests shrink the data)")
+    args = parser.parse_args()
+    space = ["experiment=fashion_mnist_fast", "search=fashion_mnist_fast", "data.source=idx",
+             f"data.path={args.data.resolve()}", f"train.epochs={args.epochs}", f"search.trials={args.trials}",
+             "search.epochs=null", "search.sampler=random", "search.seed=0", "search.pruner=none", *args.extra]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        started, env = servers(root)
+        try:
+            cnnflow(["deploy", "--pool", "box"], root / "deployer", env)
+            times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+            for repeat in range(args.repeats):
+                for workers in (1, 2):  # alternate, so a slow phase of the machine hits both
+                    wall, cpu = timed_search(root, env, workers, f"w{workers}-r{repeat}", space)
+                    times[workers].append((wall, cpu))
+                    print(f"{workers} worker(s): {args.trials} trials x {args.epochs} epochs in {wall:.0f} s wall, "
+                          f"{cpu:.0f} s CPU", flush=True)
+        finally:
+            for process in started:
+                kill_tree(process.pid)
+    ratio = statistics.median(two[0] / one[0] for one, two in zip(times[1], times[2]))
+    print(f"2 workers / 1 worker, wall time: {ratio:.2f}x (median over {args.repeats} pair(s); "
+          f"{os.cpu_count()} CPU cores on this machine)")
+
+
+if __name__ == "__main__":
+    main()
