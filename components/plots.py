@@ -45,6 +45,19 @@ def _show(axis, image: np.ndarray, title: str, color: str = "black") -> None:
     axis.set_yticks([])
 
 
+def image_grid(images, titles: list[str], colors: list[str] | None = None, cols: int = 6,
+               cell: tuple[float, float] = (1.7, 2.4), title: str | None = None) -> plt.Figure:
+    """Images in rows of `cols`, each under its title (in its color); every image figure uses it."""
+    rows = max(1, -(-len(titles) // cols))
+    figure = plt.figure(figsize=(cell[0] * cols, cell[1] * rows + (0.4 if title else 0.0)))
+    if title:
+        figure.suptitle(title, fontsize=10)
+    for i, (image, text) in enumerate(zip(images, titles)):
+        _show(figure.add_subplot(rows, cols, i + 1), image, text, colors[i] if colors else "black")
+    figure.tight_layout(rect=(0, 0, 1, 0.96) if title else None)
+    return figure
+
+
 @register("plot", "learning_curves")
 def learning_curves(results: Results) -> plt.Figure:
     """Loss and accuracy per epoch, training vs validation."""
@@ -68,17 +81,16 @@ def learning_curves(results: Results) -> plt.Figure:
 def prediction_grid(results: Results, rows: PositiveInt = 2, cols: PositiveInt = 6, show_probability: bool = False) -> plt.Figure:
     """The first rows x cols test images with their predicted labels (red where wrong), or with the
     true label and the predicted probability of the positive class (`show_probability`, binary models)."""
-    count = min(rows * cols, len(results.labels))
-    figure = plt.figure(figsize=(1.6 * cols, 1.9 * rows) if not show_probability else (2.2 * cols, 2.9 * rows))
-    for i in range(count):
-        predicted, true = results.predictions[i], results.labels[i]
-        if show_probability:
-            title = f"true {results.class_names[true]}\nP({results.class_names[1]}) = {outputs.positive(results.probabilities)[i]:.2f}"
-        else:
-            title = f"pred {results.class_names[predicted]}"
-        _show(figure.add_subplot(rows, cols, i + 1), results.image(i), title, "black" if predicted == true else "red")
-    figure.tight_layout()
-    return figure
+    shown = range(min(rows * cols, len(results.labels)))
+    predicted, true = results.predictions, results.labels
+    if show_probability:
+        titles = [f"true {results.class_names[true[i]]}\nP({results.class_names[1]}) = "
+                  f"{outputs.positive(results.probabilities)[i]:.2f}" for i in shown]
+    else:
+        titles = [f"pred {results.class_names[predicted[i]]}" for i in shown]
+    return image_grid((results.image(i) for i in shown), titles,
+                      ["black" if predicted[i] == true[i] else "red" for i in shown], cols,
+                      (2.2, 2.9) if show_probability else (1.6, 1.9))
 
 
 @register("plot", "misclassified_grid")
@@ -88,15 +100,11 @@ def misclassified_grid(results: Results, max_images: PositiveInt = 24, cols: Pos
     confidence = results.probabilities.max(axis=1) if results.probabilities.ndim == 2 else np.abs(
         results.probabilities - 0.5)
     wrong = wrong[np.argsort(-confidence[wrong])][:max_images]
-    rows = max(1, -(-len(wrong) // cols))
-    figure = plt.figure(figsize=(1.7 * cols, 2.4 * rows + 0.4))
-    figure.suptitle(f"{np.sum(results.predictions != results.labels)} of {len(results.labels)} test images "
-                    f"misclassified (showing {len(wrong)})", fontsize=10)
-    for i, index in enumerate(wrong):
-        title = f"true {results.class_names[results.labels[index]]}\npred {results.class_names[results.predictions[index]]}"
-        _show(figure.add_subplot(rows, cols, i + 1), results.image(index), title, "red")
-    figure.tight_layout(rect=(0, 0, 1, 0.96))
-    return figure
+    titles = [f"true {results.class_names[results.labels[i]]}\npred {results.class_names[results.predictions[i]]}"
+              for i in wrong]
+    return image_grid((results.image(i) for i in wrong), titles, ["red"] * len(wrong), cols,
+                      title=f"{np.sum(results.predictions != results.labels)} of {len(results.labels)} test "
+                            f"images misclassified (showing {len(wrong)})")
 
 
 @register("plot", "confusion_matrix")

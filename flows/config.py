@@ -178,18 +178,6 @@ def _short(error: Exception, overrides: list[str]) -> str:
     return f"{message} (overrides: {' '.join(overrides) or 'none'})"
 
 
-def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'data': {'batch_size': 64}} -> {'data.batch_size': 64}; lists stay whole."""
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def to_yaml(settings: dict[str, Any]) -> str:
     from omegaconf import OmegaConf
 

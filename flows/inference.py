@@ -11,7 +11,6 @@ import contextlib
 import csv
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -154,22 +153,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _figure(rows: list[dict[str, Any]], shape, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(6, len(rows))
-    count = min(len(rows), 24)
-    figure = plt.figure(figsize=(2.0 * cols, 2.4 * (-(-count // cols))))
-    for i, row in enumerate(rows[:count]):
-        axis = figure.add_subplot(-(-count // cols), cols, i + 1)
-        image = read_image(Path(row["file"]), shape)
-        axis.imshow(image.squeeze(), cmap="gray_r" if shape[2] == 1 else None)
-        axis.set_title(f"{row['label']} ({row['probability']:.2f})", fontsize=9)
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.tight_layout()
+    from cnnflow.components.plots import image_grid
+
+    shown = rows[:24]
+    figure = image_grid((read_image(Path(row["file"]), shape) for row in shown),
+                        [f"{row['label']} ({row['probability']:.2f})" for row in shown], cols=max(1, min(6, len(shown))),
+                        cell=(2.0, 2.4))
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
@@ -213,9 +204,7 @@ def _output_path(name: str, option: str) -> Path:
     if path.is_dir():
         raise DataError(f"{option} {name} is a folder; give a file name")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".cnnflow-write-test-"):
-            pass
+        store.probe_writable(path.parent)
     except OSError as error:
         raise DataError(f"{option} {name}: cannot write to {path.parent} ({error.strerror or error})") from None
     return path

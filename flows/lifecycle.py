@@ -24,10 +24,10 @@ from typing import Any
 
 from cnnflow.components.errors import RunError, ServerOutage
 from cnnflow.flows import healing
-from cnnflow.flows.config import flatten
 from cnnflow.flows.outbox import Outbox, Write
-from cnnflow.flows.store import (LOCKS_EXPERIMENT, code_version, experiment_id, log_metrics, run_folder, set_tags,
-                                 store_lock)
+from cnnflow.flows.settings import flatten
+from cnnflow.flows.store import (LOCKS_EXPERIMENT, code_version, experiment_id, log_metrics, new_run_folder, run_folder,
+                                 set_tags, store_lock)
 
 # What a continuation may not change: it would no longer be the same training.
 FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtime.precision")
@@ -441,7 +441,7 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None, logger=None):
         try:
             if not run_id:
                 run_id = run.info.run_id
-                output_dir = (Path(cfg["output_dir"]) / cfg["experiment"] / run_id).resolve()
+                output_dir = new_run_folder(run_id, cfg)
                 set_tags(run_id, {"cnnflow.experiment": cfg["experiment"], "seed": cfg["seed"],
                                   "output_dir": output_dir, "host": socket.gethostname(), "code_version": code_version(),
                                   "config_hash": config_hash(cfg), **cfg.get("tags", {})})

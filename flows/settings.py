@@ -294,10 +294,20 @@ def unknown_key(key: str, known: list[str], what: str = "") -> str:
     return f"unknown setting {key}; {hint}"
 
 
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'data': {'batch_size': 64}} -> {'data.batch_size': 64}; lists stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def known_keys(cfg: dict[str, Any]) -> list[str]:
     """Every dotted key a config accepts: the schema's, plus each component's arguments."""
-    from cnnflow.flows.config import flatten
-
     keys = set(flatten({k: v for k, v in cfg.items() if k not in ("overrides",)}))
     keys |= _schema_keys(Settings)
     for key, kind, spec in components(cfg):

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnflow.components.errors import InfrastructureError, RunError, ServerOutage, first_line
-from cnnflow.flows.config import flatten, to_yaml
+from cnnflow.flows.config import to_yaml
+from cnnflow.flows.settings import flatten
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a file in the working directory
 LOCKS_EXPERIMENT = "cnnflow.locks"  # cnnflow's bookkeeping: one run per lock, its lease the lock (flows/lifecycle.py)
@@ -100,15 +101,21 @@ def check_store(uri: str, must_exist: bool = False) -> None:
 
 
 def _check_writable(folder: Path, what: str) -> None:
-    import tempfile
-
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".cnnflow-write-test-"):
-            pass
+        probe_writable(folder)
     except OSError as error:
         raise InfrastructureError(f"cannot write {what}: {folder.resolve()}: {error.strerror or error}. Run cnnflow in "
                                   f"a folder you can write to, or {_FIX}") from None
+
+
+def probe_writable(folder: Path) -> None:
+    """Make `folder` if need be and write a file in it: OSError when either fails (a read-only
+    mount, no permission, a full disk), before any work is spent on what will be written there."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".cnnflow-write-test-"):
+        pass
 
 
 def _check_server(uri: str) -> None:
@@ -312,9 +319,14 @@ def run_folder(run_id: str, cfg: dict[str, Any]) -> Path:
     trained_in = Path(mlflow.MlflowClient().get_run(run_id).data.tags.get("output_dir", "/nonexistent"))
     if trained_in.is_dir():
         return trained_in
-    folder = (Path(cfg["output_dir"]) / cfg["experiment"] / run_id).resolve()
+    folder = new_run_folder(run_id, cfg)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def new_run_folder(run_id: str, cfg: dict[str, Any]) -> Path:
+    """Where a run trained here keeps its files: <output_dir>/<experiment>/<run id>."""
+    return (Path(cfg["output_dir"]) / cfg["experiment"] / run_id).resolve()
 
 
 def run_file(run_id: str, folder: Path, name: str) -> Path:

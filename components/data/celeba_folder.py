@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from cnnflow.components.data.core import DataError, DataInfo, Partition
+from cnnflow.components.data.core import DataError, DataInfo, Partition, attribute_classes
 from cnnflow.components.registry import register
 
 PARTITIONS = {"0": "train", "1": "validation", "2": "test"}
@@ -96,8 +96,7 @@ class CelebaFolder:
             raise DataError(f"CelebA has no attribute {attribute!r}; the attributes are: {', '.join(names)}")
         self._column = names.index(attribute)
         self._partitions = read_partitions(folder / "list_eval_partition.txt")
-        negative = "Female" if attribute == "Male" else f"not {attribute}"
-        self.info = DataInfo(IMAGE_SHAPE, 2, (negative, attribute))
+        self.info = DataInfo(IMAGE_SHAPE, 2, attribute_classes(attribute))
 
     def partition(self, name: str) -> Partition:
         if name not in self._partitions:

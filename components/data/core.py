@@ -102,6 +102,11 @@ CLASS_NAMES = {
 }
 
 
+def attribute_classes(attribute: str) -> tuple[str, str]:
+    """The two class names of a binary attribute (CelebA's): label 0, then label 1."""
+    return ("Female" if attribute == "Male" else f"not {attribute}"), attribute
+
+
 # ---------------------------------------------------------------------------------------- sources
 
 def source_from(data: dict[str, Any]) -> Source:

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from cnnflow.components.data.core import DataError, DataInfo, Partition, Records
+from cnnflow.components.data.core import DataError, DataInfo, Partition, Records, attribute_classes
 from cnnflow.components.errors import TransientError, first_line
 from cnnflow.components.registry import register
 
@@ -40,8 +40,7 @@ class TfdsSource:
             known = list(features["attributes"].keys()) if "attributes" in features else []
             if attribute not in known:
                 raise DataError(f"TFDS {name!r} has no attribute {attribute!r}; it has: {', '.join(known) or 'none'}")
-            negative = "Female" if attribute == "Male" else f"not {attribute}"
-            self.info = DataInfo(tuple(features["image"].shape), 2, (negative, attribute))
+            self.info = DataInfo(tuple(features["image"].shape), 2, attribute_classes(attribute))
         else:
             self.info = DataInfo(tuple(features["image"].shape), features["label"].num_classes,
                                  tuple(features["label"].names))

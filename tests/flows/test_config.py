@@ -4,7 +4,8 @@ from cnnflow.components import registry
 from cnnflow.components.augment import compose
 from cnnflow.components.data import model_input_shape
 from cnnflow.components.errors import SettingsError
-from cnnflow.flows.config import choices, compose_config, flatten
+from cnnflow.flows.config import choices, compose_config
+from cnnflow.flows.settings import flatten
 
 
 # the chapter's counts (README) and the fast recipe's width-24 model (benchmarks/README)
