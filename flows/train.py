@@ -250,20 +250,53 @@ def _signature(model):
 
 def _load_start_model(model_path: str, initial_epoch: int):
     """The untrained model or the checkpoint to go on from. A checkpoint that passed its checksum but
-    does not load is set aside (renamed *.damaged), so the next run resumes from the one before it."""
+    whose contents do not read is set aside (renamed *.damaged), so the next run resumes from the one
+    before it. Failures that say nothing about the file (memory, permissions, a Keras that cannot
+    read what another Keras wrote) leave it in place and are reported as what they are."""
+    import zipfile
+
     import keras
+    import tensorflow as tf
 
     try:
         return keras.models.load_model(model_path)
-    except Exception as error:
+    except (MemoryError, tf.errors.ResourceExhaustedError) as error:
+        raise RunError(f"out of memory loading the checkpoint {model_path} ({type(error).__name__}); it is kept: "
+                       f"free memory (or use a machine with more) and run the same command again") from None
+    except PermissionError as error:
+        raise RunError(f"cannot read the checkpoint {model_path}: {error.strerror}; it is kept: fix the folder's "
+                       f"permissions and run the same command again") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, TypeError) as error:
         if not initial_epoch:
             raise
+        if _written_by_another_keras(model_path):
+            raise RunError(f"the checkpoint {model_path} was written by Keras {_keras_version_of(model_path)} and "
+                           f"does not load in Keras {keras.__version__} ({type(error).__name__}); it is kept: resume "
+                           f"with that Keras version") from None
         state = Path(model_path).with_suffix(".json")
         if state.is_file():
             state.rename(state.with_name(state.name + ".damaged"))
         raise RunError(f"the checkpoint {model_path} does not load ({type(error).__name__}); it is set aside: run the "
                        f"same command again to resume from the checkpoint before it (or resume=false to start afresh)") \
             from None
+
+
+def _keras_version_of(model_path: str) -> str | None:
+    """The Keras version recorded in a .keras file's metadata.json, or None when it cannot be read."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            return json.loads(archive.read("metadata.json"))["keras_version"]
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return None
+
+
+def _written_by_another_keras(model_path: str) -> bool:
+    import keras
+
+    written = _keras_version_of(model_path)
+    return written is not None and written != keras.__version__
 
 
 def _apply_learning_rate(model, optimizer: dict[str, Any]) -> None:

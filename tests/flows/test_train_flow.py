@@ -206,3 +206,54 @@ def test_a_validation_only_run_never_touches_the_test_split(prefect_harness, sto
     run_id = train_flow("mnist", tiny_overrides(idx) + ["train.test=false", "plots={}", "seed=5"])
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert "val_accuracy" in metrics and not any(name.startswith("test_") for name in metrics)
+
+
+def _checkpoint(folder: Path, metadata: dict | None = None) -> Path:
+    """A small .keras file and its state file, as a training leaves them; `metadata` rewrites its
+    metadata.json (and breaks its config), as a Keras of another version would have written it."""
+    import zipfile
+
+    import keras
+
+    path = folder / "checkpoint-epoch0002.keras"
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(path)
+    if metadata is not None:
+        with zipfile.ZipFile(path) as archive:
+            files = {name: archive.read(name) for name in archive.namelist()}
+        files["metadata.json"], files["config.json"] = json.dumps(metadata).encode(), b'{"class_name": "Gone"}'
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, content in files.items():
+                archive.writestr(name, content)
+    path.with_suffix(".json").write_text(json.dumps({"epoch": 2, "file": path.name, "history": {}}))
+    return path
+
+
+def test_a_checkpoint_that_does_not_load_is_set_aside_only_when_the_file_is_at_fault(tmp_path, monkeypatch):
+    """flows/train.py _load_start_model: damaged contents -> *.damaged (the next run takes the one
+    before); out of memory, no permission or another Keras's file -> kept, and said as such."""
+    import keras
+
+    from cnnflow.components.errors import RunError
+    from cnnflow.flows.train import _load_start_model
+
+    damaged = _checkpoint(tmp_path)
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    with pytest.raises(RunError, match="does not load .*set aside"):
+        _load_start_model(str(damaged), initial_epoch=2)
+    assert not damaged.with_suffix(".json").exists() and damaged.with_name(damaged.stem + ".json.damaged").exists()
+
+    (tmp_path / "other").mkdir()
+    newer = _checkpoint(tmp_path / "other", {"keras_version": "2.99.0"})
+    with pytest.raises(RunError, match=f"written by Keras 2.99.0 and does not load in Keras {keras.__version__}"):
+        _load_start_model(str(newer), initial_epoch=2)
+    assert newer.with_suffix(".json").exists()
+
+    sound = _checkpoint(tmp_path)
+    for error, said in ((MemoryError(), "out of memory"), (PermissionError(13, "Permission denied"), "Permission denied")):
+        def failing(path, error=error):
+            raise error
+
+        monkeypatch.setattr(keras.models, "load_model", failing)
+        with pytest.raises(RunError, match=f"{said}.*it is kept"):
+            _load_start_model(str(sound), initial_epoch=2)
+        assert sound.with_suffix(".json").exists()
