@@ -8,6 +8,8 @@ codes through `exit_code`, the one place that does.
 
 from __future__ import annotations
 
+import re
+
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what workers, Docker and Kubernetes send
 
@@ -82,3 +84,17 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (at most 200 characters), for a one-line report."""
     lines = str(error).strip().splitlines()
     return lines[0][:200] if lines else type(error).__name__
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure that may pass by itself: connection reset or refused, timeout, HTTP 5xx, anywhere in
+    the chain of causes (TFDS wraps the network's errors in its own)."""
+    while error is not None:
+        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in (
+                "ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "ChunkedEncodingError"):
+            return True
+        status = getattr(getattr(error, "response", None), "status_code", None) or getattr(error, "code", None)
+        if isinstance(status, int) and 500 <= status < 600 or re.search(r"\b(HTTP|status)\D{0,10}5\d\d\b", str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -16,21 +16,22 @@ from typing import Any, Literal
 import mlflow
 
 from cnnflow.components import registry
-from cnnflow.components.errors import RunError, UserError
+from cnnflow.components.errors import RunError, UserError, is_transient
 from cnnflow.flows import healing, interrupts, lifecycle, outbox, promotion, report, runtime, settings, store
 from cnnflow.flows.config import Experiment, compose_config, with_fields
 from cnnflow.flows.engine import bound_prefect_outages, flow, run_logger, task
 
 
 
-def _retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry what may pass next time (a connection reset during a download), not a wrong setting."""
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Retry what may pass next time (a connection reset during a download), not a wrong setting,
+    a bug or a full memory."""
     try:
         state.result()
     except UserError as error:
         return error.retryable
-    except Exception:
-        return True
+    except Exception as error:  # the step's own failure, whatever its type: is it one that passes?
+        return is_transient(error)
     return False
 
 
@@ -45,7 +46,7 @@ def _prepare_tensorflow(cfg: dict[str, Any]) -> None:
 
 
 @task(name="load data", cache_policy="none", retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=_retry_unless_user_error)
+      retry_condition_fn=_retry_if_transient)
 def load_data(data: dict[str, Any]) -> dict[str, Any]:
     """Downloads or reads the data source and checks every partition the splits use (file kinds,
     shapes, counts, label range), before any run starts; returns the features (shape, classes)."""

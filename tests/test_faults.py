@@ -203,7 +203,7 @@ def test_only_transient_download_errors_are_retried(mode, prefect_harness, monke
     import contextlib
 
     from cnnflow.components import data as data_module
-    from cnnflow.components.data.tfds_source import is_transient
+    from cnnflow.components.errors import is_transient
     from cnnflow.flows import engine
 
     assert is_transient(ConnectionResetError(104, "reset")) and is_transient(OSError("HTTP Error 503"))
@@ -240,6 +240,17 @@ def test_only_transient_download_errors_are_retried(mode, prefect_harness, monke
     with running(), pytest.raises(DataError):
         load_once()
     assert len(calls) == 1  # a setting to fix is not retried
+
+    for failure in (MemoryError(), TypeError("a bug in a plugin source")):
+        def broken(data, failure=failure):
+            calls.append(1)
+            raise failure
+
+        calls.clear()
+        monkeypatch.setattr(data_module, "source_from", broken)
+        with running(), pytest.raises(type(failure)):
+            load_once()
+        assert len(calls) == 1  # neither passes by waiting
 
 
 # ------------------------------------------------------------------------------ divergence

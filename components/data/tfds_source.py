@@ -3,12 +3,11 @@ original files from `manual_dir` for users who fetched them by hand."""
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 
 from cnnflow.components.data.core import DataError, DataInfo, Partition, Records, attribute_classes
-from cnnflow.components.errors import TransientError, first_line
+from cnnflow.components.errors import TransientError, first_line, is_transient
 from cnnflow.components.registry import register
 
 
@@ -101,20 +100,6 @@ def _online(host: str = "storage.googleapis.com") -> bool:
         return True
     except OSError:
         return False
-
-
-def is_transient(error: BaseException) -> bool:
-    """A failure that may pass by itself: connection reset or refused, timeout, HTTP 5xx, anywhere in
-    the chain of causes (TFDS wraps the network's errors in its own)."""
-    while error is not None:
-        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in (
-                "ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "ChunkedEncodingError"):
-            return True
-        status = getattr(getattr(error, "response", None), "status_code", None) or getattr(error, "code", None)
-        if isinstance(status, int) and 500 <= status < 600 or re.search(r"\b(HTTP|status)\D{0,10}5\d\d\b", str(error)):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 @register("dataset", "tfds")
