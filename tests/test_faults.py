@@ -723,7 +723,7 @@ def test_a_store_creation_killed_half_way_leaves_no_store_and_a_damaged_store_is
         "\n" not in error and "move it aside" in error, error
 
 
-def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_store):
+def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_store, monkeypatch):
     import keras
 
     mlflow.set_experiment("race")
@@ -736,12 +736,20 @@ def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_sto
             mlflow.set_tag("model_uri", logged.model_uri)
         runs.append(run.info.run_id)
     barrier = threading.Barrier(2)
+    ensure = promotion._ensure_registered_model
+
+    def late_for_the_worse(client, name):  # between reading the champion and moving the alias
+        time.sleep(1.5 if threading.current_thread().name == "worse" else 0.0)
+        ensure(client, name)
+
+    # Without the lock both read "no champion" and the worse moves the alias last, every time.
+    monkeypatch.setattr(promotion, "_ensure_registered_model", late_for_the_worse)
 
     def finish(run_id):
         barrier.wait()
         promotion.maybe_register(cfg, run_id, __import__("logging").getLogger("test"))
 
-    threads = [threading.Thread(target=finish, args=(run_id,)) for run_id in runs]
+    threads = [threading.Thread(target=finish, args=(run_id,), name=name) for run_id, name in zip(runs, ("worse", "better"))]
     for thread in threads:
         thread.start()
     for thread in threads:
