@@ -4,7 +4,7 @@ against a real Prefect server started here on loopback."""
 import signal
 import subprocess
 import sys
-import time
+from datetime import datetime, timezone
 
 import mlflow
 import pytest
@@ -134,11 +134,18 @@ def test_serve_runs_deployments_from_the_api_and_keeps_schedules(prefect_server,
     retrain = deployment(url, "retrain/mnist")
     assert not retrain.paused and [s.active for s in retrain.schedules] == [True]
     assert retrain.schedules[0].schedule.cron == "0 3 * * 0"
+    restarted = datetime.now(timezone.utc)
     serving = start_serving(url, env, tmp_path, idx)  # a restart keeps the schedule as it was
+
+    def polled_again():  # the restarted process has registered its deployments and serves them
+        polled = deployment(url, "retrain/mnist").last_polled
+        return polled is not None and polled > restarted
+
     try:
-        time.sleep(15)
+        wait_until(polled_again, 180, "the restarted serve to poll its deployments")
         retrain = deployment(url, "retrain/mnist")
-        assert not retrain.paused and [s.active for s in retrain.schedules] == [True]
+        assert not retrain.paused and [s.active for s in retrain.schedules] == [True]  # one, not two
+        assert retrain.schedules[0].schedule.cron == "0 3 * * 0"
     finally:
         serving.send_signal(signal.SIGTERM)
         serving.wait(timeout=60)
