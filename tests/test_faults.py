@@ -4,6 +4,7 @@ store, concurrent processes, predict's inputs. Real processes, a real MLflow sto
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -269,20 +270,46 @@ def test_a_diverging_training_fails_is_not_registered_and_says_where(prefect_har
 
 # ------------------------------------------------------------------------------ checkpoints
 
+_POWER_CUT = """
+import json, os, signal, sys, time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+
+from cnnflow.components.callbacks import EpochProgress
+from cnnflow.flows.train import train_flow
+
+epochs_done, real = int(sys.argv[1]), EpochProgress.on_epoch_end
+
+def power_cut(self, epoch, logs=None):
+    real(self, epoch, logs)
+    if epoch + 1 == epochs_done:  # once this epoch's checkpoint is in the artifact store, the machine is gone
+        stored = Path(urlparse(mlflow.active_run().info.artifact_uri).path)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                json.loads(state.read_text())["epoch"] == epochs_done for state in stored.glob("checkpoints/*/state.json")):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+EpochProgress.on_epoch_end = power_cut
+train_flow("mnist", sys.argv[2:])
+"""
+
+
 def _crashed_run(idx: Path, monkeypatch, epochs_done: int = 3) -> tuple[list[str], str, Path]:
-    """A training whose process 'dies' right after the checkpoint of epoch `epochs_done` (a power cut
-    is no setting: the rerun has the same settings)."""
-    from cnnflow.components.callbacks import EpochProgress
-
-    def power_cut(self, epoch, logs=None):
-        if epoch + 1 == epochs_done:
-            raise RuntimeError("power cut")
-
+    """A training whose process dies (SIGKILL: no handler, no finally, nothing flushed) right after
+    the checkpoint of epoch `epochs_done` reached the artifact store; a power cut is no setting, so
+    the rerun has the same settings."""
     overrides = tiny_overrides(idx, epochs=5) + ["plots={}"]
-    with monkeypatch.context() as patch:
-        patch.setattr(EpochProgress, "on_epoch_end", power_cut)
-        with pytest.raises(RuntimeError, match="power cut"):
-            train_flow("mnist", overrides)
+    log = idx.parent / f"power-cut-{epochs_done}.log"
+    with open(log, "w") as out:  # a file, not a pipe: what the training started may outlive it
+        training = subprocess.Popen([sys.executable, "-c", _POWER_CUT, str(epochs_done), *overrides], stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        code = training.wait(timeout=600)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(training.pid, signal.SIGKILL)  # the rest of the machine that lost power
+    assert code == -signal.SIGKILL, log.read_text()
     [run] = store.training_runs()
     return overrides, run.info.run_id, Path(run.data.tags["output_dir"])
 
@@ -514,7 +541,7 @@ def test_a_resume_aimed_at_a_run_in_training_is_refused_and_names_resume_false(p
     with pytest.raises(RunError, match=f"run {run_id} has these settings and process {os.getpid()} on this machine is "
                                        f"training it.*resume=false"):
         train_flow("mnist", overrides)
-    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # as the power cut left it: the refusal writes nothing
     assert len(store.training_runs()) == 1
 
 
