@@ -101,8 +101,39 @@ def log_serving_model(model_file: str, features: dict[str, Any], data: dict[str,
 
 
 def _code_bundle(target: Path) -> Path:
-    """This package's components (Python files only), laid out as `cnnflow/components` for import."""
-    shutil.copytree(Path(__file__).parent, target / "components",
-                    ignore=lambda folder, names: [n for n in names if not (n.endswith(".py") or Path(folder, n).is_dir())
-                                                  or n == "__pycache__"])
+    """The modules of this package that serving imports, laid out as `cnnflow/components` for import:
+    not the teaching code, the data generators or the training's callbacks, which a served model
+    never runs. Found by following the imports from serving_model.py, so the bundle cannot miss one."""
+    package = Path(__file__).parent
+    for path in _imported_modules(package / "serving_model.py", package):
+        (target / "components" / path.relative_to(package)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / "components" / path.relative_to(package))
     return target
+
+
+def _imported_modules(start: Path, package: Path) -> set[Path]:
+    """`start` and every module of `package` it imports, directly or through others (imports inside
+    functions included), with the __init__.py of each package on the way."""
+    import ast
+
+    found, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path in found:
+            continue
+        found.add(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                dotted = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                dotted = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in dotted:
+                if not name.startswith("cnnflow.components"):
+                    continue
+                parts = name.split(".")[2:]
+                for depth in range(len(parts) + 1):  # each package on the way, then the module
+                    stem = package.joinpath(*parts[:depth])
+                    todo += [p for p in (stem / "__init__.py", stem.with_suffix(".py")) if p.is_file()]
+    return found

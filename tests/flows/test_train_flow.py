@@ -157,6 +157,31 @@ def test_the_serving_model_answers_base64_images_and_refuses_bad_rows_alone(fini
     assert answer["label"][6:].isna().all()
 
 
+def test_the_serving_model_carries_what_serving_imports_and_runs_from_it_alone(finished_run, store, tmp_path):
+    """Loaded in a fresh process (no cnnflow imported before), the served model's code is its own
+    copy, which holds the modules serving imports and not the teaching code or the data generator."""
+    import ast
+    import subprocess
+    import sys
+
+    run_id, _ = finished_run
+    uri = MlflowClient().get_run(run_id).data.tags["serving_uri"]
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
+    bundled = {p.relative_to(local / "code" / "cnnflow" / "components").as_posix()
+               for p in (local / "code" / "cnnflow" / "components").rglob("*.py")}
+    assert {"serving.py", "serving_model.py", "images.py", "augment.py", "outputs.py"} <= bundled
+    assert not bundled & {"fundamentals.py", "data/celeba_layout.py", "callbacks.py", "plots.py", "models/mnist_cnn.py"}
+    images, _ = run_test_images(run_id, 2)
+    script = ("import sys, mlflow, pandas as pd; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+              "import cnnflow.components.serving as s; print(s.__file__); "
+              "print(m.predict(pd.DataFrame({'image': sys.argv[2:]}))['label'].tolist())")
+    answered = subprocess.run([sys.executable, "-c", script, str(local), *(png_base64(i) for i in images)],
+                              capture_output=True, text=True, timeout=300)
+    assert answered.returncode == 0, answered.stderr
+    where, labels = answered.stdout.strip().splitlines()[-2:]
+    assert where.startswith(str(local)) and len(ast.literal_eval(labels)) == 2  # the bundle's copy answered both
+
+
 def prefect_artifact(key: str, flow_run_id: str | None = None):
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
