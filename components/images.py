@@ -21,7 +21,7 @@ def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | No
     decompression bomb, is refused without being decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    name = name or str(source)
+    name = name or ("the image" if isinstance(source, bytes) else str(source))
     height, width, channels = shape
     wanted = f"{'grayscale' if channels == 1 else 'RGB'} {width}x{height} images"
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -31,9 +31,7 @@ def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | No
                 raise DataError(f"{name} is {image.size[0]}x{image.size[1]}; the model takes {wanted} "
                                 f"(as in its training data)")
             image.load()
-            gray_mode = image.mode in ("1", "L", "I", "I;16", "F")
-            rgb = None if gray_mode else np.asarray(image.convert("RGB"))
-            gray = np.asarray(image.convert("L"))
+            rgb, gray = _pixels(image, name)
     except DataError:
         raise
     except Image.DecompressionBombError:
@@ -49,6 +47,29 @@ def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | No
                                                   and np.array_equal(rgb[..., 1], rgb[..., 2])):
         raise DataError(f"{name} is a colour image; the model takes {wanted}")
     return rgb if channels == 3 else gray[..., np.newaxis]
+
+
+GRAY_16_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG, TIFF and PGM grayscale of 16 bits
+
+
+def _pixels(image, name: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """(RGB pixels, or None for a grayscale mode; 8-bit grayscale), each converted as the format
+    means it: 16-bit values scaled to 8 bits, not clipped at 255 as PIL's convert("L") does. What has
+    no one meaning is refused: transparent pixels (over which background?) and floating-point pixels."""
+    if image.mode in ("LA", "PA", "RGBA") or "transparency" in image.info:
+        if (np.asarray(image.convert("RGBA"))[..., 3] < 255).any():
+            raise DataError(f"{name} has transparent pixels; the model takes opaque images (flatten it onto its "
+                            f"background first)")
+    if image.mode == "F":
+        raise DataError(f"{name} has floating-point pixels; the model takes 8- or 16-bit images")
+    if image.mode in GRAY_16_BIT:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{name} has pixel values from {values.min()} to {values.max()}; the model takes 8- or "
+                            f"16-bit images")
+        return None, ((values * 255 + 32767) // 65535).astype(np.uint8)
+    rgb = None if image.mode in ("1", "L", "LA") else np.asarray(image.convert("RGB"))
+    return rgb, np.asarray(image.convert("L"))
 
 
 def preprocessed(images: list[np.ndarray], eval_transforms: Any):

@@ -1,0 +1,109 @@
+"""What users hand cnnflow, generated the way a fuzzer would (Hypothesis): each input is answered
+correctly or refused in one line (a UserError), never a traceback, never silently altered."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from cnnflow.components.errors import DataError
+from cnnflow.components.images import read_image
+
+HEIGHT, WIDTH = 5, 7
+LOSSLESS = ("PNG", "TIFF", "BMP", "PPM")  # what they store is what they give back
+FORMATS = LOSSLESS + ("GIF", "JPEG", "WEBP")
+MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK")
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _image(mode: str, values: np.ndarray):
+    """A PIL image of `mode` from random values of the right range for the mode."""
+    from PIL import Image
+
+    if mode == "1":
+        return Image.fromarray(values[..., 0] > 127)
+    if mode in ("L", "P"):
+        return Image.fromarray(values[..., 0].astype(np.uint8), "L").convert(mode)
+    if mode == "I;16":
+        return Image.frombytes("I;16", (WIDTH, HEIGHT), (values[..., 0] * 257).astype("<u2").tobytes())
+    if mode == "I":
+        return Image.fromarray((values[..., 0] * 257).astype(np.int32), "I")
+    if mode == "F":
+        return Image.fromarray(values[..., 0].astype(np.float32) / 255, "F")
+    if mode == "LA":
+        return Image.fromarray(values[..., :2].astype(np.uint8), "LA")
+    if mode == "RGBA":
+        return Image.fromarray(values.astype(np.uint8), "RGBA")
+    return Image.fromarray(values[..., :3].astype(np.uint8), "RGB").convert(mode)
+
+
+def _saved(image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    try:
+        image.save(out, fmt)
+    except (OSError, ValueError, KeyError):
+        assume(False)  # a combination the format cannot hold: nothing a user could send
+    return out.getvalue()
+
+
+@FUZZ
+@given(mode=st.sampled_from(MODES), fmt=st.sampled_from(FORMATS), channels=st.sampled_from([1, 3]),
+       values=arrays(np.int64, (HEIGHT, WIDTH, 4), elements=st.integers(0, 255)), opaque=st.booleans())
+def test_an_image_of_any_mode_and_format_is_read_as_it_means_or_refused_in_one_line(mode, fmt, channels, values,
+                                                                                     opaque):
+    from PIL import Image
+
+    if opaque:
+        values[..., 3] = 255
+    if mode == "LA" and opaque:
+        values[..., 1] = 255
+    data = _saved(_image(mode, values), fmt)
+    with Image.open(io.BytesIO(data)) as stored:  # what the file holds, as PIL reads it back
+        stored_mode = stored.mode
+        stored.load()
+        stored_array = np.asarray(stored)
+    try:
+        pixels = read_image(data, (HEIGHT, WIDTH, channels), name="sent.img")
+    except DataError as error:
+        assert "\n" not in str(error) and str(error).startswith("sent.img")
+        return
+    assert pixels.dtype == np.uint8 and pixels.shape == (HEIGHT, WIDTH, channels)
+    if fmt not in LOSSLESS:
+        return  # lossy: the pixels are the decoder's; the shape and type are what is checked
+    if stored_mode in ("I;16", "I"):  # 16-bit grayscale: scaled to 8 bits, never clipped at 255
+        assert np.array_equal(pixels[..., 0], ((stored_array.astype(np.int64) * 255 + 32767) // 65535))
+        assert np.array_equal(pixels[..., 0], values[..., 0])  # 257 * v scales back to v exactly
+    elif stored_mode in ("L", "1"):
+        assert np.array_equal(pixels[..., 0], stored_array.astype(np.uint8) * (255 if stored_mode == "1" else 1))
+    elif stored_mode == "RGB" and channels == 3:
+        assert np.array_equal(pixels, stored_array)
+    assert stored_mode not in ("F",) and not (stored_mode in ("LA", "RGBA") and (stored_array[..., -1] < 255).any())
+
+
+def test_a_16_bit_grayscale_png_is_scaled_not_clipped():
+    """The regression the fuzzing found: PIL's convert("L") clips 16-bit values at 255, so a 16-bit
+    scan reached the model almost white."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, HEIGHT * WIDTH).astype("<u2").reshape(HEIGHT, WIDTH)
+    data = _saved(Image.frombytes("I;16", (WIDTH, HEIGHT), ramp.tobytes()), "PNG")
+    pixels = read_image(data, (HEIGHT, WIDTH, 1))[..., 0]
+    assert pixels.min() == 0 and pixels.max() == 255 and len(np.unique(pixels)) == HEIGHT * WIDTH
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_transparent_pixels_are_refused_and_opaque_ones_read(mode):
+    from PIL import Image
+
+    bands = len(mode)
+    pixels = np.full((HEIGHT, WIDTH, bands), 200, np.uint8)
+    pixels[..., -1] = 255  # opaque
+    assert read_image(_saved(Image.fromarray(pixels, mode), "PNG"), (HEIGHT, WIDTH, 1)).max() == 200
+    pixels[0, 0, -1] = 0
+    with pytest.raises(DataError, match="has transparent pixels"):
+        read_image(_saved(Image.fromarray(pixels, mode), "PNG"), (HEIGHT, WIDTH, 1))
