@@ -86,6 +86,12 @@ def first_line(error: BaseException) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
+def printable(text: str) -> str:
+    """`text` with each character that is not printable (line breaks, NEL, other controls) written
+    as its escape, so a message that quotes a user's value stays one line on a terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def is_transient(error: BaseException) -> bool:
     """A failure that may pass by itself: connection reset or refused, timeout, HTTP 5xx, anywhere in
     the chain of causes (TFDS wraps the network's errors in its own)."""

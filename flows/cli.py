@@ -194,7 +194,7 @@ def _quiet_tracebacks_of_user_errors() -> None:
 def run_train(overrides: list[str], multirun: bool) -> int:
     """One training, or a sweep's jobs one after another. Every job's settings and the store are
     checked first, before any server starts; in a sweep a failed job does not stop the others."""
-    from cnnflow.components.errors import UserError
+    from cnnflow.components.errors import UserError, printable
     from cnnflow.flows import store
     from cnnflow.flows.config import compose_config
 
@@ -231,7 +231,7 @@ def run_train(overrides: list[str], multirun: bool) -> int:
                 user_error = isinstance(error, UserError)
                 outcomes.append((job, "error" if user_error else "failed",
                                  str(error) if user_error else f"{type(error).__name__}: {error}"))
-                print(f"cnnflow: error: {outcomes[-1][2]}", file=sys.stderr)
+                print(f"cnnflow: error: {printable(outcomes[-1][2])}", file=sys.stderr)
     return _summary(sweep_id, outcomes) if multirun else 0 if outcomes[0][1] == "ok" else 1
 
 
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from cnnflow.components.errors import UserError, exit_code
+    from cnnflow.components.errors import UserError, exit_code, printable
 
     from cnnflow.flows import interrupts
 
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         _run_flow(args)
         return 0
     except UserError as error:
-        print(f"cnnflow: error: {error}", file=sys.stderr)
+        print(f"cnnflow: error: {printable(str(error))}", file=sys.stderr)
         return exit_code(error)
     except BaseException as error:
         if _is_interruption(error):

@@ -106,8 +106,22 @@ def _composed(experiment: str, overrides: tuple[str, ...]) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         raise _settings_error(error, experiment, list(overrides)) from None
+    except ValueError as error:  # Hydra's defaults list: a group given a number, `plots=0`
+        if "Config group override" not in str(error):
+            raise
+        raise _group_value_error(list(overrides)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _group_value_error(overrides: list[str]) -> SettingsError:
+    for parsed in parsed_overrides(overrides):
+        group = parsed.key_or_group
+        if group in GROUPS and not isinstance(parsed.value(), (str, list)):
+            none = " (plots={} for no figures)" if group == "plots" else ""
+            return SettingsError(f"{parsed.input_line}: {group} is a config group; choose one of "
+                                 f"{', '.join(choices(group))}{none}")
+    return SettingsError(f"a config group was given a value that is not a name: {' '.join(overrides)}")
 
 
 def refuse_interpolations(overrides: list[str]) -> None:
@@ -169,7 +183,7 @@ def _settings_error(error: Exception, experiment: str, overrides: list[str]) -> 
 def _short(error: Exception, overrides: list[str]) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     message = " ".join(line for line in lines if not line.startswith(("full_key", "object_type", "Available options")))
-    missing_group = re.search(r"Could not find '(\w+)/([^']*)'", message)
+    missing_group = re.search(r"Could not (?:find|load) '(\w+)/([^']*)'", message)
     if missing_group and missing_group[1] in GROUPS:
         group = missing_group[1]
         return f"Unknown {group} config {missing_group[2]!r}; choices for {group}: {', '.join(choices(group))}"

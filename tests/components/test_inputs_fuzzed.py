@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -107,3 +107,56 @@ def test_transparent_pixels_are_refused_and_opaque_ones_read(mode):
     pixels[0, 0, -1] = 0
     with pytest.raises(DataError, match="has transparent pixels"):
         read_image(_saved(Image.fromarray(pixels, mode), "PNG"), (HEIGHT, WIDTH, 1))
+
+
+SPLIT_TEXT = st.one_of(
+    st.text(max_size=30),  # anything at all
+    st.builds(lambda name, a, b: f"{name}[{a}:{b}]", st.sampled_from(["train", "test", "valid", "tr ain", "x-y"]),
+              st.sampled_from(["", "0", "-3", "5", "50%", "-10%", "150%", "99999999999999999999", "1.5", "%"]),
+              st.sampled_from(["", "0", "-3", "5", "50%", "-10%", "150%", "99999999999999999999", "1.5", "a"])))
+
+
+@FUZZ
+@given(split=SPLIT_TEXT, size=st.integers(0, 300))
+def test_a_split_string_selects_a_slice_of_the_partition_or_is_refused_in_one_line(split, size):
+    from cnnflow.components.data.core import parse_split, split_positions
+
+    try:
+        name, bounds = parse_split(split)
+    except DataError as error:
+        assert "\n" not in str(error) and repr(split) in str(error)
+        return
+    positions = split_positions(split, size)
+    assert name and positions.dtype.kind == "i"
+    assert list(positions) == list(range(size))[slice(*(_resolved(b, size) for b in (bounds.start, bounds.stop)))]
+
+
+def _resolved(bound: str | None, size: int) -> int | None:  # TFDS's meaning: a percent of the partition
+    return None if bound is None else round(int(bound[:-1]) * size / 100) if bound.endswith("%") else int(bound)
+
+
+SETTING_VALUES = st.one_of(st.text(max_size=20), st.integers(-10**12, 10**12).map(str),
+                           st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                           st.sampled_from(["null", "[]", "{}", "[1,2]", "{a: 1}", "true", "'quoted'", "${oops}", "1e999"]))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # capsys: read each time
+@given(key=st.sampled_from(["data.batch_size", "data.split.train", "train.epochs", "optimizer.learning_rate",
+                            "model.dropout_rate", "seed", "data.path", "runtime.precision", "search.trials",
+                            "train.checkpoint_every", "plots", "data.transforms.eval"]),
+       value=SETTING_VALUES)
+@example(key="plots", value="0")  # found by this test: Hydra's ValueError for a group given a number
+@example(key="data.batch_size", value="\x85")  # found by this test: NEL broke the one line in two
+def test_any_value_of_a_setting_is_taken_or_refused_in_one_line(key, value, capsys):
+    """`cnnflow train --cfg job KEY=VALUE`: the composed, checked settings, or exit 2 with one line."""
+    from cnnflow.flows import cli
+
+    code = cli.main(["train", "--cfg", "job", "experiment=mnist", f"{key}={value}"])
+    out, err = capsys.readouterr()
+    assert code in (0, 2), (code, err)
+    if code == 2:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) <= 2 and lines[0].startswith("cnnflow: error:") and "Traceback" not in err, err
+    else:
+        assert "Traceback" not in err and out.strip()
