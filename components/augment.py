@@ -55,6 +55,7 @@ def resize(height: PositiveInt, width: PositiveInt) -> Transform:
 
 @register("augment", "flip_left_right")
 def flip_left_right() -> Transform:
+    """Mirror left-right, always (the chapter's fixed flip for showing what a transform does)."""
     return lambda image, seed: tf.image.flip_left_right(image)
 
 
@@ -66,11 +67,13 @@ def random_flip() -> Transform:
 
 @register("augment", "contrast")
 def contrast(factor: float = 2.0) -> Transform:
+    """Scales each pixel's distance from the image mean by `factor`."""
     return lambda image, seed: tf.image.adjust_contrast(image, factor)
 
 
 @register("augment", "random_contrast")
 def random_contrast(lower: NonNegativeFloat = 0.8, upper: NonNegativeFloat = 1.2) -> Transform:
+    """Contrast by a factor drawn between `lower` and `upper`, per image."""
     return lambda image, seed: tf.image.stateless_random_contrast(image, lower, upper, seed=seed)
 
 
@@ -82,6 +85,7 @@ def brightness(delta: float = 0.3) -> Transform:
 
 @register("augment", "random_brightness")
 def random_brightness(max_delta: NonNegativeFloat = 0.1) -> Transform:
+    """Adds a delta drawn from [-max_delta, max_delta] on the [0, 1] scale, per image."""
     return lambda image, seed: tf.image.stateless_random_brightness(image, max_delta, seed=seed)
 
 

@@ -130,7 +130,7 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
     if not uri.startswith(("http://", "https://")):
         logging.getLogger("cnnflow").warning(
             f"the MLflow store is {uri}: only workers on this machine reach it; for workers elsewhere, start an "
-            f"MLflow tracking server and set MLFLOW_TRACKING_URI=http://HOST:5000 (README: Scaling out)")
+            f"MLflow tracking server and set MLFLOW_TRACKING_URI=http://HOST:5000 (docs/scaling.md)")
     with get_client(sync_client=True) as client:
         try:
             existing = client.read_work_pool(pool)
@@ -138,7 +138,7 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
                 logging.getLogger("cnnflow").warning(
                     f"work pool {pool} has the type {existing.type}: its workers stopped with SIGTERM kill their "
                     f"trainings, found only {cfg['jobs']['crash_after']} s later (jobs.crash_after); a pool that "
-                    f"cnnflow deploy makes (type {Worker.type}) hands them back at once (README: Operations)")
+                    f"cnnflow deploy makes (type {Worker.type}) hands them back at once (docs/scaling.md: Operations)")
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=pool, type=Worker.type,
                                                    base_job_template=Worker.get_default_base_job_template()))

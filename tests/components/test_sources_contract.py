@@ -18,7 +18,7 @@ SMALL = ["data.train_size=8", "data.valid_size=4", "data.batch_size=4", "data.sh
 
 
 def _sources(experiment: str) -> list[str]:
-    """The sources README shows for a recipe: its own, plus TFDS for every recipe of a TFDS dataset."""
+    """The sources the guide shows for a recipe: its own, plus TFDS for every recipe of a TFDS dataset."""
     own = compose_config(experiment)["data"]["source"]
     return sorted({own} | ({"tfds"} if own != "digits" else set()))
 
