@@ -3,6 +3,7 @@ correctly or refused in one line (a UserError), never a traceback, never silentl
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -160,3 +161,60 @@ def test_any_value_of_a_setting_is_taken_or_refused_in_one_line(key, value, caps
         assert len(lines) <= 2 and lines[0].startswith("cnnflow: error:") and "Traceback" not in err, err
     else:
         assert "Traceback" not in err and out.strip()
+
+
+@functools.cache
+def _classifier():
+    import keras
+
+    from cnnflow.components.serving import ImageClassifier
+
+    classifier = ImageClassifier()
+    classifier.settings = {"image_shape": [HEIGHT, WIDTH, 1], "class_names": ["a", "b", "c"],
+                           "eval_transforms": [{"name": "rescale"}], "from_logits": False, "one_logit": False}
+    classifier.model = keras.Sequential([keras.Input((HEIGHT, WIDTH, 1)), keras.layers.Flatten(),
+                                         keras.layers.Dense(3, activation="softmax")])
+    return classifier
+
+
+def _png(values: np.ndarray) -> str:
+    import base64
+
+    from PIL import Image
+
+    return base64.b64encode(_saved(Image.fromarray(values.astype(np.uint8), "L"), "PNG")).decode()
+
+
+REQUEST_ROWS = st.one_of(
+    st.none(), st.integers(), st.floats(), st.binary(max_size=40), st.text(max_size=40),
+    st.binary(max_size=200).map(lambda raw: __import__("base64").b64encode(raw).decode()),  # base64 of junk
+    arrays(np.uint8, (HEIGHT, WIDTH)).map(_png),  # a good image
+    arrays(np.uint8, (WIDTH, HEIGHT)).map(_png))  # the wrong size
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(REQUEST_ROWS, min_size=1, max_size=6))
+def test_a_served_request_answers_each_row_or_says_what_is_wrong_with_it(rows):
+    """Whatever a request's `image` column holds, each row gets a label or one line of error, and one
+    bad row never fails the others."""
+    import pandas as pd
+
+    answer = _classifier().predict(None, pd.DataFrame({"image": pd.Series(rows, dtype=object)}))
+    assert len(answer) == len(rows) and list(answer.columns) == ["label", "probability", "error"]
+    for number, (row, label, error) in enumerate(zip(rows, answer["label"], answer["error"])):
+        assert (label is None) != (error is None)
+        if error is not None:
+            assert error.startswith(f"image {number}") and "\n" not in error
+        else:
+            assert label in ("a", "b", "c")
+        if isinstance(row, str) and row.startswith("iVBOR") and "valid base64" not in (error or ""):
+            assert (label is not None) == (_decoded_size(row) == (WIDTH, HEIGHT))  # a PNG: answered iff it fits
+
+
+def _decoded_size(text: str) -> tuple[int, int]:
+    import base64
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(text))).size
+
