@@ -76,7 +76,11 @@ def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
         chosen, role = Split.load(store.run_file(run_id, output_dir, "split.npz")), split
     else:
         partition, _ = parse_split(split)
-        positions = split_positions(split, len(partition_of(cfg["data"], partition).labels))
+        size = len(partition_of(cfg["data"], partition).labels)
+        positions = split_positions(split, size)
+        if not len(positions):
+            raise DataError(f"{split} selects no images of {partition!r} ({size:,} images); give a slice that "
+                            f"holds some, like {partition}[:{max(1, size // 10)}]")
         chosen, role = Split({"eval": partition}, {"eval": positions}), "eval"
     model = mlflow.keras.load_model(model_uri)
     dataset = make_dataset(cfg["data"], chosen, role, cfg["seed"])
@@ -108,23 +112,38 @@ def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
 # -------------------------------------------------------------------------------------- predict
 
 def image_files(paths: list[str]) -> list[Path]:
-    """The image files named, and those inside named folders (sorted). A missing path, or anything
-    that is not a regular file (a FIFO or a device would block or never end), is refused."""
+    """The image files named, and those inside named folders (sorted). A missing path, a link that
+    leads nowhere, a folder that cannot be read, or anything that is not a regular file (a FIFO or a
+    device would block or never end) is refused in one line."""
     files: list[Path] = []
     for name in paths:
         path = Path(name).expanduser()
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
-            files.append(path)
-        else:
-            raise DataError(f"no such image file or folder: {name}")
+        try:
+            if path.is_dir():
+                files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            elif path.exists():
+                files.append(path)
+            else:
+                raise DataError(_missing(path) or f"no such image file or folder: {name}")
+        except PermissionError as error:
+            raise DataError(f"{name}: cannot read it ({error.strerror})") from None
     for file in files:
-        if not stat.S_ISREG(file.stat().st_mode):  # stat, not open: opening a FIFO would block
+        try:
+            mode = file.stat().st_mode  # stat, not open: opening a FIFO would block
+        except OSError as error:
+            raise DataError(_missing(file) or f"{file}: {error.strerror}") from None
+        if not stat.S_ISREG(mode):
             raise DataError(f"{file} is not a regular file (a FIFO, a device or a socket); give image files")
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(paths)}")
     return files
+
+
+def _missing(path: Path) -> str | None:
+    """What is wrong with a link that leads to nothing (a deleted target, or a loop), if `path` is one."""
+    if not path.is_symlink():
+        return None
+    return f"{path} is a link to {os.readlink(path)}, which leads to no file (deleted, or a loop of links)"
 
 
 @task(name="predict", cache_policy="none")

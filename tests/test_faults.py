@@ -808,6 +808,8 @@ def test_model_references_short_ids_and_runs_without_settings(prefect_harness, m
         continue_flow(empty.info.run_id, 1)
     with pytest.raises(RunError, match="no run 'fedcba98'"):
         continue_flow("fedcba98", 1)
+    with pytest.raises(DataError, match=r"test\[5:2\] selects no images of 'test' \(60 images\)"):
+        evaluate_flow(run_id, "test[5:2]")  # was Keras' UnboundLocalError on an empty dataset
 
 
 def _png_header(width: int, height: int) -> bytes:

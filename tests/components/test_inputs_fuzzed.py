@@ -218,3 +218,37 @@ def _decoded_size(text: str) -> tuple[int, int]:
 
     return Image.open(io.BytesIO(base64.b64decode(text))).size
 
+
+
+ENTRIES = st.sampled_from(["good.png", "broken.png", "loop.png", "empty.png", "folder.png", "notes.txt", "fifo.png"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=st.lists(ENTRIES, max_size=5, unique=True), name_it=st.booleans())
+def test_a_folder_of_anything_gives_its_image_files_or_one_line(entries, name_it, tmp_path_factory):
+    """`cnnflow predict RUN FOLDER` (or the files named one by one): links that lead nowhere, loops,
+    empty files, folders and FIFOs named like images, other files: the images, or one line."""
+    import os
+
+    from cnnflow.flows.inference import image_files
+
+    folder = tmp_path_factory.mktemp("sent")
+    for entry in entries:
+        path = folder / entry
+        {"good.png": lambda: path.write_bytes(_saved(__import__("PIL.Image").Image.new("L", (WIDTH, HEIGHT)), "PNG")),
+         "broken.png": lambda: path.symlink_to(folder / "deleted.png"),
+         "loop.png": lambda: path.symlink_to(path),
+         "empty.png": lambda: path.write_bytes(b""),
+         "folder.png": lambda: path.mkdir(),
+         "notes.txt": lambda: path.write_text("not an image"),
+         "fifo.png": lambda: os.mkfifo(path)}[entry]()
+    asked = [str(folder)] if name_it else [str(folder / entry) for entry in entries] or [str(folder)]
+    # named one by one, any regular file is taken (reading it refuses what is no image); in a folder, images by name
+    bad = {"broken.png", "loop.png", "fifo.png"} | ({"folder.png"} if name_it else set())
+    expected = set(entries) & ({"good.png", "empty.png"} | (set() if name_it else {"notes.txt"}))
+    try:
+        files = image_files(asked)
+    except DataError as error:
+        assert "\n" not in str(error) and (set(entries) & bad or not expected), str(error)
+        return
+    assert not set(entries) & bad and {f.name for f in files} == expected
