@@ -73,6 +73,8 @@ def learning_curves(results: Results) -> plt.Figure:
         axis.set_ylabel(metric)
         axis.legend()
         axis.grid(alpha=0.3)
+    figure.suptitle(f"Learning curves over {len(results.history[metrics[0]])} epochs: training (solid) and "
+                    f"validation (dashed)", fontsize=11)
     figure.tight_layout()
     return figure
 
@@ -88,9 +90,11 @@ def prediction_grid(results: Results, rows: PositiveInt = 2, cols: PositiveInt =
                   f"{outputs.positive(results.probabilities)[i]:.2f}" for i in shown]
     else:
         titles = [f"pred {results.class_names[predicted[i]]}" for i in shown]
+    what = "true label and predicted probability" if show_probability else "predicted label"
     return image_grid((results.image(i) for i in shown), titles,
                       ["black" if predicted[i] == true[i] else "red" for i in shown], cols,
-                      (2.2, 2.9) if show_probability else (1.6, 1.9))
+                      (2.2, 2.9) if show_probability else (1.6, 1.9),
+                      title=f"The first {len(shown)} test images: {what} (red where wrong)")
 
 
 @register("plot", "misclassified_grid")
@@ -104,7 +108,7 @@ def misclassified_grid(results: Results, max_images: PositiveInt = 24, cols: Pos
               for i in wrong]
     return image_grid((results.image(i) for i in wrong), titles, ["red"] * len(wrong), cols,
                       title=f"{np.sum(results.predictions != results.labels)} of {len(results.labels)} test "
-                            f"images misclassified (showing {len(wrong)})")
+                            f"images misclassified; the {len(wrong)} most confident mistakes")
 
 
 @register("plot", "confusion_matrix")
