@@ -96,7 +96,7 @@ from cnnflow.flows.train import train_flow
 from conftest import make_idx_folder, tiny_overrides
 
 overrides = tiny_overrides(make_idx_folder(__import__("pathlib").Path("idx")), epochs=3) + ["plots={}"]
-with prefect_test_harness():
+with prefect_test_harness(server_startup_timeout=180):  # 30 s is not always enough on a busy machine
     runs = [mlflow.get_run(train_flow("mnist", overrides + [f"runtime.strategy={s}", f"+tags.s={s}"]))
             for s in ("default", "mirrored")]
 for run in runs:
