@@ -187,9 +187,6 @@ def opened_study(plan: Plan):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # cnnflow says what each trial did
     search = plan.search
-    sampler = (optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=search["startup_trials"],
-                                          constant_liar=True)
-               if search["sampler"] == "tpe" else optuna.samplers.RandomSampler(seed=search["seed"]))
     pruner = {"hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=plan.max_epochs),
               "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1),
               "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=search["startup_trials"],
@@ -197,12 +194,27 @@ def opened_study(plan: Plan):
               "none": optuna.pruners.NopPruner}[search["pruner"]]()
     try:
         storage = optuna.storages.RDBStorage(plan.storage, engine_kwargs=_engine_options(plan.storage))
-        return optuna.create_study(storage=storage, study_name=plan.study_name, sampler=sampler, pruner=pruner,
-                                   direction="maximize" if search["direction"] == "max" else "minimize",
-                                   load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=plan.study_name, pruner=pruner,
+                                    sampler=optuna.samplers.RandomSampler(),  # replaced below, once seeded
+                                    direction="maximize" if search["direction"] == "max" else "minimize",
+                                    load_if_exists=True)
     except (SQLAlchemyError, ValueError, ImportError) as error:
         raise SettingsError(f"search.storage={shown(plan.storage)}: cannot open it as an Optuna storage "
                             f"({str(error).splitlines()[0][:200]})") from None
+    study.sampler = _sampler(search, len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def _sampler(search: dict[str, Any], trials_so_far: int):
+    """The sampler, seeded by search.seed and by how many trials the study holds: a continued search
+    draws on from there instead of drawing its first values again (the same seed in a new process
+    would repeat them, so a search stopped after one trial trained the same values twice)."""
+    import optuna
+
+    seed = search["seed"] + trials_so_far
+    if search["sampler"] == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=search["startup_trials"], constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def _engine_options(url: str) -> dict[str, Any]:

@@ -85,6 +85,22 @@ def test_each_search_file_composes_with_every_bound_checked():
         assert plan.space and (plan.search["trials"] or plan.search["epochs"])
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_continued_search_draws_on_instead_of_drawing_its_first_values_again(sampler, mlflow_store):
+    """A new process opens the study with the same search.seed: its sampler must not repeat the
+    values the first process already trained (a benchmark search stopped after one trial and run
+    again trained the same width, rate and batch twice)."""
+    plan = search.planned("mnist", [f"search.sampler={sampler}", "model.dropout_rate=interval(0.0,0.9)",
+                                    "optimizer.learning_rate=tag(log,interval(1e-4,1e-1))"])
+    first = search.opened_study(plan)
+    drawn = first.ask(plan.space)
+    first.tell(drawn, 0.5)
+    again = search.opened_study(plan)  # as the same command in a new process opens it
+    assert again.ask(plan.space).params != drawn.params
+    fresh = optuna.create_study(sampler=search._sampler(plan.search, 0))
+    assert fresh.ask(plan.space).params == drawn.params  # a new study still starts where the seed says
+
+
 def test_a_pruned_trial_stops_at_an_epoch_end_and_the_best_alone_is_tested(prefect_harness, mlflow_store,
                                                                            idx_folder, tmp_path):
     # float32: with op determinism a training repeats itself exactly (mixed bfloat16 need not on a CPU
