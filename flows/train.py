@@ -270,8 +270,9 @@ def _load_start_model(model_path: str, initial_epoch: int):
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, TypeError) as error:
         if not initial_epoch:
             raise
-        if _written_by_another_keras(model_path):
-            raise RunError(f"the checkpoint {model_path} was written by Keras {_keras_version_of(model_path)} and "
+        written = _keras_version_of(model_path)
+        if written not in (None, keras.__version__):
+            raise RunError(f"the checkpoint {model_path} was written by Keras {written} and "
                            f"does not load in Keras {keras.__version__} ({type(error).__name__}); it is kept: resume "
                            f"with that Keras version") from None
         state = Path(model_path).with_suffix(".json")
@@ -291,13 +292,6 @@ def _keras_version_of(model_path: str) -> str | None:
             return json.loads(archive.read("metadata.json"))["keras_version"]
     except (OSError, zipfile.BadZipFile, KeyError, ValueError):
         return None
-
-
-def _written_by_another_keras(model_path: str) -> bool:
-    import keras
-
-    written = _keras_version_of(model_path)
-    return written is not None and written != keras.__version__
 
 
 def _apply_learning_rate(model, optimizer: dict[str, Any]) -> None:
