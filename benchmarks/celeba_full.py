@@ -94,7 +94,7 @@ def main() -> None:
 
     folder = generated_layout(args.folder.resolve())
     work = Path(tempfile.mkdtemp(prefix="celeba-full-"))
-    common = ["experiment=celeba", "plots={}", f"train.epochs={args.epochs}", "data.valid_size=1000"]
+    common = ["experiment=celeba", "plots=none", f"train.epochs={args.epochs}", "data.valid_size=1000"]
     common += [f"data.cache_dir={args.cache_dir}"] if args.cache_dir else []
     full = ["data.train_size=full"]
     runs = {}

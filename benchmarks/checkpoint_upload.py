@@ -61,7 +61,7 @@ def trained(overrides: list[str], uri: str, workdir: Path) -> dict:
     from mlflow import MlflowClient
 
     workdir.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", "train", *overrides, "plots={}"], cwd=workdir,
+    out = subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", "train", *overrides, "plots=none"], cwd=workdir,
                          env=dict(os.environ, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"cnnflow train {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")

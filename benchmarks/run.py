@@ -111,7 +111,7 @@ def cnnflow_train(overrides: list[str], workdir: Path, env: dict[str, str] | Non
 
 def cnnflow(workload: Workload, epochs: int, workdir: Path, extra: list[str] = ()) -> dict:
     started = time.time()
-    client, run = cnnflow_train([*workload.overrides, *extra, f"train.epochs={epochs}", "plots={}"], workdir)
+    client, run = cnnflow_train([*workload.overrides, *extra, f"train.epochs={epochs}", "plots=none"], workdir)
     history = sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"), key=lambda m: m.step)
     return {"epoch_seconds": [m.value for m in history], "startup_seconds": run.data.metrics["startup_seconds"],
             "wall_seconds": time.time() - started, "precision": run.data.tags["precision"]}
@@ -144,7 +144,7 @@ def fast_recipe(folder: Path, seeds: list[int], workdir: Path) -> list[dict]:
     for seed in seeds:
         started = time.time()
         client, run = cnnflow_train(["experiment=fashion_mnist_fast", "data.source=idx", f"data.path={folder}",
-                                     f"seed={seed}", "plots={}"], workdir)
+                                     f"seed={seed}", "plots=none"], workdir)
         epochs = sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"), key=lambda m: m.step)
         runs.append({"seed": seed, "test_accuracy": run.data.metrics["test_accuracy"],
                      "wall_seconds": time.time() - started,

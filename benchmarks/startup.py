@@ -52,7 +52,7 @@ def plain_startup(folder: Path) -> float:
 
 def cnnflow_startup(folder: Path, workdir: Path, env: dict[str, str]) -> tuple[float, str]:
     _, run = cnnflow_train(["experiment=mnist", "data.source=idx", f"data.path={folder}", f"data.train_size={TRAIN}",
-                            f"data.valid_size={VALID}", "train.epochs=1", "plots={}"], workdir, env)
+                            f"data.valid_size={VALID}", "train.epochs=1", "plots=none"], workdir, env)
     return run.data.metrics["startup_seconds"], run.info.run_id
 
 

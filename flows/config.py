@@ -76,6 +76,7 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
         raise SettingsError(f"Unknown experiment {experiment!r}; the experiments are: {', '.join(choices('experiment'))}")
     overrides = list(overrides or [])
     refuse_interpolations(overrides)
+    refuse_group_values(overrides)
     resolved = copy.deepcopy(_composed(experiment, tuple(overrides)))
     resolved["experiment"] = experiment
     resolved["overrides"] = overrides
@@ -106,22 +107,19 @@ def _composed(experiment: str, overrides: tuple[str, ...]) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         raise _settings_error(error, experiment, list(overrides)) from None
-    except ValueError as error:  # Hydra's defaults list: a group given a number, `plots=0`
-        if "Config group override" not in str(error):
-            raise
-        raise _group_value_error(list(overrides)) from None
     finally:
         GlobalHydra.instance().clear()
 
 
-def _group_value_error(overrides: list[str]) -> SettingsError:
+def refuse_group_values(overrides: list[str]) -> None:
+    """A config group takes a name or a list of names. Hydra fails on anything else with a traceback
+    (`plots=0`, `plots=[1,2]`), or merges it away unseen (`plots={}` leaves every figure on)."""
     for parsed in parsed_overrides(overrides):
-        group = parsed.key_or_group
-        if group in GROUPS and not isinstance(parsed.value(), (str, list)):
-            none = " (plots={} for no figures)" if group == "plots" else ""
-            return SettingsError(f"{parsed.input_line}: {group} is a config group; choose one of "
-                                 f"{', '.join(choices(group))}{none}")
-    return SettingsError(f"a config group was given a value that is not a name: {' '.join(overrides)}")
+        group, value = parsed.key_or_group, parsed.value()
+        names = value if isinstance(value, list) and value else [value]
+        if group in GROUPS and not parsed.is_delete() and not all(isinstance(name, str) for name in names):
+            raise SettingsError(f"{parsed.input_line}: {group} is a config group; choose one of "
+                                f"{', '.join(choices(group))}")
 
 
 def refuse_interpolations(overrides: list[str]) -> None:

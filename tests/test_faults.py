@@ -258,7 +258,7 @@ def test_only_transient_download_errors_are_retried(mode, prefect_harness, monke
 
 def test_a_diverging_training_fails_is_not_registered_and_says_where(prefect_harness, mlflow_store, idx_folder):
     overrides = tiny_overrides(idx_folder, epochs=2) + ["optimizer=sgd", "optimizer.learning_rate=1e30",
-                                                          "registry.name=digits", "plots={}"]
+                                                          "registry.name=digits", "plots=none"]
     with pytest.raises(RunError, match=r"training diverged: the loss became .* in epoch 1 \(batch \d\) at learning "
                                        r"rate 1e\+30; the run is FAILED and not registered"):
         train_flow("mnist", overrides)
@@ -301,7 +301,7 @@ def _crashed_run(idx: Path, monkeypatch, epochs_done: int = 3) -> tuple[list[str
     """A training whose process dies (SIGKILL: no handler, no finally, nothing flushed) right after
     the checkpoint of epoch `epochs_done` reached the artifact store; a power cut is no setting, so
     the rerun has the same settings."""
-    overrides = tiny_overrides(idx, epochs=5) + ["plots={}"]
+    overrides = tiny_overrides(idx, epochs=5) + ["plots=none"]
     log = idx.parent / f"power-cut-{epochs_done}.log"
     with open(log, "w") as out:  # a file, not a pipe: what the training started may outlive it
         training = subprocess.Popen([sys.executable, "-c", _POWER_CUT, str(epochs_done), *overrides], stdout=out,
@@ -385,7 +385,7 @@ def _hold_lease(run_id: str, host: str, pid: int, started: float, heartbeat_age:
 
 
 def test_a_run_that_another_process_trains_is_refused_and_left_alone(prefect_harness, mlflow_store, idx_folder):
-    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots={}"])
+    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots=none"])
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as trainer:
         try:
             _hold_lease(run_id, socket.gethostname(), trainer.pid, psutil.Process(trainer.pid).create_time())
@@ -400,7 +400,7 @@ def test_a_run_that_another_process_trains_is_refused_and_left_alone(prefect_har
 
 def test_a_lease_held_on_another_machine_is_refused_until_its_heartbeat_is_older_than_the_timeout(
         prefect_harness, mlflow_store, idx_folder):
-    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots={}"])
+    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots=none"])
     _hold_lease(run_id, "gpu-7", 4242, 0.0, heartbeat_age=30)
     with pytest.raises(RunError, match=r"process 4242 on gpu-7 \(its last heartbeat 3\d s ago\) is training run"):
         continue_flow(run_id, 1)
@@ -463,7 +463,7 @@ def test_identical_commands_started_at_one_instant_give_one_training_and_refusal
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env.update(TF_CPP_MIN_LOG_LEVEL="2")
     command = [sys.executable, "-c", _RACER, str(ready), str(racers), "train", "experiment=mnist",
-               *tiny_overrides(idx_folder, epochs=2), "plots={}"]
+               *tiny_overrides(idx_folder, epochs=2), "plots=none"]
     processes = [subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT) for _ in range(racers)]
     try:
@@ -791,7 +791,7 @@ def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_sto
 # ----------------------------------------------------------------- runs, models, predict inputs
 
 def test_model_references_short_ids_and_runs_without_settings(prefect_harness, mlflow_store, idx_folder, tmp_path):
-    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["registry.name=digits", "plots={}"])
+    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["registry.name=digits", "plots=none"])
     # no version: the newest; a version serves through its pyfunc, and evaluate/predict use its Keras model
     keras_model = MlflowClient().get_run(run_id).data.tags["model_uri"]
     assert resolve_model("models:/digits") == (keras_model, run_id)
@@ -839,7 +839,7 @@ def test_predict_refuses_non_regular_files_huge_images_and_bad_output_paths(pref
     with pytest.raises(DataError, match="big.png is 5000x5000; the model takes grayscale 28x28"):
         read_image(big, (28, 28, 1))
 
-    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots={}"])
+    run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots=none"])
     good = tmp_path / "good.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(good)
     (tmp_path / "a_file").write_text("")

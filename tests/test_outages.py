@@ -107,7 +107,7 @@ def _finish(process: subprocess.Popen, timeout: float) -> str:
 def test_a_tracking_server_down_for_half_a_minute_is_ridden_out(tracking_server, tmp_path, idx_folder):
     epochs = 60
     process = _train_against(tmp_path / "user", tracking_server,
-                              tiny_overrides(idx_folder, epochs=epochs) + ["plots={}", "train.checkpoint_every=10"])
+                              tiny_overrides(idx_folder, epochs=epochs) + ["plots=none", "train.checkpoint_every=10"])
     run_id = _wait_for_epochs(tracking_server, 2, process)
     tracking_server.stop()
     time.sleep(30)
@@ -125,7 +125,7 @@ def test_a_tracking_server_down_for_half_a_minute_is_ridden_out(tracking_server,
 
 def test_an_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(tracking_server, tmp_path, idx_folder):
     epochs = 40
-    overrides = tiny_overrides(idx_folder, epochs=epochs) + ["plots={}", "train.outage_timeout=5"]
+    overrides = tiny_overrides(idx_folder, epochs=epochs) + ["plots=none", "train.outage_timeout=5"]
     process = _train_against(tmp_path / "user", tracking_server, overrides)
     run_id = _wait_for_epochs(tracking_server, 2, process)
     tracking_server.stop()
@@ -189,7 +189,7 @@ def _wait_for_line(process: subprocess.Popen, text: str) -> str:
 
 def test_a_prefect_server_down_mid_training_is_ridden_out(prefect_server, tmp_path, idx_folder):
     before = prefect_server.flow_run_states().count("COMPLETED")
-    process = _train_under(tmp_path, prefect_server, tiny_overrides(idx_folder, epochs=60) + ["plots={}"])
+    process = _train_under(tmp_path, prefect_server, tiny_overrides(idx_folder, epochs=60) + ["plots=none"])
     out = _wait_for_line(process, "epoch 2/60  ")
     prefect_server.stop()
     time.sleep(15)
@@ -209,7 +209,7 @@ def test_a_prefect_server_down_mid_training_is_ridden_out(prefect_server, tmp_pa
 
 def test_a_prefect_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(prefect_server, tmp_path,
                                                                                         idx_folder):
-    overrides = tiny_overrides(idx_folder, epochs=6) + ["plots={}", "train.outage_timeout=5"]
+    overrides = tiny_overrides(idx_folder, epochs=6) + ["plots=none", "train.outage_timeout=5"]
     process = _train_under(tmp_path, prefect_server, overrides)
     out = _wait_for_line(process, "epoch 2/6  ")
     prefect_server.stop()

@@ -153,7 +153,7 @@ def test_mlflow_models_serve_answers_a_posted_image_with_the_champions_label(mlf
 
     idx = make_idx_folder(tmp_path / "idx")
     with in_process():
-        run_id = train_flow("mnist", tiny_overrides(idx, epochs=2) + ["registry.name=digits", "plots={}"])
+        run_id = train_flow("mnist", tiny_overrides(idx, epochs=2) + ["registry.name=digits", "plots=none"])
     images, output = run_test_images(run_id, 3)
     with np.load(output / "predictions.npz") as saved:  # what the trained Keras model says of these images
         probabilities = saved["probabilities"][:3]

@@ -148,6 +148,8 @@ SETTING_VALUES = st.one_of(st.text(max_size=20), st.integers(-10**12, 10**12).ma
                             "train.checkpoint_every", "plots", "data.transforms.eval"]),
        value=SETTING_VALUES)
 @example(key="plots", value="0")  # found by this test: Hydra's ValueError for a group given a number
+@example(key="plots", value="[1,2]")  # found by this test in CI: Hydra's TypeError for a list of numbers
+@example(key="plots", value="{}")  # merged away unseen: every figure stayed on
 @example(key="data.batch_size", value="\x85")  # found by this test: NEL broke the one line in two
 def test_any_value_of_a_setting_is_taken_or_refused_in_one_line(key, value, capsys):
     """`cnnflow train --cfg job KEY=VALUE`: the composed, checked settings, or exit 2 with one line."""

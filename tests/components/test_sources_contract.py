@@ -73,7 +73,7 @@ def test_the_celeba_recipe_trains_end_to_end_on_tfds_mock_data(prefect_harness, 
     from cnnflow.flows.train import train_flow
 
     run_id = train_flow("celeba", ["data.source=tfds", f"data.data_dir={tfds_mock}", *SMALL, "train.epochs=1",
-                                   "plots={}"])
+                                   "plots=none"])
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["split.train_size"] == "8"
     assert "test_roc_auc" in run.data.metrics

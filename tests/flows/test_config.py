@@ -36,7 +36,14 @@ def test_every_experiment_composes_and_its_components_instantiate(experiment):
 @pytest.mark.parametrize("group", ["data", "model", "loss", "optimizer", "plots"])
 def test_every_group_choice_composes(group):
     for choice in choices(group):
-        assert compose_config("quickstart", [f"{group}={choice}"])[group]
+        assert compose_config("quickstart", [f"{group}={choice}"])[group] or (group, choice) == ("plots", "none")
+
+
+def test_plots_none_draws_no_figure_and_a_group_given_a_value_is_refused():
+    assert compose_config("quickstart", ["plots=none"])["plots"] == {}
+    for value in ("{}", "[1,2]", "0"):  # `plots={}` was merged into the figures and left them all on
+        with pytest.raises(SettingsError, match=r"plots is a config group; choose one of binary, classification, none"):
+            compose_config("quickstart", [f"plots={value}"])
 
 
 def test_the_mnist_experiment_is_the_chapters_recipe():

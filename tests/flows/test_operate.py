@@ -72,7 +72,7 @@ def test_a_warm_started_retraining_begins_from_the_champions_weights(prefect_har
 
     idx = make_idx_folder(tmp_path / "idx")
     overrides = [f"data.path={idx}", "data.source=idx", "data.valid_size=40", "data.shuffle_buffer=100",
-                 "train.epochs=1", "retrain.sizes=[60,120]", "retrain.warm_start=true", "plots={}"]
+                 "train.epochs=1", "retrain.sizes=[60,120]", "retrain.warm_start=true", "plots=none"]
     first, second = retrain_flow("mnist", overrides), retrain_flow("mnist", overrides)
     tags = [MlflowClient().get_run(run_id).data.tags for run_id in (first, second)]
     assert tags[0]["retrain_warm_start"] == "no"  # nothing to start from yet

@@ -55,7 +55,7 @@ def test_auto_precision_is_resolved_recorded_and_frozen_for_a_continuation(prefe
 
     monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: True)
     assert compose_config("quickstart", ["runtime.precision=auto"])["runtime"]["precision"] == "mixed_bfloat16"
-    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["runtime.precision=auto", "plots={}"]
+    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["runtime.precision=auto", "plots=none"]
     run_id = train_flow("mnist", overrides)
     tags = MlflowClient().get_run(run_id).data.tags
     assert (tags["precision"], tags["devices"]) == ("mixed_bfloat16", "CPU:0")
@@ -95,7 +95,7 @@ from prefect.testing.utilities import prefect_test_harness
 from cnnflow.flows.train import train_flow
 from conftest import make_idx_folder, tiny_overrides
 
-overrides = tiny_overrides(make_idx_folder(__import__("pathlib").Path("idx")), epochs=3) + ["plots={}"]
+overrides = tiny_overrides(make_idx_folder(__import__("pathlib").Path("idx")), epochs=3) + ["plots=none"]
 with prefect_test_harness(server_startup_timeout=180):  # 30 s is not always enough on a busy machine
     runs = [mlflow.get_run(train_flow("mnist", overrides + [f"runtime.strategy={s}", f"+tags.s={s}"]))
             for s in ("default", "mirrored")]

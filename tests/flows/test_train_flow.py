@@ -228,7 +228,7 @@ def test_the_split_is_logged_as_mlflow_dataset_inputs(finished_run, store):
 
 def test_a_validation_only_run_never_touches_the_test_split(prefect_harness, store):
     idx = make_idx_folder(store / "idx-val")
-    run_id = train_flow("mnist", tiny_overrides(idx) + ["train.test=false", "plots={}", "seed=5"])
+    run_id = train_flow("mnist", tiny_overrides(idx) + ["train.test=false", "plots=none", "seed=5"])
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert "val_accuracy" in metrics and not any(name.startswith("test_") for name in metrics)
 
