@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnflow.components.errors import RunError, SettingsError, UserError
+from cnnflow.components.errors import RunError, ServerOutage, SettingsError, UserError, is_transient
 from cnnflow.flows import report, store
 from cnnflow.flows.config import Experiment, compose_config, parsed_overrides
 from cnnflow.flows.engine import flow, run_logger
@@ -287,9 +287,9 @@ def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str
     run = trial_run(plan, number)
     if failure or run is None or run.info.status != "FINISHED":
         why = failure or (f"its run {run.info.run_id} ended {run.info.status}" if run else "it has no MLflow run")
-        study.tell(number, state=state.FAIL)
         if run:
             MlflowClient().set_tag(run.info.run_id, STATE_TAG, f"failed: {why}"[:500])
+        study.tell(number, state=state.FAIL)  # last: a step repeated after an outage finds the trial untold
         return f"{describe(trial, plan)}: failed ({why}); another trial takes its place"
     reported = json.loads(run.data.tags.get(REPORT_TAG) or "{}")
     epochs = reported.get("epoch") or trial.user_attrs.get("epochs", plan.max_epochs)
@@ -303,8 +303,8 @@ def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str
         study.tell(number, state=state.PRUNED)
         return f"{describe(trial, plan)}: pruned at epoch {epochs}, {metric} {value:.4f}  (run {run.info.run_id})"
     value = run.data.metrics[metric]
-    study.tell(number, value)
     MlflowClient().set_tag(run.info.run_id, STATE_TAG, "complete")
+    study.tell(number, value)
     return f"{describe(trial, plan)}: complete after {epochs} epochs, {metric} {value:.4f}  (run {run.info.run_id})"
 
 
@@ -327,7 +327,9 @@ class Judge:
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join()
+        # bounded: in an outage a call of the judge's can sit in MLflow's retries for minutes, and its
+        # verdicts would concern trials this search no longer runs (it is a daemon thread)
+        self._thread.join(timeout=10 * JUDGE_SECONDS)
 
     def _loop(self) -> None:
         while not self._stop.wait(JUDGE_SECONDS):
@@ -459,9 +461,6 @@ def search_flow(experiment: Experiment = "quickstart", overrides: list[str] | No
 
 def _run_here(study, plan: Plan, logger) -> None:
     """Trials one after another in this process; a trial the last command left running first."""
-    from cnnflow.flows.lifecycle import HeldElsewhere
-    from cnnflow.flows.train import train_flow
-
     state = _states()
     failures = 0
     taken_up = [t for t in study.trials if t.state == state.RUNNING]
@@ -475,22 +474,76 @@ def _run_here(study, plan: Plan, logger) -> None:
         else:
             logger.info(f"search: taking up {describe(trial, plan)} where it stopped")
         logger.info(f"search: {describe(trial, plan)}, {trial.user_attrs['epochs']} epochs")
-        failure = None
-        run = trial_run(plan, trial.number)
-        if not (run and run.info.status == "FINISHED"):  # else it ended before the last command could tell
-            try:
-                train_flow(plan.experiment, trial.user_attrs["overrides"])
-            except HeldElsewhere as error:  # not this trial's failure: another command trains it
-                raise RunError(f"{describe(trial, plan)} is being trained elsewhere ({error}); is the same search "
-                               f"running in another command? Stop that one, or wait for it") from None
-            except Exception as error:
-                failure = str(error).splitlines()[0][:300] if isinstance(error, UserError) else \
-                    f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
-        logger.info("search: " + concluded(study, plan, trial.number, failure))
+        failure = _riding_out_outages(plan, logger, lambda: _trained_here(study, plan, trial, logger))
         failures = failures + 1 if failure else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
             raise RunError(f"{failures} trials in a row failed, the last: {failure}; the search stops (the same "
                            f"command continues it once that is fixed)")
+
+
+def _trained_here(study, plan: Plan, trial, logger) -> str | None:
+    """Train `trial` (resumed if it has a run) and tell the study how it ended; its failure or None.
+    Safe to call again after an outage: a finished run is not trained again, and the study is told last."""
+    from cnnflow.flows.lifecycle import HeldElsewhere
+    from cnnflow.flows.train import train_flow
+
+    failure = None
+    run = trial_run(plan, trial.number)
+    if not (run and run.info.status == "FINISHED"):  # else it ended before the last command could tell
+        try:
+            train_flow(plan.experiment, trial.user_attrs["overrides"])
+        except HeldElsewhere as error:  # not this trial's failure: another command trains it
+            raise RunError(f"{describe(trial, plan)} is being trained elsewhere ({error}); is the same search "
+                           f"running in another command? Stop that one, or wait for it") from None
+        except Exception as error:
+            if _is_outage(error):
+                raise
+            failure = str(error).splitlines()[0][:300] if isinstance(error, UserError) else \
+                f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    logger.info("search: " + concluded(study, plan, trial.number, failure))
+    return failure
+
+
+def _is_outage(error: BaseException) -> bool:
+    """The store failed, not the trial: its training stopped resumable, or a call found no server."""
+    return isinstance(error, ServerOutage) or is_transient(error)
+
+
+OUTAGE_POLL_SECONDS = 3.0
+
+
+def _riding_out_outages(plan: Plan, logger, step):
+    """`step()`, again once the MLflow store answers after an outage, for at most train.outage_timeout
+    of outage: a trial is not failed, and no trial is counted twice, because a server went away."""
+    from cnnflow.flows.outbox import failing_fast, outage_reason
+
+    bound = plan.cfg["train"]["outage_timeout"]
+    while True:
+        try:
+            with failing_fast():  # an outage is seen at once, not after MLflow's minutes of retries
+                return step()
+        except Exception as error:
+            if not _is_outage(error):
+                raise
+            reason, since = outage_reason(error), time.monotonic()
+        uri = store.tracking_uri(plan.cfg)
+        logger.warning(f"search: the MLflow store {uri} fails ({reason}); the search waits for it (at most "
+                       f"{bound:g} s: train.outage_timeout), then goes on with the same trial")
+        while not _answers(uri):
+            if time.monotonic() - since > bound:
+                raise ServerOutage(f"the MLflow store {uri} has failed for {time.monotonic() - since:.0f} s "
+                                   f"({reason}), longer than train.outage_timeout={bound:g}; run the same command "
+                                   f"again once it answers, and the search continues its study") from None
+            time.sleep(OUTAGE_POLL_SECONDS)
+        logger.warning(f"search: the MLflow store {uri} answers again after {time.monotonic() - since:.0f} s")
+
+
+def _answers(uri: str) -> bool:
+    try:
+        store.check_store(uri)
+        return True
+    except ServerOutage:
+        return False
 
 
 POOL_SECONDS = 3.0  # how often a search on a pool looks at its trials' flow runs
@@ -531,12 +584,15 @@ def _run_on_pool(study, plan: Plan, pool: str, logger) -> None:
                     logger.info(f"search: {describe(trial, plan)}, {epochs} epochs -> flow run {flow_run.name} on "
                                 f"pool {pool}")
                 if unanswered:
-                    logger.info("search: the Prefect server answers again")
+                    logger.info("search: the servers answer again")
                 unanswered = False
-            except httpx.HTTPError as error:  # the trials go on without the server; the search waits for it
+            except Exception as error:  # the trials go on without the servers; the search waits for them
+                if not (isinstance(error, httpx.HTTPError) or _is_outage(error)):
+                    raise
                 if not unanswered:
-                    logger.warning(f"search: the Prefect server fails ({outage_reason(error)}); the trials go on, "
-                                   f"and the search waits for the server")
+                    server = "Prefect server" if isinstance(error, httpx.HTTPError) else "MLflow store"
+                    logger.warning(f"search: the {server} fails ({outage_reason(error)}); the trials go on, "
+                                   f"and the search waits for it")
                 unanswered = True
             if not in_flight and not unanswered:
                 return
@@ -583,8 +639,12 @@ def _parent_run(study, plan: Plan, uri: str, logger):
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except ServerOutage:
+        status = None  # the store is out: the run stays RUNNING, and the same command continues it
+        raise
     finally:
-        client.set_terminated(run_id, status)
+        if status:
+            client.set_terminated(run_id, status)
 
 
 def _summary(study, plan: Plan, parent: str, logger) -> dict:

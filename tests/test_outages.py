@@ -3,7 +3,9 @@
 on the same port and store. A short outage is ridden out: the training goes on, says when the outage
 starts and ends, and every epoch's metrics reach the run once, in order (and the Prefect flow run
 ends Completed). An outage past train.outage_timeout ends the training in one line with exit code 5,
-its run neither FAILED nor lost, and the same command resumes it."""
+its run neither FAILED nor lost, and the same command resumes it. A search waits out an outage
+between its trials and goes on with the same trial; past the bound it stops in one line, and the
+same command continues its study with no trial counted twice."""
 
 from __future__ import annotations
 
@@ -146,6 +148,71 @@ def test_an_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(
     assert f"resuming MLflow run {run_id} after epoch" in out
     assert _epochs_logged(tracking_server, run_id) == list(range(1, epochs + 1))  # what the store missed, logged again
     assert MlflowClient(tracking_uri=tracking_server.uri).get_run(run_id).info.status == "FINISHED"
+
+
+def _search(folder: Path, server: TrackingServer, idx: Path, *extra: str) -> subprocess.Popen:
+    """`cnnflow search` of three 6-epoch trials against `server` (its Optuna study in `folder`)."""
+    folder.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_TRACKING_URI=server.uri)
+    return subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "search", "experiment=mnist",
+                             *tiny_overrides(idx, epochs=6), "plots=none", "search.trials=3", "search.pruner=none",
+                             "search.name=outage", "model.dropout_rate=choice(0.1,0.2,0.3)", *extra],
+                            cwd=folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _trials_in(server: TrackingServer, folder: Path) -> tuple[list[str], list]:
+    """The study's trial states, and the MLflow runs of its trials."""
+    import optuna
+
+    states = [t.state.name for t in optuna.load_study(study_name="outage", storage=f"sqlite:///{folder / 'optuna.db'}").trials]
+    client = MlflowClient(tracking_uri=server.uri)
+    return states, client.search_runs([client.get_experiment_by_name("mnist").experiment_id],
+                                      filter_string="tags.search = 'outage'")
+
+
+def test_a_search_waits_out_a_tracking_server_outage_between_trials(tracking_server, tmp_path, idx_folder):
+    process = _search(tmp_path, tracking_server, idx_folder)
+    out = _wait_for_line(process, "search: trial 0 (")  # trial 0 starts ...
+    out += _wait_for_line(process, ": complete after 6 epochs")  # ... and is told; trial 1 is about to start
+    tracking_server.stop()
+    time.sleep(20)
+    assert process.poll() is None, out  # waits for the store rather than failing trials
+    tracking_server.start()
+    out += _finish(process, 600)
+    assert process.returncode == 0, out
+    assert out.count(f"search: the MLflow store {tracking_server.uri} fails") == 1, out
+    assert out.count(f"search: the MLflow store {tracking_server.uri} answers again after") == 1, out
+    assert "Traceback" not in out and "failed (" not in out, out
+    states, runs = _trials_in(tracking_server, tmp_path)
+    assert states == ["COMPLETE"] * 3  # none failed and replaced for the outage
+    assert sorted(r.data.tags["search_trial"] for r in runs) == ["0", "1", "2"]  # each trained once
+    client = MlflowClient(tracking_uri=tracking_server.uri)
+    for run in runs:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))
+
+
+def test_a_search_outage_past_its_bound_ends_in_one_line_and_the_same_command_continues(tracking_server, tmp_path,
+                                                                                        idx_folder):
+    process = _search(tmp_path, tracking_server, idx_folder, "train.outage_timeout=5")
+    out = _wait_for_line(process, ": complete after 6 epochs")
+    tracking_server.stop()
+    out += _finish(process, 120)
+    assert process.returncode == 5, out
+    assert "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"cnnflow: error: the MLflow store {tracking_server.uri} has failed for "), out
+    assert "longer than train.outage_timeout=5" in last and "the search continues its study" in last, out
+
+    tracking_server.start()
+    again = _search(tmp_path, tracking_server, idx_folder, "train.outage_timeout=5")  # the same command
+    out = _finish(again, 600)
+    assert again.returncode == 0, out
+    assert "continuing study outage: 1 trials done" in out, out
+    states, runs = _trials_in(tracking_server, tmp_path)
+    assert states == ["COMPLETE"] * 3
+    assert sorted(r.data.tags["search_trial"] for r in runs) == ["0", "1", "2"]
 
 
 class PrefectServer(Server):
