@@ -46,15 +46,20 @@ def _show(axis, image: np.ndarray, title: str, color: str = "black") -> None:
 
 
 def image_grid(images, titles: list[str], colors: list[str] | None = None, cols: int = 6,
-               cell: tuple[float, float] = (1.7, 2.4), title: str | None = None) -> plt.Figure:
-    """Images in rows of `cols`, each under its title (in its color); every image figure uses it."""
+               width: float = 1.7, title: str | None = None) -> plt.Figure:
+    """Images in rows of `cols`, each under its title (in its color); every image figure uses it.
+    A cell is as tall as its image is at `width` inches plus its title's lines, so two-line titles
+    of tall faces do not run into the row above."""
+    images = [np.asarray(image) for image in images]
     rows = max(1, -(-len(titles) // cols))
-    figure = plt.figure(figsize=(cell[0] * cols, cell[1] * rows + (0.4 if title else 0.0)))
+    aspect = images[0].shape[0] / images[0].shape[1] if images else 1.0
+    lines = max((text.count("\n") + 1 for text in titles), default=1)
+    figure = plt.figure(figsize=(width * cols, rows * (width * aspect + 0.2 * lines + 0.1) + (0.4 if title else 0.0)),
+                        layout="constrained")
     if title:
         figure.suptitle(title, fontsize=10)
     for i, (image, text) in enumerate(zip(images, titles)):
         _show(figure.add_subplot(rows, cols, i + 1), image, text, colors[i] if colors else "black")
-    figure.tight_layout(rect=(0, 0, 1, 0.96) if title else None)
     return figure
 
 
@@ -89,12 +94,12 @@ def prediction_grid(results: Results, rows: PositiveInt = 2, cols: PositiveInt =
         titles = [f"true {results.class_names[true[i]]}\nP({results.class_names[1]}) = "
                   f"{outputs.positive(results.probabilities)[i]:.2f}" for i in shown]
     else:
-        titles = [f"pred {results.class_names[predicted[i]]}" for i in shown]
-    what = "true label and predicted probability" if show_probability else "predicted label"
+        titles = [f"pred {results.class_names[predicted[i]]}" + (
+            "" if predicted[i] == true[i] else f"\ntrue {results.class_names[true[i]]}") for i in shown]
+    what = "true label and predicted probability" if show_probability else "predicted label (and the true one)"
     return image_grid((results.image(i) for i in shown), titles,
                       ["black" if predicted[i] == true[i] else "red" for i in shown], cols,
-                      (2.2, 2.9) if show_probability else (1.6, 1.9),
-                      title=f"The first {len(shown)} test images: {what} (red where wrong)")
+                      2.2 if show_probability else 1.6, title=f"The first {len(shown)} test images: {what} (red where wrong)")
 
 
 @register("plot", "misclassified_grid")
@@ -117,7 +122,8 @@ def confusion_matrix(results: Results) -> plt.Figure:
     k = len(results.class_names)
     counts = np.zeros((k, k), dtype=np.int64)
     np.add.at(counts, (results.labels, results.predictions), 1)
-    figure, axis = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
+    side = max(4.0, 1.0 + 0.6 * k)  # two classes still leave room for the title and the labels
+    figure, axis = plt.subplots(figsize=(side, side - 0.2))
     axis.imshow(counts, cmap="Blues")
     for (row, col), count in np.ndenumerate(counts):
         axis.text(col, row, str(count), ha="center", va="center", fontsize=8,
@@ -126,7 +132,8 @@ def confusion_matrix(results: Results) -> plt.Figure:
     axis.set_yticks(range(k), results.class_names)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    axis.set_title(f"test accuracy {np.trace(counts) / counts.sum():.4f}")
+    axis.set_title(f"Confusion matrix of {counts.sum()} test images\n(accuracy {np.trace(counts) / counts.sum():.4f})",
+                   fontsize=10)
     figure.tight_layout()
     return figure
 
@@ -143,7 +150,8 @@ def roc_curve(results: Results) -> plt.Figure:
     axis.plot([0, 1], [0, 1], "--", color="gray", label="chance")
     axis.set_xlabel("false positive rate")
     axis.set_ylabel("true positive rate")
-    axis.set_title(f"ROC: {results.class_names[1]} vs {results.class_names[0]}")
+    axis.set_title(f"ROC of P({results.class_names[1]}) on {len(results.labels)} test images\n"
+                   f"({results.class_names[1]} against {results.class_names[0]})", fontsize=10)
     axis.legend(loc="lower right")
     figure.tight_layout()
     return figure
@@ -158,37 +166,43 @@ def _displayable(image) -> np.ndarray:
 @register("plot", "augmentation_examples")
 def augmentation_examples(results: Results, columns: dict[str, list], count: PositiveInt = 5) -> plt.Figure:
     """`count` test images (rows): the original, then each named deterministic transform of it."""
-    from cnnflow.components.augment import compose
-
     import tensorflow as tf
 
-    transforms = {label: compose(specs) for label, specs in columns.items()}
+    from cnnflow.components.augment import compose
+
     no_seed = tf.zeros(2, tf.int64)
-    figure, axes = plt.subplots(count, len(columns) + 1, figsize=(2.0 * (len(columns) + 1), 2.4 * count), squeeze=False)
-    for row in range(count):
-        original = results.image(row)
-        _show(axes[row, 0], original, "original" if row == 0 else "")
-        for col, (label, transform) in enumerate(transforms.items(), start=1):
-            _show(axes[row, col], _displayable(transform(tf.constant(original), no_seed)), label if row == 0 else "")
-    figure.tight_layout()
-    return figure
+    transforms = {label: (lambda image, _row, transform=compose(specs): transform(image, no_seed))
+                  for label, specs in columns.items()}
+    return _transformed_grid(results, transforms, count, f"The first {count} test images, each beside "
+                                                         f"{len(columns)} fixed transforms of it")
 
 
 @register("plot", "augmentation_samples")
 def augmentation_samples(results: Results, transforms: list, count: PositiveInt = 3, repeats: PositiveInt = 5,
                          seed: NonNegativeInt = 1) -> plt.Figure:
     """The random training pipeline applied `repeats` times to each of `count` test images."""
-    from cnnflow.components.augment import compose
-
     import tensorflow as tf
 
+    from cnnflow.components.augment import compose
+
     pipeline = compose(transforms)
-    figure, axes = plt.subplots(count, repeats + 1, figsize=(2.0 * (repeats + 1), 2.4 * count), squeeze=False)
+    draws = {f"sample {col}": (lambda image, row, col=col: pipeline(
+        image, tf.constant([seed, row * repeats + col], tf.int64))) for col in range(1, repeats + 1)}
+    names = ", ".join(spec["name"] for spec in transforms) or "none"
+    return _transformed_grid(results, draws, count, f"The training augmentation ({names}) drawn {repeats} times "
+                                                    f"for each of the first {count} test images")
+
+
+def _transformed_grid(results: Results, columns: dict, count: int, title: str) -> plt.Figure:
+    """A row per test image: the original, then each column's function of it (image, row) -> image."""
+    import tensorflow as tf
+
+    figure, axes = plt.subplots(count, len(columns) + 1, figsize=(2.0 * (len(columns) + 1), 2.4 * count + 0.4),
+                                squeeze=False, layout="constrained")
+    figure.suptitle(title, fontsize=10)
     for row in range(count):
         original = results.image(row)
         _show(axes[row, 0], original, "original" if row == 0 else "")
-        for col in range(1, repeats + 1):
-            sample = pipeline(tf.constant(original), tf.constant([seed, row * repeats + col], tf.int64))
-            _show(axes[row, col], _displayable(sample), f"sample {col}" if row == 0 else "")
-    figure.tight_layout()
+        for col, (label, function) in enumerate(columns.items(), start=1):
+            _show(axes[row, col], _displayable(function(tf.constant(original), row)), label if row == 0 else "")
     return figure

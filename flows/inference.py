@@ -179,7 +179,8 @@ def _figure(rows: list[dict[str, Any]], shape, path: Path) -> None:
     shown = rows[:24]
     figure = image_grid((read_image(Path(row["file"]), shape) for row in shown),
                         [f"{row['label']} ({row['probability']:.2f})" for row in shown], cols=max(1, min(6, len(shown))),
-                        cell=(2.0, 2.4))
+                        width=2.0, title=f"Predicted label (its probability) of "
+                                         f"{'the first ' if len(rows) > len(shown) else ''}{len(shown)} of {len(rows)} images")
     figure.savefig(path, dpi=100)
     plt.close(figure)
 

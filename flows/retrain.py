@@ -123,6 +123,7 @@ def _log_sequence_figure(run_id: str, runs: list, champion) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     from mlflow import MlflowClient
 
     points = sequence_points(runs)
@@ -131,15 +132,19 @@ def _log_sequence_figure(run_id: str, runs: list, champion) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label="run (in order)")
     for number, (size, accuracy, _) in enumerate(points, start=1):
-        axis.annotate(str(number), (size, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.annotate(str(number), (size, accuracy), textcoords="offset points", xytext=(8, 6), fontsize=8)
     best = [p for p in points if champion is not None and p[2] == champion.run_id]
     if best:
         axis.plot([best[0][0]], [best[0][1]], "o", markersize=14, fillstyle="none", color="tab:red",
                   label=f"champion (v{champion.version})")
     axis.set_xscale("log")
+    sizes = sorted({p[0] for p in points})
+    axis.set_xticks(sizes, [f"{size:,}" for size in sizes])  # the subset sizes themselves, not powers of ten
+    axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axis.margins(0.12)  # room for the champion's ring and the run numbers at the edges
     axis.set_xlabel("training images")
     axis.set_ylabel("validation accuracy (last epoch)")
-    axis.set_title("retraining sequence")
+    axis.set_title(f"Retraining on growing subsets: {len(points)} run(s) of the sequence", fontsize=10)
     axis.legend()
     figure.tight_layout()
     import tempfile
