@@ -505,8 +505,11 @@ def _trained_here(study, plan: Plan, trial, logger) -> str | None:
 
 
 def _is_outage(error: BaseException) -> bool:
-    """The store failed, not the trial: its training stopped resumable, or a call found no server."""
-    return isinstance(error, ServerOutage) or is_transient(error)
+    """A server failed, not the trial: its training stopped resumable, or an MLflow call found no
+    server (other transient errors, a download's, are the trial's own)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, ServerOutage) or isinstance(error, MlflowException) and is_transient(error)
 
 
 OUTAGE_POLL_SECONDS = 3.0
@@ -517,23 +520,25 @@ def _riding_out_outages(plan: Plan, logger, step):
     of outage: a trial is not failed, and no trial is counted twice, because a server went away."""
     from cnnflow.flows.outbox import failing_fast, outage_reason
 
-    bound = plan.cfg["train"]["outage_timeout"]
+    bound, uri, since = plan.cfg["train"]["outage_timeout"], store.tracking_uri(plan.cfg), None
     while True:
         try:
             with failing_fast():  # an outage is seen at once, not after MLflow's minutes of retries
                 return step()
         except Exception as error:
-            if not _is_outage(error):
-                raise
-            reason, since = outage_reason(error), time.monotonic()
-        uri = store.tracking_uri(plan.cfg)
+            if not _is_outage(error) or isinstance(error, ServerOutage) and _answers(uri):
+                raise  # not the store's outage: a Prefect server's ends the search resumable (exit 5)
+            reason = outage_reason(error)
+        since = since or time.monotonic()
         logger.warning(f"search: the MLflow store {uri} fails ({reason}); the search waits for it (at most "
                        f"{bound:g} s: train.outage_timeout), then goes on with the same trial")
-        while not _answers(uri):
+        while True:  # `since` is the outage's first failure: steps that keep failing are bounded too
             if time.monotonic() - since > bound:
                 raise ServerOutage(f"the MLflow store {uri} has failed for {time.monotonic() - since:.0f} s "
                                    f"({reason}), longer than train.outage_timeout={bound:g}; run the same command "
                                    f"again once it answers, and the search continues its study") from None
+            if _answers(uri):
+                break
             time.sleep(OUTAGE_POLL_SECONDS)
         logger.warning(f"search: the MLflow store {uri} answers again after {time.monotonic() - since:.0f} s")
 

@@ -199,3 +199,33 @@ def test_a_search_killed_mid_trial_continues_its_study_and_counts_no_trial_twice
     parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                  filter_string="tags.`search.study` != ''")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_only_a_server_outage_holds_a_trial_and_a_failure_of_its_own_is_its_own(tmp_path, caplog):
+    """A download's ConnectionError is the trial's failure, raised at once; an MLflow call that found
+    no server is tried again once the store answers (here at once: a SQLite store)."""
+    import logging
+    import types
+
+    from mlflow.exceptions import MlflowException
+
+    plan = types.SimpleNamespace(cfg={"train": {"outage_timeout": 30}, "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"})
+    logger = logging.getLogger("search-test")
+
+    def download():
+        raise ConnectionError("connection reset by peer")
+
+    with pytest.raises(ConnectionError):
+        search._riding_out_outages(plan, logger, download)
+
+    calls = []
+
+    def blipped():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("API request failed") from ConnectionError("Connection refused")
+        return "told"
+
+    with caplog.at_level(logging.WARNING, "search-test"):
+        assert search._riding_out_outages(plan, logger, blipped) == "told"
+    assert len(calls) == 2 and "answers again" in caplog.text
