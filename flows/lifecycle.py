@@ -233,6 +233,8 @@ def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, la
         started = time.perf_counter()
         staged = Path(folder) / ".upload" / f"epoch{epoch:04d}"
         staged.mkdir(parents=True, exist_ok=True)
+        # a crash can leave this epoch staged: a link to the file a resumed training rewrites in place
+        (staged / "model.keras").unlink(missing_ok=True)
         try:
             os.link(model_file, staged / "model.keras")  # the local checkpoint may be pruned before the upload
         except OSError:

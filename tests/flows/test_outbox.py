@@ -94,3 +94,23 @@ def test_a_displaced_holder_drops_what_it_has_not_sent_and_says_so_at_its_next_c
 ])
 def test_an_outage_is_named_as_an_operator_reads_it(message, reason):
     assert outage_reason(Exception(message)).startswith(reason)
+
+
+def test_an_epoch_staged_again_after_a_crash_stages_the_new_checkpoint(tmp_path):
+    """A crash can leave .upload/epochN/model.keras behind, a hard link to the checkpoint file that
+    the resumed training rewrites in place: staging it again raised SameFileError mid-training."""
+    import types
+
+    from cnnflow.flows.lifecycle import checkpoint_uploader
+
+    queued = []
+    outbox = types.SimpleNamespace(run_id="r", put=queued.append)
+    submit = checkpoint_uploader(outbox, tmp_path, every=1, slots=2, last_epoch=3)
+    model = tmp_path / "checkpoint-epoch0003.keras"
+    model.write_bytes(b"before the crash")
+    submit(3, model, {})  # queued, never sent: the process died
+    with open(model, "wb") as handle:  # the resumed training writes the same file again
+        handle.write(b"after the resume")
+    submit(3, model, {})
+    assert (tmp_path / ".upload" / "epoch0003" / "model.keras").read_bytes() == b"after the resume"
+    assert len(queued) == 2
