@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 from cnnflow.components.errors import SettingsError
 
-GROUPS = ("experiment", "data", "model", "loss", "optimizer", "train", "plots")
 _NOT_IN_STRUCT = re.compile(r"Could not override '([^']+)'")
 
 
@@ -22,6 +21,11 @@ def _conf_dir() -> Path:
     import cnnflow.conf
 
     return Path(cnnflow.conf.__file__).resolve().parent
+
+
+# The config groups: every folder of conf/ (a group added there is a group here, help text included).
+GROUPS = tuple(sorted((path.name for path in _conf_dir().iterdir() if path.is_dir() and any(path.glob("*.yaml"))),
+                     key=lambda group: (group != "experiment", group)))  # the recipes first
 
 
 def choices(group: str) -> list[str]:
