@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from cnnflow.components.data.celeba_layout import write_celeba
 
@@ -70,6 +71,7 @@ def test_plain_mnist_script_reports_test_accuracy_in_its_test_mode(tmp_path):
     assert result["test_accuracy"] >= 0.9  # the generated digits are learnt in two epochs, as in cnnflow's tests
 
 
+@pytest.mark.slow
 def test_the_search_benchmark_runs_a_search_and_reads_its_result_back(tmp_path):
     from conftest import make_idx_folder
 

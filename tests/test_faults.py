@@ -325,6 +325,7 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # as by a full disk or a cut-off upload
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_resumes_from_its_stored_copy_or_the_one_before(
         prefect_harness, mlflow_store, idx_folder, caplog, monkeypatch):
     overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch)
@@ -342,6 +343,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_its_stored_copy_or_the_one_bef
     assert sorted({m.step for m in MlflowClient().get_metric_history(run_id, "loss")}) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_a_run_resumes_on_a_machine_that_never_saw_its_folder(prefect_harness, mlflow_store, idx_folder, caplog,
                                                               monkeypatch):
     import shutil
@@ -362,6 +364,7 @@ def test_a_run_resumes_on_a_machine_that_never_saw_its_folder(prefect_harness, m
     assert evaluate_flow(run_id, "valid")["accuracy"] >= 0.9
 
 
+@pytest.mark.slow
 def test_without_a_usable_checkpoint_a_rerun_starts_afresh_and_says_why(prefect_harness, mlflow_store, idx_folder,
                                                                          caplog, monkeypatch):
     overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch, epochs_done=2)
@@ -384,6 +387,7 @@ def _hold_lease(run_id: str, host: str, pid: int, started: float, heartbeat_age:
         client.set_tag(run_id, f"lease.heartbeat.{generation}", f"{time.time() - heartbeat_age:.0f}")
 
 
+@pytest.mark.slow
 def test_a_run_that_another_process_trains_is_refused_and_left_alone(prefect_harness, mlflow_store, idx_folder):
     run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots=none"])
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as trainer:
@@ -398,6 +402,7 @@ def test_a_run_that_another_process_trains_is_refused_and_left_alone(prefect_har
     assert continue_flow(run_id, 1) == run_id  # its holder died: taken over at once
 
 
+@pytest.mark.slow
 def test_a_lease_held_on_another_machine_is_refused_until_its_heartbeat_is_older_than_the_timeout(
         prefect_harness, mlflow_store, idx_folder):
     run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["plots=none"])
@@ -457,6 +462,7 @@ cli.run()
 """
 
 
+@pytest.mark.slow
 def test_identical_commands_started_at_one_instant_give_one_training_and_refusals(tmp_path, idx_folder):
     racers, ready = 2, tmp_path / "ready"
     ready.mkdir()
@@ -499,6 +505,7 @@ cli.run()
 """
 
 
+@pytest.mark.slow
 def test_a_displaced_holder_writes_nothing_more_into_the_run(tmp_path, idx_folder):
     """A trainer paused (a laptop lid, a stalled VM) while another machine takes its run over: when it
     wakes it stops, and neither a metric, a tag nor a checkpoint of its reaches the run."""
@@ -534,6 +541,7 @@ def test_a_displaced_holder_writes_nothing_more_into_the_run(tmp_path, idx_folde
     assert read_checkpoint(Path(run.data.tags["output_dir"]))["epoch"] == 2  # this machine keeps its own
 
 
+@pytest.mark.slow
 def test_a_resume_aimed_at_a_run_in_training_is_refused_and_names_resume_false(prefect_harness, mlflow_store,
                                                                               idx_folder, monkeypatch):
     overrides, run_id, folder = _crashed_run(idx_folder, monkeypatch, epochs_done=1)
@@ -602,6 +610,7 @@ def test_an_interrupt_swallowed_below_python_is_raised_again_at_the_next_check()
 
 @pytest.mark.parametrize("how, code", [("SIGINT to the group", 130), ("SIGTERM", 143), ("kill -9", -9),
                                        ("SIGTERM under a Prefect server", 143)])
+@pytest.mark.slow
 def test_interrupts_end_cleanly_and_leave_nothing_running(how, code, tmp_path, idx_folder, request):
     server = request.getfixturevalue("prefect_server")[0] if "Prefect server" in how else None
     process = _cnnflow(["train", "experiment=mnist", *tiny_overrides(idx_folder, epochs=500)], tmp_path, server)
@@ -750,6 +759,7 @@ def test_a_store_creation_killed_half_way_leaves_no_store_and_a_damaged_store_is
         "\n" not in error and "move it aside" in error, error
 
 
+@pytest.mark.slow
 def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_store, monkeypatch):
     import keras
 
@@ -790,6 +800,7 @@ def test_of_two_trainings_ending_together_the_better_becomes_champion(mlflow_sto
 
 # ----------------------------------------------------------------- runs, models, predict inputs
 
+@pytest.mark.slow
 def test_model_references_short_ids_and_runs_without_settings(prefect_harness, mlflow_store, idx_folder, tmp_path):
     run_id = train_flow("mnist", tiny_overrides(idx_folder) + ["registry.name=digits", "plots=none"])
     # no version: the newest; a version serves through its pyfunc, and evaluate/predict use its Keras model
@@ -821,6 +832,7 @@ def _png_header(width: int, height: int) -> bytes:
         chunk(b"IEND", b"")
 
 
+@pytest.mark.slow
 def test_predict_refuses_non_regular_files_huge_images_and_bad_output_paths(prefect_harness, mlflow_store, idx_folder,
                                                                            tmp_path):
     fifo = tmp_path / "pipe.png"

@@ -310,6 +310,7 @@ CELEBA_FIGURES = {"learning_curves.png", "predictions.png", "confusion_matrix.pn
                   "augmentation_examples.png", "augmentation_samples.png"}
 
 
+@pytest.mark.slow
 def test_one_epoch_celeba_run_records_figures_and_metrics(celeba, prefect_harness, mlflow_store):
     run_id = train_flow("celeba", [f"data.path={celeba}", "data.train_size=30", "data.valid_size=8",
                                    "data.batch_size=8", "train.epochs=1"])

@@ -157,6 +157,7 @@ def test_a_run_id_prefix_of_any_length_is_matched_or_answered_honestly(mlflow_st
         store.full_run_id(absent)
 
 
+@pytest.mark.slow
 def test_help_shows_no_tensorflow_start_up_lines():
     import os
     import subprocess

@@ -40,6 +40,7 @@ def test_the_sequence_is_read_back_from_finished_runs(mlflow_store):
     assert next_subset_size(SIZES, len(finished_runs(cfg, "weekly"))) == "full"
 
 
+@pytest.mark.slow
 def test_retrain_flow_trains_the_next_size_and_tags_the_sequence(prefect_harness, mlflow_store, tmp_path, capsys):
     idx = make_idx_folder(tmp_path / "idx")
     overrides = [f"data.path={idx}", "data.source=idx", "data.valid_size=40", "data.shuffle_buffer=100",
@@ -66,6 +67,7 @@ def test_retrain_flow_trains_the_next_size_and_tags_the_sequence(prefect_harness
         runs_table("nope")
 
 
+@pytest.mark.slow
 def test_a_warm_started_retraining_begins_from_the_champions_weights(prefect_harness, mlflow_store, tmp_path):
     import keras
     import numpy as np

@@ -38,6 +38,7 @@ def float32_afterwards():
     keras.mixed_precision.set_global_policy("float32")  # the policy is global: leave none behind
 
 
+@pytest.mark.slow
 def test_a_mixed_bfloat16_training_runs_end_to_end(prefect_harness, mlflow_store, tmp_path, float32_afterwards):
     overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["runtime.precision=mixed_bfloat16"]
     run = MlflowClient().get_run(train_flow("mnist", overrides))
@@ -48,6 +49,7 @@ def test_a_mixed_bfloat16_training_runs_end_to_end(prefect_harness, mlflow_store
     assert run.data.metrics["test_accuracy"] >= 0.6  # it learns: 0.9 here after one epoch (chance: 0.1)
 
 
+@pytest.mark.slow
 def test_auto_precision_is_resolved_recorded_and_frozen_for_a_continuation(prefect_harness, mlflow_store, tmp_path,
                                                                           monkeypatch, float32_afterwards):
     from cnnflow.flows.config import compose_config
@@ -104,6 +106,7 @@ for run in runs:
 """
 
 
+@pytest.mark.slow
 def test_a_mirrored_training_on_two_devices_learns_like_one(tmp_path):
     import subprocess
     import sys

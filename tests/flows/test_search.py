@@ -101,6 +101,7 @@ def test_a_continued_search_draws_on_instead_of_drawing_its_first_values_again(s
     assert fresh.ask(plan.space).params == drawn.params  # a new study still starts where the seed says
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_stops_at_an_epoch_end_and_the_best_alone_is_tested(prefect_harness, mlflow_store,
                                                                            idx_folder, tmp_path):
     # float32: with op determinism a training repeats itself exactly (mixed bfloat16 need not on a CPU
@@ -151,6 +152,7 @@ def test_a_pruned_trial_stops_at_an_epoch_end_and_the_best_alone_is_tested(prefe
                                   filter_string="tags.evaluation_of != ''")) == 1
 
 
+@pytest.mark.slow
 def test_an_epoch_budget_is_never_overrun(prefect_harness, mlflow_store, idx_folder):
     overrides = [*tiny_overrides(idx_folder, epochs=2), "search.trials=null", "search.epochs=5",
                  "search.pruner=none", "model.dropout_rate=choice(0.1,0.2,0.3)"]
@@ -167,6 +169,7 @@ def _search_command(idx: Path, cwd: Path) -> list[str]:
             "model.dropout_rate=choice(0.1,0.3)"]
 
 
+@pytest.mark.slow
 def test_a_search_killed_mid_trial_continues_its_study_and_counts_no_trial_twice(tmp_path, idx_folder):
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env.update(TF_CPP_MIN_LOG_LEVEL="2", PREFECT_HOME=str(tmp_path / ".prefect"))

@@ -48,6 +48,7 @@ def output_of(run_id: str) -> Path:
     return Path(MlflowClient().get_run(run_id).data.tags["output_dir"])
 
 
+@pytest.mark.slow
 def test_continue_in_a_new_process_extends_one_history(prefect_harness, mlflow_store, idx):
     run_id = train_flow("mnist", tiny_overrides(idx))
     process = cli(["continue", run_id, "--epochs", "1", "optimizer.learning_rate=0.0005"])
@@ -89,6 +90,7 @@ def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen) -> 
     raise AssertionError("no checkpoint in time")
 
 
+@pytest.mark.slow
 def test_a_killed_training_resumes_from_its_last_completed_epoch(prefect_harness, mlflow_store, idx, monkeypatch):
     from cnnflow.flows import train as train_module
 
@@ -120,6 +122,7 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(prefect_harness
     assert read_checkpoint(folder)["epoch"] == 25
 
 
+@pytest.mark.slow
 def test_evaluate_after_train_matches_the_training_flows_test_accuracy(prefect_harness, mlflow_store, idx):
     run_id = train_flow("mnist", tiny_overrides(idx))
     trained = MlflowClient().get_run(run_id).data.metrics
@@ -138,6 +141,7 @@ def test_evaluate_after_train_matches_the_training_flows_test_accuracy(prefect_h
     assert first_20 == pytest.approx(by_hand)  # the slice is the first 20 test images, scored as Keras does
 
 
+@pytest.mark.slow
 def test_predict_digits_and_faces_from_files(prefect_harness, mlflow_store, idx, tmp_path):
     from cnnflow.components.data.idx import read_idx
     from cnnflow.components.data.celeba_layout import write_celeba
@@ -185,6 +189,7 @@ def logged_run(value: float) -> str:
     return run.info.run_id
 
 
+@pytest.mark.slow
 def test_registry_alias_moves_only_when_the_metric_improves(mlflow_store):
     import logging
 

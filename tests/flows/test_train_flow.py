@@ -74,6 +74,7 @@ def test_run_logs_figures_and_a_loadable_model(finished_run, store):
     assert len(json.loads((output / "history.json").read_text())["loss"]) == 2
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_split_and_first_epoch_in_float32(prefect_harness, store):
     # Bitwise repeatability is promised in float32 only: in mixed_bfloat16 some CPUs' oneDNN kernels
     # are not run-to-run deterministic (CI's CPU gave epoch-1 losses 1.935 and 1.925 here; README).
