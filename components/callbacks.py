@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 import keras
+import numpy as np
 
 from cnnflow.components.argtypes import NonNegativeFloat, NonNegativeInt, OpenFraction
 from cnnflow.components.registry import register
@@ -158,8 +159,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
     atomically, and older checkpoints are deleted only once the new one is complete and its model
     file reads back whole. A training killed at any moment, even by a power cut, loses at most the
     epoch in progress. An epoch in which `divergence` saw the training diverge is not checkpointed:
-    there is nothing to resume from garbage weights. `on_saved(epoch, model file, history)` is told
-    of each complete checkpoint (the flow copies it to the run's artifact store).
+    there is nothing to resume from garbage weights. `on_saved(model file, state)` is told of each
+    complete checkpoint (the flow copies it to the run's artifact store). The state holds what the
+    model file does not: the history, and the position of every random stream in the model
+    (dropout's), so a resumed training draws what the uninterrupted one would have drawn.
     """
 
     def __init__(self, folder, history: dict[str, list[float]] | None = None,
@@ -177,13 +180,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for name, value in logs.items():
             self.history.setdefault(name, []).append(float(value))
         stem = f"checkpoint-epoch{epoch + 1:04d}"
+        state = {"epoch": epoch + 1, "history": self.history, "random": random_state(self.model)}
         self.model.save(self.folder / f"{stem}.keras")
         _sync(self.folder / f"{stem}.keras")
         problem = _damage(self.folder / f"{stem}.keras")
         if problem:
             raise OSError(f"the checkpoint just written, {self.folder / stem}.keras, does not read back: {problem}")
-        write_durably(self.folder / f"{stem}.json", json.dumps({"epoch": epoch + 1, "file": f"{stem}.keras",
-                                                                "history": self.history}))
+        write_durably(self.folder / f"{stem}.json", json.dumps({**state, "file": f"{stem}.keras"}))
         states = _state_files(self.folder)
         for old in states[KEEP_CHECKPOINTS:]:
             old.unlink()
@@ -192,7 +195,27 @@ class EpochCheckpoint(keras.callbacks.Callback):
             if model_file.name not in kept:
                 model_file.unlink()
         if self.on_saved:
-            self.on_saved(epoch + 1, self.folder / f"{stem}.keras", self.history)
+            self.on_saved(self.folder / f"{stem}.keras", state)
+
+
+def random_state(model) -> list[list[int]]:
+    """Where each random stream of the model stands (the seed generators of dropout and random
+    layers, in the model's order). Keras' .keras files do not keep them."""
+    return [variable.numpy().tolist() for variable in _random_streams(model)]
+
+
+def restore_random_state(model, state: list[list[int]] | None) -> None:
+    """Put the model's random streams where `random_state` found them (a checkpoint from before this
+    was recorded has none: its streams start afresh)."""
+    streams = _random_streams(model)
+    if state is None or len(state) != len(streams):
+        return
+    for variable, position in zip(streams, state):
+        variable.assign(np.asarray(position, dtype=variable.dtype))
+
+
+def _random_streams(model) -> list:
+    return [variable for variable in model.variables if variable.name == "seed_generator_state"]
 
 
 def _model_file_of(state: Path) -> str | None:
@@ -267,8 +290,8 @@ def read_checkpoint(folder) -> dict | None:
     return next((checkpoint for checkpoint, _ in checkpoints(folder) if checkpoint), None)
 
 
-def history_of(model_path) -> dict[str, list[float]]:
-    """The history saved with a checkpoint's model file."""
+def state_of(model_path) -> dict:
+    """The state saved with a checkpoint's model file: its epoch, history and random streams."""
     path = Path(model_path)
     state = path.with_suffix(".json")
-    return json.loads((state if state.is_file() else path.parent / "checkpoint.json").read_text())["history"]
+    return json.loads((state if state.is_file() else path.parent / "checkpoint.json").read_text())

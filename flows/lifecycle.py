@@ -227,7 +227,8 @@ def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, la
     artifacts). The model goes first, then the state file with the model's sha256: a slot caught
     half-written does not verify, and the slot before it resumes."""
 
-    def submit(epoch: int, model_file: Path, history: dict[str, list[float]]) -> None:
+    def submit(model_file: Path, state: dict) -> None:
+        epoch = state["epoch"]
         if epoch % every and epoch != last_epoch:
             return
         started = time.perf_counter()
@@ -239,8 +240,7 @@ def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, la
             os.link(model_file, staged / "model.keras")  # the local checkpoint may be pruned before the upload
         except OSError:
             shutil.copyfile(model_file, staged / "model.keras")
-        (staged / "state.json").write_text(json.dumps({"epoch": epoch, "history": history,
-                                                       "sha256": sha256_of(staged / "model.keras")}))
+        (staged / "state.json").write_text(json.dumps({**state, "sha256": sha256_of(staged / "model.keras")}))
         staging_seconds = time.perf_counter() - started
 
         def send(confirm) -> None:
@@ -284,7 +284,8 @@ def _stored_states(run_id: str) -> list[tuple[dict, str]]:
     for slot in slots:
         try:
             state = mlflow.artifacts.load_dict(f"runs:/{run_id}/{slot}/state.json")
-            states.append(({"epoch": int(state["epoch"]), "history": dict(state["history"]), "sha256": state["sha256"]}, slot))
+            states.append(({"epoch": int(state["epoch"]), "history": dict(state["history"]), "sha256": state["sha256"],
+                            "random": state.get("random")}, slot))
         except (MlflowException, OSError, ValueError, KeyError, TypeError):
             continue
     return sorted(states, key=lambda found: found[0]["epoch"], reverse=True)
@@ -309,7 +310,7 @@ def _fetched(run_id: str, state: dict, slot: str, folder: Path) -> dict | None:
     finally:
         shutil.rmtree(download, ignore_errors=True)
     write_durably(folder / f"{stem}.json", json.dumps({"epoch": state["epoch"], "file": f"{stem}.keras",
-                                                       "history": state["history"]}))
+                                                       "history": state["history"], "random": state["random"]}))
     return {"epoch": state["epoch"], "history": state["history"], "path": str(folder / f"{stem}.keras")}
 
 

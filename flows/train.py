@@ -134,20 +134,25 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     import keras
 
     from cnnflow.components.callbacks import (EpochCheckpoint, EpochMetrics, EpochProgress, StopOnDivergence,
-                                              backfill_metrics, history_of)
-    from cnnflow.components.data import Split, cache_needs, caching, examples, make_dataset
+                                              backfill_metrics, restore_random_state, state_of)
+    from cnnflow.components.data import Split, cache_needs, caching, examples, make_dataset, steps_per_epoch
     from cnnflow.components.serving import log_serving_model
 
     _prepare_tensorflow(cfg)
     split = Split.load(split_path)
     strategy = runtime.distribution(cfg["runtime"])
+    state = state_of(model_path) if initial_epoch else {}
     with strategy.scope():  # variables and optimizer state live on every replica
         model = _load_start_model(model_path, initial_epoch)
+        restore_random_state(model, state.get("random"))
     store.set_tags(run_id, {"replicas": strategy.num_replicas_in_sync})
     model.jit_compile = cfg["runtime"]["jit_compile"]
     _apply_learning_rate(model, cfg["optimizer"])
+    steps = steps_per_epoch(cfg["data"], split)
+    if initial_epoch:
+        _say_schedule(model.optimizer, initial_epoch, cfg["train"]["epochs"], steps)
     output = Path(output_dir)
-    history = history_of(model_path) if initial_epoch else None
+    history = state.get("history")
     if history:
         backfill_metrics(run_id, history)
     divergence = StopOnDivergence(cfg["train"]["max_loss_factor"], first_loss=(history or {}).get("loss", [None])[0])
@@ -173,12 +178,12 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     kept = caching.plan(cfg["data"], needs)
     run_logger().info(caching.describe(kept, needs, cfg["data"]))
     store.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
-    # A continuation must not replay the first epochs' shuffles and augmentations: offset the data seed.
-    data_seed = cfg["seed"] + initial_epoch
     with interrupts.noted(), strategy.scope(), outbox.failing_fast():
-        model.fit(make_dataset(cfg["data"], split, "train", data_seed, kept["train"]),
-                  validation_data=make_dataset(cfg["data"], split, "valid", data_seed, kept["valid"]),
-                  initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
+        # one pipeline for all epochs, each drawn from (seed, epoch): a resumed training draws what it would have
+        model.fit(make_dataset(cfg["data"], split, "train", cfg["seed"], kept["train"], range(initial_epoch, epochs)),
+                  validation_data=make_dataset(cfg["data"], split, "valid", cfg["seed"], kept["valid"]),
+                  steps_per_epoch=steps, initial_epoch=initial_epoch, epochs=epochs,
+                  callbacks=callbacks, shuffle=False, verbose=0)
         writes.flush()  # what the steps after training read (metrics, the last checkpoint) is in the store
     if divergence.diverged:
         where = divergence.diverged
@@ -300,6 +305,21 @@ def _apply_learning_rate(model, optimizer: dict[str, Any]) -> None:
     rate, current = optimizer.get("learning_rate"), model.optimizer.learning_rate
     if rate is not None and hasattr(current, "assign"):
         current.assign(rate)
+
+
+def _say_schedule(optimizer, initial_epoch: int, epochs: int, steps: int) -> None:
+    """A learning-rate schedule fixed to the first stage's length is not stretched by a continuation:
+    say where it leaves the new epochs (a cosine that has ended leaves them at its final rate)."""
+    schedule = getattr(optimizer, "_learning_rate", None)  # Keras keeps the schedule here, its rate now in learning_rate
+    decay_steps = getattr(schedule, "decay_steps", None) if callable(schedule) else None
+    if decay_steps is None or decay_steps >= epochs * steps:
+        return
+    rate_at = lambda step: float(schedule(step))  # noqa: E731
+    run_logger().warning(
+        f"the learning rate follows this run's {type(schedule).__name__} over its first "
+        f"{decay_steps / steps:g} epochs, not stretched over epochs {initial_epoch + 1}-{epochs}: they train at "
+        f"{rate_at(initial_epoch * steps):.3g} falling to {rate_at(epochs * steps):.3g} (a new run with "
+        f"train.epochs={epochs} would spread the schedule over all of them)")
 
 
 @task(name="evaluate", cache_policy="none")

@@ -15,5 +15,6 @@ from cnnflow.components.data.core import (  # noqa: F401
     model_input_shape,
     parse_split,
     source_from,
+    steps_per_epoch,
     training_pool_size,
 )

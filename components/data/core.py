@@ -310,13 +310,16 @@ def cache_needs(data: dict[str, Any], split: Split) -> dict[str, caching.Need]:
             for role, positions in split.indices.items()}
 
 
-def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache: str | None = None):
+def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache: str | None = None,
+                 epochs: range = range(1)):
     """A batched, prefetched tf.data pipeline for one role; train-time transforms only for "train".
 
     Encoded images are read and decoded in parallel. Decoded training images (before the random
     transforms) and finished evaluation images are kept where `cache` says (memory | disk | none;
-    default: as `data.cache` plans it, see caching.py). Random transforms get a per-example seed
-    from a seeded random stream that changes every epoch.
+    default: as `data.cache` plans it, see caching.py). For "train" the pipeline serves `epochs`
+    (counted from 0) one after the other, and what an epoch draws (its order, each example's
+    transform seed) depends on the seed and the epoch's number alone: a training resumed or
+    continued at epoch k gets exactly what epoch k of one uninterrupted training got.
     """
     import tensorflow as tf
 
@@ -335,19 +338,34 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache
         images = images.map(lambda item: tf.ensure_shape(_decode(item, chosen.encoded, shape[-1]), shape),
                             num_parallel_calls=tf.data.AUTOTUNE)
     dataset = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(chosen.labels))
-    if training:
-        dataset = _kept(dataset, where, data, split, role, "decoded")
-        if data.get("shuffle_each_epoch"):
-            dataset = dataset.shuffle(data["shuffle_each_epoch"], seed=seed, reshuffle_each_iteration=True)
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        dataset = tf.data.Dataset.zip(dataset, seeds).map(
-            lambda example, pair: (transform(example[0], pair), example[1]), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
+    if not training:
         no_seed = tf.zeros(2, tf.int64)  # evaluation transforms are deterministic
         dataset = dataset.map(lambda image, label: (transform(image, no_seed), label),
                               num_parallel_calls=tf.data.AUTOTUNE)
         dataset = _kept(dataset, where, data, split, role, data["transforms"]["eval"])
-    return dataset.batch(data["batch_size"]).prefetch(tf.data.AUTOTUNE)
+        return dataset.batch(data["batch_size"]).prefetch(tf.data.AUTOTUNE)
+    dataset = _kept(dataset, where, data, split, role, "decoded")
+
+    def epoch(number):
+        key = tf.constant(seed, tf.int64) * EPOCH_KEYS + number  # one key per (seed, epoch)
+        ordered = dataset
+        if data.get("shuffle_each_epoch"):
+            ordered = dataset.shuffle(data["shuffle_each_epoch"], seed=key, reshuffle_each_iteration=False)
+        seeds = tf.data.Dataset.range(len(chosen.labels)).map(lambda index: tf.stack([key, index]))
+        augmented = tf.data.Dataset.zip(ordered, seeds).map(
+            lambda example, pair: (transform(example[0], pair), example[1]), num_parallel_calls=tf.data.AUTOTUNE)
+        return augmented.batch(data["batch_size"])  # per epoch: its last batch is its own remainder
+
+    served = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch)
+    return served.prefetch(tf.data.AUTOTUNE)
+
+
+EPOCH_KEYS = 1 << 20  # epochs a run can have before two (seed, epoch) keys could meet
+
+
+def steps_per_epoch(data: dict[str, Any], split: Split) -> int:
+    """Batches in one training epoch (the last one may be short)."""
+    return -(-len(split.indices["train"]) // data["batch_size"])
 
 
 def _kept(dataset, where: str, data: dict[str, Any], split: Split, role: str, stage: Any):

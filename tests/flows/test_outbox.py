@@ -108,9 +108,9 @@ def test_an_epoch_staged_again_after_a_crash_stages_the_new_checkpoint(tmp_path)
     submit = checkpoint_uploader(outbox, tmp_path, every=1, slots=2, last_epoch=3)
     model = tmp_path / "checkpoint-epoch0003.keras"
     model.write_bytes(b"before the crash")
-    submit(3, model, {})  # queued, never sent: the process died
+    submit(model, {"epoch": 3})  # queued, never sent: the process died
     with open(model, "wb") as handle:  # the resumed training writes the same file again
         handle.write(b"after the resume")
-    submit(3, model, {})
+    submit(model, {"epoch": 3})
     assert (tmp_path / ".upload" / "epoch0003" / "model.keras").read_bytes() == b"after the resume"
     assert len(queued) == 2

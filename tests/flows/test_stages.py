@@ -2,6 +2,7 @@
 evaluate and predict. Real processes, a real MLflow store, Prefect's test harness."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cnnflow.components.callbacks import read_checkpoint
+from cnnflow.components.data.celeba_layout import write_celeba
 from cnnflow.components.errors import DataError, RunError
 from cnnflow.flows import promotion
 from cnnflow.flows.inference import evaluate_flow, predict_flow
@@ -79,11 +81,69 @@ def test_continue_refuses_changes_to_what_is_trained(prefect_harness, mlflow_sto
         continue_flow("nope", 1)
 
 
+RECIPES = {  # tiny and in float32, the precision whose results repeat bit for bit on one machine
+    "mnist": lambda folder: tiny_overrides(make_idx_folder(folder)),  # dropout
+    "celeba": lambda folder: [f"data.path={write_celeba(folder, train=40, valid=12, test=12)}", "data.train_size=30",
+                              "data.valid_size=8", "data.batch_size=8"],  # dropout, reshuffles, random crops and flips
+}
+
+
+def trained(run_id: str) -> tuple[str, dict[str, list[float]]]:
+    """What a run ends with: a hash of its final weights and every per-epoch metric."""
+    import hashlib
+
+    weights = keras.models.load_model(output_of(run_id) / "model.keras").get_weights()
+    curves = {name: [m.value for m in sorted(MlflowClient().get_metric_history(run_id, name), key=lambda m: m.step)]
+              for name in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    return hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in weights)).hexdigest(), curves
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_stages_add_up_to_one_training_bit_for_bit(prefect_harness, mlflow_store, tmp_path, recipe):
+    """train.epochs=1, then `continue` for 2: the weights and every epoch's metrics of train.epochs=3."""
+    overrides = RECIPES[recipe](tmp_path / "data") + ["runtime.precision=float32", "plots=none"]
+    whole = trained(train_flow(recipe, overrides + ["train.epochs=3"]))
+    staged = train_flow(recipe, overrides + ["train.epochs=1"])
+    continue_flow(staged, 2)
+    assert trained(staged) == whole
+    assert len(whole[1]["loss"]) == 3
+
+
+@pytest.mark.parametrize("recipe, stop", [("celeba", signal.SIGKILL), ("mnist", signal.SIGINT),
+                                          pytest.param("mnist", signal.SIGKILL, marks=pytest.mark.slow),
+                                          pytest.param("celeba", signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["celeba-kill -9", "mnist-Ctrl-C", "mnist-kill -9", "celeba-Ctrl-C"])
+def test_a_training_stopped_and_resumed_ends_as_if_never_stopped(prefect_harness, mlflow_store, tmp_path, recipe, stop):
+    """`cnnflow train` killed (or Ctrl-C'd) after its second epoch, then the same command: the weights and
+    every epoch's metrics of the same training never stopped."""
+    overrides = RECIPES[recipe](tmp_path / "data") + ["runtime.precision=float32", "plots=none", "train.epochs=12"]
+    process = cli(["train", f"experiment={recipe}", *overrides], start_new_session=True)
+    folder = wait_for_checkpoint(Path(mlflow_store.removeprefix("sqlite:///")).parent, 2, process)
+    os.killpg(process.pid, stop)
+    process.communicate(timeout=120)
+    assert read_checkpoint(folder)["epoch"] < 12, "the training ended before it was stopped"
+    resumed = train_flow(recipe, overrides)  # the same command again
+    assert resumed == folder.name
+    never_stopped = train_flow(recipe, overrides + ["mlflow_experiment=never-stopped"])
+    assert trained(resumed) == trained(never_stopped)
+
+
+def test_continuing_a_schedule_fixed_to_the_first_stage_says_what_the_new_epochs_get(prefect_harness, mlflow_store,
+                                                                                       idx, caplog):
+    run_id = train_flow("mnist", tiny_overrides(idx) + ["optimizer=adam_cosine", "plots=none"])
+    with caplog.at_level(logging.WARNING):
+        continue_flow(run_id, 2)
+    [said] = [r.getMessage() for r in caplog.records if "not stretched" in r.getMessage()]
+    assert said == ("the learning rate follows this run's CosineDecay over its first 1 epochs, not stretched over "
+                    "epochs 2-3: they train at 0 falling to 0 (a new run with train.epochs=3 would spread the "
+                    "schedule over all of them)")
+
+
 def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen) -> Path:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
-        for state in store.glob("outputs/mnist/*/checkpoint-epoch*.json"):
+        for state in store.glob("outputs/*/*/checkpoint-epoch*.json"):
             if json.loads(state.read_text())["epoch"] >= epochs:
                 return state.parent
         time.sleep(0.2)
