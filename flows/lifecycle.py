@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnflow.components.errors import RunError, ServerOutage
-from cnnflow.flows import healing
+from cnnflow.flows import healing, runtime
 from cnnflow.flows.outbox import Outbox, Write
 from cnnflow.flows.settings import flatten
 from cnnflow.flows.store import (LOCKS_EXPERIMENT, code_version, experiment_id, log_metrics, new_run_folder, run_folder,
@@ -447,11 +448,13 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None, logger=None):
                 output_dir = new_run_folder(run_id, cfg)
                 set_tags(run_id, {"cnnflow.experiment": cfg["experiment"], "seed": cfg["seed"],
                                   "output_dir": output_dir, "host": socket.gethostname(), "code_version": code_version(),
-                                  "config_hash": config_hash(cfg), **cfg.get("tags", {})})
+                                  "config_hash": config_hash(cfg), **cfg.get("tags", {}),
+                                  **{f"env.{key}": value for key, value in runtime.fingerprint().items()}})
                 output_dir.mkdir(parents=True, exist_ok=True)
                 outbox = _leased(run_id, cfg, held, logger)
             else:  # the command that resumes it is the run's now (a sweep finds its jobs by these tags)
                 set_tags(run_id, cfg.get("tags", {}))
+                _say_other_environment(run_id, logger)
             if under_prefect and flow_run.id:  # the two UIs point at each other's record
                 set_tags(run_id, {"prefect.flow_run_id": flow_run.id})
             yield run_id, output_dir
@@ -472,6 +475,20 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None, logger=None):
                 _leave_run()  # the run's status is its new holder's, or this one's once the store answers
             else:
                 _end_run(status)
+
+
+def _say_other_environment(run_id: str, logger) -> None:
+    """A run going on where it did not start trains on; one line says that its results will not
+    repeat bit for bit, and why."""
+    import mlflow
+
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    changes = runtime.fingerprint_changes({key.removeprefix("env."): value for key, value in tags.items()
+                                           if key.startswith("env.")})
+    if changes:
+        (logger or logging.getLogger(__name__)).warning(
+            f"run {run_id} goes on in another environment than the one it started in ({'; '.join(changes)}): it "
+            f"trains on, but its results will not repeat bit for bit those of a training never stopped")
 
 
 def _leased(run_id: str, cfg: dict[str, Any], held: contextlib.ExitStack, logger) -> Outbox:

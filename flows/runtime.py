@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 from typing import Any
 
@@ -58,12 +59,49 @@ def resolved_precision(precision: str) -> str:
 
 def cpu_has_bfloat16() -> bool:
     """Whether this CPU computes in bfloat16 natively (Linux reports it; elsewhere assume not)."""
+    flags = _cpuinfo("flags").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpuinfo(field: str) -> str:
+    """A field of the first CPU in /proc/cpuinfo (Linux), or '' where there is none."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+            line = next((line for line in cpuinfo if line.split(":")[0].strip() == field), "")
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return ""
+    return line.partition(":")[2].strip()
+
+
+# The CPU features whose kernels TensorFlow and oneDNN choose between: a different set, other sums.
+_VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                 "amx_int8")
+
+
+def fingerprint() -> dict[str, str]:
+    """What decides a training's last bits besides its settings and data: the CPU and its vector
+    units, the threads, oneDNN, the library versions and the devices. A run records it when it starts."""
+    import keras
+    import tensorflow as tf
+
+    flags = _cpuinfo("flags").split()
+    threading = tf.config.threading
+    return {"cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
+            "cpu_flags": " ".join(flag for flag in _VECTOR_FLAGS if flag in flags) or "none",
+            "cpus": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+            "threads": f"intra {threading.get_intra_op_parallelism_threads() or 'default'}, "
+                       f"inter {threading.get_inter_op_parallelism_threads() or 'default'}",
+            "onednn": "off" if os.environ.get(_ENVIRONMENT["onednn"]) == "0" else "on",
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "cuda": tf.sysconfig.get_build_info().get("cuda_version") or "none", "devices": devices()}
+
+
+def fingerprint_changes(recorded: dict[str, str]) -> list[str]:
+    """How this process's fingerprint differs from one recorded earlier (keys it did not record are
+    passed over: a run from before fingerprints has none)."""
+    now = fingerprint()
+    return [f"{key} {recorded[key]!r} -> {value!r}" for key, value in now.items()
+            if key in recorded and recorded[key] != value]
 
 
 def devices() -> str:

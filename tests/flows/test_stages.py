@@ -139,6 +139,28 @@ def test_continuing_a_schedule_fixed_to_the_first_stage_says_what_the_new_epochs
                     "schedule over all of them)")
 
 
+def test_a_run_going_on_in_another_environment_trains_on_and_says_what_differs(prefect_harness, mlflow_store, idx,
+                                                                               monkeypatch, caplog):
+    import tensorflow as tf
+
+    from cnnflow.flows import runtime
+
+    run_id = train_flow("mnist", tiny_overrides(idx) + ["plots=none"])
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags["env.tensorflow"] == tf.__version__ and tags["env.keras"] == keras.__version__
+    assert tags["env.cpus"] == str(len(os.sched_getaffinity(0))) and tags["env.devices"] == "CPU:0"
+    with caplog.at_level(logging.WARNING):
+        continue_flow(run_id, 1)  # where it started: nothing to say
+        here = runtime.fingerprint
+        monkeypatch.setattr(runtime, "fingerprint", lambda: {**here(), "cpu": "Another CPU", "onednn": "off"})
+        continue_flow(run_id, 1)
+    said = [r.getMessage() for r in caplog.records if "another environment" in r.getMessage()]
+    assert said == [f"run {run_id} goes on in another environment than the one it started in (cpu {tags['env.cpu']!r} "
+                    f"-> 'Another CPU'; onednn 'on' -> 'off'): it trains on, but its results will not repeat bit for "
+                    f"bit those of a training never stopped"]
+    assert steps(run_id) == [1, 2, 3]
+
+
 def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen) -> Path:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:

@@ -1,0 +1,111 @@
+"""A real training killed mid-epoch and resumed, against the same training never stopped
+(benchmarks/README.md: "Killed and resumed, to the last digit").
+
+    python benchmarks/resume.py --data ../shared/data/mnist-test
+    python benchmarks/resume.py --data ../shared/data/mnist-test --precision auto    # bfloat16 here
+
+Runs `cnnflow train experiment=mnist_small data.path=DATA runtime.precision=P` three times, each
+folder with its own MLflow store: once to the end; once killed with kill -9 when the progress line
+of epoch 2 shows half its steps done; then the same command again, which resumes the killed run
+from its last checkpoint. Prints every epoch's metrics of both, the test accuracy, a hash of the
+final weights, and whether all of it is equal; JSON to benchmarks/results/.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # this process loads the two models
+
+
+def command(data: Path, experiment: str, precision: str) -> list[str]:
+    return [sys.executable, "-m", "cnnflow.flows.cli", "train", f"experiment={experiment}", "data.source=idx",
+            f"data.path={data.resolve()}", f"runtime.precision={precision}", "plots=none"]
+
+
+def started(args: list[str], folder: Path) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder.resolve() / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("PREFECT_API_URL", None)  # the flow runs in process, as on a laptop
+    return subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finished(args: list[str], folder: Path) -> None:
+    process = started(args, folder)
+    out, _ = process.communicate()
+    (folder / "train.log").open("a").write(out)
+    if process.returncode:
+        raise SystemExit(f"{' '.join(args)} failed (exit {process.returncode}); see {folder / 'train.log'}")
+
+
+def killed_mid_epoch(args: list[str], folder: Path, epoch: int) -> str:
+    """The command, killed with kill -9 once epoch `epoch` is half done; the progress line it died after."""
+    process = started(args, folder)
+    halfway = re.compile(rf"epoch {epoch}/\d+\s+(\d+)%")
+    with (folder / "train.log").open("a") as log:
+        for line in process.stdout:
+            log.write(line)
+            found = halfway.search(line)
+            if found and int(found.group(1)) >= 50:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return line.strip()
+    raise SystemExit(f"the training ended before epoch {epoch} was half done; see {folder / 'train.log'}")
+
+
+def result(folder: Path) -> dict:
+    """Every epoch's metrics, the test metrics and a hash of the final weights of the folder's one run."""
+    import keras
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder.resolve() / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.output_dir != ''")
+    curves = {name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+              for name in METRICS}
+    weights = keras.models.load_model(Path(run.data.tags["output_dir"]) / "model.keras").get_weights()
+    digest = hashlib.sha256(b"".join(w.tobytes() for w in weights)).hexdigest()
+    return {"run": run.info.run_id, "status": run.info.status, "curves": curves, "weights_sha256": digest,
+            "test_accuracy": run.data.metrics["test_accuracy"], "test_loss": run.data.metrics["test_loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="an MNIST IDX folder (../shared/data/mnist-test)")
+    parser.add_argument("--experiment", default="mnist_small")
+    parser.add_argument("--precision", default="float32", help="float32 | auto | mixed_bfloat16")
+    parser.add_argument("--kill-in-epoch", type=int, default=2)
+    parser.add_argument("--folder", type=Path, default=Path("runs/resume"))
+    args = parser.parse_args()
+    train = command(args.data, args.experiment, args.precision)
+    never, stopped = args.folder / f"{args.precision}-never-stopped", args.folder / f"{args.precision}-killed"
+    if not (never / "mlflow.db").exists():
+        finished(train, never)
+    if not (stopped / "mlflow.db").exists():
+        print("killed after:", killed_mid_epoch(train, stopped, args.kill_in_epoch), flush=True)
+        finished(train, stopped)  # the same command again: it resumes the killed run
+    a, b = result(never), result(stopped)
+    for name in METRICS:
+        print(f"{name:>12}  never stopped {' '.join(f'{v:.6f}' for v in a['curves'][name])}")
+        print(f"{'':>12}  killed, resumed {' '.join(f'{v:.6f}' for v in b['curves'][name])}")
+    print(f"test accuracy {a['test_accuracy']:.4f} / {b['test_accuracy']:.4f}, test loss {a['test_loss']:.6f} / "
+          f"{b['test_loss']:.6f}; weights {a['weights_sha256'][:16]} / {b['weights_sha256'][:16]}")
+    same = all(a[key] == b[key] for key in ("curves", "weights_sha256", "test_accuracy", "test_loss"))
+    print("equal to the last bit" if same else "NOT equal")
+    out = Path(__file__).parent / "results" / f"resume-{args.precision}-{date.today()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(train[2:]), "never_stopped": a, "killed_and_resumed": b,
+                               "equal": same}, indent=1))
+    print("written:", out)
+
+
+if __name__ == "__main__":
+    main()
