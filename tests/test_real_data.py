@@ -44,7 +44,7 @@ def test_full_fashion_mnist_recipe_reaches_the_plain_keras_result(shared_data, p
 def test_the_fast_recipe_beats_the_chapters_recipe_on_fashion_mnist(shared_data, prefect_harness, mlflow_store):
     """experiment=fashion_mnist_fast as README runs it (5 epochs, about 2 minutes): over the 91.36% that
     the plain Keras script of the chapter's recipe reached in 20 epochs (benchmarks/plain_mnist.py
-    --full); seeds 1-3 gave 91.92-92.33% (2026-11-28)."""
+    --full); seeds 1-3 gave 92.00-92.22% (2026-12-03)."""
     run_id = train_flow("fashion_mnist_fast", ["data.source=idx", f"data.path={shared_data / 'fashion-mnist'}"])
     run = MlflowClient().get_run(run_id)
     assert run.data.params["train.epochs"] == "5" and run.data.tags["split.train_size"] == "50000"
