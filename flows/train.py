@@ -95,14 +95,15 @@ def _metrics(cfg: dict[str, Any]) -> list:
             if one_logit and name == "accuracy" else name for name in cfg["train"]["metrics"]]
 
 
-def _optimizer(cfg: dict[str, Any], train_size: int):
+def _optimizer(cfg: dict[str, Any], split) -> Any:
     """The configured optimizer; schedules that need the training's length (`total_steps`) get it."""
     import inspect
-    import math
+
+    from cnnflow.components.data import steps_per_epoch
 
     extra = {}
     if "total_steps" in inspect.signature(registry.get("optimizer", cfg["optimizer"]["name"])).parameters:
-        extra["total_steps"] = cfg["train"]["epochs"] * math.ceil(train_size / cfg["data"]["batch_size"])
+        extra["total_steps"] = cfg["train"]["epochs"] * steps_per_epoch(cfg["data"], split)
     return registry.build("optimizer", cfg["optimizer"], **extra)
 
 
@@ -114,7 +115,7 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, 
     _prepare_tensorflow(cfg)
     model = registry.build("model", cfg["model"], input_shape=tuple(features["input_shape"]),
                            num_classes=features["num_classes"])
-    model.compile(optimizer=_optimizer(cfg, Split.load(split_path).sizes()["train"]),
+    model.compile(optimizer=_optimizer(cfg, Split.load(split_path)),
                   loss=registry.build("loss", cfg["loss"]), metrics=_metrics(cfg))
     model.optimizer.build(model.trainable_variables)  # so the saved file holds the optimizer's variables
     if cfg["train"]["init_from"]:

@@ -1,3 +1,5 @@
+import types
+
 import pytest
 
 from cnnflow.components import registry
@@ -87,7 +89,8 @@ def test_a_learning_rate_schedule_gets_the_length_of_the_training():
     from cnnflow.flows.train import _optimizer
 
     cfg = compose_config("fashion_mnist_fast")
-    schedule = _optimizer(cfg, train_size=50000)._learning_rate
+    fifty_thousand = types.SimpleNamespace(indices={"train": range(50000)})  # a split's training positions
+    schedule = _optimizer(cfg, fifty_thousand)._learning_rate
     assert schedule.decay_steps == 5 * 391  # 5 epochs of ceil(50000 / 128) batches
     assert float(schedule(0)) == pytest.approx(0.004) and float(schedule(5 * 391)) == pytest.approx(0.0)
     assert compose_config("mnist_fast")["data"]["name"] == "mnist"
