@@ -51,15 +51,17 @@ def killed_mid_epoch(args: list[str], folder: Path, epoch: int) -> str:
     """The command, killed with kill -9 once epoch `epoch` is half done; the progress line it died after."""
     process = started(args, folder)
     halfway = re.compile(rf"epoch {epoch}/\d+\s+(\d+)%")
+    last = ""
     with (folder / "train.log").open("a") as log:
         for line in process.stdout:
             log.write(line)
+            last = line.strip() or last
             found = halfway.search(line)
             if found and int(found.group(1)) >= 50:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 return line.strip()
-    raise SystemExit(f"the training ended before epoch {epoch} was half done; see {folder / 'train.log'}")
+    raise SystemExit(f"the training ended (exit {process.wait()}) before epoch {epoch} was half done: {last}")
 
 
 def result(folder: Path) -> dict:
@@ -69,6 +71,8 @@ def result(folder: Path) -> dict:
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder.resolve() / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string="tags.output_dir != ''")
+    if run.info.status != "FINISHED":
+        return {"run": run.info.run_id, "status": run.info.status}
     curves = {name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
               for name in METRICS}
     weights = keras.models.load_model(Path(run.data.tags["output_dir"]) / "model.keras").get_weights()
@@ -87,11 +91,12 @@ def main() -> None:
     args = parser.parse_args()
     train = command(args.data, args.experiment, args.precision)
     never, stopped = args.folder / f"{args.precision}-never-stopped", args.folder / f"{args.precision}-killed"
-    if not (never / "mlflow.db").exists():
-        finished(train, never)
+    # this script stopped half-way and run again: a started run is resumed by the same command
     if not (stopped / "mlflow.db").exists():
         print("killed after:", killed_mid_epoch(train, stopped, args.kill_in_epoch), flush=True)
-        finished(train, stopped)  # the same command again: it resumes the killed run
+    for folder in (never, stopped):
+        if not (folder / "mlflow.db").exists() or result(folder)["status"] != "FINISHED":
+            finished(train, folder)  # the same command again: it resumes the killed run
     a, b = result(never), result(stopped)
     for name in METRICS:
         print(f"{name:>12}  never stopped {' '.join(f'{v:.6f}' for v in a['curves'][name])}")
