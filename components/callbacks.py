@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TextIO
@@ -153,27 +154,93 @@ KEEP_CHECKPOINTS = 2
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """After every epoch: the model with its optimizer state (`checkpoint-epochNNNN.keras`), then its
-    state file (`checkpoint-epochNNNN.json`: epoch, history), the commit point.
+    state file (`checkpoint-epochNNNN.json`: epoch, history), the commit point. Inside an epoch, every
+    `minutes`: the position (`checkpoint-epochNNNN-batchMMMMMM.npz` and `.json`).
 
     Each file is on disk (fsync of file and folder) before the next step, the state file is written
     atomically, and older checkpoints are deleted only once the new one is complete and its model
     file reads back whole. A training killed at any moment, even by a power cut, loses at most the
-    epoch in progress. An epoch in which `divergence` saw the training diverge is not checkpointed:
-    there is nothing to resume from garbage weights. `on_saved(model file, state)` is told of each
-    complete checkpoint (the flow copies it to the run's artifact store). The state holds what the
-    model file does not: the history, and the position of every random stream in the model
-    (dropout's), so a resumed training draws what the uninterrupted one would have drawn.
+    epoch in progress (or the minutes since its last position). An epoch in which `divergence` saw
+    the training diverge is not checkpointed: there is nothing to resume from garbage weights.
+    `on_saved(model file, state)` is told of each complete epoch checkpoint (the flow copies it to
+    the run's artifact store). The state holds what the model file does not: the history, and the
+    position of every random stream in the model (dropout's), so a resumed training draws what the
+    uninterrupted one would have drawn.
+
+    A position inside an epoch is every variable of the training (weights, optimizer, random
+    streams, the epoch's running metrics) copied in memory between two batches; a thread writes it
+    while training goes on. `resume` = (its .npz, batches done) puts a training back there at the
+    start of its first epoch, when Keras has built the optimizer and metrics and reset the metrics.
     """
 
     def __init__(self, folder, history: dict[str, list[float]] | None = None,
-                 divergence: StopOnDivergence | None = None, on_saved=None):
+                 divergence: StopOnDivergence | None = None, on_saved=None, minutes: float = 0.0,
+                 steps: int = 0, base: str = "", resume: tuple[str, int] | None = None):
         super().__init__()
         self.folder = Path(folder)
         self.history = {name: list(values) for name, values in (history or {}).items()}
         self.divergence = divergence
         self.on_saved = on_saved
+        self.minutes, self.steps, self.base, self.resume = minutes, steps, base, resume
+        self._writing: threading.Thread | None = None
+        self._failed: OSError | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._done, self._taken = epoch, 0, time.monotonic()
+        if self.resume:
+            arrays, self._done = self.resume
+            restore_position(self.model, arrays)
+            self.resume = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._done += 1
+        self._raise_failed_write()
+        if not self.minutes or time.monotonic() - self._taken < 60 * self.minutes or self._done >= self.steps:
+            return  # an epoch's last batch is checkpointed whole at its end
+        if self.divergence and self.divergence.diverged:
+            return
+        self.finish_writing()  # one at a time: a slow disk delays a position, never reorders two
+        self._taken = time.monotonic()
+        state = {"epoch": self._epoch, "batch": self._done, "history": self.history, "random": random_state(self.model),
+                 "file": self.base}
+        snapshot = [np.array(variable) for variable in position_variables(self.model)]
+        self._writing = threading.Thread(target=self._write_position, args=(snapshot, json.loads(json.dumps(state))),
+                                         name="cnnflow-checkpoint")
+        self._writing.start()
+
+    def _write_position(self, snapshot: list[np.ndarray], state: dict) -> None:
+        stem = f"checkpoint-epoch{state['epoch'] + 1:04d}-batch{state['batch']:06d}"
+        try:
+            arrays = self.folder / f"{stem}.npz"
+            with open(arrays.with_name(arrays.name + ".partial"), "wb") as handle:
+                np.savez(handle, *snapshot)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(arrays.with_name(arrays.name + ".partial"), arrays)
+            write_durably(self.folder / f"{stem}.json", json.dumps({**state, "arrays": arrays.name}))
+            _remove_positions(self.folder, keep=stem)
+        except OSError as error:  # said by the training's thread, at its next batch
+            self._failed = error
+
+    def finish_writing(self, quietly: bool = False) -> None:
+        """Wait for the position being written, if any (at an epoch's end, and when training stops);
+        raise its failure unless `quietly` (training has stopped for another reason, which is the one to say)."""
+        if self._writing:
+            self._writing.join()
+            self._writing = None
+        if not quietly:
+            self._raise_failed_write()
+
+    def _raise_failed_write(self) -> None:
+        if self._failed:
+            failed, self._failed = self._failed, None
+            raise failed
+
+    def on_train_end(self, logs=None):
+        self.finish_writing()
 
     def on_epoch_end(self, epoch, logs=None):
+        self.finish_writing()
         logs = logs or {}
         if (self.divergence and self.divergence.diverged) or not all(math.isfinite(float(v)) for v in logs.values()):
             return
@@ -187,6 +254,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if problem:
             raise OSError(f"the checkpoint just written, {self.folder / stem}.keras, does not read back: {problem}")
         write_durably(self.folder / f"{stem}.json", json.dumps({**state, "file": f"{stem}.keras"}))
+        self.base = f"{stem}.keras"
+        _remove_positions(self.folder)  # the complete epoch is further on than any position inside it
         states = _state_files(self.folder)
         for old in states[KEEP_CHECKPOINTS:]:
             old.unlink()
@@ -196,6 +265,41 @@ class EpochCheckpoint(keras.callbacks.Callback):
                 model_file.unlink()
         if self.on_saved:
             self.on_saved(self.folder / f"{stem}.keras", state)
+
+
+def position_variables(model) -> list:
+    """Every variable a training's next step depends on, in a fixed order: the model's (weights and
+    random streams), the optimizer's, and the running metrics of the epoch."""
+    found, seen = [], set()
+    for variable in [*model.variables, *model.optimizer.variables, *model.metrics_variables]:
+        if id(variable) not in seen:
+            seen.add(id(variable))
+            found.append(variable)
+    return found
+
+
+def restore_position(model, arrays: str) -> None:
+    """Assign the values an `EpochCheckpoint` position saved to `model`'s variables."""
+    variables = position_variables(model)
+    with np.load(arrays) as saved:
+        values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
+    shapes = [tuple(variable.shape) for variable in variables]
+    if [value.shape for value in values] != shapes:
+        raise ValueError(f"{arrays} holds {len(values)} arrays that do not fit the model's {len(shapes)} variables")
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+
+
+def _remove_positions(folder: Path, keep: str | None = None) -> None:
+    """Delete the positions inside epochs, but `keep` (a stem): the state file first, so a kill
+    half-way leaves no state file without its arrays."""
+    for state in folder.glob("checkpoint-epoch*-batch*.json"):
+        if state.stem != keep:
+            state.unlink(missing_ok=True)
+            state.with_suffix(".npz").unlink(missing_ok=True)
+    for cut_off in folder.glob("checkpoint-epoch*-batch*.npz.partial"):  # its writer was killed
+        if not keep or not cut_off.name.startswith(keep):
+            cut_off.unlink(missing_ok=True)
 
 
 def random_state(model) -> list[list[int]]:
@@ -268,20 +372,24 @@ def _state_files(folder: Path) -> list[Path]:
 def checkpoints(folder) -> list[tuple[dict | None, str]]:
     """Every checkpoint of a run folder, newest first, as (checkpoint or None, why it is unusable).
 
-    A usable checkpoint is {"epoch": completed epochs, "history": {...}, "path": its model file}.
+    A usable checkpoint is {"epoch": completed epochs, "history": {...}, "path": its model file}; a
+    position inside an epoch also has "batch" (batches done of the next epoch), and its "path" is
+    its arrays (.npz), whose state file names the model file they fill.
     """
     found = []
     for state in _state_files(Path(folder)):
         try:
             checkpoint = json.loads(state.read_text())
             epoch, file, history = int(checkpoint["epoch"]), checkpoint["file"], dict(checkpoint["history"])
+            batch, arrays = int(checkpoint.get("batch", 0)), checkpoint.get("arrays")
         except (OSError, ValueError, KeyError, TypeError) as error:
             found.append((None, f"{state.name} is damaged ({type(error).__name__})"))
             continue
-        problem = _damage(Path(folder) / file)
-        label = f"the checkpoint of epoch {epoch}"
+        problem = _damage(Path(folder) / file) or (arrays and _damage(Path(folder) / arrays))
+        label = f"the checkpoint of epoch {epoch + 1} at step {batch}" if arrays else f"the checkpoint of epoch {epoch}"
+        usable = {"epoch": epoch, "history": history, "path": str(Path(folder) / (arrays or file))}
         found.append((None, f"{label} is unusable: {problem}") if problem else
-                     ({"epoch": epoch, "history": history, "path": str(Path(folder) / file)}, label))
+                     ({**usable, "batch": batch} if arrays else usable, label))
     return found
 
 

@@ -108,6 +108,8 @@ class Train(Section):
     callbacks: dict[str, Component | None] = {}
     checkpoint_every: Annotated[int, Interval(ge=1, le=100000)] = 1
     checkpoint_slots: Annotated[int, Interval(ge=2, le=100)] = 2
+    checkpoint_minutes: Annotated[float, Interval(ge=0, le=10080),
+                                  Field(description="minutes, 0 for epoch ends only, like 10")] = 10
     lease_timeout: Annotated[float, Interval(ge=10, le=86400),
                              Field(description="seconds, at least 10, like 120")] = 120
     outage_timeout: Annotated[float, Interval(ge=5, le=604800),

@@ -142,9 +142,11 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     _prepare_tensorflow(cfg)
     split = Split.load(split_path)
     strategy = runtime.distribution(cfg["runtime"])
-    state = state_of(model_path) if initial_epoch else {}
+    inside_epoch = Path(model_path).suffix == ".npz"  # a position inside an epoch: its arrays fill a model file
+    state = state_of(model_path) if initial_epoch or inside_epoch else {}
+    base = str(Path(model_path).with_name(state["file"])) if inside_epoch else model_path
     with strategy.scope():  # variables and optimizer state live on every replica
-        model = _load_start_model(model_path, initial_epoch)
+        model = _load_start_model(base, initial_epoch)
         restore_random_state(model, state.get("random"))
     store.set_tags(run_id, {"replicas": strategy.num_replicas_in_sync})
     model.jit_compile = cfg["runtime"]["jit_compile"]
@@ -161,7 +163,9 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     writes = lifecycle.writer(run_id)  # metrics and checkpoints go to the store beside the training
     upload = lifecycle.checkpoint_uploader(writes, output, cfg["train"]["checkpoint_every"],
                                            cfg["train"]["checkpoint_slots"], last_epoch=epochs)
-    checkpoint = EpochCheckpoint(output, history, divergence, on_saved=upload)
+    done = state.get("batch", 0)  # batches of epoch initial_epoch + 1 trained before a stop
+    checkpoint = EpochCheckpoint(output, history, divergence, on_saved=upload, minutes=cfg["train"]["checkpoint_minutes"],
+                                 steps=steps, base=Path(base).name, resume=(model_path, done) if inside_epoch else None)
 
     def between_batches(batch, logs):
         interrupts.raise_if_received()
@@ -179,12 +183,23 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     kept = caching.plan(cfg["data"], needs)
     run_logger().info(caching.describe(kept, needs, cfg["data"]))
     store.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
+    # Keras runs every epoch of a fit call for the same steps: the rest of an epoch stopped inside is a call of its own
+    stages = [(initial_epoch, initial_epoch + 1, done), (initial_epoch + 1, epochs, 0)] if done else [(initial_epoch, epochs, 0)]
     with interrupts.noted(), strategy.scope(), outbox.failing_fast():
-        # one pipeline for all epochs, each drawn from (seed, epoch): a resumed training draws what it would have
-        model.fit(make_dataset(cfg["data"], split, "train", cfg["seed"], kept["train"], range(initial_epoch, epochs)),
-                  validation_data=make_dataset(cfg["data"], split, "valid", cfg["seed"], kept["valid"]),
-                  steps_per_epoch=steps, initial_epoch=initial_epoch, epochs=epochs,
-                  callbacks=callbacks, shuffle=False, verbose=0)
+        validation = make_dataset(cfg["data"], split, "valid", cfg["seed"], kept["valid"])
+        if inside_epoch:  # Keras makes the metrics' (and a new optimizer's) variables when it first traces a step; the
+            model._symbolic_build(data_batch=validation.element_spec)  # position fills them before that
+        try:
+            for first, last, skipped in stages:
+                if first >= last or divergence.diverged or model.stop_training:
+                    break
+                # one pipeline for its epochs, each drawn from (seed, epoch): a resumed training draws what it would have
+                model.fit(make_dataset(cfg["data"], split, "train", cfg["seed"], kept["train"], range(first, last),
+                                       skipped),
+                          validation_data=validation, steps_per_epoch=steps - skipped, initial_epoch=first, epochs=last,
+                          callbacks=callbacks, shuffle=False, verbose=0)
+        finally:  # a stop keeps the position being written
+            checkpoint.finish_writing(quietly=True)
         writes.flush()  # what the steps after training read (metrics, the last checkpoint) is in the store
     if divergence.diverged:
         where = divergence.diverged
@@ -443,7 +458,8 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
         return finished
     with lifecycle.claimed_run(cfg, logger) as (run_id, output_dir, checkpoint):
         if checkpoint:
-            logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}; outputs in {output_dir} "
+            inside = f" and {checkpoint['batch']} steps of epoch {checkpoint['epoch'] + 1}" if checkpoint.get("batch") else ""
+            logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}{inside}; outputs in {output_dir} "
                         f"(resume=false starts a new run instead)")
             split_path = str(store.run_file(run_id, output_dir, "split.npz"))
             start_model, initial_epoch = checkpoint["path"], checkpoint["epoch"]

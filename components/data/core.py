@@ -311,7 +311,7 @@ def cache_needs(data: dict[str, Any], split: Split) -> dict[str, caching.Need]:
 
 
 def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache: str | None = None,
-                 epochs: range = range(1)):
+                 epochs: range = range(1), skip: int = 0):
     """A batched, prefetched tf.data pipeline for one role; train-time transforms only for "train".
 
     Encoded images are read and decoded in parallel. Decoded training images (before the random
@@ -319,7 +319,8 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache
     default: as `data.cache` plans it, see caching.py). For "train" the pipeline serves `epochs`
     (counted from 0) one after the other, and what an epoch draws (its order, each example's
     transform seed) depends on the seed and the epoch's number alone: a training resumed or
-    continued at epoch k gets exactly what epoch k of one uninterrupted training got.
+    continued at epoch k gets exactly what epoch k of one uninterrupted training got. `skip`: batches
+    of the first epoch not served (a training resumed inside it), skipped before they are transformed.
     """
     import tensorflow as tf
 
@@ -352,7 +353,8 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache
         if data.get("shuffle_each_epoch"):
             ordered = dataset.shuffle(data["shuffle_each_epoch"], seed=key, reshuffle_each_iteration=False)
         seeds = tf.data.Dataset.range(len(chosen.labels)).map(lambda index: tf.stack([key, index]))
-        augmented = tf.data.Dataset.zip(ordered, seeds).map(
+        first = tf.cast(number == epochs.start, tf.int64)
+        augmented = tf.data.Dataset.zip(ordered, seeds).skip(first * skip * data["batch_size"]).map(
             lambda example, pair: (transform(example[0], pair), example[1]), num_parallel_calls=tf.data.AUTOTUNE)
         return augmented.batch(data["batch_size"])  # per epoch: its last batch is its own remainder
 

@@ -1,6 +1,7 @@
 """Staged training: continue in a new process, resume after kill -9, Ctrl-C, registry alias,
 evaluate and predict. Real processes, a real MLflow store, Prefect's test harness."""
 
+import contextlib
 import json
 import logging
 import os
@@ -114,26 +115,63 @@ def test_stages_add_up_to_one_training_bit_for_bit(prefect_harness, mlflow_store
                                           ("celeba", signal.SIGINT)],
                          ids=["celeba-kill -9", "mnist-Ctrl-C", "mnist-kill -9", "celeba-Ctrl-C"])
 def test_a_training_stopped_and_resumed_ends_as_if_never_stopped(prefect_harness, mlflow_store, tmp_path, recipe, stop):
-    """`cnnflow train` killed (or Ctrl-C'd) after its second epoch, then the same command: the weights and
-    every epoch's metrics of the same training never stopped. Every command runs in a process of its
-    own, as a user runs them: this test's process has trained other models before, and once gave a
-    float32 CelebA run other bits than a fresh process (in CI, after the bfloat16 and search tests)."""
-    overrides = RECIPES[recipe](tmp_path / "data") + ["runtime.precision=float32", "plots=none", "train.epochs=12"]
+    """`cnnflow train` killed (or Ctrl-C'd) inside its third epoch or later, keeping its position every
+    30 ms, then the same command: the weights and every epoch's metrics of the same training never
+    stopped. Every command runs in a process of its own, as a user runs them: this test's process has
+    trained other models before, and once gave a float32 CelebA run other bits than a fresh process
+    (in CI, after the bfloat16 and search tests)."""
+    overrides = RECIPES[recipe](tmp_path / "data") + ["runtime.precision=float32", "plots=none", "train.epochs=12",
+                                                      "train.checkpoint_minutes=0.0005"]
     command = ["train", f"experiment={recipe}", *overrides]
     process = cli(command, start_new_session=True)
-    folder = wait_for_checkpoint(Path(mlflow_store.removeprefix("sqlite:///")).parent, 2, process)
+    folder = wait_for_checkpoint(Path(mlflow_store.removeprefix("sqlite:///")).parent, 2, process, inside=True)
     os.killpg(process.pid, stop)
     process.communicate(timeout=120)
-    assert read_checkpoint(folder)["epoch"] < 12, "the training ended before it was stopped"
+    stopped_at = read_checkpoint(folder)
+    assert stopped_at["epoch"] < 12, "the training ended before it was stopped"
     said = []
     for args in (command, command + ["mlflow_experiment=never-stopped"]):  # the same command again; then unstopped
         finished = cli(args)
         said.append(finished.communicate(timeout=600)[0])
         assert finished.returncode == 0, said[-1]
-    assert f"resuming MLflow run {folder.name} after epoch" in said[0]
+    inside = f" and {stopped_at['batch']} steps of epoch" if stopped_at.get("batch") else ";"  # a stop may fall on an epoch's end
+    assert f"resuming MLflow run {folder.name} after epoch {stopped_at['epoch']}{inside}" in said[0]
     [never_stopped] = MlflowClient().search_runs([mlflow.get_experiment_by_name("never-stopped").experiment_id])
     assert MlflowClient().get_run(folder.name).info.status == "FINISHED" and steps(folder.name) == list(range(1, 13))
     assert trained(folder.name) == trained(never_stopped.info.run_id)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_training_stopped_inside_an_epoch_goes_on_from_that_step_bit_for_bit(prefect_harness, mlflow_store, tmp_path,
+                                                                             recipe, monkeypatch, caplog):
+    """A position taken after every step (train.checkpoint_minutes near 0); the training stops after step 2
+    of epoch 2 of 2; the same command again goes on at step 3 and ends with the weights and every epoch's
+    metrics of the same training never stopped and never checkpointed inside an epoch."""
+    from cnnflow.flows import interrupts
+
+    overrides = RECIPES[recipe](tmp_path / "data") + ["runtime.precision=float32", "plots=none", "train.epochs=2"]
+    never_stopped = trained(train_flow(recipe, overrides + ["train.checkpoint_minutes=0", "mlflow_experiment=plain"]))
+    checks, check = [], interrupts.raise_if_received
+
+    def power_cut_after_step_6():  # called after every step, once its position is taken
+        checks.append(1)
+        if len(checks) == 4 + 2:
+            raise RuntimeError("power cut")
+        check()
+
+    overrides.append("train.checkpoint_minutes=0.000001")
+    monkeypatch.setattr(interrupts, "raise_if_received", power_cut_after_step_6)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_flow(recipe, overrides)
+    monkeypatch.setattr(interrupts, "raise_if_received", check)
+    [stopped] = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe).experiment_id])
+    assert read_checkpoint(output_of(stopped.info.run_id))["batch"] == 2
+    with caplog.at_level(logging.INFO):
+        assert train_flow(recipe, overrides) == stopped.info.run_id
+    assert f"resuming MLflow run {stopped.info.run_id} after epoch 1 and 2 steps of epoch 2" in caplog.text
+    assert trained(stopped.info.run_id) == never_stopped
+    assert sorted(path.name for path in output_of(stopped.info.run_id).glob("checkpoint-*")) == [
+        "checkpoint-epoch0001.json", "checkpoint-epoch0001.keras", "checkpoint-epoch0002.json", "checkpoint-epoch0002.keras"]
 
 
 def test_continuing_a_schedule_fixed_to_the_first_stage_says_what_the_new_epochs_get(prefect_harness, mlflow_store,
@@ -169,13 +207,16 @@ def test_a_run_going_on_in_another_environment_trains_on_and_says_what_differs(p
     assert steps(run_id) == [1, 2, 3]
 
 
-def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen) -> Path:
+def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen, inside: bool = False) -> Path:
+    """The run folder, once it has the checkpoint of `epochs` epochs (`inside`: a position inside a later epoch)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
         for state in store.glob("outputs/*/*/checkpoint-epoch*.json"):
-            if json.loads(state.read_text())["epoch"] >= epochs:
-                return state.parent
+            with contextlib.suppress(OSError, ValueError):  # replaced while read
+                checkpoint = json.loads(state.read_text())
+                if checkpoint["epoch"] >= epochs and (not inside or "batch" in checkpoint):
+                    return state.parent
         time.sleep(0.2)
     raise AssertionError("no checkpoint in time")
 
