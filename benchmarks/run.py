@@ -20,7 +20,9 @@ what cnnflow adds. The table shows training images/s (median of the epochs after
 caches are warm; the first epoch separately), the epoch time as median (min-max), the throughput
 ratio to the plain script as a median with its range over the epochs paired in alternation, the
 achieved FLOP/s as a fraction of this machine's fp32 matmul peak measured in this run, and seconds
-from process start to the first training step. The defaults (3 repeats x 3 epochs) give 6 later
+from process start to the first training step, and the CPU seconds of an epoch (all threads), which a
+shared CPU quota does not blur as it blurs wall time. `--checkpoint-minutes M` adds a float32 row
+keeping its position inside epochs every M minutes (train.checkpoint_minutes). The defaults (3 repeats x 3 epochs) give 6 later
 epochs per side; the whole run takes about 45 minutes here (mnist ~12, celeba ~27 with generating
 the faces, fast ~6).
 Results also go to benchmarks/results/run.json. These 2-core machines are noisy: only ratios
@@ -112,17 +114,23 @@ def cnnflow_train(overrides: list[str], workdir: Path, env: dict[str, str] | Non
 def cnnflow(workload: Workload, epochs: int, workdir: Path, extra: list[str] = ()) -> dict:
     started = time.time()
     client, run = cnnflow_train([*workload.overrides, *extra, f"train.epochs={epochs}", "plots=none"], workdir)
-    history = sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"), key=lambda m: m.step)
-    return {"epoch_seconds": [m.value for m in history], "startup_seconds": run.data.metrics["startup_seconds"],
-            "wall_seconds": time.time() - started, "precision": run.data.tags["precision"]}
+    def per_epoch(metric):
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)]
+
+    return {"epoch_seconds": per_epoch("epoch_seconds"), "epoch_cpu_seconds": per_epoch("epoch_cpu_seconds"),
+            "startup_seconds": run.data.metrics["startup_seconds"], "wall_seconds": time.time() - started,
+            "precision": run.data.tags["precision"]}
 
 
 def summarize(workload: Workload, results: list[dict], peak: float, plain_results: list[dict]) -> dict:
     epochs = [s for r in results for s in r["epoch_seconds"][1:]]
     later = statistics.median(epochs)
     # epoch k of repeat r against the plain script's epoch k of repeat r: they ran next to each other
-    paired = [p / s for mine, theirs in zip(results, plain_results)
-              for s, p in zip(mine["epoch_seconds"][1:], theirs["epoch_seconds"][1:])]
+    def paired(seconds: str) -> list[float]:
+        return [p / s for mine, theirs in zip(results, plain_results)
+                for s, p in zip(mine[seconds][1:], theirs[seconds][1:])]
+
+    cpu = [s for r in results for s in r["epoch_cpu_seconds"][1:]]
     return {
         "precision": results[0].get("precision", "float32"),
         "images_per_s": (workload.train_images + workload.valid_images) / later,
@@ -131,7 +139,11 @@ def summarize(workload: Workload, results: list[dict], peak: float, plain_result
         "later_epoch_range": [min(epochs), max(epochs)],
         "later_epochs": len(epochs),
         "ratio": statistics.median(p for r in plain_results for p in r["epoch_seconds"][1:]) / later,
-        "ratio_range": [min(paired), max(paired)],
+        "ratio_range": [min(paired("epoch_seconds")), max(paired("epoch_seconds"))],
+        "paired_ratio": statistics.median(paired("epoch_seconds")),
+        "later_epoch_cpu_seconds": statistics.median(cpu),
+        "cpu_ratio": statistics.median(paired("epoch_cpu_seconds")),  # the plain script's CPU seconds / this row's
+        "cpu_ratio_range": [min(paired("epoch_cpu_seconds")), max(paired("epoch_cpu_seconds"))],
         # Validation images cost a forward pass only; count FLOPs of the training images.
         "peak_fraction": workload.flops_per_train_image * workload.train_images / later / peak,
         "startup_seconds": statistics.median(r["startup_seconds"] for r in results),
@@ -165,9 +177,10 @@ def print_table(summary: dict, peak: float, args) -> None:
     print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s; {args.repeats} alternating repeats x {args.epochs} "
           f"epochs; images/s = (train + valid) images / median epoch after the first")
     print(f"{'workload':<9}{'':<30}{'images/s':>9}{'ratio (range)':>18}{'of peak':>9}{'1st epoch':>11}"
-          f"{'later epochs: median (min-max), n':>36}{'start->1st step':>17}")
+          f"{'later epochs: median (min-max), n':>36}{'start->1st step':>17}{'CPU s/epoch (ratio)':>22}")
     print("  (ratio: the plain script's median later epoch / this row's, range over the epochs paired in "
-          "alternation; over 1 is faster)")
+          "alternation; over 1 is faster. CPU: median CPU seconds of all threads per later epoch, and the paired "
+          "median of the plain script's / this row's)")
     for name, sides in summary.items():
         for side, s in sides.items():
             label = f"{side} ({s['precision']})" if side != "plain" else "plain Keras (float32)"
@@ -177,7 +190,8 @@ def print_table(summary: dict, peak: float, args) -> None:
             later = f"{s['later_epoch_seconds']:.1f} s ({lo:.1f}-{hi:.1f}), {s['later_epochs']}"
             print(f"{name if side == 'plain' else '':<9}{label:<30}{s['images_per_s']:>9.0f}{shown:>18}"
                   f"{s['peak_fraction']:>9.1%}{s['first_epoch_seconds']:>10.1f}s{later:>36}"
-                  f"{s['startup_seconds']:>16.1f}s")
+                  f"{s['startup_seconds']:>16.1f}s"
+                  f"{s['later_epoch_cpu_seconds']:>14.1f}" + (f" ({s['cpu_ratio']:.2f})" if side != "plain" else ""))
 
 
 def main() -> None:
@@ -189,6 +203,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fast recipe seeds")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "run.json")
+    parser.add_argument("--checkpoint-minutes", type=float, help="also run cnnflow in float32 keeping its position "
+                        "inside epochs this often (train.checkpoint_minutes), to measure what that costs")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be 2 or more: the first epoch (tracing, filling caches) is reported apart")
@@ -205,7 +221,10 @@ def main() -> None:
         if "celeba" in args.workloads:
             workloads.append(celeba_workload((args.celeba or generated_celeba(workdir / "celeba")).resolve()))
         for workload in workloads:
-            variants = workload.variants or {"cnnflow": []}
+            variants = dict(workload.variants or {"cnnflow": []})
+            if args.checkpoint_minutes:
+                variants["cnnflow positions"] = [*variants.get("cnnflow", []),
+                                                 f"train.checkpoint_minutes={args.checkpoint_minutes}"]
             runs[workload.name] = {"plain": [], **{label: [] for label in variants}}
             for repeat in range(args.repeats):  # alternate, so drifts of the machine hit all alike
                 runs[workload.name]["plain"].append(plain(workload, args.epochs))

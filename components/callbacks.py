@@ -71,7 +71,8 @@ class EpochProgress(keras.callbacks.Callback):
 
 
 class EpochMetrics(keras.callbacks.Callback):
-    """Hands every epoch's metrics (and its duration) to `log(metrics, step)`, step = epoch number
+    """Hands every epoch's metrics (and its duration, and the CPU seconds of all the process's threads,
+    which a shared CPU quota does not blur) to `log(metrics, step)`, step = epoch number
     from 1; once, before the first step, the seconds from the process start (start-up cost). The
     flow's `log` queues them for the MLflow run without waiting on the store."""
 
@@ -88,10 +89,11 @@ class EpochMetrics(keras.callbacks.Callback):
             self.log({"startup_seconds": time.time() - psutil.Process().create_time()}, 0)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.perf_counter()
+        self._started, self._cpu_started = time.perf_counter(), time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.log(dict(logs or {}, epoch_seconds=time.perf_counter() - self._started), epoch + 1)
+        self.log(dict(logs or {}, epoch_seconds=time.perf_counter() - self._started,
+                      epoch_cpu_seconds=time.process_time() - self._cpu_started), epoch + 1)
 
 
 def backfill_metrics(run_id: str, history: dict[str, list[float]]) -> int:
@@ -175,18 +177,22 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, folder, history: dict[str, list[float]] | None = None,
                  divergence: StopOnDivergence | None = None, on_saved=None, minutes: float = 0.0,
-                 steps: int = 0, base: str = "", resume: tuple[str, int] | None = None):
+                 steps: int = 0, base: str = "", resume: tuple[str, int] | None = None, log=None):
+        """`log(metrics, step)` gets, for each epoch with positions, what they cost: `positions`,
+        `position_seconds` (what training waited for: the copy in memory, a write still in progress)
+        and `position_write_cpu_seconds` (the writing thread's CPU time)."""
         super().__init__()
         self.folder = Path(folder)
         self.history = {name: list(values) for name, values in (history or {}).items()}
         self.divergence = divergence
         self.on_saved = on_saved
-        self.minutes, self.steps, self.base, self.resume = minutes, steps, base, resume
+        self.minutes, self.steps, self.base, self.resume, self.log = minutes, steps, base, resume, log
         self._writing: threading.Thread | None = None
         self._failed: OSError | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._done, self._taken = epoch, 0, time.monotonic()
+        self._cost = {"positions": 0, "position_seconds": 0.0, "position_write_cpu_seconds": 0.0}
         if self.resume:
             arrays, self._done = self.resume
             restore_position(self.model, arrays)
@@ -199,6 +205,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return  # an epoch's last batch is checkpointed whole at its end
         if self.divergence and self.divergence.diverged:
             return
+        started = time.perf_counter()
         self.finish_writing()  # one at a time: a slow disk delays a position, never reorders two
         self._taken = time.monotonic()
         state = {"epoch": self._epoch, "batch": self._done, "history": self.history, "random": random_state(self.model),
@@ -207,9 +214,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self._writing = threading.Thread(target=self._write_position, args=(snapshot, json.loads(json.dumps(state))),
                                          name="cnnflow-checkpoint")
         self._writing.start()
+        self._cost["positions"] += 1
+        self._cost["position_seconds"] += time.perf_counter() - started
 
     def _write_position(self, snapshot: list[np.ndarray], state: dict) -> None:
         stem = f"checkpoint-epoch{state['epoch'] + 1:04d}-batch{state['batch']:06d}"
+        started = time.thread_time()
         try:
             arrays = self.folder / f"{stem}.npz"
             with open(arrays.with_name(arrays.name + ".partial"), "wb") as handle:
@@ -221,6 +231,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             _remove_positions(self.folder, keep=stem)
         except OSError as error:  # said by the training's thread, at its next batch
             self._failed = error
+        self._cost["position_write_cpu_seconds"] += time.thread_time() - started  # read once the thread is joined
 
     def finish_writing(self, quietly: bool = False) -> None:
         """Wait for the position being written, if any (at an epoch's end, and when training stops);
@@ -241,6 +252,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.finish_writing()
+        if self.log and self._cost["positions"]:
+            self.log(self._cost, epoch + 1)
         logs = logs or {}
         if (self.divergence and self.divergence.diverged) or not all(math.isfinite(float(v)) for v in logs.values()):
             return

@@ -32,6 +32,7 @@ def test_plain_celeba_script_trains_on_the_images_and_labels_cnnflow_reads(tmp_p
                           "--valid-size", "16", "--epochs", "2"], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(result["epoch_seconds"]) == 2 and all(s > 0 for s in result["epoch_seconds"])
+    assert len(result["epoch_cpu_seconds"]) == 2 and all(s > 0 for s in result["epoch_cpu_seconds"])
     assert result["startup_seconds"] > 0
 
 
@@ -67,7 +68,7 @@ def test_plain_mnist_script_reports_test_accuracy_in_its_test_mode(tmp_path):
     out = subprocess.run([sys.executable, str(BENCHMARKS / "plain_mnist.py"), str(folder), "--train-size", "200",
                           "--valid-size", "100", "--epochs", "2", "--test"], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(result["epoch_seconds"]) == 2
+    assert len(result["epoch_seconds"]) == 2 and len(result["epoch_cpu_seconds"]) == 2
     assert result["test_accuracy"] >= 0.9  # the generated digits are learnt in two epochs, as in cnnflow's tests
 
 

@@ -170,6 +170,9 @@ def test_a_training_stopped_inside_an_epoch_goes_on_from_that_step_bit_for_bit(p
         assert train_flow(recipe, overrides) == stopped.info.run_id
     assert f"resuming MLflow run {stopped.info.run_id} after epoch 1 and 2 steps of epoch 2" in caplog.text
     assert trained(stopped.info.run_id) == never_stopped
+    positions, waited = ({m.step: m.value for m in MlflowClient().get_metric_history(stopped.info.run_id, name)}
+                         for name in ("positions", "position_seconds"))
+    assert positions[2] == 1 and waited[2] > 0  # the resumed epoch 2 kept its position once more, after step 3 of 4
     assert sorted(path.name for path in output_of(stopped.info.run_id).glob("checkpoint-*")) == [
         "checkpoint-epoch0001.json", "checkpoint-epoch0001.keras", "checkpoint-epoch0002.json", "checkpoint-epoch0002.keras"]
 
