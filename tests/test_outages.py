@@ -106,6 +106,7 @@ def _finish(process: subprocess.Popen, timeout: float) -> str:
         kill_tree(process.pid)
 
 
+@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_tracking_server_down_for_half_a_minute_is_ridden_out(tracking_server, tmp_path, idx_folder):
     epochs = 60
     process = _train_against(tmp_path / "user", tracking_server,
@@ -172,6 +173,7 @@ def _trials_in(server: TrackingServer, folder: Path) -> tuple[list[str], list]:
                                       filter_string="tags.search = 'outage'")
 
 
+@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_search_waits_out_a_tracking_server_outage_between_trials(tracking_server, tmp_path, idx_folder):
     process = _search(tmp_path, tracking_server, idx_folder)
     out = _wait_for_line(process, "search: trial 0 (")  # trial 0 starts ...
@@ -193,6 +195,7 @@ def test_a_search_waits_out_a_tracking_server_outage_between_trials(tracking_ser
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))
 
 
+@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_search_outage_past_its_bound_ends_in_one_line_and_the_same_command_continues(tracking_server, tmp_path,
                                                                                         idx_folder):
     process = _search(tmp_path, tracking_server, idx_folder, "train.outage_timeout=5")
@@ -274,6 +277,7 @@ def test_a_prefect_server_down_mid_training_is_ridden_out(prefect_server, tmp_pa
     assert prefect_server.flow_run_states().count("COMPLETED") == before + 1  # the flow run's end reached Prefect
 
 
+@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_prefect_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(prefect_server, tmp_path,
                                                                                         idx_folder):
     overrides = tiny_overrides(idx_folder, epochs=6) + ["plots=none", "train.outage_timeout=5"]
