@@ -3,11 +3,13 @@
 
     python benchmarks/resume.py --data ../shared/data/mnist-test
     python benchmarks/resume.py --data ../shared/data/mnist-test --precision auto    # bfloat16 here
+    python benchmarks/resume.py --data ../shared/data/mnist-test --checkpoint-minutes 0.05  # positions every 3 s
 
 Runs `cnnflow train experiment=mnist_small data.path=DATA runtime.precision=P` three times, each
 folder with its own MLflow store: once to the end; once killed with kill -9 when the progress line
 of epoch 2 shows half its steps done; then the same command again, which resumes the killed run
-from its last checkpoint. Prints every epoch's metrics of both, the test accuracy, a hash of the
+from its last checkpoint (with --checkpoint-minutes, a position inside epoch 2). Prints where it
+resumed, every epoch's metrics of both, the test accuracy, a hash of the
 final weights, and whether all of it is equal; JSON to benchmarks/results/.
 """
 
@@ -88,9 +90,14 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", help="float32 | auto | mixed_bfloat16")
     parser.add_argument("--kill-in-epoch", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=Path("runs/resume"))
+    parser.add_argument("--checkpoint-minutes", type=float, help="train.checkpoint_minutes (default: the recipe's, 10)")
     args = parser.parse_args()
     train = command(args.data, args.experiment, args.precision)
-    never, stopped = args.folder / f"{args.precision}-never-stopped", args.folder / f"{args.precision}-killed"
+    label = args.precision
+    if args.checkpoint_minutes is not None:
+        train.append(f"train.checkpoint_minutes={args.checkpoint_minutes:g}")
+        label += f"-positions-{args.checkpoint_minutes:g}"
+    never, stopped = args.folder / f"{label}-never-stopped", args.folder / f"{label}-killed"
     # this script stopped half-way and run again: a started run is resumed by the same command
     if not (stopped / "mlflow.db").exists():
         print("killed after:", killed_mid_epoch(train, stopped, args.kill_in_epoch), flush=True)
@@ -98,6 +105,8 @@ def main() -> None:
         if not (folder / "mlflow.db").exists() or result(folder)["status"] != "FINISHED":
             finished(train, folder)  # the same command again: it resumes the killed run
     a, b = result(never), result(stopped)
+    print(next((line[line.index("resuming"):].split(";")[0] for line in (stopped / "train.log").read_text().splitlines()
+                if "resuming MLflow run" in line), "the killed run was not resumed"))
     for name in METRICS:
         print(f"{name:>12}  never stopped {' '.join(f'{v:.6f}' for v in a['curves'][name])}")
         print(f"{'':>12}  killed, resumed {' '.join(f'{v:.6f}' for v in b['curves'][name])}")
@@ -105,7 +114,7 @@ def main() -> None:
           f"{b['test_loss']:.6f}; weights {a['weights_sha256'][:16]} / {b['weights_sha256'][:16]}")
     same = all(a[key] == b[key] for key in ("curves", "weights_sha256", "test_accuracy", "test_loss"))
     print("equal to the last bit" if same else "NOT equal")
-    out = Path(__file__).parent / "results" / f"resume-{args.precision}-{date.today()}.json"
+    out = Path(__file__).parent / "results" / f"resume-{label}-{date.today()}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(train[2:]), "never_stopped": a, "killed_and_resumed": b,
                                "equal": same}, indent=1))

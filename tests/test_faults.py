@@ -88,6 +88,7 @@ BAD_SETTINGS = [
     ("train.max_loss_factor=0.5", "train.max_loss_factor=0.5: should be greater than 1"),
     ("train.checkpoint_every=0", "train.checkpoint_every=0: should be greater than or equal to 1"),
     ("train.checkpoint_slots=1", "train.checkpoint_slots=1: should be greater than or equal to 2"),
+    ("train.checkpoint_minutes=-1", "train.checkpoint_minutes=-1: should be minutes, 0 for epoch ends only, like 10"),
     ("train.lease_timeout=5", "train.lease_timeout=5: should be seconds, at least 10, like 120"),
     ("train.outage_timeout=1", "train.outage_timeout=1: should be seconds, at least 5, like 600"),
     ("jobs.crash_after=30", "jobs.crash_after=30: should be seconds, at least 60, like 300"),
