@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, Callable, TextIO
 
 import keras
 import numpy as np
@@ -221,13 +221,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         stem = f"checkpoint-epoch{state['epoch'] + 1:04d}-batch{state['batch']:06d}"
         started = time.thread_time()
         try:
-            arrays = self.folder / f"{stem}.npz"
-            with open(arrays.with_name(arrays.name + ".partial"), "wb") as handle:
-                np.savez(handle, *snapshot)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(arrays.with_name(arrays.name + ".partial"), arrays)
-            write_durably(self.folder / f"{stem}.json", json.dumps({**state, "arrays": arrays.name}))
+            write_durably(self.folder / f"{stem}.npz", lambda handle: np.savez(handle, *snapshot))
+            write_durably(self.folder / f"{stem}.json", json.dumps({**state, "arrays": f"{stem}.npz"}))
             _remove_positions(self.folder, keep=stem)
         except OSError as error:  # said by the training's thread, at its next batch
             self._failed = error
@@ -342,11 +337,15 @@ def _model_file_of(state: Path) -> str | None:
         return None
 
 
-def write_durably(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically, and make both file and folder entry survive a power cut."""
+def write_durably(path: Path, content: str | bytes | Callable[[BinaryIO], None]) -> None:
+    """Replace `path` with `content` (text, bytes, or what a function writes to the open file)
+    atomically, and make both file and folder entry survive a power cut."""
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as handle:
-        handle.write(text)
+    with open(partial, "wb") as handle:
+        if callable(content):
+            content(handle)
+        else:
+            handle.write(content.encode() if isinstance(content, str) else content)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)

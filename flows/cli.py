@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:
         if _is_interruption(error):
             print(f"cnnflow: {'interrupted' if exit_code(error) == 130 else 'terminated'} (a training keeps its last "
-                  f"completed epoch: the same command resumes it)", file=sys.stderr)
+                  f"checkpoint: the same command resumes it)", file=sys.stderr)
             return exit_code(error)
         from cnnflow.flows.engine import prefect_outage_raised
 
