@@ -164,8 +164,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
     file reads back whole. A training killed at any moment, even by a power cut, loses at most the
     epoch in progress (or the minutes since its last position). An epoch in which `divergence` saw
     the training diverge is not checkpointed: there is nothing to resume from garbage weights.
-    `on_saved(model file, state)` is told of each complete epoch checkpoint (the flow copies it to
-    the run's artifact store). The state holds what the model file does not: the history, and the
+    `on_saved(model file, state)` is told of each complete epoch checkpoint, `on_position(arrays,
+    state)` of each complete position (the flow copies both to the run's artifact store). The state holds what the model file does not: the history, and the
     position of every random stream in the model (dropout's), so a resumed training draws what the
     uninterrupted one would have drawn.
 
@@ -177,7 +177,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, folder, history: dict[str, list[float]] | None = None,
                  divergence: StopOnDivergence | None = None, on_saved=None, minutes: float = 0.0,
-                 steps: int = 0, base: str = "", resume: tuple[str, int] | None = None, log=None):
+                 steps: int = 0, base: str = "", resume: tuple[str, int] | None = None, log=None, on_position=None):
         """`log(metrics, step)` gets, for each epoch with positions, what they cost: `positions`,
         `position_seconds` (what training waited for: the copy in memory, a write still in progress)
         and `position_write_cpu_seconds` (the writing thread's CPU time)."""
@@ -187,6 +187,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.divergence = divergence
         self.on_saved = on_saved
         self.minutes, self.steps, self.base, self.resume, self.log = minutes, steps, base, resume, log
+        self.on_position = on_position
         self._writing: threading.Thread | None = None
         self._failed: OSError | None = None
 
@@ -224,6 +225,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             write_durably(self.folder / f"{stem}.npz", lambda handle: np.savez(handle, *snapshot))
             write_durably(self.folder / f"{stem}.json", json.dumps({**state, "arrays": f"{stem}.npz"}))
             _remove_positions(self.folder, keep=stem)
+            if self.on_position:
+                self.on_position(self.folder / f"{stem}.npz", state)
         except OSError as error:  # said by the training's thread, at its next batch
             self._failed = error
         self._cost["position_write_cpu_seconds"] += time.thread_time() - started  # read once the thread is joined

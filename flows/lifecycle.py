@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import json
 import os
@@ -233,14 +234,7 @@ def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, la
         if epoch % every and epoch != last_epoch:
             return
         started = time.perf_counter()
-        staged = Path(folder) / ".upload" / f"epoch{epoch:04d}"
-        staged.mkdir(parents=True, exist_ok=True)
-        # a crash can leave this epoch staged: a link to the file a resumed training rewrites in place
-        (staged / "model.keras").unlink(missing_ok=True)
-        try:
-            os.link(model_file, staged / "model.keras")  # the local checkpoint may be pruned before the upload
-        except OSError:
-            shutil.copyfile(model_file, staged / "model.keras")
+        staged = _staged(folder, f"epoch{epoch:04d}", {"model.keras": model_file})
         (staged / "state.json").write_text(json.dumps({**state, "sha256": sha256_of(staged / "model.keras")}))
         staging_seconds = time.perf_counter() - started
 
@@ -264,6 +258,66 @@ def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, la
     return submit
 
 
+def position_uploader(outbox: Outbox, folder: Path):
+    """What EpochCheckpoint calls with each complete position inside an epoch: its arrays and the model
+    file they fill go to artifact slot position-0 or position-1 in turn, so one slot is always whole
+    while the other is written, and the state file (with both files' sha256) commits it. The model
+    file changes once an epoch: a slot that holds it already is not sent it again."""
+    turns, held, digests = itertools.count(), {}, {}  # slot -> sha256 of its model file; file -> sha256
+
+    def digest_of(path: Path) -> str:
+        identity = (path.name, path.stat().st_mtime_ns, path.stat().st_size)
+        if identity not in digests:
+            digests[identity] = sha256_of(path)
+        return digests[identity]
+
+    def submit(arrays: Path, state: dict) -> None:
+        epoch, batch = state["epoch"], state["batch"]
+        model = Path(folder) / state["file"]
+        staged = _staged(folder, f"epoch{epoch + 1:04d}-batch{batch:06d}", {"model.keras": model, "position.npz": arrays})
+        committed = {"epoch": epoch, "batch": batch, "history": state["history"], "random": state["random"],
+                     "sha256": digest_of(model), "arrays_sha256": sha256_of(staged / "position.npz")}
+        (staged / "state.json").write_text(json.dumps(committed))
+        slot = f"{CHECKPOINTS}/position-{next(turns) % 2}"
+
+        def send(confirm) -> None:
+            from mlflow import MlflowClient
+
+            client, began, cpu_began = MlflowClient(), time.perf_counter(), time.thread_time()
+            if held.get(slot) != committed["sha256"]:
+                held.pop(slot, None)
+                client.log_artifact(outbox.run_id, str(staged / "model.keras"), slot)
+                held[slot] = committed["sha256"]
+            client.log_artifact(outbox.run_id, str(staged / "position.npz"), slot)
+            confirm()  # the state file commits the slot: never from a displaced holder
+            client.log_artifact(outbox.run_id, str(staged / "state.json"), slot)
+            # what it costs beside the training: one value per position, at the step of its epoch
+            log_metrics(outbox.run_id, {"position_upload_seconds": time.perf_counter() - began,
+                                        "position_upload_cpu_seconds": time.thread_time() - cpu_began}, step=epoch + 1)
+            shutil.rmtree(staged, ignore_errors=True)
+
+        # a newer position or epoch checkpoint makes this one moot while it waits: kind "checkpoint"
+        outbox.put(Write(f"position at step {batch} of epoch {epoch + 1}", send, kind="checkpoint", epoch=epoch,
+                         discard=lambda: shutil.rmtree(staged, ignore_errors=True)))
+
+    return submit
+
+
+def _staged(folder: Path, name: str, files: dict[str, Path]) -> Path:
+    """A folder of links to `files` (under their artifact names) that an upload sends from: the local
+    checkpoint may be pruned or replaced before the upload."""
+    staged = Path(folder) / ".upload" / name
+    staged.mkdir(parents=True, exist_ok=True)
+    for artifact, source in files.items():
+        # a crash can leave it staged: a link to a file a resumed training rewrites in place
+        (staged / artifact).unlink(missing_ok=True)
+        try:
+            os.link(source, staged / artifact)
+        except OSError:
+            shutil.copyfile(source, staged / artifact)
+    return staged
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -273,7 +327,8 @@ def sha256_of(path: Path) -> str:
 
 
 def _stored_states(run_id: str) -> list[tuple[dict, str]]:
-    """The state files of the run's artifact slots that read, newest epoch first, with their slot."""
+    """The state files of the run's artifact slots that read, newest (epoch, step) first, with their
+    slot: an epoch's checkpoint has step 0, a position inside the next epoch its steps done."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -285,34 +340,50 @@ def _stored_states(run_id: str) -> list[tuple[dict, str]]:
     for slot in slots:
         try:
             state = mlflow.artifacts.load_dict(f"runs:/{run_id}/{slot}/state.json")
-            states.append(({"epoch": int(state["epoch"]), "history": dict(state["history"]), "sha256": state["sha256"],
-                            "random": state.get("random")}, slot))
+            states.append(({"epoch": int(state["epoch"]), "batch": int(state.get("batch", 0)),
+                            "history": dict(state["history"]), "sha256": state["sha256"],
+                            "arrays_sha256": state.get("arrays_sha256"), "random": state.get("random")}, slot))
         except (MlflowException, OSError, ValueError, KeyError, TypeError):
             continue
-    return sorted(states, key=lambda found: found[0]["epoch"], reverse=True)
+    return sorted(states, key=lambda found: _place(found[0]), reverse=True)
+
+
+def _place(checkpoint: dict) -> tuple[int, int]:
+    """How far a checkpoint is: (completed epochs, steps of the next)."""
+    return checkpoint["epoch"], checkpoint.get("batch", 0)
 
 
 def _fetched(run_id: str, state: dict, slot: str, folder: Path) -> dict | None:
     """The slot's checkpoint, downloaded into `folder` under the local names (so the local code reads
-    it as its own), or None when its model does not match its state file."""
+    it as its own), or None when a file does not match its state file. A position's model file is
+    the one its arrays fill."""
     import mlflow
 
     from cnnflow.components.callbacks import write_durably
 
-    stem = f"checkpoint-epoch{state['epoch']:04d}"
+    epoch, batch = _place(state)
+    stem = f"checkpoint-epoch{epoch + 1:04d}-batch{batch:06d}" if batch else f"checkpoint-epoch{epoch:04d}"
+    local = {"model.keras": (f"checkpoint-epoch{epoch:04d}-base.keras" if batch else f"{stem}.keras", state["sha256"])}
+    if batch:
+        local["position.npz"] = (f"{stem}.npz", state["arrays_sha256"])
     download = folder / ".download"
     shutil.rmtree(download, ignore_errors=True)
     try:
-        fetched = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{slot}/model.keras",
-                                                           dst_path=str(download)))
-        if sha256_of(fetched) != state["sha256"]:
+        fetched = {artifact: Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{slot}/{artifact}",
+                                                                      dst_path=str(download))) for artifact in local}
+        if any(sha256_of(fetched[artifact]) != digest for artifact, (_, digest) in local.items()):
             return None
-        os.replace(fetched, folder / f"{stem}.keras")
+        for artifact, (name, _) in local.items():
+            os.replace(fetched[artifact], folder / name)
     finally:
         shutil.rmtree(download, ignore_errors=True)
-    write_durably(folder / f"{stem}.json", json.dumps({"epoch": state["epoch"], "file": f"{stem}.keras",
-                                                       "history": state["history"], "random": state["random"]}))
-    return {"epoch": state["epoch"], "history": state["history"], "path": str(folder / f"{stem}.keras")}
+    model = local["model.keras"][0]
+    kept = {"epoch": epoch, "file": model, "history": state["history"], "random": state["random"]}
+    if batch:
+        kept.update(batch=batch, arrays=f"{stem}.npz")
+    write_durably(folder / f"{stem}.json", json.dumps(kept))
+    checkpoint = {"epoch": epoch, "history": state["history"], "path": str(folder / (kept.get("arrays") or model))}
+    return {**checkpoint, "batch": batch} if batch else checkpoint
 
 
 def newest_checkpoint(run_id: str, folder: Path, logger) -> tuple[dict | None, list[str]]:
@@ -327,9 +398,10 @@ def newest_checkpoint(run_id: str, folder: Path, logger) -> tuple[dict | None, l
             break
         skipped.append(why)
     for state, slot in _stored_states(run_id):
-        if here and state["epoch"] <= here[0]["epoch"]:
+        if here and _place(state) <= _place(here[0]):
             break
-        stored = f"the checkpoint of epoch {state['epoch']} in the artifact store"
+        inside = f" at step {state['batch']}" if state["batch"] else ""
+        stored = f"the checkpoint of epoch {state['epoch'] + bool(inside)}{inside} in the artifact store"
         checkpoint = _fetched(run_id, state, slot, folder)
         if checkpoint:
             here = checkpoint, stored

@@ -166,7 +166,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     done = state.get("batch", 0)  # batches of epoch initial_epoch + 1 trained before a stop
     checkpoint = EpochCheckpoint(output, history, divergence, on_saved=upload, minutes=cfg["train"]["checkpoint_minutes"],
                                  steps=steps, base=Path(base).name, resume=(model_path, done) if inside_epoch else None,
-                                 log=writes.metrics)
+                                 log=writes.metrics, on_position=lifecycle.position_uploader(writes, output))
 
     def between_batches(batch, logs):
         interrupts.raise_if_received()

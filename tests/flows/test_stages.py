@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,12 +142,15 @@ def test_a_training_stopped_and_resumed_ends_as_if_never_stopped(prefect_harness
     assert trained(folder.name) == trained(never_stopped.info.run_id)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe, elsewhere", [("mnist", False), ("celeba", False), ("mnist", True)],
+                         ids=["mnist", "celeba", "mnist-on another machine"])
 def test_a_training_stopped_inside_an_epoch_goes_on_from_that_step_bit_for_bit(prefect_harness, mlflow_store, tmp_path,
-                                                                             recipe, monkeypatch, caplog):
+                                                                             recipe, elsewhere, monkeypatch, caplog):
     """A position taken after every step (train.checkpoint_minutes near 0); the training stops after step 2
     of epoch 2 of 2; the same command again goes on at step 3 and ends with the weights and every epoch's
-    metrics of the same training never stopped and never checkpointed inside an epoch."""
+    metrics of the same training never stopped and never checkpointed inside an epoch. `elsewhere`: the
+    run folder is gone (the machine died; the job runs on another), so the position comes from the
+    run's artifact store."""
     from cnnflow.flows import interrupts
 
     overrides = RECIPES[recipe](tmp_path / "data") + ["runtime.precision=float32", "plots=none", "train.epochs=2"]
@@ -166,6 +170,9 @@ def test_a_training_stopped_inside_an_epoch_goes_on_from_that_step_bit_for_bit(p
     monkeypatch.setattr(interrupts, "raise_if_received", check)
     [stopped] = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe).experiment_id])
     assert read_checkpoint(output_of(stopped.info.run_id))["batch"] == 2
+    if elsewhere:
+        shutil.rmtree(output_of(stopped.info.run_id))
+        _a_cut_off_position_upload_is_passed_over(stopped.info.run_id, tmp_path / "another")
     with caplog.at_level(logging.INFO):
         assert train_flow(recipe, overrides) == stopped.info.run_id
     assert f"resuming MLflow run {stopped.info.run_id} after epoch 1 and 2 steps of epoch 2" in caplog.text
@@ -173,8 +180,30 @@ def test_a_training_stopped_inside_an_epoch_goes_on_from_that_step_bit_for_bit(p
     positions, waited = ({m.step: m.value for m in MlflowClient().get_metric_history(stopped.info.run_id, name)}
                          for name in ("positions", "position_seconds"))
     assert positions[2] == 1 and waited[2] > 0  # the resumed epoch 2 kept its position once more, after step 3 of 4
-    assert sorted(path.name for path in output_of(stopped.info.run_id).glob("checkpoint-*")) == [
+    uploads = MlflowClient().get_metric_history(stopped.info.run_id, "position_upload_seconds")
+    assert {upload.step for upload in uploads} <= {1, 2} and 2 in {upload.step for upload in uploads}
+    fetched_or_kept = ["checkpoint-epoch0002.json", "checkpoint-epoch0002.keras"] if elsewhere else [
         "checkpoint-epoch0001.json", "checkpoint-epoch0001.keras", "checkpoint-epoch0002.json", "checkpoint-epoch0002.keras"]
+    assert sorted(path.name for path in output_of(stopped.info.run_id).glob("checkpoint-*")) == fetched_or_kept
+
+
+def _a_cut_off_position_upload_is_passed_over(run_id: str, folder: Path) -> None:
+    """The newest stored position, its arrays cut short as by a dead connection: an older checkpoint
+    is fetched instead, saying why. (The arrays are put back whole after.)"""
+    from urllib.parse import urlparse
+
+    from cnnflow.flows import lifecycle
+
+    [(newest, slot), *_] = lifecycle._stored_states(run_id)
+    assert (newest["epoch"], newest["batch"]) == (1, 2)
+    arrays = Path(urlparse(MlflowClient().get_run(run_id).info.artifact_uri).path) / slot / "position.npz"
+    whole = arrays.read_bytes()
+    arrays.write_bytes(whole[: len(whole) // 2])
+    folder.mkdir()
+    fetched, skipped = lifecycle.newest_checkpoint(run_id, folder, logging.getLogger("test"))
+    arrays.write_bytes(whole)
+    assert skipped == ["the checkpoint of epoch 2 at step 2 in the artifact store is incomplete (its upload was cut off)"]
+    assert (fetched["epoch"], fetched.get("batch", 0)) < (1, 2) and Path(fetched["path"]).is_file()
 
 
 def test_continuing_a_schedule_fixed_to_the_first_stage_says_what_the_new_epochs_get(prefect_harness, mlflow_store,
