@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from cnnflow.components.argtypes import NonNegativeFloat, NonNegativeInt, OpenFraction
+from cnnflow.components.errors import DataError
 from cnnflow.components.registry import register
 
 
@@ -211,7 +212,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self._taken = time.monotonic()
         state = {"epoch": self._epoch, "batch": self._done, "history": self.history, "random": random_state(self.model),
                  "file": self.base}
-        snapshot = [np.array(variable) for variable in position_variables(self.model)]
+        snapshot = [np.array(part) for part in position_parts(self.model)]
         self._writing = threading.Thread(target=self._write_position, args=(snapshot, json.loads(json.dumps(state))),
                                          name="cnnflow-checkpoint")
         self._writing.start()
@@ -255,6 +256,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
         logs = logs or {}
         if (self.divergence and self.divergence.diverged) or not all(math.isfinite(float(v)) for v in logs.values()):
             return
+        if self._done < self.steps:  # Keras ends training with a warning only: it must not pass as a finished epoch
+            raise DataError(f"epoch {epoch + 1} ended after {self._done} of its {self.steps} steps: the data source "
+                            f"yielded fewer training images than the split holds (an incomplete or damaged copy of "
+                            f"the data?); nothing of this epoch is kept")
         for name, value in logs.items():
             self.history.setdefault(name, []).append(float(value))
         stem = f"checkpoint-epoch{epoch + 1:04d}"
@@ -289,16 +294,27 @@ def position_variables(model) -> list:
     return found
 
 
+def position_parts(model) -> list:
+    """`position_variables`, with each variable a distribution strategy keeps per replica split into
+    its replicas' own parts: a metric's running totals differ between replicas, and their sum read
+    whole would be put back as equal halves, other bits than the training never stopped."""
+    parts = []
+    for variable in position_variables(model):
+        replicas = getattr(getattr(variable, "value", variable), "values", None)  # tf.distribute's per-replica parts
+        parts.extend(replicas if isinstance(replicas, tuple) else [variable])
+    return parts
+
+
 def restore_position(model, arrays: str) -> None:
     """Assign the values an `EpochCheckpoint` position saved to `model`'s variables."""
-    variables = position_variables(model)
+    parts = position_parts(model)
     with np.load(arrays) as saved:
         values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
-    shapes = [tuple(variable.shape) for variable in variables]
+    shapes = [tuple(part.shape) for part in parts]
     if [value.shape for value in values] != shapes:
         raise ValueError(f"{arrays} holds {len(values)} arrays that do not fit the model's {len(shapes)} variables")
-    for variable, value in zip(variables, values):
-        variable.assign(value)
+    for part, value in zip(parts, values):
+        part.assign(value)
 
 
 def _remove_positions(folder: Path, keep: str | None = None) -> None:

@@ -29,3 +29,23 @@ def test_divergence_is_growth_against_the_trainings_first_loss(first_loss, losse
     for batch, loss in enumerate(losses):
         divergence.on_train_batch_end(batch, {"loss": loss})
     assert (divergence.diverged or {}).get("batch") == diverged_at
+
+
+def test_an_epoch_the_data_ran_out_in_is_an_error_not_a_finished_epoch(tmp_path):
+    """Keras ends a fit whose data runs out before `steps_per_epoch` with a warning only; the run
+    would look finished with short epochs. The checkpoint refuses to keep such an epoch."""
+    import numpy as np
+    import tensorflow as tf
+
+    from cnnflow.components.callbacks import EpochCheckpoint
+    from cnnflow.components.errors import DataError
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    three_batches = tf.data.Dataset.from_tensor_slices((np.ones((12, 2)), np.ones((12, 1)))).batch(4)
+    with pytest.raises(DataError, match="epoch 1 ended after 3 of its 5 steps"):
+        model.fit(three_batches, steps_per_epoch=5, epochs=2, verbose=0,
+                  callbacks=[EpochCheckpoint(tmp_path, steps=5)])
+    assert not list(tmp_path.iterdir())
+    model.fit(three_batches, steps_per_epoch=3, epochs=1, verbose=0, callbacks=[EpochCheckpoint(tmp_path, steps=3)])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-epoch0001.json", "checkpoint-epoch0001.keras"]

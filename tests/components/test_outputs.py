@@ -46,3 +46,19 @@ def test_a_one_class_test_set_still_gets_the_chapters_accuracy_but_no_auc():
     chances = outputs.probabilities(LOGITS[:, None], from_logits=True)
     only_male = np.ones(7, dtype=np.int64)
     assert outputs.binary_metrics(only_male, chances, from_logits=True) == {"accuracy_at_logit_0.5": 2 / 7}  # logits 0.7, 2.0
+
+
+def test_a_test_set_the_data_source_cut_short_is_an_error_not_metrics():
+    import keras
+    import tensorflow as tf
+
+    from cnnflow.components.errors import DataError
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    labels = np.array([0, 1, 2, 0, 1])
+    five = tf.data.Dataset.from_tensor_slices((np.ones((5, 2)), labels)).batch(2)
+    metrics, chances = outputs.evaluated(model, five, labels, from_logits=False)
+    assert chances.shape == (5, 3) and 0 <= metrics["accuracy"] <= 1
+    with pytest.raises(DataError, match="yielded 4 images where the split holds 5"):
+        outputs.evaluated(model, five.unbatch().take(4).batch(2), labels, from_logits=False)
