@@ -81,27 +81,40 @@ def test_a_sweep_on_a_pool_runs_one_job_on_each_worker(cluster):
 
 
 @pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
-def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself(cluster):
+def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself(cluster, monkeypatch):
     """Nobody resubmits: Prefect hears no heartbeat, marks the run Crashed, resubmits it (flows/healing.py),
-    and the other worker resumes it from the artifact store; the waiting command reports one job."""
+    and the other worker resumes it from the artifact store, at the step of the newest position the
+    dead worker uploaded (train.checkpoint_minutes: one every 0.6 s, a few an epoch); the waiting command reports one job."""
+    import mlflow
+
+    from cnnflow.flows import lifecycle
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cluster["env"]["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(cluster["env"]["MLFLOW_TRACKING_URI"])
     user = cluster["root"] / "user"
     user.mkdir(exist_ok=True)
     waiting = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "train", "--pool", "box", "seed=5",
-                                "train.epochs=12"], cwd=user, env=cluster["env"], text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                "train.epochs=12", "train.checkpoint_minutes=0.01"], cwd=user,
+                               env=cluster["env"], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     client = _client(cluster)
 
-    def uploaded_checkpoint():
-        runs = client.search_runs(["1"], filter_string="tags.seed = '5'")
-        history = client.get_metric_history(runs[0].info.run_id, "checkpoint_upload_seconds") if runs else []
-        return runs[0] if any(m.step >= 2 for m in history) else None
+    seen = []
 
-    wait_until(uploaded_checkpoint, 240, "a checkpoint in the artifact store")
-    run = uploaded_checkpoint()
+    def inside_a_later_epoch():
+        runs = client.search_runs(["1"], filter_string="tags.seed = '5'")
+        newest = lifecycle._stored_states(runs[0].info.run_id)[:1] if runs else []
+        if newest and newest[0][0]["epoch"] >= 2 and newest[0][0]["batch"]:
+            seen.append(runs[0])
+        return seen
+
+    wait_until(inside_a_later_epoch, 300, "a position inside epoch 3 or later in the artifact store")
+    run = seen[0]
     worker = worker_training(run, cluster["workers"])
     kill_tree(cluster["workers"][worker].pid)  # the worker and its training: a machine gone
     shutil.rmtree(Path(run.data.tags["output_dir"]).parents[2])  # its temporary folder: as if another machine
     time.sleep(1)
+    [(newest, _), *_] = lifecycle._stored_states(run.info.run_id)  # an epoch's end may have come between look and kill
     epochs_before = len(client.get_metric_history(run.info.run_id, "loss"))
     assert 2 <= epochs_before < 12
 
@@ -115,7 +128,8 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
     other = "w2" if worker == "w1" else "w1"
     log = (cluster["root"] / f"{other}.log").read_text()
     assert "restart 1 of this job after a crash" in log
-    assert f"resuming MLflow run {run.info.run_id} after epoch" in log
+    inside = f" and {newest['batch']} steps of epoch {newest['epoch'] + 1}" if newest["batch"] else ";"
+    assert f"resuming MLflow run {run.info.run_id} after epoch {newest['epoch']}{inside}" in log
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED" and finished.data.tags["restarts"] == "1"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))  # each once
