@@ -4,11 +4,13 @@
     python benchmarks/resume.py --data ../shared/data/mnist-test
     python benchmarks/resume.py --data ../shared/data/mnist-test --precision auto    # bfloat16 here
     python benchmarks/resume.py --data ../shared/data/mnist-test --checkpoint-minutes 0.05  # positions every 3 s
+    python benchmarks/resume.py --data ../shared/data/mnist-test --checkpoint-minutes 0.05 --another-machine
 
 Runs `cnnflow train experiment=mnist_small data.path=DATA runtime.precision=P` three times, each
 folder with its own MLflow store: once to the end; once killed with kill -9 when the progress line
 of epoch 2 shows half its steps done; then the same command again, which resumes the killed run
-from its last checkpoint (with --checkpoint-minutes, a position inside epoch 2). Prints where it
+from its last checkpoint (with --checkpoint-minutes, a position inside epoch 2; with --another-machine
+its run folder is deleted first, so the checkpoint comes from the run's artifact store). Prints where it
 resumed, every epoch's metrics of both, the test accuracy, a hash of the
 final weights, and whether all of it is equal; JSON to benchmarks/results/.
 """
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,16 +94,21 @@ def main() -> None:
     parser.add_argument("--kill-in-epoch", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=Path("runs/resume"))
     parser.add_argument("--checkpoint-minutes", type=float, help="train.checkpoint_minutes (default: the recipe's, 10)")
+    parser.add_argument("--another-machine", action="store_true",
+                        help="delete the killed run's folder before resuming: only the MLflow store has its checkpoints")
     args = parser.parse_args()
     train = command(args.data, args.experiment, args.precision)
     label = args.precision
     if args.checkpoint_minutes is not None:
         train.append(f"train.checkpoint_minutes={args.checkpoint_minutes:g}")
         label += f"-positions-{args.checkpoint_minutes:g}"
-    never, stopped = args.folder / f"{label}-never-stopped", args.folder / f"{label}-killed"
+    elsewhere = "-resumed-elsewhere" if args.another_machine else ""
+    never, stopped = args.folder / f"{label}-never-stopped", args.folder / f"{label}-killed{elsewhere}"
     # this script stopped half-way and run again: a started run is resumed by the same command
     if not (stopped / "mlflow.db").exists():
         print("killed after:", killed_mid_epoch(train, stopped, args.kill_in_epoch), flush=True)
+        if args.another_machine:
+            shutil.rmtree(stopped / "outputs")  # the run folders, checkpoints and positions: the machine is gone
     for folder in (never, stopped):
         if not (folder / "mlflow.db").exists() or result(folder)["status"] != "FINISHED":
             finished(train, folder)  # the same command again: it resumes the killed run
@@ -114,7 +122,7 @@ def main() -> None:
           f"{b['test_loss']:.6f}; weights {a['weights_sha256'][:16]} / {b['weights_sha256'][:16]}")
     same = all(a[key] == b[key] for key in ("curves", "weights_sha256", "test_accuracy", "test_loss"))
     print("equal to the last bit" if same else "NOT equal")
-    out = Path(__file__).parent / "results" / f"resume-{label}-{date.today()}.json"
+    out = Path(__file__).parent / "results" / f"resume-{label}{elsewhere}-{date.today()}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(train[2:]), "never_stopped": a, "killed_and_resumed": b,
                                "equal": same}, indent=1))
