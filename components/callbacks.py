@@ -166,9 +166,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
     epoch in progress (or the minutes since its last position). An epoch in which `divergence` saw
     the training diverge is not checkpointed: there is nothing to resume from garbage weights.
     `on_saved(model file, state)` is told of each complete epoch checkpoint, `on_position(arrays,
-    state)` of each complete position (the flow copies both to the run's artifact store). The state holds what the model file does not: the history, and the
-    position of every random stream in the model (dropout's), so a resumed training draws what the
-    uninterrupted one would have drawn.
+    state)` of each complete position (the flow copies both to the run's artifact store). The state
+    holds what the model file does not: the history, and the position of every random stream in the
+    model (dropout's), so a resumed training draws what the uninterrupted one would have drawn. An
+    epoch the data ran out in before its `steps` is a DataError, never a checkpoint.
 
     A position inside an epoch is every variable of the training (weights, optimizer, random
     streams, the epoch's running metrics) copied in memory between two batches; a thread writes it
