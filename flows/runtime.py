@@ -9,9 +9,11 @@ settings and apply per model. What each setting gave on this CPU: benchmarks/REA
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
+import random
 import sys
 from typing import Any
 
@@ -153,3 +155,22 @@ def set_precision(runtime: dict[str, Any]) -> None:
     import keras
 
     keras.mixed_precision.set_global_policy(runtime["precision"])
+
+
+@contextlib.contextmanager
+def own_seed_draws(seed: int):
+    """Inside, Keras draws the seeds of the layers and initializers that were given none (dropout,
+    weights) from a generator of their own, seeded as `keras.utils.set_random_seed(seed)` seeds
+    Python's shared one, so they are what an undisturbed process draws. Outside, they come from the
+    shared `random`, which other threads draw from too, at moments that vary with load: the
+    websockets under Prefect's event client draw a ping's payload, and one such draw between the
+    seeding and a model's construction gave two identical float32 trainings different dropout
+    masks (epoch-1 loss 1.92412 against 1.92431)."""
+    from keras.src.random import seed_generator
+
+    shared = seed_generator.python_random  # an AttributeError here: Keras moved its draws; look again
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared

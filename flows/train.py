@@ -113,8 +113,9 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, 
     from cnnflow.components.data import Split
 
     _prepare_tensorflow(cfg)
-    model = registry.build("model", cfg["model"], input_shape=tuple(features["input_shape"]),
-                           num_classes=features["num_classes"])
+    with runtime.own_seed_draws(cfg["seed"]):
+        model = registry.build("model", cfg["model"], input_shape=tuple(features["input_shape"]),
+                               num_classes=features["num_classes"])
     model.compile(optimizer=_optimizer(cfg, Split.load(split_path)),
                   loss=registry.build("loss", cfg["loss"]), metrics=_metrics(cfg))
     model.optimizer.build(model.trainable_variables)  # so the saved file holds the optimizer's variables
@@ -145,7 +146,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     inside_epoch = Path(model_path).suffix == ".npz"  # a position inside an epoch: its arrays fill a model file
     state = state_of(model_path) if initial_epoch or inside_epoch else {}
     base = str(Path(model_path).with_name(state["file"])) if inside_epoch else model_path
-    with strategy.scope():  # variables and optimizer state live on every replica
+    with strategy.scope(), runtime.own_seed_draws(cfg["seed"]):  # variables and optimizer state live on every replica
         model = _load_start_model(base, initial_epoch)
         restore_random_state(model, state.get("random"))
     store.set_tags(run_id, {"replicas": strategy.num_replicas_in_sync})

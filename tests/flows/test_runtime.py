@@ -1,6 +1,7 @@
 """runtime.* settings: the environment TensorFlow reads, the warning when it is too late for it, and a
 mixed-precision training through the real flow."""
 
+import contextlib
 import logging
 
 import keras
@@ -30,6 +31,32 @@ def test_settings_tensorflow_can_no_longer_take_are_named_in_a_warning(monkeypat
         assert not caplog.records
         runtime.use_environment(DEFAULTS | {"intra_op_threads": 1}, logger)
     assert "TF_NUM_INTRAOP_THREADS=1 takes effect in a new process only" in caplog.text
+
+
+def test_a_model_draws_the_seeds_of_an_undisturbed_process_while_another_thread_draws_from_random():
+    import random
+    import threading
+
+    import numpy as np
+
+    from cnnflow.components import registry
+
+    def seeds_and_weights(disturbed: bool, own: bool):
+        keras.utils.set_random_seed(7)
+        if disturbed:  # what a websocket ping in Prefect's event-loop thread does, at a moment load decides
+            ping = threading.Thread(target=random.getrandbits, args=(32,))
+            ping.start()
+            ping.join()
+        with runtime.own_seed_draws(7) if own else contextlib.nullcontext():
+            model = registry.build("model", "mnist_cnn", input_shape=(28, 28, 1), num_classes=10)
+        seeds = [v.numpy().tolist() for v in model.variables if v.name == "seed_generator_state"]
+        return seeds, np.concatenate([w.ravel() for w in model.get_weights()])
+
+    undisturbed = seeds_and_weights(disturbed=False, own=False)
+    assert seeds_and_weights(disturbed=True, own=False)[0] != undisturbed[0]  # the race the guard is for
+    guarded = seeds_and_weights(disturbed=True, own=True)
+    assert guarded[0] == undisturbed[0]
+    np.testing.assert_array_equal(guarded[1], undisturbed[1])
 
 
 @pytest.fixture
