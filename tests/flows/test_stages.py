@@ -118,9 +118,9 @@ def test_stages_add_up_to_one_training_bit_for_bit(prefect_harness, mlflow_store
 def test_a_training_stopped_and_resumed_ends_as_if_never_stopped(prefect_harness, mlflow_store, tmp_path, recipe, stop):
     """`cnnflow train` killed (or Ctrl-C'd) inside its third epoch or later, keeping its position every
     30 ms, then the same command: the weights and every epoch's metrics of the same training never
-    stopped. Every command runs in a process of its own, as a user runs them: this test's process has
-    trained other models before, and once gave a float32 CelebA run other bits than a fresh process
-    (in CI, after the bfloat16 and search tests)."""
+    stopped. Every command runs in a process of its own, as a user runs them. (This test's process once
+    gave a float32 CelebA run other bits than a fresh process: a websocket ping had drawn from Python's
+    `random` before the model drew its seeds there; runtime.own_seed_draws keeps those draws apart.)"""
     overrides = RECIPES[recipe](tmp_path / "data") + ["runtime.precision=float32", "plots=none", "train.epochs=12",
                                                       "train.checkpoint_minutes=0.0005"]
     command = ["train", f"experiment={recipe}", *overrides]
