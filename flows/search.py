@@ -208,10 +208,15 @@ def opened_study(plan: Plan):
 def _sampler(search: dict[str, Any], trials_so_far: int):
     """The sampler, seeded by search.seed and by how many trials the study holds: a continued search
     draws on from there instead of drawing its first values again (the same seed in a new process
-    would repeat them, so a search stopped after one trial trained the same values twice)."""
+    would repeat them, so a search stopped after one trial trained the same values twice). The two
+    are mixed, not added: with seed + trials, seed 1 continued after one trial drew exactly what a
+    new search of seed 2 draws, so two "independent" seeds of a benchmark shared their trials."""
+    import numpy as np
     import optuna
 
-    seed = search["seed"] + trials_so_far
+    seed = search["seed"]
+    if trials_so_far:
+        seed = int(np.random.SeedSequence([seed, trials_so_far]).generate_state(1)[0])
     if search["sampler"] == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=search["startup_trials"], constant_liar=True)
     return optuna.samplers.RandomSampler(seed=seed)

@@ -99,6 +99,8 @@ def test_a_continued_search_draws_on_instead_of_drawing_its_first_values_again(s
     assert again.ask(plan.space).params != drawn.params
     fresh = optuna.create_study(sampler=search._sampler(plan.search, 0))
     assert fresh.ask(plan.space).params == drawn.params  # a new study still starts where the seed says
+    next_seed = optuna.create_study(sampler=search._sampler(plan.search | {"seed": plan.search["seed"] + 1}, 0))
+    assert next_seed.ask(plan.space).params != again.trials[-1].params  # another seed is another search
 
 
 @pytest.mark.slow
