@@ -19,7 +19,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from conftest import free_port, kill_tree, start_server, tiny_overrides, wait_until
+from conftest import free_port, kill_tree, make_idx_folder, start_server, tiny_overrides, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -124,6 +124,65 @@ def test_a_tracking_server_down_for_half_a_minute_is_ridden_out(tracking_server,
     run = MlflowClient(tracking_uri=tracking_server.uri).get_run(run_id)
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
     assert any(key.startswith("system/") for key in run.data.metrics)
+
+
+@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
+def test_positions_uploaded_beside_the_training_ride_out_a_minute_long_outage(tracking_server, tmp_path, monkeypatch):
+    """A position every 0.6 s (train.checkpoint_minutes=0.01), several an epoch, goes to the artifact
+    store beside the training. The server is down for a minute: the training goes on, its positions
+    wait in the outbox, and once the server answers, positions taken after it came back reach the
+    store. Then the machine dies (kill -9, its run folder gone): the same command resumes at the newest
+    stored position, and its epochs reach the run once each, in order."""
+    import shutil
+
+    import mlflow
+
+    from cnnflow.components.callbacks import checkpoints
+    from cnnflow.flows import lifecycle
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
+    mlflow.set_tracking_uri(tracking_server.uri)  # lifecycle reads the artifact store through it
+    idx = make_idx_folder(tmp_path / "idx", train=2400)
+    overrides = [o for o in tiny_overrides(idx, epochs=1000) if not o.startswith("data.train_size")] + [
+        "data.train_size=2000", "data.batch_size=32", "plots=none", "train.checkpoint_minutes=0.01"]
+    process = _train_against(tmp_path / "user", tracking_server, overrides)
+    run_id = _wait_for_epochs(tracking_server, 1, process)
+
+    def newest_stored() -> tuple[int, int]:
+        states = lifecycle._stored_states(run_id)
+        return lifecycle._place(states[0][0]) if states else (0, 0)
+
+    wait_until(lambda: newest_stored()[1], 120, "a position inside an epoch in the artifact store")
+    before = newest_stored()
+    tracking_server.stop()
+    time.sleep(60)
+    assert process.poll() is None  # trained on
+    folder = _the_run_folder(tmp_path / "user", run_id)
+    taken_while_down = lifecycle._place(checkpoints(folder)[0][0])
+    assert taken_while_down > before
+    tracking_server.start()
+    wait_until(lambda: newest_stored() > taken_while_down, 180, "a position taken after the outage in the store")
+    os.killpg(process.pid, 9)
+    out = _finish(process, 30)
+    shutil.rmtree(folder)  # another machine takes the job up
+    newest = newest_stored()
+    assert out.count("fails: it is unreachable. Training goes on") == 1, out
+    assert out.count("answers again after") == 1, out
+
+    again = _train_against(tmp_path / "user", tracking_server, overrides)  # the same command
+    wait_until(lambda: len(_epochs_logged(tracking_server, run_id)) >= newest[0] + 2, 300, "two epochs after the resume")
+    os.killpg(again.pid, 2)  # Ctrl-C: enough of the 1000 epochs
+    out = _finish(again, 120)
+    assert again.returncode == 130, out
+    inside = f" and {newest[1]} steps of epoch {newest[0] + 1}" if newest[1] else ";"
+    assert f"resuming MLflow run {run_id} after epoch {newest[0]}{inside}" in out, out
+    logged = _epochs_logged(tracking_server, run_id)
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) >= newest[0] + 2  # each once, in order
+
+
+def _the_run_folder(user: Path, run_id: str) -> Path:
+    [folder] = user.glob(f"outputs/*/{run_id}")
+    return folder
 
 
 def test_an_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(tracking_server, tmp_path, idx_folder):
