@@ -85,3 +85,20 @@ def test_the_search_benchmark_runs_a_search_and_reads_its_result_back(tmp_path):
     row = json.loads(Path(out.stdout.strip().splitlines()[-1].removeprefix("written: ")).read_text())["searches"][0]
     assert row["trials"] == 2 and row["epochs_spent"] == 2 and 0 <= row["best_val_accuracy"] <= 1
     assert "random seed 0: best val" in out.stdout and "random: median best val" in out.stdout
+
+
+def test_the_position_cost_is_counted_per_epoch_even_where_an_upload_was_replaced_before_it_left():
+    sys.path.insert(0, str(BENCHMARKS))
+    from checkpoint_upload import position_row
+
+    def cell(**metrics):
+        return {"metrics": metrics, "precision": "float32"}
+
+    on = cell(epoch_cpu_seconds={1: 20.0, 2: 10.0, 3: 10.0}, epoch_seconds={1: 21.0, 2: 11.0, 3: 11.0},
+              positions={1: 2.0, 2: 2.0, 3: 2.0}, position_seconds={2: 0.1, 3: 0.1},
+              position_write_cpu_seconds={2: 0.2, 3: 0.2}, position_upload_cpu_seconds={3: 0.3})  # epoch 2's never left
+    off = cell(epoch_cpu_seconds={1: 19.0, 2: 9.5, 3: 9.5}, epoch_seconds={1: 20.0, 2: 10.0, 3: 10.0})
+    row = position_row({"on": on, "off": off}, on_server_total=0.6)  # 0.1 per position on the server
+    assert [e["upload_cpu"] for e in row["epochs"]] == [0.0, 0.3]
+    assert [round(e["cost_percent"], 6) for e in row["epochs"]] == [5.0, 8.0]  # (0.1+0.2+0+0.2)/10, (0.1+0.2+0.3+0.2)/10
+    assert row["later_epoch_cpu"] == {"on": [10.0, 10.0], "off": [9.5, 9.5]}
