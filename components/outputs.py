@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from cnnflow.components.errors import DataError
-
 ONE_LOGIT_THRESHOLD = 0.0  # on the logit; the same decision as probability 0.5
 BOOK_LOGIT_THRESHOLD = 0.5  # what Keras' plain "accuracy" compared a logit with, as in the chapter
 
@@ -76,11 +74,13 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, from_logits: b
 def evaluated(model, dataset, labels: np.ndarray, from_logits: bool) -> tuple[dict[str, float], np.ndarray]:
     """Keras' loss and metrics of `model` on `dataset`, with what a two-class task adds (see
     binary_metrics), and the per-example probabilities behind them."""
-    metrics = {name: float(value) for name, value in model.evaluate(dataset, return_dict=True, verbose=0).items()}
-    chances = probabilities(model.predict(dataset, verbose=0), from_logits)
-    if len(chances) != len(labels):  # Keras stops where the data does, with a warning only
-        raise DataError(f"the data source yielded {len(chances)} images where the split holds {len(labels)} (an "
-                        f"incomplete or damaged copy of the data?); no metrics are recorded from them")
+    from cnnflow.components.data import fewer_images, read_in_full
+
+    with read_in_full():
+        metrics = {name: float(value) for name, value in model.evaluate(dataset, return_dict=True, verbose=0).items()}
+        chances = probabilities(model.predict(dataset, verbose=0), from_logits)
+    if len(chances) != len(labels):  # a stream of unstated size: Keras stops where the data does, with a warning only
+        raise fewer_images(len(chances), len(labels))
     return metrics | binary_metrics(labels, chances, from_logits), chances
 
 

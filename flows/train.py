@@ -137,7 +137,8 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
 
     from cnnflow.components.callbacks import (EpochCheckpoint, EpochMetrics, EpochProgress, StopOnDivergence,
                                               backfill_metrics, restore_random_state, state_of)
-    from cnnflow.components.data import Split, cache_needs, caching, examples, make_dataset, steps_per_epoch
+    from cnnflow.components.data import (Split, cache_needs, caching, examples, make_dataset, read_in_full,
+                                         steps_per_epoch)
     from cnnflow.components.serving import log_serving_model
 
     _prepare_tensorflow(cfg)
@@ -187,7 +188,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     store.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
     # Keras runs every epoch of a fit call for the same steps: the rest of an epoch stopped inside is a call of its own
     stages = [(initial_epoch, initial_epoch + 1, done), (initial_epoch + 1, epochs, 0)] if done else [(initial_epoch, epochs, 0)]
-    with interrupts.noted(), strategy.scope(), outbox.failing_fast():
+    with interrupts.noted(), strategy.scope(), outbox.failing_fast(), read_in_full():
         validation = make_dataset(cfg["data"], split, "valid", cfg["seed"], kept["valid"])
         if inside_epoch:  # Keras makes the metrics' (and a new optimizer's) variables when it first traces a step; the
             model._symbolic_build(data_batch=validation.element_spec)  # position fills them before that

@@ -10,6 +10,7 @@ TFDS-style split strings (`train`, `test[:8000]`, `train[10%:]`) and sizes, the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import re
@@ -55,8 +56,31 @@ class Records:
         selected = np.zeros(int(self.positions.max()) + 1 if len(self.positions) else 0, dtype=bool)
         selected[self.positions] = True
         wanted = tf.constant(selected)
+        # its size stated: Keras warns "Your input ran out of data" at the end of every evaluation of a
+        # dataset whose size it does not know, and a copy that holds fewer fails where it is read
         return (self._read().take(len(selected)).enumerate()
-                .filter(lambda position, _: wanted[position]).map(lambda _, image: image))
+                .filter(lambda position, _: wanted[position]).map(lambda _, image: image)
+                .apply(tf.data.experimental.assert_cardinality(len(self.positions))))
+
+
+def fewer_images(yielded: int, holds: int) -> DataError:
+    return DataError(f"the data source yielded {yielded} images where the split holds {holds} (an incomplete or "
+                     f"damaged copy of the data?); no metrics are recorded from them")
+
+
+@contextlib.contextmanager
+def read_in_full():
+    """tf.data's failure for a stream that holds fewer images than its stated size, as the DataError
+    it is (what a run reads inside is read whole or not at all)."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.FailedPreconditionError as error:
+        counts = re.search(r"expected to contain (\d+) elements but contained only (\d+)", str(error))
+        if not counts:
+            raise
+        raise fewer_images(int(counts[2]), int(counts[1])) from None
 
 
 @dataclass(frozen=True)

@@ -62,3 +62,31 @@ def test_a_test_set_the_data_source_cut_short_is_an_error_not_metrics():
     assert chances.shape == (5, 3) and 0 <= metrics["accuracy"] <= 1
     with pytest.raises(DataError, match="yielded 4 images where the split holds 5"):
         outputs.evaluated(model, five.unbatch().take(4).batch(2), labels, from_logits=False)
+
+
+def test_a_streamed_test_set_states_its_size_so_keras_does_not_warn_and_a_short_one_is_an_error():
+    """TFDS's records are filtered to the split's positions (a size tf.data does not know): Keras then
+    warned "Your input ran out of data; interrupting training" at the end of every evaluation."""
+    import warnings
+
+    import keras
+    import tensorflow as tf
+
+    from cnnflow.components.data.core import Records
+    from cnnflow.components.errors import DataError
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    labels = np.array([0, 1, 2, 0, 1])
+
+    def test_set(held: int):
+        images = Records(lambda: tf.data.Dataset.from_tensor_slices(np.ones((held, 2))), np.arange(5)).dataset()
+        return tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(labels)).batch(2)
+
+    assert test_set(5).cardinality() == 3
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        outputs.evaluated(model, test_set(5), labels, from_logits=False)
+    assert not [w for w in warned if "ran out of data" in str(w.message)]
+    with pytest.raises(DataError, match="yielded 4 images where the split holds 5"):
+        outputs.evaluated(model, test_set(4), labels, from_logits=False)
