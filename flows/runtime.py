@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import sys
+import threading
 from typing import Any
 
 _ENVIRONMENT = {"onednn": "TF_ENABLE_ONEDNN_OPTS", "intra_op_threads": "TF_NUM_INTRAOP_THREADS",
@@ -160,17 +161,30 @@ def set_precision(runtime: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def own_seed_draws(seed: int):
     """Inside, Keras draws the seeds of the layers and initializers that were given none (dropout,
-    weights) from a generator of their own, seeded as `keras.utils.set_random_seed(seed)` seeds
-    Python's shared one, so they are what an undisturbed process draws. Outside, they come from the
-    shared `random`, which other threads draw from too, at moments that vary with load: the
+    weights) from a generator of this thread's own, seeded as `keras.utils.set_random_seed(seed)`
+    seeds Python's shared one, so they are what an undisturbed process draws. Outside, they come from
+    the shared `random`, which other threads draw from too, at moments that vary with load: the
     websockets under Prefect's event client draw a ping's payload, and one such draw between the
     seeding and a model's construction gave two identical float32 trainings different dropout
     masks (epoch-1 loss 1.92412 against 1.92431)."""
     from keras.src.random import seed_generator
 
-    shared = seed_generator.python_random  # an AttributeError here: Keras moved its draws; look again
-    seed_generator.python_random = random.Random(seed)
+    if not isinstance(seed_generator.python_random, _ThreadsOwnDraws):  # AttributeError: Keras moved its draws
+        seed_generator.python_random = _ThreadsOwnDraws()
+    draws = seed_generator.python_random
+    before, draws.local.generator = getattr(draws.local, "generator", None), random.Random(seed)
     try:
         yield
     finally:
-        seed_generator.python_random = shared
+        draws.local.generator = before
+
+
+class _ThreadsOwnDraws:
+    """Stands in for the `random` module in Keras' seed_generator: the calling thread's generator
+    while `own_seed_draws` gives it one, else the shared `random` (other threads are not touched)."""
+
+    def __init__(self):
+        self.local = threading.local()
+
+    def __getattr__(self, name: str):
+        return getattr(getattr(self.local, "generator", None) or random, name)

@@ -57,6 +57,14 @@ def test_a_model_draws_the_seeds_of_an_undisturbed_process_while_another_thread_
     guarded = seeds_and_weights(disturbed=True, own=True)
     assert guarded[0] == undisturbed[0]
     np.testing.assert_array_equal(guarded[1], undisturbed[1])
+    from keras.src.random import seed_generator
+
+    with runtime.own_seed_draws(7):  # the generator is this thread's: another one still draws from the shared
+        shared = random.getstate()
+        other = threading.Thread(target=seed_generator.make_default_seed)
+        other.start()
+        other.join()
+        assert random.getstate() != shared
 
 
 @pytest.fixture
