@@ -137,7 +137,7 @@ def test_positions_uploaded_beside_the_training_ride_out_a_minute_long_outage(tr
 
     import mlflow
 
-    from cnnflow.components.callbacks import checkpoints
+    from cnnflow.components.callbacks import read_checkpoint
     from cnnflow.flows import lifecycle
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
@@ -158,7 +158,7 @@ def test_positions_uploaded_beside_the_training_ride_out_a_minute_long_outage(tr
     time.sleep(60)
     assert process.poll() is None  # trained on
     folder = _the_run_folder(tmp_path / "user", run_id)
-    taken_while_down = lifecycle._place(checkpoints(folder)[0][0])
+    taken_while_down = lifecycle._place(read_checkpoint(folder))  # the newest that reads (one may be replaced)
     assert taken_while_down > before
     tracking_server.start()
     wait_until(lambda: newest_stored() > taken_while_down, 180, "a position taken after the outage in the store")
