@@ -65,9 +65,9 @@ def cpu_seconds(pid: int) -> float:
     return sum(sum(process.cpu_times()[:2]) for process in family)
 
 
-def trained(overrides: list[str], uri: str, workdir: Path) -> dict[str, dict[int, float]]:
-    """One `cnnflow train` in a new process; every metric it logged, as {name: {step: value}} (values
-    logged more than once at a step, one per checkpoint or position, are summed), and its precision."""
+def trained(overrides: list[str], uri: str, workdir: Path) -> dict:
+    """One `cnnflow train` in a new process: {"metrics": {name: {step: value}}, "precision": ...}, every
+    metric it logged (values logged more than once at a step, one per position, summed)."""
     from mlflow import MlflowClient
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -87,8 +87,7 @@ def trained(overrides: list[str], uri: str, workdir: Path) -> dict[str, dict[int
 
 
 def later(cell: dict, name: str) -> list[float]:
-    """The metric's values after epoch 1 (which also builds and traces), by epoch; each value logged per
-    checkpoint (not per epoch) stays one value each."""
+    """The metric's values after epoch 1 (which also builds and traces), one per epoch."""
     values = cell["metrics"].get(name, {})
     return [values[step] for step in sorted(values) if step > 1]
 
