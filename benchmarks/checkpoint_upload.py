@@ -132,6 +132,8 @@ def main() -> None:
                         help="measure positions inside epochs (train.checkpoint_minutes) instead of epoch checkpoints")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, for every run (data.train_size=2000)")
     args = parser.parse_args()
+    if args.positions is not None and args.positions <= 0:
+        parser.error(f"--positions {args.positions:g}: should be minutes between positions, more than 0, like 0.05")
     if args.positions:
         variants = {"on": [f"train.checkpoint_minutes={args.positions:g}"], "off": ["train.checkpoint_minutes=0"]}
         row_of = position_row
