@@ -7,6 +7,11 @@ folder, then, alternating, runs the same study (random sampler, seed 0, no prune
 and the same epochs whatever the timing) with `cnnflow search --pool box` and `search.parallel` 1
 on one worker, then 2 on two workers. Each worker is `prefect worker start`, started for its phase
 and stopped after it. Prints the wall and CPU seconds of each phase and the ratio two/one.
+
+With --core-each, worker i and every process it starts are held to CPU core i (both phases), as if
+each worker were a one-core machine of its own; the servers and the search command run on any core.
+On a machine with as many cores as one training keeps busy, that is the only way two workers can
+show what they gain on two machines.
 """
 
 from __future__ import annotations
@@ -54,12 +59,18 @@ def cnnflow(args: list[str], folder: Path, env: dict[str, str]) -> None:
         raise SystemExit(f"cnnflow {' '.join(args)} failed (exit {done.returncode}); see {folder / 'cnnflow.log'}")
 
 
-def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space: list[str]) -> tuple[float, float]:
+def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space: list[str],
+                 core_each: bool) -> tuple[float, float]:
     """Wall seconds of the search command, and CPU seconds of everything the workers ran for it."""
+    cores = sorted(os.sched_getaffinity(0))
+
+    def on_core(i: int):  # affinity is inherited, so the flow runs a worker starts stay on its core
+        return (lambda: os.sched_setaffinity(0, {cores[i]})) if core_each else None
+
     pool = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "box", "--name",
                               f"{name}-w{i}", "--limit", "1"], cwd=root, env=env,
                              stdout=open(root / f"{name}-w{i}.log", "a"), stderr=subprocess.STDOUT,
-                             start_new_session=True) for i in range(workers)]
+                             start_new_session=True, preexec_fn=on_core(i)) for i in range(workers)]
     cpu: dict[int, float] = {}
 
     def sample() -> None:  # the CPU time of each process a worker started, at its last sighting
@@ -97,8 +108,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=2, help="per trial")
     parser.add_argument("--repeats", type=int, default=1, help="pairs (one worker, two workers)")
+    parser.add_argument("--core-each", action="store_true", help="hold worker i to CPU core i (see above)")
     parser.add_argument("extra", nargs="*", help="after --: more overrides (tests shrink the data)")
     args = parser.parse_args()
+    if args.core_each and len(os.sched_getaffinity(0)) < 2:
+        parser.error(f"--core-each needs 2 CPU cores; this process may use {sorted(os.sched_getaffinity(0))}")
     space = ["experiment=fashion_mnist_fast", "search=fashion_mnist_fast", "data.source=idx",
              f"data.path={args.data.resolve()}", f"train.epochs={args.epochs}", f"search.trials={args.trials}",
              "search.epochs=null", "search.sampler=random", "search.seed=0", "search.pruner=none", *args.extra]
@@ -110,7 +124,7 @@ def main() -> None:
             times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
             for repeat in range(args.repeats):
                 for workers in (1, 2):  # alternate, so a slow phase of the machine hits both
-                    wall, cpu = timed_search(root, env, workers, f"w{workers}-r{repeat}", space)
+                    wall, cpu = timed_search(root, env, workers, f"w{workers}-r{repeat}", space, args.core_each)
                     times[workers].append((wall, cpu))
                     print(f"{workers} worker(s): {args.trials} trials x {args.epochs} epochs in {wall:.0f} s wall, "
                           f"{cpu:.0f} s CPU", flush=True)
@@ -119,7 +133,8 @@ def main() -> None:
                 kill_tree(process.pid)
     ratio = statistics.median(two[0] / one[0] for one, two in zip(times[1], times[2]))
     print(f"2 workers / 1 worker, wall time: {ratio:.2f}x (median over {args.repeats} pair(s); "
-          f"{os.cpu_count()} CPU cores on this machine)")
+          f"{os.cpu_count()} CPU cores on this machine"
+          + (", each worker held to a core of its own)" if args.core_each else ")"))
 
 
 if __name__ == "__main__":
