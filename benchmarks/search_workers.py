@@ -138,4 +138,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the finally blocks above have stopped the workers and the servers
+        print("interrupted: workers and servers stopped; the phase under way is not counted", file=sys.stderr)
+        sys.exit(130)
