@@ -111,35 +111,41 @@ def test_stages_add_up_to_one_training_bit_for_bit(prefect_harness, mlflow_store
     assert len(whole[1]["loss"]) == 3
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe, stop", [("celeba", signal.SIGKILL), ("mnist", signal.SIGINT), ("mnist", signal.SIGKILL),
-                                          ("celeba", signal.SIGINT)],
-                         ids=["celeba-kill -9", "mnist-Ctrl-C", "mnist-kill -9", "celeba-Ctrl-C"])
-def test_a_training_stopped_and_resumed_ends_as_if_never_stopped(prefect_harness, mlflow_store, tmp_path, recipe, stop):
-    """`cnnflow train` killed (or Ctrl-C'd) inside its third epoch or later, keeping its position every
-    30 ms, then the same command: the weights and every epoch's metrics of the same training never
-    stopped. Every command runs in a process of its own, as a user runs them. (This test's process once
-    gave a float32 CelebA run other bits than a fresh process: a websocket ping had drawn from Python's
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_training_stopped_twice_ends_as_if_never_stopped(prefect_harness, mlflow_store, tmp_path, recipe):
+    """`cnnflow train` stopped with Ctrl-C inside its third epoch or later, the same command stopped with
+    kill -9 inside a later epoch, the same command once more: the weights and every epoch's metrics of
+    the same training never stopped, which runs beside the resumes. A position is kept every 30 ms, and
+    every command runs in a process of its own, as a user runs them. (This test's process once gave a
+    float32 CelebA run other bits than a fresh process: a websocket ping had drawn from Python's
     `random` before the model drew its seeds there; runtime.own_seed_draws keeps those draws apart.)"""
     overrides = RECIPES[recipe](tmp_path / "data") + ["runtime.precision=float32", "plots=none", "train.epochs=12",
                                                       "train.checkpoint_minutes=0.0005"]
     command = ["train", f"experiment={recipe}", *overrides]
-    process = cli(command, start_new_session=True)
-    folder = wait_for_checkpoint(Path(mlflow_store.removeprefix("sqlite:///")).parent, 2, process, inside=True)
-    os.killpg(process.pid, stop)
-    process.communicate(timeout=120)
-    stopped_at = read_checkpoint(folder)
-    assert stopped_at["epoch"] < 12, "the training ended before it was stopped"
-    said = []
-    for args in (command, command + ["mlflow_experiment=never-stopped"]):  # the same command again; then unstopped
-        finished = cli(args)
-        said.append(finished.communicate(timeout=600)[0])
-        assert finished.returncode == 0, said[-1]
-    inside = f" and {stopped_at['batch']} steps of epoch" if stopped_at.get("batch") else ";"  # a stop may fall on an epoch's end
-    assert f"resuming MLflow run {folder.name} after epoch {stopped_at['epoch']}{inside}" in said[0]
-    [never_stopped] = MlflowClient().search_runs([mlflow.get_experiment_by_name("never-stopped").experiment_id])
+    store = Path(mlflow_store.removeprefix("sqlite:///")).parent
+    process, never_stopped, folder, stops = cli(command, start_new_session=True), None, None, []
+    for stop in (signal.SIGINT, signal.SIGKILL):
+        folder = wait_for_checkpoint(store, stops[-1]["epoch"] + 1 if stops else 2, process, inside=True, run=folder)
+        os.killpg(process.pid, stop)
+        said = process.communicate(timeout=120)[0]
+        assert not stops or resumed_after(folder.name, stops[-1]) in said, said
+        stops.append(read_checkpoint(folder))
+        assert stops[-1]["epoch"] < 12, "the training ended before it was stopped"
+        never_stopped = never_stopped or cli(command + ["mlflow_experiment=never-stopped"])
+        process = cli(command, start_new_session=True)
+    said = process.communicate(timeout=600)[0]
+    assert process.returncode == 0 and resumed_after(folder.name, stops[-1]) in said, said
+    said = never_stopped.communicate(timeout=600)[0]
+    assert never_stopped.returncode == 0, said
+    [reference] = MlflowClient().search_runs([mlflow.get_experiment_by_name("never-stopped").experiment_id])
     assert MlflowClient().get_run(folder.name).info.status == "FINISHED" and steps(folder.name) == list(range(1, 13))
-    assert trained(folder.name) == trained(never_stopped.info.run_id)
+    assert trained(folder.name) == trained(reference.info.run_id)
+
+
+def resumed_after(run_id: str, checkpoint: dict) -> str:
+    """What the same command says when it goes on from `checkpoint` (a stop may fall on an epoch's end)."""
+    inside = f" and {checkpoint['batch']} steps of epoch" if checkpoint.get("batch") else ";"
+    return f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}{inside}"
 
 
 @pytest.mark.parametrize("recipe, elsewhere", [("mnist", False), ("celeba", False), ("mnist", True)],
@@ -239,12 +245,14 @@ def test_a_run_going_on_in_another_environment_trains_on_and_says_what_differs(p
     assert steps(run_id) == [1, 2, 3]
 
 
-def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen, inside: bool = False) -> Path:
-    """The run folder, once it has the checkpoint of `epochs` epochs (`inside`: a position inside a later epoch)."""
+def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen, inside: bool = False,
+                        run: Path | None = None) -> Path:
+    """The run folder (`run`, else any in the store), once it has the checkpoint of `epochs` epochs
+    (`inside`: a position inside a later epoch)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
-        for state in store.glob("outputs/*/*/checkpoint-epoch*.json"):
+        for state in run.glob("checkpoint-epoch*.json") if run else store.glob("outputs/*/*/checkpoint-epoch*.json"):
             with contextlib.suppress(OSError, ValueError):  # replaced while read
                 checkpoint = json.loads(state.read_text())
                 if checkpoint["epoch"] >= epochs and (not inside or "batch" in checkpoint):
