@@ -112,10 +112,10 @@ def test_stages_add_up_to_one_training_bit_for_bit(prefect_harness, mlflow_store
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_a_training_stopped_twice_ends_as_if_never_stopped(prefect_harness, mlflow_store, tmp_path, recipe):
+def test_a_training_stopped_three_ways_ends_as_if_never_stopped(prefect_harness, mlflow_store, tmp_path, recipe):
     """`cnnflow train` stopped with Ctrl-C inside its third epoch or later, the same command stopped with
-    kill -9 inside a later epoch, the same command once more: the weights and every epoch's metrics of
-    the same training never stopped, which runs beside the resumes. A position is kept every 30 ms, and
+    SIGTERM inside a later epoch, then with kill -9 inside a later one still, the same command once more:
+    the weights and every epoch's metrics of the same training never stopped, which runs beside the resumes. A position is kept every 30 ms, and
     every command runs in a process of its own, as a user runs them. (This test's process once gave a
     float32 CelebA run other bits than a fresh process: a websocket ping had drawn from Python's
     `random` before the model drew its seeds there; runtime.own_seed_draws keeps those draws apart.)"""
@@ -124,7 +124,7 @@ def test_a_training_stopped_twice_ends_as_if_never_stopped(prefect_harness, mlfl
     command = ["train", f"experiment={recipe}", *overrides]
     store = Path(mlflow_store.removeprefix("sqlite:///")).parent
     process, never_stopped, folder, stops = cli(command, start_new_session=True), None, None, []
-    for stop in (signal.SIGINT, signal.SIGKILL):
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         folder = wait_for_checkpoint(store, stops[-1]["epoch"] + 1 if stops else 2, process, inside=True, run=folder)
         os.killpg(process.pid, stop)
         said = process.communicate(timeout=120)[0]
