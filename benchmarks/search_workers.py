@@ -6,7 +6,9 @@ Starts an MLflow tracking server, a Prefect server and `cnnflow deploy --pool bo
 folder, then, alternating, runs the same study (random sampler, seed 0, no pruner: the same trials
 and the same epochs whatever the timing) with `cnnflow search --pool box` and `search.parallel` 1
 on one worker, then 2 on two workers. Each worker is `prefect worker start`, started for its phase
-and stopped after it. Prints the wall and CPU seconds of each phase and the ratio two/one.
+and stopped after it. Prints the wall and CPU seconds of each phase and the ratio two/one, and the
+CPU seconds the MLflow server, the Prefect server and the search command took in the phase (each
+with everything it started): on two machines they would run elsewhere, here they share the cores.
 
 With --core-each, worker i and every process it starts are held to CPU core i (both phases), as if
 each worker were a one-core machine of its own; the servers and the search command run on any core.
@@ -17,6 +19,7 @@ show what they gain on two machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -30,7 +33,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "tests")]
 
-from conftest import free_port, kill_tree, start_server  # noqa: E402
+from conftest import free_port, kill_tree, start_server, start_worker  # noqa: E402
 
 
 def servers(root: Path) -> tuple[list[subprocess.Popen], dict[str, str]]:
@@ -59,44 +62,59 @@ def cnnflow(args: list[str], folder: Path, env: dict[str, str]) -> None:
         raise SystemExit(f"cnnflow {' '.join(args)} failed (exit {done.returncode}); see {folder / 'cnnflow.log'}")
 
 
-def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space: list[str],
-                 core_each: bool) -> tuple[float, float]:
-    """Wall seconds of the search command, and CPU seconds of everything the workers ran for it."""
+class CpuSeconds:
+    """CPU seconds each named process tree used since the phase began (processes that end are
+    counted as they were last seen; sampling every second loses at most that second of theirs)."""
+
+    def __init__(self, roots: dict[str, int]):
+        self.roots, self.last, self.before = roots, {}, {}
+        self.sample()
+        self.before = dict(self.last)
+
+    def sample(self) -> None:
+        for name, pid in self.roots.items():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                root = psutil.Process(pid)
+                for process in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        times = process.cpu_times()
+                        self.last[name, process.pid] = times.user + times.system
+
+    def totals(self) -> dict[str, float]:
+        used = {name: 0.0 for name in self.roots}
+        for (name, pid), seconds in self.last.items():
+            used[name] += seconds - self.before.get((name, pid), 0.0)
+        return used
+
+
+def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space: list[str], core_each: bool,
+                 servers: dict[str, int]) -> tuple[float, dict[str, float]]:
+    """Wall seconds of the search command, and the CPU seconds, in that time, of everything the workers
+    ran for it (`workers`), of each of `servers` and of the search command."""
     cores = sorted(os.sched_getaffinity(0))
 
     def on_core(i: int):  # affinity is inherited, so the flow runs a worker starts stay on its core
         return (lambda: os.sched_setaffinity(0, {cores[i]})) if core_each else None
 
-    pool = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "box", "--name",
-                              f"{name}-w{i}", "--limit", "1"], cwd=root, env=env,
-                             stdout=open(root / f"{name}-w{i}.log", "a"), stderr=subprocess.STDOUT,
-                             start_new_session=True, preexec_fn=on_core(i)) for i in range(workers)]
-    cpu: dict[int, float] = {}
-
-    def sample() -> None:  # the CPU time of each process a worker started, at its last sighting
-        for worker in pool:
-            for process in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
-                try:
-                    times = process.cpu_times()
-                    cpu[process.pid] = times.user + times.system
-                except psutil.NoSuchProcess:
-                    pass
-
+    pool = [start_worker("box", f"{name}-w{i}", root, env, preexec_fn=on_core(i)) for i in range(workers)]
     try:
         time.sleep(10)  # the workers poll the pool before the first trial is submitted
         (root / name).mkdir()
+        cpu = CpuSeconds({**{f"w{i}": worker.pid for i, worker in enumerate(pool)}, **servers})
         started = time.perf_counter()
         search = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "search", "--pool", "box",
                                    f"search.name={name}", f"search.parallel={workers}", *space],
                                   cwd=root / name, env=env,
                                   stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        cpu.roots["search command"] = search.pid
         while search.poll() is None:
-            sample()
+            cpu.sample()
             time.sleep(1)
         wall = time.perf_counter() - started
         if search.returncode:
             raise SystemExit(f"the search {name} failed (exit {search.returncode}); see {root / f'{name}.log'}")
-        return wall, sum(cpu.values())
+        used = cpu.totals()
+        return wall, {"workers": sum(used.pop(f"w{i}") for i in range(workers)), **used}
     finally:
         for worker in pool:
             kill_tree(worker.pid)
@@ -121,13 +139,16 @@ def main() -> None:
         started, env = servers(root)
         try:
             cnnflow(["deploy", "--pool", "box"], root / "deployer", env)
-            times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+            times: dict[int, list[tuple[float, dict[str, float]]]] = {1: [], 2: []}
             for repeat in range(args.repeats):
                 for workers in (1, 2):  # alternate, so a slow phase of the machine hits both
-                    wall, cpu = timed_search(root, env, workers, f"w{workers}-r{repeat}", space, args.core_each)
+                    wall, cpu = timed_search(root, env, workers, f"w{workers}-r{repeat}", space, args.core_each,
+                                             {"MLflow server": started[0].pid, "Prefect server": started[1].pid})
                     times[workers].append((wall, cpu))
                     print(f"{workers} worker(s): {args.trials} trials x {args.epochs} epochs in {wall:.0f} s wall, "
-                          f"{cpu:.0f} s CPU", flush=True)
+                          f"{cpu['workers']:.0f} s CPU; beside them, CPU s: "
+                          + ", ".join(f"{name} {seconds:.0f}" for name, seconds in cpu.items() if name != "workers")
+                          + f" (of {wall * len(os.sched_getaffinity(0)):.0f} the cores gave)", flush=True)
         finally:
             for process in started:
                 kill_tree(process.pid)

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 from cnnflow.components import registry
+from reaper import kill_tree, reaped_with_us  # noqa: F401  (kill_tree: for the tests)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -156,10 +157,22 @@ def wait_until(condition, seconds: float, what: str):
 
 
 def start_server(command: list[str], health: str, env: dict, log: Path) -> subprocess.Popen:
-    """A server process in a session of its own (so `kill_tree` ends all it started), once its health URL answers."""
-    process = subprocess.Popen(command, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+    """A server process in a session of its own (so `kill_tree` ends all it started, and it ends with
+    this process however that ends), once its health URL answers."""
+    process = reaped_with_us(subprocess.Popen(command, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                                              start_new_session=True))
     wait_until(lambda: urllib.request.urlopen(health, timeout=2).status == 200, 120, " ".join(command[:4]))
     return process
+
+
+def start_worker(pool: str, name: str, root: Path, env: dict, **popen) -> subprocess.Popen:
+    """`prefect worker start` for one flow run at a time, in folder `root/name` (its log `root/name.log`),
+    in a session of its own, ending with this process as a server does."""
+    (root / name).mkdir(exist_ok=True)
+    return reaped_with_us(subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name, "--limit", "1"],
+        cwd=root / name, env=env, stdout=open(root / f"{name}.log", "a"), stderr=subprocess.STDOUT,
+        start_new_session=True, **popen))
 
 
 def worker_training(run, workers: dict) -> str:
@@ -170,23 +183,6 @@ def worker_training(run, workers: dict) -> str:
     trainer = int(run.data.params["lease.1"].split()[1])
     return next(name for name, process in workers.items()
                 if trainer in [child.pid for child in psutil.Process(process.pid).children(recursive=True)])
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL to a process and everything it started, each in its whole process group."""
-    import signal
-
-    import psutil
-
-    try:
-        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for process in family:
-        try:
-            os.killpg(os.getpgid(process.pid), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 @pytest.fixture

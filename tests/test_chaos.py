@@ -11,26 +11,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import kill_tree, wait_until, worker_training
+from conftest import kill_tree, start_worker, wait_until, worker_training
 from test_outages import PrefectServer, TrackingServer
 
 pytestmark = pytest.mark.cluster
 
 EPOCHS = 50
 OUTAGE = 65  # seconds: longer than jobs.crash_after, the shortest it may be
-
-
-def _worker(name: str, root: Path, prefect: PrefectServer) -> subprocess.Popen:
-    (root / name).mkdir(exist_ok=True)
-    return subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "chaos", "--name", name, "--limit", "1"],
-        cwd=root / name, env=prefect.env, stdout=open(root / f"{name}.log", "a"), stderr=subprocess.STDOUT,
-        start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +43,7 @@ def box(tmp_path_factory):
                                    "jobs.crash_after=60", "registry.name=chaos"], cwd=user, env=box["env"], text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
         assert deployed.returncode == 0, deployed.stdout
-        box["workers"].update({name: _worker(name, root, prefect) for name in ("w1", "w2", "w3")})
+        box["workers"].update({name: start_worker("chaos", name, root, prefect.env) for name in ("w1", "w2", "w3")})
         yield box
     finally:
         for process in box["workers"].values():

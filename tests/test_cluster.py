@@ -17,7 +17,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from conftest import free_port, kill_tree, start_server, wait_until, worker_training
+from conftest import free_port, kill_tree, start_server, start_worker, wait_until, worker_training
 
 pytestmark = pytest.mark.cluster
 
@@ -41,20 +41,10 @@ def cluster(tmp_path_factory):
     # a dead worker's run is Crashed a minute after its last heartbeat (default 5 minutes)
     deployed = _cnnflow(["deploy", "--pool", "box", "jobs.crash_after=60"], root / "deployer", client_env)
     assert deployed.returncode == 0, deployed.stdout
-    workers = {name: _worker(name, root, env) for name in ("w1", "w2")}
+    workers = {name: start_worker("box", name, root, env) for name in ("w1", "w2")}
     yield {"root": root, "env": client_env, "workers": workers, "worker_env": env}
     for process in [*workers.values(), *servers]:
         kill_tree(process.pid)
-
-
-def _worker(name: str, root: Path, env: dict) -> subprocess.Popen:
-    """`prefect worker start` in a folder of its own; it knows only the Prefect server (the MLflow
-    store comes with the deployment)."""
-    (root / name).mkdir(exist_ok=True)
-    return subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "box", "--name", name, "--limit", "1"],
-        cwd=root / name, env=env, stdout=open(root / f"{name}.log", "a"), stderr=subprocess.STDOUT,
-        start_new_session=True)
 
 
 def _cnnflow(args: list[str], folder: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -133,7 +123,7 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED" and finished.data.tags["restarts"] == "1"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))  # each once
-    cluster["workers"][worker] = _worker(worker, cluster["root"], cluster["worker_env"])  # as it was
+    cluster["workers"][worker] = start_worker("box", worker, cluster["root"], cluster["worker_env"])  # as it was
 
 
 @pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
@@ -168,7 +158,7 @@ def test_a_worker_stopped_with_sigterm_hands_its_training_back_at_once(cluster):
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED" and finished.data.tags["restart_epochs"].endswith("h")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 11))
-    cluster["workers"][worker] = _worker(worker, cluster["root"], cluster["worker_env"])
+    cluster["workers"][worker] = start_worker("box", worker, cluster["root"], cluster["worker_env"])
 
 
 @pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
@@ -195,7 +185,7 @@ def test_a_search_on_a_pool_trains_a_trial_on_each_worker_prunes_and_survives_it
 
     for name, process in cluster["workers"].items():  # each worker up, whatever an earlier test left
         if process.poll() is not None:
-            cluster["workers"][name] = _worker(name, cluster["root"], cluster["worker_env"])
+            cluster["workers"][name] = start_worker("box", name, cluster["root"], cluster["worker_env"])
     user = cluster["root"] / "searcher"
     user.mkdir(exist_ok=True)
     storage = f"sqlite:///{user / 'optuna.db'}"
