@@ -9,11 +9,16 @@ on one worker, then 2 on two workers. Each worker is `prefect worker start`, sta
 and stopped after it. Prints the wall and CPU seconds of each phase and the ratio two/one, and the
 CPU seconds the MLflow server, the Prefect server and the search command took in the phase (each
 with everything it started): on two machines they would run elsewhere, here they share the cores.
+The search command's and the workers' logs are kept in benchmarks/results/search_workers-TIME/.
 
 With --core-each, worker i and every process it starts are held to CPU core i (both phases), as if
 each worker were a one-core machine of its own; the servers and the search command run on any core.
 On a machine with as many cores as one training keeps busy, that is the only way two workers can
 show what they gain on two machines.
+
+With --servers-apart, the MLflow server, the Prefect server and the search command (and all they
+start) run at the lowest CPU priority (nice 19), a stand-in for a machine of their own: they get the
+CPU time the trainings leave (a training waiting on them leaves its core), and take none from them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +37,7 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / f"search_workers-{time.strftime('%Y-%m-%d-%H%M%S')}"
 sys.path[:0] = [str(HERE.parent / "tests")]
 
 from conftest import free_port, kill_tree, start_server, start_worker  # noqa: E402
@@ -87,8 +94,15 @@ class CpuSeconds:
         return used
 
 
+def lowest_priority(pid: int) -> None:
+    """nice 19 for a process and everything it has started."""
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.nice(19)
+
+
 def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space: list[str], core_each: bool,
-                 servers: dict[str, int]) -> tuple[float, dict[str, float]]:
+                 servers: dict[str, int], apart: bool) -> tuple[float, dict[str, float]]:
     """Wall seconds of the search command, and the CPU seconds, in that time, of everything the workers
     ran for it (`workers`), of each of `servers` and of the search command."""
     cores = sorted(os.sched_getaffinity(0))
@@ -100,11 +114,13 @@ def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space
     try:
         time.sleep(10)  # the workers poll the pool before the first trial is submitted
         (root / name).mkdir()
+        for pid in servers.values() if apart else ():  # again: a server may have started processes since
+            lowest_priority(pid)
         cpu = CpuSeconds({**{f"w{i}": worker.pid for i, worker in enumerate(pool)}, **servers})
         started = time.perf_counter()
         search = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "search", "--pool", "box",
                                    f"search.name={name}", f"search.parallel={workers}", *space],
-                                  cwd=root / name, env=env,
+                                  cwd=root / name, env=env, preexec_fn=(lambda: os.nice(19)) if apart else None,
                                   stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT)
         cpu.roots["search command"] = search.pid
         while search.poll() is None:
@@ -118,6 +134,8 @@ def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space
     finally:
         for worker in pool:
             kill_tree(worker.pid)
+        for log in root.glob(f"{name}*.log"):  # the search command's and the workers', kept for a look
+            shutil.copy(log, RESULTS)
 
 
 def main() -> None:
@@ -127,6 +145,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="per trial")
     parser.add_argument("--repeats", type=int, default=1, help="pairs (one worker, two workers)")
     parser.add_argument("--core-each", action="store_true", help="hold worker i to CPU core i (see above)")
+    parser.add_argument("--servers-apart", action="store_true",
+                        help="the servers and the search command at nice 19 (see above)")
     parser.add_argument("extra", nargs="*", help="after --: more overrides (tests shrink the data)")
     args = parser.parse_args()
     if args.core_each and len(os.sched_getaffinity(0)) < 2:
@@ -134,6 +154,7 @@ def main() -> None:
     space = ["experiment=fashion_mnist_fast", "search=fashion_mnist_fast", "data.source=idx",
              f"data.path={args.data.resolve()}", f"train.epochs={args.epochs}", f"search.trials={args.trials}",
              "search.epochs=null", "search.sampler=random", "search.seed=0", "search.pruner=none", *args.extra]
+    RESULTS.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started, env = servers(root)
@@ -143,7 +164,8 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for workers in (1, 2):  # alternate, so a slow phase of the machine hits both
                     wall, cpu = timed_search(root, env, workers, f"w{workers}-r{repeat}", space, args.core_each,
-                                             {"MLflow server": started[0].pid, "Prefect server": started[1].pid})
+                                             {"MLflow server": started[0].pid, "Prefect server": started[1].pid},
+                                             args.servers_apart)
                     times[workers].append((wall, cpu))
                     print(f"{workers} worker(s): {args.trials} trials x {args.epochs} epochs in {wall:.0f} s wall, "
                           f"{cpu['workers']:.0f} s CPU; beside them, CPU s: "
@@ -155,7 +177,8 @@ def main() -> None:
     ratio = statistics.median(two[0] / one[0] for one, two in zip(times[1], times[2]))
     print(f"2 workers / 1 worker, wall time: {ratio:.2f}x (median over {args.repeats} pair(s); "
           f"{os.cpu_count()} CPU cores on this machine"
-          + (", each worker held to a core of its own)" if args.core_each else ")"))
+          + (", each worker held to a core of its own" if args.core_each else "")
+          + (", the servers and the search command at nice 19)" if args.servers_apart else ")"))
 
 
 if __name__ == "__main__":
