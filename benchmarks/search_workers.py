@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / f"search_workers-{time.strftime('%Y-%m-%d-%H%M%S')}"
 sys.path[:0] = [str(HERE.parent / "tests")]
 
-from conftest import free_port, kill_tree, start_server, start_worker  # noqa: E402
+from conftest import free_port, kill_tree, reaped_with_us, start_server, start_worker  # noqa: E402
 
 
 def servers(root: Path) -> tuple[list[subprocess.Popen], dict[str, str]]:
@@ -111,6 +111,7 @@ def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space
         return (lambda: os.sched_setaffinity(0, {cores[i]})) if core_each else None
 
     pool = [start_worker("box", f"{name}-w{i}", root, env, preexec_fn=on_core(i)) for i in range(workers)]
+    search = None
     try:
         time.sleep(10)  # the workers poll the pool before the first trial is submitted
         (root / name).mkdir()
@@ -118,10 +119,11 @@ def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space
             lowest_priority(pid)
         cpu = CpuSeconds({**{f"w{i}": worker.pid for i, worker in enumerate(pool)}, **servers})
         started = time.perf_counter()
-        search = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "search", "--pool", "box",
-                                   f"search.name={name}", f"search.parallel={workers}", *space],
-                                  cwd=root / name, env=env, preexec_fn=(lambda: os.nice(19)) if apart else None,
-                                  stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        search = reaped_with_us(subprocess.Popen(
+            [sys.executable, "-m", "cnnflow.flows.cli", "search", "--pool", "box", f"search.name={name}",
+             f"search.parallel={workers}", *space], cwd=root / name, env=env, start_new_session=True,
+            preexec_fn=(lambda: os.nice(19)) if apart else None, stdout=open(root / f"{name}.log", "w"),
+            stderr=subprocess.STDOUT))
         cpu.roots["search command"] = search.pid
         while search.poll() is None:
             cpu.sample()
@@ -132,8 +134,8 @@ def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space
         used = cpu.totals()
         return wall, {"workers": sum(used.pop(f"w{i}") for i in range(workers)), **used}
     finally:
-        for worker in pool:
-            kill_tree(worker.pid)
+        for process in [*pool, search] if search else pool:
+            kill_tree(process.pid)
         for log in root.glob(f"{name}*.log"):  # the search command's and the workers', kept for a look
             shutil.copy(log, RESULTS)
 
