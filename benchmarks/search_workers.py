@@ -130,7 +130,9 @@ def timed_search(root: Path, env: dict[str, str], workers: int, name: str, space
             time.sleep(1)
         wall = time.perf_counter() - started
         if search.returncode:
-            raise SystemExit(f"the search {name} failed (exit {search.returncode}); see {root / f'{name}.log'}")
+            said = [line for line in (root / f"{name}.log").read_text().splitlines() if line.strip()][-1:]
+            raise SystemExit(f"the search {name} failed (exit {search.returncode}): {''.join(said)}\n"
+                             f"its log and the workers' are kept in {RESULTS}")
         used = cpu.totals()
         return wall, {"workers": sum(used.pop(f"w{i}") for i in range(workers)), **used}
     finally:
