@@ -368,7 +368,7 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache
         dataset = dataset.map(lambda image, label: (transform(image, no_seed), label),
                               num_parallel_calls=tf.data.AUTOTUNE)
         dataset = _kept(dataset, where, data, split, role, data["transforms"]["eval"])
-        return dataset.batch(data["batch_size"]).prefetch(tf.data.AUTOTUNE)
+        return _untuned(dataset.batch(data["batch_size"]).prefetch(tf.data.AUTOTUNE))
     dataset = _kept(dataset, where, data, split, role, "decoded")
 
     def epoch(number):
@@ -383,7 +383,20 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache
         return augmented.batch(data["batch_size"])  # per epoch: its last batch is its own remainder
 
     served = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch)
-    return served.prefetch(tf.data.AUTOTUNE)
+    return _untuned(served.prefetch(tf.data.AUTOTUNE))
+
+
+def _untuned(dataset):
+    """`dataset` without tf.data's autotuning thread. That thread sleeps between passes, for up to
+    a minute once an iterator is old, and TensorFlow 2.21 often waited out the sleep when Keras dropped
+    the iterator at the end of a fit: 2-60 s after a training's last epoch, in most search trials run
+    by a worker (benchmarks/README). Untuned, AUTOTUNE means as many parallel calls as there are
+    cores (at most 16), and epochs measured here were as fast."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
 
 
 EPOCH_KEYS = 1 << 20  # epochs a run can have before two (seed, epoch) keys could meet

@@ -133,6 +133,14 @@ def test_pipeline_scales_to_unit_range_and_batches(idx_folder):
     assert labels.shape == (64,)
 
 
+def test_pipelines_run_without_the_autotuning_thread(idx_folder):
+    # TensorFlow 2.21 often waited up to a minute for that thread when a fit dropped its iterator
+    data = data_cfg(idx_folder)
+    split = make_split(data, seed=1)
+    for role in ("train", "valid", "test"):
+        assert make_dataset(data, split, role, seed=1).options().autotune.enabled is False, role
+
+
 def test_digits_source_ships_offline():
     source = registry.build("dataset", "digits")
     assert source.info.image_shape == (28, 28, 1)
