@@ -390,8 +390,8 @@ def _untuned(dataset):
     """`dataset` without tf.data's autotuning thread. That thread sleeps between passes, for up to
     a minute once an iterator is old, and TensorFlow 2.21 often waited out the sleep when Keras dropped
     the iterator at the end of a fit: 2-60 s after a training's last epoch, in most search trials run
-    by a worker (benchmarks/README). Untuned, AUTOTUNE means as many parallel calls as there are
-    cores (at most 16), and epochs measured here were as fast."""
+    by a worker (benchmarks/README). Untuned, AUTOTUNE keeps tf.data's starting values, and
+    epochs measured here were as fast."""
     import tensorflow as tf
 
     options = tf.data.Options()
