@@ -82,6 +82,7 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
     refuse_interpolations(overrides)
     refuse_group_values(overrides)
     resolved = copy.deepcopy(_composed(experiment, tuple(overrides)))
+    overrides = _located(resolved["data"], overrides)
     resolved["experiment"] = experiment
     resolved["overrides"] = overrides
     from cnnflow.flows import runtime, settings
@@ -92,6 +93,26 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
     settings.check_components(resolved)  # ... and the components import it
     resolved["runtime"]["precision"] = runtime.resolved_precision(resolved["runtime"]["precision"])
     return resolved
+
+
+# Where data is: stored resolved, so a run continued, resumed or evaluated from another folder finds it.
+DATA_LOCATIONS = ("path", "data_dir", "manual_dir", "cache_dir")
+
+
+def _located(data: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Relative `data` folders made absolute (~ expanded) in `data` and in the overrides that set them."""
+    for key in DATA_LOCATIONS:
+        value = data.get(key)
+        if isinstance(value, str) and value and "://" not in value:  # gs://... stays as it is
+            data[key] = str(Path(value).expanduser().resolve())
+    located = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        name = key.lstrip("+~")
+        if name.startswith("data.") and name[5:] in DATA_LOCATIONS and value and data.get(name[5:]) is not None:
+            override = f"{key}={_literal(data[name[5:]])}"
+        located.append(override)
+    return located
 
 
 @functools.lru_cache(maxsize=16)

@@ -64,16 +64,19 @@ def resolve_model(reference: str) -> tuple[str, str]:
 
 
 @task(name="evaluate model", cache_policy="none")
-def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
+def evaluate_split(model_uri: str, run_id: str, split: str) -> tuple[dict[str, float], str]:
     """Loss and metrics of the model on `split`: a role of the run's own split (train, valid, test)
-    or a split string of the data (`test[:500]`)."""
+    or a split string of the data (`test[:500]`); and the fingerprint of what it evaluated. A role of
+    the run's split must hold what the run recorded."""
     from cnnflow.components import outputs
-    from cnnflow.components.data import Split, examples, make_dataset, parse_split
+    from cnnflow.components.data import Split, check_same_data, examples, fingerprint_of, make_dataset, parse_split
     from cnnflow.components.data.core import partition_of, split_positions
 
     cfg, output_dir = store.run_settings(run_id)
     if split in ("train", "valid", "test"):
         chosen, role = Split.load(store.run_file(run_id, output_dir, "split.npz")), split
+        check_same_data(cfg["data"], Split(chosen.partitions, chosen.indices,
+                                           {k: v for k, v in chosen.fingerprints.items() if k == role}), run_id)
     else:
         partition, _ = parse_split(split)
         size = len(partition_of(cfg["data"], partition).labels)
@@ -85,7 +88,8 @@ def evaluate_split(model_uri: str, run_id: str, split: str) -> dict[str, float]:
     model = mlflow.keras.load_model(model_uri)
     dataset = make_dataset(cfg["data"], chosen, role, cfg["seed"])
     labels = examples(cfg["data"], chosen, role).labels
-    return outputs.evaluated(model, dataset, labels, bool(cfg["loss"].get("from_logits")))[0]
+    metrics = outputs.evaluated(model, dataset, labels, bool(cfg["loss"].get("from_logits")))[0]
+    return metrics, fingerprint_of(cfg["data"], chosen, role).digest
 
 
 @flow(name="evaluate", flow_run_name="evaluate {model} on {split}")
@@ -99,9 +103,10 @@ def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
     """
     model_uri, run_id = resolve_model(model)
     cfg, _ = store.run_settings(run_id)
-    metrics = evaluate_split(model_uri, run_id, split)
+    metrics, fingerprint = evaluate_split(model_uri, run_id, split)
     with mlflow.start_run(experiment_id=store.experiment_id(cfg), run_name=f"evaluate {split}") as run:
-        store.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split})
+        store.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split,
+                                         "data.eval_fingerprint": fingerprint})
         store.log_metrics(run.info.run_id, {f"eval_{name}": value for name, value in metrics.items()})
     named = model if model == model_uri else f"{model} ({model_uri})"  # what the user asked for, and what it is
     run_logger().info(f"{named} on {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

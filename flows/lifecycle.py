@@ -600,10 +600,12 @@ def _end_run(status: str) -> None:
 
 
 
-def refuse_frozen_changes(before: dict[str, Any], after: dict[str, Any]) -> None:
+def refuse_frozen_changes(before: dict[str, Any], after: dict[str, Any], movable: tuple[str, ...] = ()) -> None:
+    """A continuation that would change what is trained is refused; the `movable` keys (where the data
+    is, when its fingerprint is checked instead) may change."""
     old, new = flatten(before), flatten(after)
     changed = sorted(key for key in set(old) | set(new)
-                     if key.startswith(FROZEN_SETTINGS) and old.get(key) != new.get(key)
+                     if key.startswith(FROZEN_SETTINGS) and key not in movable and old.get(key) != new.get(key)
                      and (key in old or not key.startswith("runtime.")))  # runs from before runtime.* existed
     if changed:
         details = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)

@@ -8,7 +8,7 @@ from cnnflow.components.errors import RunError
 from cnnflow.flows import store
 from cnnflow.flows.store import LOCKS_EXPERIMENT
 
-COLUMNS = ("run", "experiment", "status", "started", "model", "train", "epochs", "best val_acc", "test_acc",
+COLUMNS = ("run", "experiment", "status", "started", "model", "train", "data", "epochs", "best val_acc", "test_acc",
            "overrides")
 
 
@@ -24,6 +24,8 @@ def _row(run, experiment_names: dict[str, str]) -> list[str]:
     return [
         run.info.run_id[:8], experiment_names.get(run.info.experiment_id, "?"), run.info.status, started,
         params.get("model.name", "-"), tags.get("split.train_size", "-"),
+        # what it trained (or evaluated) on: the fingerprint's first digits, as MLflow's Datasets column shows it
+        (tags.get("data.train_fingerprint") or tags.get("data.eval_fingerprint") or "-")[:12],
         str(max((m.step for m in history), default=0) or "-"),
         f"{max(m.value for m in history):.4f}" if history else "-",
         f"{metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else

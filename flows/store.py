@@ -210,10 +210,13 @@ def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path, features: d
         client.log_artifact(run_id, str(output_dir / name))
 
 
-def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str, Any]) -> None:
+def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str, Any], context: str | None = None) -> None:
     """Each role of the split as an MLflow dataset input (the Datasets column, and comparisons of runs):
-    where the data came from, the partition and size, and a digest of the exact positions used, so two
-    runs on the same images show the same digest."""
+    where the data came from, the partition and size, and what it holds: the digest is the role's
+    content fingerprint (components/data/fingerprint.py), so runs on the same bytes show the same
+    digest wherever the files were. MLflow's SQL stores keep 36 characters of a digest (PostgreSQL
+    refuses more), so the digest is the fingerprint's first 36 hex digits; the full SHA-256 is the
+    input's `fingerprint` tag, the dataset's profile and the run's tag data.<role>_fingerprint."""
     import warnings
 
     import numpy as np
@@ -221,7 +224,7 @@ def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.types.schema import Schema, TensorSpec
 
     if data["source"] == "tfds":
@@ -235,14 +238,17 @@ def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str
     contexts = {"train": "training", "valid": "validation", "test": "test"}
     inputs = []
     for role, positions in split.indices.items():
-        partition = split.partitions[role]
-        digest = hashlib.sha256(f"{data['source']}:{data['name']}:{partition}:".encode()
-                                + np.asarray(positions, dtype=np.int64).tobytes()).hexdigest()[:10]
-        dataset = MetaDataset(source, name=f"{data['name']}-{role}", digest=digest, schema=schema)
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [
-            InputTag("mlflow.data.context", contexts.get(role, role)), InputTag("partition", partition),
-            InputTag("size", str(len(positions)))]))
+        partition, fingerprint = split.partitions[role], split.fingerprints[role]
+        described = MetaDataset(source, name=f"{data['name']}-{role}", digest=fingerprint[:_DIGEST_LENGTH],
+                                 schema=schema).to_dict()
+        entity = Dataset(**described | {"profile": json.dumps({"sha256": fingerprint, "examples": len(positions)})})
+        inputs.append(DatasetInput(entity, [
+            InputTag("mlflow.data.context", context or contexts.get(role, role)), InputTag("partition", partition),
+            InputTag("size", str(len(positions))), InputTag("fingerprint", fingerprint)]))
     MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
+_DIGEST_LENGTH = 36  # MLflow's datasets.digest column: String(36)
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:

@@ -63,14 +63,15 @@ def load_data(data: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="split", cache_policy="none")
 def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, output_dir: str) -> str:
-    """Fixed-seed train/validation/test positions, saved as split.npz; sizes become run tags and the
-    per-class counts a table (split_counts.json)."""
-    from cnnflow.components.data import class_counts, make_split
+    """Fixed-seed train/validation/test positions and what they hold (fingerprints), saved as
+    split.npz; sizes and fingerprints become run tags and the per-class counts a table (split_counts.json)."""
+    from cnnflow.components.data import class_counts, fingerprinted, make_split
 
-    split = make_split(cfg["data"], cfg["seed"])
+    split = fingerprinted(cfg["data"], make_split(cfg["data"], cfg["seed"]))
     sizes = split.sizes()
     store.set_tags(run_id, {f"split.{role}_size": size for role, size in sizes.items()}
-                      | {f"split.{role}": split.partitions[role] for role in sizes})
+                      | {f"split.{role}": split.partitions[role] for role in sizes}
+                      | {f"data.{role}_fingerprint": value for role, value in split.fingerprints.items()})
     counts = class_counts(cfg["data"], split, tuple(features["class_names"]))
     rows = [(role, name, n) for role, per_class in counts.items() for name, n in per_class.items()]
     mlflow.log_table({"split": [r[0] for r in rows], "class": [r[1] for r in rows], "count": [r[2] for r in rows]},
@@ -137,12 +138,13 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
 
     from cnnflow.components.callbacks import (EpochCheckpoint, EpochMetrics, EpochProgress, StopOnDivergence,
                                               backfill_metrics, restore_random_state, state_of)
-    from cnnflow.components.data import (Split, cache_needs, caching, examples, make_dataset, read_in_full,
-                                         steps_per_epoch)
+    from cnnflow.components.data import (Split, cache_needs, caching, check_same_data, examples, make_dataset,
+                                         read_in_full, steps_per_epoch)
     from cnnflow.components.serving import log_serving_model
 
     _prepare_tensorflow(cfg)
     split = Split.load(split_path)
+    check_same_data(cfg["data"], split, run_id)  # a resumed or continued training goes on with what it began
     strategy = runtime.distribution(cfg["runtime"])
     inside_epoch = Path(model_path).suffix == ".npz"  # a position inside an epoch: its arrays fill a model file
     state = state_of(model_path) if initial_epoch or inside_epoch else {}
@@ -490,7 +492,9 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
         overrides: Settings that may change between stages, one `key=value` per item, e.g.
             `optimizer.learning_rate=0.0001`; settings that define what is trained are refused.
     """
+    from cnnflow.components.data import Split, check_same_data
     from cnnflow.components.errors import SettingsError
+    from cnnflow.flows.config import DATA_LOCATIONS
 
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise SettingsError(f"epochs={epochs!r}: continue needs a positive number of epochs")
@@ -501,7 +505,11 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     if not any(override.startswith("runtime.precision=") for override in overrides or []):
         # what `auto` resolved to when the run started, even where it would resolve otherwise now
         cfg["runtime"]["precision"] = stored.get("runtime", {}).get("precision", cfg["runtime"]["precision"])
-    lifecycle.refuse_frozen_changes(stored, cfg)
+    split_path = str(store.run_file(run_id, output_dir, "split.npz"))
+    # the data may have moved (another folder, machine, a relative path typed elsewhere) when its
+    # fingerprint says it is the same: the train task checks that before it trains
+    fingerprinted = bool(Split.load(split_path).fingerprints)
+    lifecycle.refuse_frozen_changes(stored, cfg, tuple(f"data.{key}" for key in DATA_LOCATIONS) if fingerprinted else ())
     bound_prefect_outages(cfg["train"]["outage_timeout"])
     logger = run_logger()
     checkpoint, skipped = lifecycle.newest_checkpoint(run_id, output_dir, logger)
@@ -510,14 +518,14 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
         raise RunError(f"run {run_id} has no usable checkpoint ({why}); it cannot be continued")
     cfg["train"]["epochs"] = checkpoint["epoch"] + epochs
     runtime.use_environment(cfg["runtime"], logger)
+    features = load_data(cfg["data"])
+    check_same_data(cfg["data"], Split.load(split_path), run_id)  # refused before the run is touched
     with lifecycle.tracked_run(cfg, run_id, logger) as (run_id, output_dir):
         stage = lifecycle.next_stage(run_id)
         store.set_tags(run_id, {f"stage.{stage}.epochs": f"{checkpoint['epoch'] + 1}-{cfg['train']['epochs']}",
                                    f"stage.{stage}.overrides": " ".join(overrides or []) or "(none)",
                                    "stages": stage, "epochs_total": cfg["train"]["epochs"]})
         logger.info(f"continuing run {run_id}: stage {stage}, epochs {checkpoint['epoch'] + 1}-{cfg['train']['epochs']}")
-        features = load_data(cfg["data"])
-        metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, str(store.run_file(run_id, output_dir, "split.npz")),
-                                     checkpoint["path"], checkpoint["epoch"])
+        metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, split_path, checkpoint["path"], checkpoint["epoch"])
     logger.info(f"done: run {run_id}, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return run_id

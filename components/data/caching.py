@@ -1,10 +1,12 @@
 """Where decoded images are kept between epochs: `data.cache` = auto | memory | disk | none.
 
 - memory: tf.data's in-memory cache, filled in the first epoch (a decoded CelebA face is 116 KB).
-- disk: a tf.data cache file in `data.cache_dir`, named by what it holds (the source, the partition,
-  the chosen examples and the preprocessing), so a later run on the same data reads it instead of
-  decoding again. It is written under a name of this process's own and published under the shared
-  name only when complete: a writer that dies leaves nothing that blocks a rerun or a parallel job.
+- disk: a tf.data cache file in `data.cache_dir`, named by the content it is made from (the examples'
+  fingerprint, fingerprint.py) and how (the source and the preprocessing), so a later run on the same
+  bytes reads it instead of decoding again, and a run on changed files makes a new one. It is written
+  under a name of this process's own and published under the shared name only when complete, with
+  each file's SHA-256: a writer that dies leaves nothing that blocks a rerun or a parallel job, and a
+  file damaged later is found when the cache is opened, set aside and written anew.
 - none: decode every epoch (reading and decoding are parallel and prefetched either way).
 - auto: memory when it fits `data.cache_memory` (a fraction of the RAM available now), else disk when
   it fits in half the free space of `data.cache_dir`, else none. Pixels already in memory (MNIST)
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CACHED_ROLES = ("train", "valid")
 _PARTIAL = ".partial."  # <key>.partial.<host>.<pid>.<random>: a cache file still being written
+_USED = ".used."  # <key>.used.<host>.<pid>: a process reads this cache (prune leaves it)
+CHECKSUMS = ".sha256"  # <key>.sha256: each file's size and SHA-256, written before the index
 
 
 @dataclass(frozen=True)
@@ -106,15 +110,21 @@ def key(description: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def on_disk(dataset, folder: Path, name: str):
+def on_disk(dataset, folder: Path, name: str, count: int):
     """`dataset.cache()` in a file shared by every run that caches the same contents: read when it
-    is complete, else written under this process's own name and published when the first pass ends."""
+    is complete and its checksums hold, else written under this process's own name and published
+    when the first pass ends. `count`: the examples it holds."""
     import tensorflow as tf
 
     folder.mkdir(parents=True, exist_ok=True)
+    _tag(folder)
     final = folder / name
     if Path(f"{final}.index").exists():
-        return dataset.cache(str(final))
+        damage = damaged(final)
+        if not damage:
+            _in_use(final)
+            return dataset.cache(str(final))
+        set_aside(final, damage)
     _remove_abandoned(folder)
     own = folder / f"{name}{_PARTIAL}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
@@ -122,35 +132,109 @@ def on_disk(dataset, folder: Path, name: str):
 
     def publish():
         _publish(own, final)
+        _in_use(final)
         return True
 
     # Runs after the cache's input is exhausted, i.e. when tf.data has written the complete file;
-    # the element is filtered out, so consumers see exactly the cached examples.
+    # the element is filtered out, so consumers see exactly the cached examples (and, told their
+    # number, Keras does not warn that its input "ran out of data").
     spec = dataset.element_spec
     placeholder = tf.nest.map_structure(
         lambda s: tf.zeros([d or 0 for d in s.shape] if s.shape.rank is not None else [], s.dtype), spec)
     published = tf.data.Dataset.from_tensors(placeholder).filter(
         lambda *_: tf.logical_not(tf.reshape(tf.py_function(publish, [], tf.bool), [])))
-    return dataset.cache(str(own)).concatenate(published)
+    return (dataset.cache(str(own)).concatenate(published)
+            .apply(tf.data.experimental.assert_cardinality(count)))
 
 
 def _publish(own: Path, final: Path) -> None:
     """Give the complete cache files the shared name: hard links (the running pipeline keeps reading
-    its own name), the index last, each by an atomic rename, so a reader never sees half a cache."""
+    its own name), then their checksums, the index last, each by an atomic rename, so a reader never
+    sees half a cache, and one that a disk or a hand later damages is found before it is read."""
     if Path(f"{final}.index").exists() or not Path(f"{own}.index").exists():
         return
     files = sorted(own.parent.glob(f"{own.name}.data-*")) + [Path(f"{own}.index")]
-    for file in files:
-        target = final.parent / (final.name + file.name[len(own.name):])
+    sums = {file.name[len(own.name):]: [file.stat().st_size, _sha256(file)] for file in files}
+    staged = {final.parent / (final.name + file.name[len(own.name):]): file for file in files}
+    staged[Path(f"{final}{CHECKSUMS}")] = None
+    for target, file in sorted(staged.items(), key=lambda item: item[0].name.endswith(".index")):
         staging = final.parent / f"{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            os.link(file, staging)
-        except OSError:  # a file system without hard links
-            import shutil
+        if file is None:
+            staging.write_text(json.dumps(sums))
+        else:
+            try:
+                os.link(file, staging)
+            except OSError:  # a file system without hard links
+                import shutil
 
-            shutil.copyfile(file, staging)
+                shutil.copyfile(file, staging)
         os.replace(staging, target)
     log.info("published the data cache %s", final)
+
+
+def damaged(final: Path) -> str | None:
+    """Why the published cache `final` cannot be read as it is (a file missing, cut short or
+    changed since it was written), or None when its checksums hold."""
+    try:
+        sums = json.loads(Path(f"{final}{CHECKSUMS}").read_text())
+    except (OSError, ValueError):
+        return f"no readable checksums ({final.name}{CHECKSUMS})"
+    for suffix, (size, digest) in sorted(sums.items()):
+        file = Path(f"{final}{suffix}")
+        if not file.is_file():
+            return f"{file.name} is missing"
+        if file.stat().st_size != size:
+            return f"{file.name} holds {file.stat().st_size:,} bytes, not {size:,}"
+        if _sha256(file) != digest:
+            return f"{file.name} has changed since it was written (its SHA-256 differs)"
+    return None
+
+
+def set_aside(final: Path, why: str) -> Path:
+    """Move a damaged cache's files into <cache folder>/damaged/ (for a look; `cnnflow cache clear`
+    removes them), so the next pass writes it anew."""
+    aside = final.parent / "damaged"
+    aside.mkdir(exist_ok=True)
+    stamp = uuid.uuid4().hex[:8]
+    for file in cache_files(final):
+        try:
+            os.replace(file, aside / f"{file.name}.{stamp}")
+        except FileNotFoundError:  # another run set it aside first
+            pass
+    log.warning("the data cache %s is damaged (%s): set aside in %s, and made again by this run", final.name, why, aside)
+    return aside
+
+
+def cache_files(final: Path) -> list[Path]:
+    """The files of the published cache `final` (its data, index, checksums and use marks)."""
+    return sorted(file for file in final.parent.glob(f"{final.name}.*") if _PARTIAL not in file.name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _in_use(final: Path) -> None:
+    """Mark the cache as read by this process until it ends (so prune leaves it), and as used now."""
+    mark = Path(f"{final}{_USED}{socket.gethostname()}.{os.getpid()}")
+    mark.touch()
+    atexit.register(mark.unlink, missing_ok=True)
+    index = Path(f"{final}.index")
+    if index.exists():
+        os.utime(index)  # its time is the cache's last use: prune removes the least recently used first
+
+
+def _tag(folder: Path) -> None:
+    """A CACHEDIR.TAG (bford.org/cachedir): backup tools skip the folder."""
+    tag = folder / "CACHEDIR.TAG"
+    if not tag.exists():
+        tag.write_text("Signature: 8a477f597d28d172789f06886806bc55\n"
+                       "# This file is a cache directory tag created by cnnflow (its decoded-image caches).\n"
+                       "# For information about cache directory tags see https://bford.org/cachedir/\n")
 
 
 def _remove(own: Path) -> None:
@@ -159,13 +243,14 @@ def _remove(own: Path) -> None:
 
 
 def _remove_abandoned(folder: Path) -> None:
-    """Partial caches of processes on this machine that are gone (killed mid-write: tf.data leaves
-    its lockfile and half a file behind)."""
+    """Partial caches and use marks of processes on this machine that are gone (killed mid-write:
+    tf.data leaves its lockfile and half a file behind)."""
     host = socket.gethostname()
-    for file in folder.glob(f"*{_PARTIAL}{host}.*"):
-        pid = file.name.split(_PARTIAL, 1)[1][len(host) + 1:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            file.unlink(missing_ok=True)
+    for marker in (_PARTIAL, _USED):
+        for file in folder.glob(f"*{marker}{host}.*"):
+            pid = file.name.split(marker, 1)[1][len(host) + 1:].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                file.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -14,14 +14,14 @@ import contextlib
 import functools
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from cnnflow.components import registry
-from cnnflow.components.data import caching
+from cnnflow.components.data import caching, fingerprint
 from cnnflow.components.errors import DataError
 
 
@@ -209,24 +209,32 @@ def split_positions(split: str, partition_size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Split:
-    """Which examples of which partition each of train/valid/test uses."""
+    """Which examples of which partition each of train/valid/test uses, and, once a run has recorded
+    them, what they held (fingerprint.py): each role's fingerprint and each example's digest."""
 
     partitions: dict[str, str]  # role -> partition name
     indices: dict[str, np.ndarray]  # role -> positions in that partition
+    fingerprints: dict[str, str] = field(default_factory=dict)  # role -> hex SHA-256 of its examples and labels
+    digests: dict[str, np.ndarray] = field(default_factory=dict)  # role -> (n, 32) uint8, one SHA-256 per example
 
     def sizes(self) -> dict[str, int]:
         return {role: len(positions) for role, positions in self.indices.items()}
 
     def save(self, path: str | Path) -> str:
         np.savez(path, **{f"{role}_indices": pos for role, pos in self.indices.items()},
-                 **{f"{role}_partition": np.array(name) for role, name in self.partitions.items()})
+                 **{f"{role}_partition": np.array(name) for role, name in self.partitions.items()},
+                 **{f"{role}_fingerprint": np.array(value) for role, value in self.fingerprints.items()},
+                 **{f"{role}_digests": value for role, value in self.digests.items()})
         return str(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Split:
         with np.load(path) as saved:
             roles = [key.removesuffix("_indices") for key in saved.files if key.endswith("_indices")]
-            return cls({r: str(saved[f"{r}_partition"]) for r in roles}, {r: saved[f"{r}_indices"] for r in roles})
+            recorded = [r for r in roles if f"{r}_fingerprint" in saved.files]  # splits saved before 0.2 have none
+            return cls({r: str(saved[f"{r}_partition"]) for r in roles}, {r: saved[f"{r}_indices"] for r in roles},
+                       {r: str(saved[f"{r}_fingerprint"]) for r in recorded},
+                       {r: saved[f"{r}_digests"] for r in recorded})
 
 
 def shuffled(positions: np.ndarray, buffer_size: int, seed: int) -> np.ndarray:
@@ -323,6 +331,39 @@ def examples(data: dict[str, Any], split: Split, role: str) -> Partition:
     return partition_of(data, split.partitions[role]).take(split.indices[role])
 
 
+_fingerprints: dict[tuple, fingerprint.Fingerprint] = {}  # once per process for the same examples
+
+
+def fingerprint_of(data: dict[str, Any], split: Split, role: str) -> fingerprint.Fingerprint:
+    """What one role of a split holds now, as read from the source (fingerprint.py)."""
+    key = (source_from(data), split.partitions[role],
+           hashlib.sha256(np.ascontiguousarray(split.indices[role], dtype=np.int64).tobytes()).hexdigest())
+    if key not in _fingerprints:
+        if len(_fingerprints) >= 32:  # a long-lived worker: keep the newest
+            _fingerprints.pop(next(iter(_fingerprints)))
+        _fingerprints[key] = fingerprint.of_partition(examples(data, split, role))
+    return _fingerprints[key]
+
+
+def fingerprinted(data: dict[str, Any], split: Split) -> Split:
+    """`split` with what each of its roles holds now recorded in it."""
+    found = {role: fingerprint_of(data, split, role) for role in split.indices}
+    return replace(split, fingerprints={role: f.digest for role, f in found.items()},
+                   digests={role: f.examples for role, f in found.items()})
+
+
+def check_same_data(data: dict[str, Any], split: Split, run_id: str) -> None:
+    """Refuses, in one line naming both fingerprints, to go on training, or to evaluate, a run on data
+    other than what it recorded (a file overwritten, another folder that holds something else)."""
+    for role, recorded in split.fingerprints.items():
+        now = fingerprint_of(data, split, role).digest
+        if now != recorded:
+            where = data.get("path") or data.get("data_dir") or data.get("manual_dir") or data["source"]
+            raise DataError(f"run {run_id} used other data: its {role} examples had fingerprint {recorded[:16]}, "
+                            f"{where} now gives {now[:16]}; point data.path at the data it used, or start a new run "
+                            f"on this data (cnnflow train ... resume=false)")
+
+
 def cache_needs(data: dict[str, Any], split: Split) -> dict[str, caching.Need]:
     """What caching each role would take: decoded images for training (cached before the random
     transforms), finished model inputs for evaluation."""
@@ -408,19 +449,14 @@ def steps_per_epoch(data: dict[str, Any], split: Split) -> int:
 
 
 def _kept(dataset, where: str, data: dict[str, Any], split: Split, role: str, stage: Any):
-    """`dataset` cached where the plan says; a disk cache is named by everything that decides its contents."""
+    """`dataset` cached where the plan says; a disk cache is named by the content it is made from
+    (the examples' fingerprint, never a path or a folder's time) and how it is made from it."""
     if where == "memory":
         return dataset.cache()
     if where != "disk":
         return dataset
     import tensorflow as tf
 
-    location = data.get("path") or data.get("data_dir")
-    contents = {
-        "format": 1, "tensorflow": tf.__version__, "stage": stage, "partition": split.partitions[role],
-        "examples": hashlib.sha256(np.ascontiguousarray(split.indices[role]).tobytes()).hexdigest(),
-        "source": [data[k] for k in ("source", "name", "path", "data_dir", "manual_dir")],
-        "options": source_options(data),
-        "modified": Path(location).expanduser().stat().st_mtime_ns if location and Path(location).expanduser().exists() else None,
-    }
-    return caching.on_disk(dataset, caching.cache_dir(data), f"{role}-{caching.key(contents)}")
+    contents = {"format": 2, "tensorflow": tf.__version__, "stage": stage, "source": data["source"],
+                "options": source_options(data), "examples": fingerprint_of(data, split, role).digest}
+    return caching.on_disk(dataset, caching.cache_dir(data), f"{role}-{caching.key(contents)}", len(split.indices[role]))
