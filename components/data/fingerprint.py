@@ -39,7 +39,8 @@ def of_partition(partition) -> Fingerprint:
     elif partition.encoded == "path":
         header = {"encoded": True}
         with ThreadPoolExecutor(8) as pool:  # reading files waits on the disk, hashing releases the GIL
-            digests = np.array(list(pool.map(_file_digest, images, labels)), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+            found = b"".join(pool.map(_file_digest, images, labels))
+        digests = np.frombuffer(found, dtype=np.uint8).reshape(-1, DIGEST_BYTES).copy()
     elif partition.encoded == "bytes":
         header = {"encoded": True}
         digests = _digests(iter(images), labels)

@@ -3,6 +3,7 @@ original files from `manual_dir` for users who fetched them by hand."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 
@@ -19,12 +20,19 @@ class TfdsSource:
             self.builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
             raise DataError(f"TFDS has no dataset {name!r}; check data.name (e.g. mnist, fashion_mnist)") from None
-        if not manual_dir and not _is_prepared(self.builder) and not _online():
-            raise DataError(f"TFDS needs internet to download {name!r} and this machine has none; " + _local_hint(name))
+        if not _is_prepared(self.builder) and not _online():
+            missing = _missing_files(self.builder, manual_dir)
+            if not manual_dir:
+                raise DataError(f"TFDS needs internet to download {name!r} and this machine has none; " + _local_hint(name))
+            if missing:  # TFDS would retry the download of each for minutes, and leave parts of them behind
+                raise DataError(f"data.manual_dir={manual_dir} lacks {', '.join(missing)} for TFDS {name!r}, and this "
+                                f"machine has no internet to download them; put the original files there, or "
+                                + _local_hint(name))
         try:
-            self.builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-            )
+            with _preparing(self.builder):
+                self.builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+                )
         except Exception as error:  # TFDS raises many types for a failed download
             if is_transient(error):  # the load-data task retries it (5 s, then 30 s)
                 raise TransientError(f"TFDS could not download {name!r}, maybe for a moment ({type(error).__name__}: "
@@ -83,6 +91,23 @@ def _local_hint(name: str) -> str:
         files = "data.source=idx data.path=<folder with the original *-ubyte.gz files>"
     return (f"point cnnflow at local files: {files}, or data.manual_dir=<that folder> to let TFDS use them, "
             "or data.data_dir=<an already prepared TFDS data_dir>.")
+
+
+def _missing_files(builder, manual_dir: str | None) -> list[str]:
+    """The original files TFDS would download for `builder` that `manual_dir` does not hold."""
+    infos = getattr(builder, "url_infos", None) or {}
+    names = sorted({info.filename or url.rsplit("/", 1)[-1] for url, info in infos.items()})
+    return [name for name in names if not manual_dir or not (Path(manual_dir).expanduser() / name).is_file()]
+
+
+def _preparing(builder):
+    """One preparer of a dataset at a time, across processes: a second waits, then finds it prepared
+    (TFDS writes into a temporary folder and renames it when complete, so a crash leaves no half)."""
+    from filelock import FileLock
+
+    lock = Path(str(builder.data_path)).parent / f".{Path(str(builder.data_path)).name}.cnnflow.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(lock)
 
 
 def _is_prepared(builder) -> bool:

@@ -175,6 +175,7 @@ def test_tfds_passes_manual_dir_to_the_download(monkeypatch, tmp_path):
         raise seen["error"]
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fake_download_and_prepare)
+    monkeypatch.setattr(tfds_source, "_online", lambda *a: True)  # the download path, as on a machine online
     seen["error"] = ConnectionError("no route to host")  # may pass by itself: the task retries it
     with pytest.raises(TransientError, match="could not download 'mnist', maybe for a moment.*ConnectionError"):
         registry.build("dataset", "tfds", name="mnist", data_dir=str(tmp_path), manual_dir=str(tmp_path / "m"))
@@ -182,3 +183,19 @@ def test_tfds_passes_manual_dir_to_the_download(monkeypatch, tmp_path):
     seen["error"] = AssertionError("checksum of train-images-idx3-ubyte.gz does not match")  # will not pass
     with pytest.raises(DataError, match="could not download or prepare 'mnist'.*checksum"):
         registry.build("dataset", "tfds", name="mnist", data_dir=str(tmp_path), manual_dir=str(tmp_path / "m2"))
+
+
+def test_tfds_offline_with_a_half_filled_manual_dir_names_the_missing_files_at_once(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.setattr(tfds_source, "_online", lambda *a: False)
+    manual = make_idx_folder(tmp_path / "manual", train=0, test=20)  # only the test files, as ../shared has
+    data_dir = tmp_path / "tfds"
+    started = time.monotonic()
+    with pytest.raises(DataError) as refused:
+        registry.build("dataset", "tfds", name="mnist", data_dir=str(data_dir), manual_dir=str(manual))
+    assert time.monotonic() - started < 10
+    message = str(refused.value)
+    assert "lacks train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in message and "t10k" not in message
+    assert "\n" not in message and "data.source=idx" in message
+    assert not data_dir.exists() or not [f for f in data_dir.rglob("*") if f.is_file()]  # nothing partial

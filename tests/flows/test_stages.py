@@ -83,6 +83,45 @@ def test_continue_refuses_changes_to_what_is_trained(prefect_harness, mlflow_sto
         continue_flow("nope", 1)
 
 
+def test_a_relative_data_path_is_continued_from_another_folder_and_other_data_is_refused(
+        prefect_harness, mlflow_store, monkeypatch, tmp_path):
+    make_idx_folder(tmp_path / "mdata")  # the store's folder is the working folder
+    overrides = ["data.path=mdata"] + tiny_overrides(Path("unused"))[1:]  # typed relative, in the store's folder
+    run_id = train_flow("mnist", overrides)
+    recorded = MlflowClient().get_run(run_id).data.tags
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the same store (MLFLOW_TRACKING_URI), another working folder
+    assert continue_flow(run_id, 1) == run_id  # the path was stored resolved
+    shutil.copytree(tmp_path / "mdata", elsewhere / "copy")
+    assert continue_flow(run_id, 1, ["data.path=copy"]) == run_id  # the same bytes elsewhere: accepted
+    make_idx_folder(elsewhere / "other", seed=7)
+    with pytest.raises(DataError) as refused:
+        continue_flow(run_id, 1, ["data.path=other"])
+    train = recorded["data.train_fingerprint"]
+    assert len(train) == 64 and f"fingerprint {train[:16]}," in str(refused.value)
+    assert "resume=false" in str(refused.value) and str(elsewhere / "other") in str(refused.value)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stages"] == "3"  # the refusal touched nothing
+    with pytest.raises(RunError, match="cannot change model.dropout_rate"):  # what is trained stays frozen
+        continue_flow(run_id, 1, ["data.path=copy", "model.dropout_rate=0.2"])
+
+
+def test_evaluate_records_the_fingerprint_of_what_it_evaluated(prefect_harness, mlflow_store, idx):
+    run_id = train_flow("mnist", tiny_overrides(idx) + ["plots=none"])
+    evaluate_flow(run_id, "test")
+    [evaluation] = mlflow.search_runs(filter_string=f"tags.evaluation_of = '{run_id}'", search_all_experiments=True,
+                                      output_format="list")
+    trained = MlflowClient().get_run(run_id).data.tags
+    assert evaluation.data.tags["data.eval_fingerprint"] == trained["data.test_fingerprint"]
+    make_idx_folder(idx, seed=7)  # the files overwritten in place
+    from cnnflow.components.data import core
+
+    core._cached_source.cache_clear()  # as a new process would read them
+    with pytest.raises(DataError, match="used other data: its test examples"):
+        evaluate_flow(run_id, "test")
+
+
 RECIPES = {  # tiny and in float32, the precision whose results repeat bit for bit on one machine
     "mnist": lambda folder: tiny_overrides(make_idx_folder(folder)),  # dropout
     "celeba": lambda folder: [f"data.path={write_celeba(folder, train=40, valid=12, test=12)}", "data.train_size=30",

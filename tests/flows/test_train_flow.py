@@ -225,6 +225,14 @@ def test_the_split_is_logged_as_mlflow_dataset_inputs(finished_run, store):
     assert json.loads(inputs["training"].dataset.source)["uri"] == str(store / "idx")
     # training and validation come from one partition, at different positions: different digests
     assert len({found.dataset.digest for found in inputs.values()}) == 3
+    # each digest is the role's content fingerprint: as much as MLflow's column holds, the full one beside it
+    tags = MlflowClient().get_run(run_id).data.tags
+    for context, role in (("training", "train"), ("validation", "valid"), ("test", "test")):
+        full = tags[f"data.{role}_fingerprint"]
+        found = inputs[context]
+        assert len(full) == 64 and found.dataset.digest == full[:36]
+        assert {tag.key: tag.value for tag in found.tags}["fingerprint"] == full
+        assert json.loads(found.dataset.profile)["sha256"] == full
 
 
 def test_a_validation_only_run_never_touches_the_test_split(prefect_harness, store):
