@@ -138,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="compare recent runs of an experiment in a table")
     runs.add_argument("experiment", nargs="?", default=None, help="the MLflow experiment (default: all)")
     runs.add_argument("--limit", type=int, default=20)
+    cache = commands.add_parser(
+        "cache", help="list, verify, prune or clear the data caches (and list the run folders) cnnflow keeps",
+        description="The disk cnnflow keeps outside the MLflow store: data caches (data.cache=disk), which prune "
+                    "and clear remove (least recently used first; never one a running training reads), and run "
+                    "folders under outputs/, which list shows.")
+    cache.add_argument("action", choices=("list", "verify", "prune", "clear"))
+    cache.add_argument("--dir", default=None, help="the data cache folder (default: data.cache_dir's, "
+                                                   "~/.cache/cnnflow/tf.data)")
+    cache.add_argument("--outputs", default="outputs", help="the run folders' root (default: outputs)")
+    cache.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                       help="prune: caches last used more than DAYS ago")
+    cache.add_argument("--max-size", default=None, metavar="SIZE", help="prune: then the least recently used until "
+                                                                       "the rest fit in SIZE (500M, 20G)")
     components = commands.add_parser("components", help="list the registered components of each kind")
     components.add_argument("kind", nargs="?", help="only this kind")
     return parser
@@ -396,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_tracebacks_of_user_errors()
     interrupts.terminate_cleanly()  # SIGTERM (workers, Docker, Kubernetes) stops like Ctrl-C
     try:
+        if args.command == "cache":
+            from cnnflow.flows import housekeeping
+
+            print(housekeeping.run(args.action, args.dir, args.outputs, args.older_than, args.max_size))
+            return 0
         if args.command == "train" and args.pool:
             return run_on_pool(args.overrides, args.multirun, args.pool, wait=not args.no_wait)
         if args.no_wait if args.command == "train" else False:

@@ -413,6 +413,49 @@ def newest_checkpoint(run_id: str, folder: Path, logger) -> tuple[dict | None, l
     return (here[0] if here else None), skipped
 
 
+def tidy_finished(run_id: str, folder: Path, epochs_done: int, keep: int, logger) -> int:
+    """What a finished training no longer needs, removed; returns the bytes freed. Positions inside
+    epochs go (here and in the artifact store: only a stopped training resumes from one), and so do
+    the untrained model and all but the newest `keep` epoch checkpoints (the newest is what `continue`
+    needs). This machine's copy of a kept checkpoint goes too when the artifact store is a folder on
+    this machine that holds it whole: the same file twice. Nothing goes before the store holds the
+    last epoch's checkpoint."""
+    import mlflow
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    stored = _stored_states(run_id)
+    epoch_slots = [slot for state, slot in stored if not state["batch"]]
+    if not epoch_slots or stored[0][0]["epoch"] != epochs_done:
+        logger.warning(f"run {run_id}: the artifact store does not hold the checkpoint of epoch {epochs_done} yet; "
+                       f"its checkpoints are kept as they are")
+        return 0
+    freed = 0
+    gone = [slot for state, slot in stored if state["batch"]] + epoch_slots[keep:]
+    artifact_uri = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    repository = get_artifact_repository(artifact_uri)
+    for slot in gone:
+        try:
+            freed += sum(entry.file_size or 0 for entry in repository.list_artifacts(slot))
+            repository.delete_artifacts(slot)
+        except Exception as error:  # a store that cannot delete (NotImplementedError, a refusal) keeps them
+            logger.warning(f"run {run_id}: could not delete {slot} from the artifact store ({type(error).__name__}); kept")
+            break
+    held_here = artifact_uri.startswith(("file:", "/")) and bool(keep)
+    epochs = sorted(folder.glob("checkpoint-epoch[0-9][0-9][0-9][0-9].keras"))
+    local = epochs if held_here or not keep else epochs[:-keep]
+    doomed = [file for model in local for file in (model, model.with_suffix(".json"))]
+    doomed += list(folder.glob("checkpoint-epoch*-batch*")) + list(folder.glob("checkpoint-epoch*-base.keras"))
+    doomed += [folder / "untrained.keras"] + [file for file in (folder / ".upload").rglob("*") if file.is_file()]
+    for file in doomed:
+        if file.is_file():
+            freed += file.stat().st_size
+            file.unlink()
+    shutil.rmtree(folder / ".upload", ignore_errors=True)
+    logger.info(f"finished: {freed / 2**20:.0f} MiB of checkpoints no longer needed removed (train.keep_checkpoints="
+                f"{keep}: the newest epoch's is kept{' in the artifact store' if held_here else ''} for continue)")
+    return freed
+
+
 # ---------------------------------------------------------------------------------- resume, run
 
 def find_unfinished(cfg: dict[str, Any], logger) -> tuple[str | None, dict | None]:

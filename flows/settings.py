@@ -94,6 +94,7 @@ class Data(Section):
     cache_memory: Annotated[float, Interval(gt=0, le=1),
                             Field(description="a fraction of the available RAM, above 0 and at most 1, like 0.25")] = 0.25
     cache_dir: Name | None = None
+    cache_max_gb: Annotated[float, Interval(gt=0), Field(description="GiB, like 20")] | None = None
     transforms: Transforms
 
 
@@ -110,6 +111,7 @@ class Train(Section):
     checkpoint_slots: Annotated[int, Interval(ge=2, le=100)] = 2
     checkpoint_minutes: Annotated[float, Interval(ge=0, le=10080),
                                   Field(description="minutes, 0 for epoch ends only, like 10")] = 10
+    keep_checkpoints: Annotated[int, Interval(ge=0, le=100)] = 1
     lease_timeout: Annotated[float, Interval(ge=10, le=86400),
                              Field(description="seconds, at least 10, like 120")] = 120
     outage_timeout: Annotated[float, Interval(ge=5, le=604800),

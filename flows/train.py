@@ -417,6 +417,7 @@ def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, featu
         run_logger().info("test split not evaluated (train.test=false): validation only")
     promotion.maybe_register(cfg, run_id, run_logger())
     report.publish_training(run_id, epochs_done, metrics, output_dir)
+    lifecycle.tidy_finished(run_id, Path(output_dir), epochs_done, cfg["train"]["keep_checkpoints"], run_logger())
     return metrics
 
 

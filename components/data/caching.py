@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +111,11 @@ def key(description: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def on_disk(dataset, folder: Path, name: str, count: int):
+def on_disk(dataset, folder: Path, name: str, count: int, cap_bytes: int | None = None):
     """`dataset.cache()` in a file shared by every run that caches the same contents: read when it
     is complete and its checksums hold, else written under this process's own name and published
-    when the first pass ends. `count`: the examples it holds."""
+    when the first pass ends (then older caches are removed, least recently used first, until the
+    folder holds at most `cap_bytes`). `count`: the examples it holds."""
     import tensorflow as tf
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,6 +135,10 @@ def on_disk(dataset, folder: Path, name: str, count: int):
     def publish():
         _publish(own, final)
         _in_use(final)
+        if cap_bytes is not None:  # data.cache_max_gb: the least recently used others make room
+            for entry in prune(folder, max_bytes=cap_bytes):
+                log.info("removed the data cache %s (last used %s) to stay within data.cache_max_gb", entry.final.name,
+                         time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)))
         return True
 
     # Runs after the cache's input is exhausted, i.e. when tf.data has written the complete file;
@@ -261,3 +267,62 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+# ------------------------------------------------------------------------------------ housekeeping
+
+@dataclass(frozen=True)
+class Entry:
+    """One published cache: its files' total size, last use (its index's time), and whether a live
+    process on this machine reads it now."""
+
+    final: Path
+    bytes: int
+    last_used: float
+    in_use: bool
+
+
+def entries(folder: Path) -> list[Entry]:
+    """The published caches in `folder`, least recently used first."""
+    if not folder.is_dir():
+        return []
+    _remove_abandoned(folder)
+    found = []
+    for index in folder.glob("*.index"):
+        if _PARTIAL in index.name:
+            continue
+        final = index.with_suffix("")
+        files = cache_files(final)
+        used = any(_USED in file.name for file in files)
+        found.append(Entry(final, sum(file.stat().st_size for file in files if file.exists()), index.stat().st_mtime, used))
+    return sorted(found, key=lambda entry: entry.last_used)
+
+
+def remove(entry: Entry) -> int:
+    """Delete a cache's files, the index first (so no reader takes it for complete); the bytes freed."""
+    files = sorted(cache_files(entry.final), key=lambda file: not file.name.endswith(".index"))
+    for file in files:
+        file.unlink(missing_ok=True)
+    return entry.bytes
+
+
+def prune(folder: Path, older_than_days: float | None = None, max_bytes: int | None = None) -> list[Entry]:
+    """Remove caches last used more than `older_than_days` ago, then the least recently used until the
+    rest fit in `max_bytes`; never one that a running process reads. The removed, in order."""
+    import time
+
+    kept, removed = entries(folder), []
+    if older_than_days is not None:
+        cutoff = time.time() - older_than_days * 86400
+        for entry in [e for e in kept if e.last_used < cutoff and not e.in_use]:
+            remove(entry)
+            removed.append(entry)
+            kept.remove(entry)
+    if max_bytes is not None:
+        total = sum(entry.bytes for entry in kept)
+        for entry in [e for e in kept if not e.in_use]:
+            if total <= max_bytes:
+                break
+            total -= remove(entry)
+            removed.append(entry)
+    return removed

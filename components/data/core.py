@@ -459,4 +459,6 @@ def _kept(dataset, where: str, data: dict[str, Any], split: Split, role: str, st
 
     contents = {"format": 2, "tensorflow": tf.__version__, "stage": stage, "source": data["source"],
                 "options": source_options(data), "examples": fingerprint_of(data, split, role).digest}
-    return caching.on_disk(dataset, caching.cache_dir(data), f"{role}-{caching.key(contents)}", len(split.indices[role]))
+    cap = data.get("cache_max_gb")
+    return caching.on_disk(dataset, caching.cache_dir(data), f"{role}-{caching.key(contents)}", len(split.indices[role]),
+                           None if cap is None else int(cap * 2**30))

@@ -68,10 +68,15 @@ def test_retrain_flow_trains_the_next_size_and_tags_the_sequence(prefect_harness
 
 
 @pytest.mark.slow
-def test_a_warm_started_retraining_begins_from_the_champions_weights(prefect_harness, mlflow_store, tmp_path):
+def test_a_warm_started_retraining_begins_from_the_champions_weights(prefect_harness, mlflow_store, tmp_path,
+                                                                     monkeypatch):
     import keras
     import numpy as np
 
+    from cnnflow.flows import lifecycle
+
+    # the untrained model is what this test compares with the champion; a finished run removes it
+    monkeypatch.setattr(lifecycle, "tidy_finished", lambda *args: 0)
     idx = make_idx_folder(tmp_path / "idx")
     overrides = [f"data.path={idx}", "data.source=idx", "data.valid_size=40", "data.shuffle_buffer=100",
                  "train.epochs=1", "retrain.sizes=[60,120]", "retrain.warm_start=true", "plots=none"]
