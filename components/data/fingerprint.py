@@ -74,11 +74,3 @@ def _streamed(records):
     for batch in records.dataset().batch(1024).as_numpy_iterator():
         yield from batch
 
-
-def changes(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, int]:
-    """Between two runs' examples of one role, each keyed by (partition, position) -> digest: how many
-    were added, removed, changed (same place, other bytes) and kept."""
-    added = sum(1 for place in after if place not in before)
-    removed = sum(1 for place in before if place not in after)
-    changed = sum(1 for place, digest in after.items() if place in before and before[place] != digest)
-    return {"added": added, "removed": removed, "changed": changed, "same": len(after) - added - changed}
