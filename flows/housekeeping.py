@@ -11,35 +11,24 @@
 from __future__ import annotations
 
 import datetime
+import re
 import shutil
 from pathlib import Path
 
 from cnnflow.components.data import caching
+from cnnflow.components.data.caching import readable_size
 from cnnflow.components.errors import SettingsError
 
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40, "TB": 2**40}
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?")
 
 
 def size_bytes(text: str) -> int:
-    """`500M`, `20G`, `1.5GB`, `1000000` -> bytes."""
-    number = text.strip().upper().rstrip("IB") if text.strip().upper().endswith("IB") else text.strip().upper()
-    digits = number.rstrip("KMGTB")
-    unit = number[len(digits):]
-    try:
-        value = float(digits)
-    except ValueError:
-        value = -1
-    if value < 0 or unit not in _UNITS:
+    """`500M`, `20G`, `1.5GB`, `20GiB`, `1000000` -> bytes (powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip().upper())
+    if not match:
         raise SettingsError(f"--max-size {text}: give a size like 500M, 20G or 1.5GB")
-    return int(value * _UNITS[unit])
-
-
-def human(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"
+    return int(float(match[1]) * _UNITS[match[2]])
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -55,19 +44,19 @@ def listing(cache_dir: Path, outputs: Path) -> str:
     rows = [("kind", "size", "last used", "what")]
     caches = caching.entries(cache_dir)
     for entry in reversed(caches):  # newest first
-        rows.append(("data cache", human(entry.bytes), _when(entry.last_used),
+        rows.append(("data cache", readable_size(entry.bytes), _when(entry.last_used),
                      entry.final.name + (" (in use)" if entry.in_use else "")))
     damaged = cache_dir / "damaged"
     if damaged.is_dir() and any(damaged.iterdir()):
-        rows.append(("damaged caches", human(_folder_bytes(damaged)), "-", str(damaged)))
+        rows.append(("damaged caches", readable_size(_folder_bytes(damaged)), "-", str(damaged)))
     runs = sorted((run for run in outputs.glob("*/*") if run.is_dir()), key=lambda run: run.stat().st_mtime, reverse=True)
     for run in runs:
-        rows.append(("run folder", human(_folder_bytes(run)), _when(run.stat().st_mtime), f"{run.parent.name} run {run.name}"))
+        rows.append(("run folder", readable_size(_folder_bytes(run)), _when(run.stat().st_mtime), f"{run.parent.name} run {run.name}"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
     cache_total = sum(entry.bytes for entry in caches) + (_folder_bytes(damaged) if damaged.is_dir() else 0)
     run_total = sum(_folder_bytes(run) for run in runs)
-    lines.append(f"total: {human(cache_total)} of data caches in {cache_dir}, {human(run_total)} in {len(runs)} run "
+    lines.append(f"total: {readable_size(cache_total)} of data caches in {cache_dir}, {readable_size(run_total)} in {len(runs)} run "
                  f"folders under {outputs}")
     return "\n".join(lines)
 
@@ -93,8 +82,8 @@ def prune(cache_dir: Path, older_than_days: float | None, max_size: str | None) 
         raise SettingsError(f"--older-than {older_than_days:g}: give a number of days, 0 or more")
     removed = caching.prune(cache_dir, older_than_days, size_bytes(max_size) if max_size else None)
     left = caching.entries(cache_dir)
-    return (f"removed {len(removed)} data caches ({human(sum(e.bytes for e in removed))}); "
-            f"{len(left)} left ({human(sum(e.bytes for e in left))}) in {cache_dir}")
+    return (f"removed {len(removed)} data caches ({readable_size(sum(e.bytes for e in removed))}); "
+            f"{len(left)} left ({readable_size(sum(e.bytes for e in left))}) in {cache_dir}")
 
 
 def clear(cache_dir: Path) -> str:
@@ -104,7 +93,7 @@ def clear(cache_dir: Path) -> str:
     if damaged.is_dir():
         freed += _folder_bytes(damaged)
         shutil.rmtree(damaged)
-    return (f"removed {human(freed)} of data caches from {cache_dir}"
+    return (f"removed {readable_size(freed)} of data caches from {cache_dir}"
             + (f"; {len(kept)} in use by a running training kept" if kept else ""))
 
 

@@ -75,8 +75,7 @@ def evaluate_split(model_uri: str, run_id: str, split: str) -> tuple[dict[str, f
     cfg, output_dir = store.run_settings(run_id)
     if split in ("train", "valid", "test"):
         chosen, role = Split.load(store.run_file(run_id, output_dir, "split.npz")), split
-        check_same_data(cfg["data"], Split(chosen.partitions, chosen.indices,
-                                           {k: v for k, v in chosen.fingerprints.items() if k == role}), run_id)
+        check_same_data(cfg["data"], chosen, run_id, roles=(role,))
     else:
         partition, _ = parse_split(split)
         size = len(partition_of(cfg["data"], partition).labels)

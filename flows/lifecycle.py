@@ -319,11 +319,9 @@ def _staged(folder: Path, name: str, files: dict[str, Path]) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from cnnflow.components.data.fingerprint import file_hash
+
+    return file_hash(path).hexdigest()
 
 
 def _stored_states(run_id: str) -> list[tuple[dict, str]]:
@@ -451,7 +449,9 @@ def tidy_finished(run_id: str, folder: Path, epochs_done: int, keep: int, logger
             freed += file.stat().st_size
             file.unlink()
     shutil.rmtree(folder / ".upload", ignore_errors=True)
-    logger.info(f"finished: {freed / 2**20:.0f} MiB of checkpoints no longer needed removed (train.keep_checkpoints="
+    from cnnflow.components.data.caching import readable_size
+
+    logger.info(f"finished: {readable_size(freed)} of checkpoints no longer needed removed (train.keep_checkpoints="
                 f"{keep}: the newest epoch's is kept{' in the artifact store' if held_here else ''} for continue)")
     return freed
 

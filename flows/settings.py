@@ -94,7 +94,8 @@ class Data(Section):
     cache_memory: Annotated[float, Interval(gt=0, le=1),
                             Field(description="a fraction of the available RAM, above 0 and at most 1, like 0.25")] = 0.25
     cache_dir: Name | None = None
-    cache_max_gb: Annotated[float, Interval(gt=0), Field(description="GiB, like 20")] | None = None
+    cache_max_gb: Annotated[Annotated[float, Interval(gt=0)] | None,
+                            Field(description="GiB above 0, like 20, or null for no cap")] = None
     transforms: Transforms
 
 

@@ -210,7 +210,7 @@ def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path, features: d
         client.log_artifact(run_id, str(output_dir / name))
 
 
-def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str, Any], context: str | None = None) -> None:
+def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str, Any]) -> None:
     """Each role of the split as an MLflow dataset input (the Datasets column, and comparisons of runs):
     where the data came from, the partition and size, and what it holds: the digest is the role's
     content fingerprint (components/data/fingerprint.py), so runs on the same bytes show the same
@@ -243,7 +243,7 @@ def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str
                                  schema=schema).to_dict()
         entity = Dataset(**described | {"profile": json.dumps({"sha256": fingerprint, "examples": len(positions)})})
         inputs.append(DatasetInput(entity, [
-            InputTag("mlflow.data.context", context or contexts.get(role, role)), InputTag("partition", partition),
+            InputTag("mlflow.data.context", contexts.get(role, role)), InputTag("partition", partition),
             InputTag("size", str(len(positions))), InputTag("fingerprint", fingerprint)]))
     MlflowClient().log_inputs(run_id, datasets=inputs)
 

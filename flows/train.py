@@ -509,8 +509,9 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     split_path = str(store.run_file(run_id, output_dir, "split.npz"))
     # the data may have moved (another folder, machine, a relative path typed elsewhere) when its
     # fingerprint says it is the same: the train task checks that before it trains
-    fingerprinted = bool(Split.load(split_path).fingerprints)
-    lifecycle.refuse_frozen_changes(stored, cfg, tuple(f"data.{key}" for key in DATA_LOCATIONS) if fingerprinted else ())
+    recorded = Split.load(split_path)
+    lifecycle.refuse_frozen_changes(stored, cfg, tuple(f"data.{key}" for key in DATA_LOCATIONS)
+                                    if recorded.fingerprints else ())
     bound_prefect_outages(cfg["train"]["outage_timeout"])
     logger = run_logger()
     checkpoint, skipped = lifecycle.newest_checkpoint(run_id, output_dir, logger)
@@ -520,7 +521,7 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     cfg["train"]["epochs"] = checkpoint["epoch"] + epochs
     runtime.use_environment(cfg["runtime"], logger)
     features = load_data(cfg["data"])
-    check_same_data(cfg["data"], Split.load(split_path), run_id)  # refused before the run is touched
+    check_same_data(cfg["data"], recorded, run_id)  # refused before the run is touched
     with lifecycle.tracked_run(cfg, run_id, logger) as (run_id, output_dir):
         stage = lifecycle.next_stage(run_id)
         store.set_tags(run_id, {f"stage.{stage}.epochs": f"{checkpoint['epoch'] + 1}-{cfg['train']['epochs']}",

@@ -80,7 +80,7 @@ BAD_SETTINGS = [
     ("data.cache=true", "data.cache=True: should be 'auto', 'memory', 'disk' or 'none'"),
     ("data.cache_memory=1.5", "data.cache_memory=1.5: should be a fraction of the available RAM, above 0 and at most 1"),
     ("data.cache_dir=''", "data.cache_dir=''"),
-    ("data.cache_max_gb=0", "data.cache_max_gb=0: should be GiB, like 20"),
+    ("data.cache_max_gb=0", "data.cache_max_gb=0: should be GiB above 0, like 20, or null for no cap"),
     ("data.transforms.train=[{name: resize, height: -1, width: 8}]", "data.transforms.train[0].height=-1"),
     ("data.transforms.eval=[{nam: rescale}]", "data.transforms.eval[0].name"),
     ("train.epochs=0", "train.epochs=0: should be greater than or equal to 1"),

@@ -60,11 +60,17 @@ def _digests(encoded, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _file_digest(path: str, label: np.int64) -> bytes:
+def file_hash(path) -> "hashlib._Hash":
+    """The SHA-256 of a file's bytes, read a MiB at a time (callers may add more before the digest)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while block := file.read(1 << 20):
             digest.update(block)
+    return digest
+
+
+def _file_digest(path: str, label: np.int64) -> bytes:
+    digest = file_hash(path)
     digest.update(label.tobytes())
     return digest.digest()
 
