@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cnnflow.components.data.fingerprint import file_hash
+
 log = logging.getLogger(__name__)
 
 CACHED_ROLES = ("train", "valid")
@@ -111,56 +113,60 @@ def key(description: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def on_disk(dataset, folder: Path, name: str, count: int, cap_bytes: int | None = None):
+def on_disk(dataset, folder: Path, name: str, cap_bytes: int | None = None):
     """`dataset.cache()` in a file shared by every run that caches the same contents: read when it
-    is complete and its checksums hold, else written under this process's own name and published
-    when the first pass ends (then older caches are removed, least recently used first, until the
-    folder holds at most `cap_bytes`). `count`: the examples it holds."""
-    import tensorflow as tf
+    is complete and its checksums hold, else written under this process's own name, published once
+    complete (then older caches are removed, least recently used first, until the folder holds at
+    most `cap_bytes`).
 
+    Publishing happens outside the pipeline: when this process ends, or when any process next opens
+    or lists the folder. A step inside the pipeline would be a stateful op, and under TensorFlow's op
+    determinism tf.data then runs every parallel map before it one at a time, and says so in an
+    `E0000 ... use_unbounded_threadpool` line."""
     folder.mkdir(parents=True, exist_ok=True)
     _tag(folder)
     final = folder / name
+    publish_complete(folder, cap_bytes)
     if Path(f"{final}.index").exists():
         damage = damaged(final)
         if not damage:
             _in_use(final)
             return dataset.cache(str(final))
         set_aside(final, damage)
-    _remove_abandoned(folder)
     own = folder / f"{name}{_PARTIAL}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-
-    atexit.register(_remove, own)  # its contents live on under the shared name
-
-    def publish():
-        _publish(own, final)
-        _in_use(final)
-        if cap_bytes is not None:  # data.cache_max_gb: the least recently used others make room
-            for entry in prune(folder, max_bytes=cap_bytes):
-                log.info("removed the data cache %s (last used %s) to stay within data.cache_max_gb", entry.final.name,
-                         time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)))
-        return True
-
-    # Runs after the cache's input is exhausted, i.e. when tf.data has written the complete file;
-    # the element is filtered out, so consumers see exactly the cached examples (and, told their
-    # number, Keras does not warn that its input "ran out of data").
-    spec = dataset.element_spec
-    placeholder = tf.nest.map_structure(
-        lambda s: tf.zeros([d or 0 for d in s.shape] if s.shape.rank is not None else [], s.dtype), spec)
-    published = tf.data.Dataset.from_tensors(placeholder).filter(
-        lambda *_: tf.logical_not(tf.reshape(tf.py_function(publish, [], tf.bool), [])))
-    return (dataset.cache(str(own)).concatenate(published)
-            .apply(tf.data.experimental.assert_cardinality(count)))
+    atexit.register(_finish, own, final, cap_bytes)
+    return dataset.cache(str(own))
 
 
-def _publish(own: Path, final: Path) -> None:
+def publish_complete(folder: Path, cap_bytes: int | None = None) -> None:
+    """Publish every cache that a process (this one, another, or one that died) wrote completely under
+    its own name and that has no shared copy yet; remove the remains of dead writers."""
+    for index in sorted(folder.glob(f"*{_PARTIAL}*.index")):
+        own = index.with_suffix("")
+        final = folder / own.name.split(_PARTIAL, 1)[0]
+        if not Path(f"{final}.index").exists():
+            _publish(own, final, cap_bytes)
+    _remove_abandoned(folder)
+
+
+def _finish(own: Path, final: Path, cap_bytes: int | None) -> None:
+    """At exit: this process's complete cache published (if no other was first), its own name removed."""
+    try:
+        if Path(f"{own}.index").exists() and not Path(f"{final}.index").exists():
+            _publish(own, final, cap_bytes)
+    finally:
+        _remove(own)
+        Path(f"{final}{_USED}{socket.gethostname()}.{os.getpid()}").unlink(missing_ok=True)
+
+
+def _publish(own: Path, final: Path, cap_bytes: int | None = None) -> None:
     """Give the complete cache files the shared name: hard links (the running pipeline keeps reading
     its own name), then their checksums, the index last, each by an atomic rename, so a reader never
     sees half a cache, and one that a disk or a hand later damages is found before it is read."""
     if Path(f"{final}.index").exists() or not Path(f"{own}.index").exists():
         return
     files = sorted(own.parent.glob(f"{own.name}.data-*")) + [Path(f"{own}.index")]
-    sums = {file.name[len(own.name):]: [file.stat().st_size, _sha256(file)] for file in files}
+    sums = {file.name[len(own.name):]: [file.stat().st_size, file_hash(file).hexdigest()] for file in files}
     staged = {final.parent / (final.name + file.name[len(own.name):]): file for file in files}
     staged[Path(f"{final}{CHECKSUMS}")] = None
     for target, file in sorted(staged.items(), key=lambda item: item[0].name.endswith(".index")):
@@ -176,6 +182,12 @@ def _publish(own: Path, final: Path) -> None:
                 shutil.copyfile(file, staging)
         os.replace(staging, target)
     log.info("published the data cache %s", final)
+    writer = own.name.split(_PARTIAL, 1)[1].rsplit(".", 1)[0]  # <host>.<pid>: it reads it until it ends
+    Path(f"{final}{_USED}{writer}").touch()
+    if cap_bytes is not None:  # data.cache_max_gb: the least recently used others make room
+        for entry in prune(final.parent, max_bytes=cap_bytes, keep=final):
+            log.info("removed the data cache %s (last used %s) to stay within data.cache_max_gb", entry.final.name,
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)))
 
 
 def damaged(final: Path) -> str | None:
@@ -191,7 +203,7 @@ def damaged(final: Path) -> str | None:
             return f"{file.name} is missing"
         if file.stat().st_size != size:
             return f"{file.name} holds {file.stat().st_size:,} bytes, not {size:,}"
-        if _sha256(file) != digest:
+        if file_hash(file).hexdigest() != digest:
             return f"{file.name} has changed since it was written (its SHA-256 differs)"
     return None
 
@@ -207,6 +219,8 @@ def set_aside(final: Path, why: str) -> Path:
             os.replace(file, aside / f"{file.name}.{stamp}")
         except FileNotFoundError:  # another run set it aside first
             pass
+    for index in final.parent.glob(f"{final.name}{_PARTIAL}*.index"):  # links to the same damaged bytes
+        index.unlink(missing_ok=True)
     log.warning("the data cache %s is damaged (%s): set aside in %s, and made again by this run", final.name, why, aside)
     return aside
 
@@ -214,14 +228,6 @@ def set_aside(final: Path, why: str) -> Path:
 def cache_files(final: Path) -> list[Path]:
     """The files of the published cache `final` (its data, index, checksums and use marks)."""
     return sorted(file for file in final.parent.glob(f"{final.name}.*") if _PARTIAL not in file.name)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _in_use(final: Path) -> None:
@@ -271,6 +277,15 @@ def _alive(pid: int) -> bool:
 
 # ------------------------------------------------------------------------------------ housekeeping
 
+def readable_size(count: float) -> str:
+    """Bytes as people read them: 827.0 KiB, 3.1 MiB, 1.9 GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
 @dataclass(frozen=True)
 class Entry:
     """One published cache: its files' total size, last use (its index's time), and whether a live
@@ -286,7 +301,7 @@ def entries(folder: Path) -> list[Entry]:
     """The published caches in `folder`, least recently used first."""
     if not folder.is_dir():
         return []
-    _remove_abandoned(folder)
+    publish_complete(folder)  # and a dead process's use mark would keep its cache "in use" for ever
     found = []
     for index in folder.glob("*.index"):
         if _PARTIAL in index.name:
@@ -299,30 +314,26 @@ def entries(folder: Path) -> list[Entry]:
 
 
 def remove(entry: Entry) -> int:
-    """Delete a cache's files, the index first (so no reader takes it for complete); the bytes freed."""
+    """Delete a cache's files, the index first (so no reader takes it for complete), and any copy a
+    writer left under its own name (else the next opener would publish it again); the bytes freed."""
     files = sorted(cache_files(entry.final), key=lambda file: not file.name.endswith(".index"))
+    files += sorted(entry.final.parent.glob(f"{entry.final.name}{_PARTIAL}*"), key=lambda f: not f.name.endswith(".index"))
     for file in files:
         file.unlink(missing_ok=True)
     return entry.bytes
 
 
-def prune(folder: Path, older_than_days: float | None = None, max_bytes: int | None = None) -> list[Entry]:
+def prune(folder: Path, older_than_days: float | None = None, max_bytes: int | None = None,
+          keep: Path | None = None) -> list[Entry]:
     """Remove caches last used more than `older_than_days` ago, then the least recently used until the
-    rest fit in `max_bytes`; never one that a running process reads. The removed, in order."""
-    import time
-
-    kept, removed = entries(folder), []
-    if older_than_days is not None:
-        cutoff = time.time() - older_than_days * 86400
-        for entry in [e for e in kept if e.last_used < cutoff and not e.in_use]:
-            remove(entry)
-            removed.append(entry)
-            kept.remove(entry)
-    if max_bytes is not None:
-        total = sum(entry.bytes for entry in kept)
-        for entry in [e for e in kept if not e.in_use]:
-            if total <= max_bytes:
-                break
+    rest fit in `max_bytes`; never one that a running process reads, nor `keep`. The removed, in order."""
+    found, removed = entries(folder), []
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    total = sum(entry.bytes for entry in found)
+    for entry in found:  # least recently used first
+        if entry.in_use or entry.final == keep:
+            continue
+        if (cutoff is not None and entry.last_used < cutoff) or (max_bytes is not None and total > max_bytes):
             total -= remove(entry)
             removed.append(entry)
     return removed

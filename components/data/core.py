@@ -352,10 +352,13 @@ def fingerprinted(data: dict[str, Any], split: Split) -> Split:
                    digests={role: f.examples for role, f in found.items()})
 
 
-def check_same_data(data: dict[str, Any], split: Split, run_id: str) -> None:
+def check_same_data(data: dict[str, Any], split: Split, run_id: str, roles: tuple[str, ...] | None = None) -> None:
     """Refuses, in one line naming both fingerprints, to go on training, or to evaluate, a run on data
-    other than what it recorded (a file overwritten, another folder that holds something else)."""
+    other than what it recorded (a file overwritten, another folder that holds something else); only
+    `roles` when given."""
     for role, recorded in split.fingerprints.items():
+        if roles is not None and role not in roles:
+            continue
         now = fingerprint_of(data, split, role).digest
         if now != recorded:
             where = data.get("path") or data.get("data_dir") or data.get("manual_dir") or data["source"]
@@ -460,5 +463,5 @@ def _kept(dataset, where: str, data: dict[str, Any], split: Split, role: str, st
     contents = {"format": 2, "tensorflow": tf.__version__, "stage": stage, "source": data["source"],
                 "options": source_options(data), "examples": fingerprint_of(data, split, role).digest}
     cap = data.get("cache_max_gb")
-    return caching.on_disk(dataset, caching.cache_dir(data), f"{role}-{caching.key(contents)}", len(split.indices[role]),
+    return caching.on_disk(dataset, caching.cache_dir(data), f"{role}-{caching.key(contents)}",
                            None if cap is None else int(cap * 2**30))

@@ -180,10 +180,10 @@ def test_a_disk_cache_gives_the_same_batches_and_is_published_for_later_runs(cel
         written = make_dataset(data, split, role, seed=1, cache="disk")
         for epoch in range(2):  # the first pass writes the file, the second reads it
             assert all(np.array_equal(a, b) for a, b in zip(_images(written), decoded[epoch], strict=True))
+        own = sorted(tmp_path.glob(f"{role}-*.partial.*"))
+        reread = make_dataset(data, split, role, seed=1, cache="disk")  # a later run: publishes and reads the shared file
         shared = sorted(f.name for f in tmp_path.glob(f"{role}-*") if ".partial." not in f.name and ".used." not in f.name)
         assert [name.split(".", 1)[1] for name in shared] == ["data-00000-of-00001", "index", "sha256"]
-        own = sorted(tmp_path.glob(f"{role}-*.partial.*"))
-        reread = make_dataset(data, split, role, seed=1, cache="disk")  # a later run: reads the shared file
         assert all(np.array_equal(a, b) for a, b in zip(_images(reread), decoded[0], strict=True))
         assert sorted(tmp_path.glob(f"{role}-*.partial.*")) == own  # and writes nothing
 
@@ -204,18 +204,19 @@ def test_a_cache_writer_killed_mid_pass_blocks_no_rerun_and_parallel_writers_bot
                 os.kill(os.getpid(), signal.SIGKILL)  # a crash half-way through the first pass
             return i
         numbers = tf.data.Dataset.range(6).map(lambda i: tf.py_function(maybe_die, [i], tf.int64))
-        for _ in caching.on_disk(numbers, Path({str(tmp_path)!r}), "numbers", 6):
+        for _ in caching.on_disk(numbers, Path({str(tmp_path)!r}), "numbers"):
             pass
         """)
     assert subprocess.run([sys.executable, "-c", killed], capture_output=True).returncode == -9
     assert [f for f in tmp_path.iterdir() if f.name.endswith(".lockfile")]  # tf.data's lock, left behind
     numbers = tf.data.Dataset.range(6)
-    first, second = (caching.on_disk(numbers, tmp_path, "numbers", 6) for _ in range(2))
+    first, second = (caching.on_disk(numbers, tmp_path, "numbers") for _ in range(2))
     both = [(int(a), int(b)) for a, b in tf.data.Dataset.zip(first, second)]  # two writers at once
     assert both == [(i, i) for i in range(6)]
+    caching.publish_complete(tmp_path)  # as the next run to open the folder does (or this process at its exit)
     left = sorted(f.name for f in tmp_path.iterdir())
     assert "numbers.index" in left and not [name for name in left if name.endswith(".lockfile")]
-    assert [int(n) for n in caching.on_disk(tf.data.Dataset.range(0), tmp_path, "numbers", 6)] == list(range(6))
+    assert [int(n) for n in caching.on_disk(tf.data.Dataset.range(0), tmp_path, "numbers")] == list(range(6))
 
 
 def test_streamed_records_select_like_an_array_but_keep_file_order():

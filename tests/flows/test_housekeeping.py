@@ -86,11 +86,17 @@ def test_verify_sets_damaged_caches_aside_and_bad_arguments_are_one_line(tmp_pat
 
 
 def test_the_cache_cap_evicts_the_least_recently_used_when_a_new_cache_is_published(tmp_path):
-    folder, made = _caches(tmp_path, [10, 20])
+    folder, made = _caches(tmp_path, [30, 20])
     cap_gb = sum(e.bytes for e in caching.entries(folder)) / 2**30  # room for what is there, not one more
-    _, [newest] = _caches(tmp_path / "more", [30], f"data.cache_max_gb={cap_gb}", folder=folder)
+    idx = make_idx_folder(tmp_path / "more")
+    data = compose_config("mnist", tiny_overrides(idx) + ["data.valid_size=10", f"data.cache_dir={folder}",
+                                                          f"data.cache_max_gb={cap_gb}"])["data"]
+    split = make_split(data, seed=1)
+    for _ in range(2):  # this run writes it; the next run to open the folder publishes it, within the cap
+        for _ in make_dataset(data, split, "valid", seed=1, cache="disk"):
+            pass
     kept = [e.final for e in caching.entries(folder)]
-    assert newest in kept and made[0] not in kept  # the oldest made room
+    assert len(kept) == 2 and made[1] in kept and made[0] not in kept  # the oldest made room for the new one
     assert sum(e.bytes for e in caching.entries(folder)) <= cap_gb * 2**30
 
 
