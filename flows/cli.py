@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="compare recent runs of an experiment in a table")
     runs.add_argument("experiment", nargs="?", default=None, help="the MLflow experiment (default: all)")
     runs.add_argument("--limit", type=int, default=20)
+    data = commands.add_parser("data", help="compare what two runs trained on: cnnflow data diff RUN_A RUN_B",
+                               description="Per split role, how many examples RUN_B added, removed or changed against "
+                                           "RUN_A (compared by their bytes), and whether the test split is the same.")
+    data.add_argument("action", choices=("diff",))
+    data.add_argument("runs", nargs=2, metavar="RUN", help="run ids, or unique prefixes as cnnflow runs prints them")
     cache = commands.add_parser(
         "cache", help="list, verify, prune or clear the data caches (and list the run folders) cnnflow keeps",
         description="The disk cnnflow keeps outside the MLflow store: data caches (data.cache=disk), which prune "
@@ -354,6 +359,10 @@ def _run_flow(args: argparse.Namespace):
         from cnnflow.flows.runs import runs_table
 
         return print(runs_table(args.experiment, args.limit))
+    if args.command == "data":
+        from cnnflow.flows.runs import data_diff
+
+        return print(data_diff(*args.runs))
     from cnnflow.flows import engine, runtime
 
     runtime.import_tensorflow_quietly()

@@ -106,8 +106,34 @@ def retrain_flow(experiment: Experiment = "celeba", overrides: list[str] | None 
         f"+tags.retrain_warm_start={warm or 'no'}", *([f"train.init_from={warm}"] if warm else []),
         "resume=false",
     ])
+    if done:
+        _check_growth(done[-1].info.run_id, run_id)
     _log_sequence_figure(run_id, finished_runs(cfg, schedule), current_champion(cfg))
     return run_id
+
+
+def _check_growth(previous: str, run_id: str) -> None:
+    """Whether the new run's training subset holds every example of the previous run's, compared by
+    their bytes: said in the log and as tags (retrain_contains_previous, retrain_added)."""
+    from cnnflow.components.data import changes
+    from cnnflow.components.errors import DataError
+    from cnnflow.flows.runs import recorded_split
+
+    try:
+        found = changes(recorded_split(previous), recorded_split(run_id), "train")
+    except DataError as error:  # a previous run from before fingerprints
+        run_logger().warning(f"retrain: not compared with run {previous}: {error}")
+        return
+    grew = not found["removed"] and not found["changed"]
+    store.set_tags(run_id, {"retrain_previous_run": previous, "retrain_added": found["added"],
+                            "retrain_contains_previous": grew})
+    if grew:
+        run_logger().info(f"retrain: the training subset holds all {found['kept']:,} examples of run {previous[:8]} "
+                          f"and {found['added']:,} more")
+    else:
+        run_logger().warning(f"retrain: the training subset does not hold the previous run's ({previous[:8]}): "
+                             f"{found['removed']:,} of its examples left out, {found['changed']:,} changed since "
+                             f"(cnnflow data diff {previous[:8]} {run_id[:8]})")
 
 
 def sequence_points(runs: list) -> list[tuple[int, float, str]]:

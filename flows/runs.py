@@ -51,3 +51,36 @@ def runs_table(experiment: str | None = None, limit: int = 20) -> str:
     rows = [list(COLUMNS)] + [_row(run, names) for run in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def recorded_split(run_id: str):
+    """The split a run recorded (split.npz, from its folder or its artifacts): positions and fingerprints."""
+    from cnnflow.components.data import Split
+
+    _, folder = store.run_settings(run_id)
+    return Split.load(store.run_file(run_id, folder, "split.npz"))
+
+
+def data_diff(first: str, second: str) -> str:
+    """`cnnflow data diff A B`: per role, how many examples B added, removed or changed against A (each
+    example named by its place in its partition and compared by its bytes), and whether the test
+    split is the same."""
+    store.use_store({}, must_exist=True)
+    ids = [store.full_run_id(reference) for reference in (first, second)]
+    before, after = (recorded_split(run_id) for run_id in ids)
+    from cnnflow.components.data import changes
+
+    rows = [("role", f"{ids[0][:8]}", f"{ids[1][:8]}", "added", "removed", "changed", "kept")]
+    for role in after.indices:
+        if role not in before.indices:
+            continue
+        found = changes(before, after, role)
+        rows.append((role, f"{len(before.indices[role]):,}", f"{len(after.indices[role]):,}",
+                     *(f"{found[key]:,}" for key in ("added", "removed", "changed", "kept"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+             for row in rows]
+    same_test = before.fingerprints.get("test") == after.fingerprints.get("test")
+    lines.append(f"test split: {'the same' if same_test else 'DIFFERENT'} ({before.fingerprints.get('test', '?')[:16]}"
+                 + ("" if same_test else f" -> {after.fingerprints.get('test', '?')[:16]}") + ")")
+    return "\n".join(lines)

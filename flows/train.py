@@ -10,6 +10,7 @@ inputs are settings dicts and files, not values worth hashing.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,7 +68,10 @@ def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, outpu
     split.npz; sizes and fingerprints become run tags and the per-class counts a table (split_counts.json)."""
     from cnnflow.components.data import class_counts, fingerprinted, make_split
 
-    split = fingerprinted(cfg["data"], make_split(cfg["data"], cfg["seed"]))
+    split = make_split(cfg["data"], cfg["seed"])
+    started = time.perf_counter()
+    split = fingerprinted(cfg["data"], split)
+    store.log_metrics(run_id, {"fingerprint_seconds": time.perf_counter() - started})  # once per run (benchmarks/)
     sizes = split.sizes()
     store.set_tags(run_id, {f"split.{role}_size": size for role, size in sizes.items()}
                       | {f"split.{role}": split.partitions[role] for role in sizes}

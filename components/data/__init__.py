@@ -3,6 +3,7 @@
 from cnnflow.components.data.core import (  # noqa: F401
     CLASS_NAMES,
     DataError,
+    changes,
     checked_partitions,
     check_same_data,
     DataInfo,

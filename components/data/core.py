@@ -301,6 +301,24 @@ def make_split(data: dict[str, Any], seed: int) -> Split:
                  {"train": train, "valid": valid, "test": test})
 
 
+def changes(before: Split, after: Split, role: str) -> dict[str, int]:
+    """How `role` differs between two recorded splits, example by example, each named by its place
+    (partition, position): added, removed, changed (the same place, other bytes) and kept."""
+    def placed(split: Split) -> dict[tuple[str, int], bytes]:
+        if role not in split.digests:
+            raise DataError(f"a split of role {role!r} without recorded examples (cnnflow before 0.2 did not record "
+                            f"them): train the run again to compare it")
+        partition = split.partitions[role]
+        return {(partition, int(position)): digest.tobytes()
+                for position, digest in zip(split.indices[role], split.digests[role])}
+
+    old, new = placed(before), placed(after)
+    common = old.keys() & new.keys()
+    changed = sum(1 for place in common if old[place] != new[place])
+    return {"added": len(new.keys() - old.keys()), "removed": len(old.keys() - new.keys()), "changed": changed,
+            "kept": len(common) - changed}
+
+
 # ---------------------------------------------------------------------------------------- tf.data
 
 def model_input_shape(data: dict[str, Any], image_shape: tuple[int, ...]) -> tuple[int, ...]:

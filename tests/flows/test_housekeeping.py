@@ -1,11 +1,13 @@
 """Disk you can see and bound: a finished run keeps what `continue` needs and nothing twice; `cnnflow
-cache list | verify | prune | clear` and the data.cache_max_gb cap."""
+cache list | verify | prune | clear` and the data.cache_max_gb cap; what runs trained on compared
+(`cnnflow data diff`, the retrain sequence's growth check)."""
 
 import os
 import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -106,3 +108,41 @@ def test_sizes_read_as_people_write_them(text, expected):
     from cnnflow.flows.housekeeping import size_bytes
 
     assert size_bytes(text) == expected
+
+
+def test_retraining_on_a_growing_subset_is_checked_and_data_diff_says_what_changed(prefect_harness, mlflow_store,
+                                                                                    tmp_path, capsys, caplog):
+    from conftest import digit_like_images, write_idx
+
+    from cnnflow.flows.retrain import retrain_flow
+
+    idx = make_idx_folder(tmp_path / "idx")
+    overrides = [f"data.path={idx}", "data.source=idx", "data.valid_size=40", "data.shuffle_buffer=100",
+                 "train.epochs=1", "retrain.sizes=[60,120]", "plots=none"]
+    first, second = retrain_flow("mnist", overrides), retrain_flow("mnist", overrides)
+    tags = MlflowClient().get_run(second).data.tags
+    assert tags["retrain_contains_previous"] == "True" and tags["retrain_added"] == "60"
+    assert tags["retrain_previous_run"] == first
+    assert main(["data", "diff", first[:8], second[:8]]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == ["train", "60", "120", "60", "0", "0", "60"]
+    assert table[2].split() == ["valid", "40", "40", "0", "0", "0", "40"]
+    assert table[-1].startswith("test split: the same")
+
+    labels = np.arange(240) % 10  # one training image of the second run changed in place, one pixel
+    images = digit_like_images(labels, 240)
+    from cnnflow.components.data import Split
+
+    changed_at = int(Split.load(Path(tags["output_dir"]) / "split.npz").indices["train"][0])
+    images[changed_at, 0, 0] ^= 1
+    write_idx(idx / "train-images-idx3-ubyte.gz", images)
+    from cnnflow.components.data import core
+
+    core._cached_source.cache_clear()  # as a new process reads the files
+    third = retrain_flow("mnist", overrides)  # the last size again: the same examples, one of them changed
+    assert MlflowClient().get_run(third).data.tags["retrain_contains_previous"] == "False"
+    assert "1 changed since" in caplog.text and f"cnnflow data diff {second[:8]} {third[:8]}" in caplog.text
+    assert main(["data", "diff", second, third]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["train", "120", "120", "0", "0", "1", "119"]
+    assert main(["data", "diff", second, "nope"]) == 4
+    assert "no run 'nope'" in capsys.readouterr().err
