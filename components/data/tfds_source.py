@@ -30,6 +30,8 @@ class TfdsSource:
                                 + _local_hint(name))
         try:
             with _preparing(self.builder):
+                if _is_prepared(self.builder):  # by another process while this one waited: read what it wrote
+                    self.builder = tfds.builder(name, data_dir=data_dir)
                 self.builder.download_and_prepare(
                     download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
                 )

@@ -199,3 +199,49 @@ def test_tfds_offline_with_a_half_filled_manual_dir_names_the_missing_files_at_o
     assert "lacks train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in message and "t10k" not in message
     assert "\n" not in message and "data.source=idx" in message
     assert not data_dir.exists() or not [f for f in data_dir.rglob("*") if f.is_file()]  # nothing partial
+
+
+def test_two_processes_preparing_one_tfds_dataset_take_turns(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    builder = tmp_path / "tiny_slow_builder.py"  # a real TFDS builder that needs no download
+    builder.write_text(textwrap.dedent(f"""
+        import time
+        import numpy as np
+        import tensorflow_datasets as tfds
+
+        class TinySlow(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({{
+                    "image": tfds.features.Image(shape=(4, 4, 1)), "label": tfds.features.ClassLabel(num_classes=2)}}),
+                    supervised_keys=("image", "label"))
+
+            def _split_generators(self, dl_manager):
+                return {{"train": self._generate_examples(8), "test": self._generate_examples(4)}}
+
+            def _generate_examples(self, count):
+                with open({str(tmp_path / "generated.log")!r}, "a") as log:
+                    log.write("x")  # one mark per partition generated
+                time.sleep(2)  # long enough for the other process to arrive while this one prepares
+                for i in range(count):
+                    yield i, {{"image": np.full((4, 4, 1), i, np.uint8), "label": i % 2}}
+        """))
+    prepare = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import tiny_slow_builder
+        from cnnflow.components import registry
+        source = registry.build("dataset", "tfds", name="tiny_slow", data_dir={str(tmp_path / "tfds")!r},
+                                manual_dir={str(tmp_path)!r})
+        print(len(source.partition("train").labels))
+        """)
+    processes = [subprocess.Popen([sys.executable, "-c", prepare], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=180) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert [out.strip().splitlines()[-1] for out, _ in outputs] == ["8", "8"]
+    assert (tmp_path / "generated.log").read_text() == "xx"  # prepared once: train and test, by one of them
