@@ -144,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("action", choices=("diff",))
     data.add_argument("runs", nargs=2, metavar="RUN", help="run ids, or unique prefixes as cnnflow runs prints them")
     cache = commands.add_parser(
-        "cache", help="list, verify, prune or clear the data caches (and list the run folders) cnnflow keeps",
-        description="The disk cnnflow keeps outside the MLflow store: data caches (data.cache=disk), which prune "
-                    "and clear remove (least recently used first; never one a running training reads), and run "
-                    "folders under outputs/, which list shows.")
+        "cache", help="list, verify, prune or clear the data caches and checkpoint copies cnnflow keeps",
+        description="The disk cnnflow keeps outside the MLflow store: data caches (data.cache=disk) and the "
+                    "checkpoint copies of finished runs, which prune and clear remove (least recently used first; "
+                    "never what a running training reads, nor an unfinished run's checkpoints), and run folders "
+                    "under outputs/, which list shows.")
     cache.add_argument("action", choices=("list", "verify", "prune", "clear"))
     cache.add_argument("--dir", default=None, help="the data cache folder (default: data.cache_dir's, "
                                                    "~/.cache/cnnflow/tf.data)")

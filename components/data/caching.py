@@ -327,13 +327,21 @@ def prune(folder: Path, older_than_days: float | None = None, max_bytes: int | N
           keep: Path | None = None) -> list[Entry]:
     """Remove caches last used more than `older_than_days` ago, then the least recently used until the
     rest fit in `max_bytes`; never one that a running process reads, nor `keep`. The removed, in order."""
-    found, removed = entries(folder), []
+    return pruned(entries(folder), older_than_days, max_bytes, remove,
+                  stays=lambda entry: entry.in_use or entry.final == keep)
+
+
+def pruned(items: list, older_than_days: float | None, max_bytes: int | None, remove, stays) -> list:
+    """Of `items` (least recently used first, each with `bytes` and `last_used`), remove those used
+    more than `older_than_days` ago, then the least recently used until the rest fit in `max_bytes`,
+    never one that `stays`; the removed, in order."""
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
-    total = sum(entry.bytes for entry in found)
-    for entry in found:  # least recently used first
-        if entry.in_use or entry.final == keep:
+    total, removed = sum(item.bytes for item in items), []
+    for item in items:
+        if stays(item):
             continue
-        if (cutoff is not None and entry.last_used < cutoff) or (max_bytes is not None and total > max_bytes):
-            total -= remove(entry)
-            removed.append(entry)
+        if (cutoff is not None and item.last_used < cutoff) or (max_bytes is not None and total > max_bytes):
+            remove(item)
+            total -= item.bytes
+            removed.append(item)
     return removed

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import mlflow
 from mlflow import MlflowClient
 
 from cnnflow.components.data import caching, make_dataset, make_split
@@ -36,6 +37,34 @@ def test_a_finished_run_keeps_its_newest_epoch_checkpoint_once_and_no_positions(
     assert sorted(entry.path for entry in client.list_artifacts(run_id, "checkpoints")) == ["checkpoints/slot-1"]
 
 
+def test_checkpoint_copies_of_finished_runs_are_pruned_and_an_unfinished_runs_stay(prefect_harness, mlflow_store,
+                                                                                     tmp_path, capsys):
+    import logging
+
+    from cnnflow.flows import lifecycle
+
+    idx = make_idx_folder(tmp_path / "idx")
+    run_id = train_flow("mnist", tiny_overrides(idx) + ["plots=none"])
+    folder = Path(MlflowClient().get_run(run_id).data.tags["output_dir"])
+    assert not list(folder.glob("checkpoint-*"))  # a local store holds it: no copy
+    lifecycle.newest_checkpoint(run_id, folder, logging.getLogger())  # fetched, as continue does on another machine
+    copy = sum(file.stat().st_size for file in folder.glob("checkpoint-*"))
+    unfinished = folder.parent / mlflow.start_run(experiment_id=MlflowClient().get_run(run_id).info.experiment_id).info.run_id
+    mlflow.end_run("KILLED")  # a stopped training: its checkpoints are what resumes it
+    unfinished.mkdir()
+    (unfinished / "checkpoint-epoch0001.keras").write_bytes(b"x" * 1000)
+    outputs = ["--dir", str(tmp_path / "caches"), "--outputs", str(folder.parent.parent)]
+    assert main(["cache", "list", *outputs]) == 0
+    listed = capsys.readouterr().out
+    assert f"checkpoint copy  {caching.readable_size(copy)}" in listed and f"run {unfinished.name} (run KILLED)" in listed
+    assert main(["cache", "prune", "--max-size", "0", *outputs]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("removed 0 data caches and 1 checkpoint copies") and "(run KILLED)" in said
+    assert not list(folder.glob("checkpoint-*")) and (unfinished / "checkpoint-epoch0001.keras").exists()
+    assert (folder / "model.keras").exists() and (folder / "split.npz").exists()  # the run's own files stay
+    assert continue_flow(run_id, 1) == run_id  # from the store again
+
+
 def _caches(tmp_path, sizes: list[int], *extra, folder: Path | None = None) -> tuple[Path, list[Path]]:
     """Disk caches of validation subsets of the given sizes, oldest first (a minute apart)."""
     idx = make_idx_folder(tmp_path / "idx")
@@ -60,16 +89,17 @@ def test_prune_removes_the_least_recently_used_first_and_never_one_in_use(tmp_pa
     in_use = Path(f"{oldest}.used.{socket.gethostname()}.{os.getpid()}")  # this live process reads the oldest
     in_use.touch()
     room = sum(e.bytes for e in caching.entries(folder) if e.final != middle)  # for two of the three
-    assert main(["cache", "prune", "--dir", str(folder), "--max-size", str(room)]) == 0
-    assert "removed 1 data caches" in capsys.readouterr().out
+    nothing = ["--outputs", str(tmp_path / "none")]
+    assert main(["cache", "prune", "--dir", str(folder), "--max-size", str(room), *nothing]) == 0
+    assert "removed 1 data caches and 0 checkpoint copies" in capsys.readouterr().out
     assert [e.final for e in caching.entries(folder)] == [oldest, newest]  # the least recently used not in use went
     assert main(["cache", "list", "--dir", str(folder), "--outputs", str(tmp_path / "none")]) == 0
     listed = capsys.readouterr().out
     assert f"{oldest.name} (in use)" in listed and newest.name in listed and "total:" in listed
     in_use.unlink()
-    assert main(["cache", "prune", "--dir", str(folder), "--older-than", "0.0065"]) == 0  # 9.4 minutes: the oldest is 10
+    assert main(["cache", "prune", "--dir", str(folder), "--older-than", "0.0065", *nothing]) == 0  # 9.4 minutes: the oldest is 10
     assert [e.final for e in caching.entries(folder)] == [newest]
-    assert main(["cache", "clear", "--dir", str(folder)]) == 0
+    assert main(["cache", "clear", "--dir", str(folder), *nothing]) == 0
     assert caching.entries(folder) == [] and (folder / "CACHEDIR.TAG").exists()
 
 
@@ -81,7 +111,7 @@ def test_verify_sets_damaged_caches_aside_and_bad_arguments_are_one_line(tmp_pat
     out = capsys.readouterr().out
     assert f"{second.name}: " in out and "1 of 2 data caches" in out and "1 set aside" in out
     assert [e.final for e in caching.entries(folder)] == [first]
-    assert main(["cache", "prune", "--dir", str(folder), "--max-size", "3Q"]) == 2
+    assert main(["cache", "prune", "--dir", str(folder), "--max-size", "3Q", "--outputs", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "cnnflow: error: --max-size 3Q: give a size like 500M, 20G or 1.5GB"
     assert main(["cache", "prune", "--dir", str(folder)]) == 2
     assert "needs --older-than DAYS, --max-size SIZE" in capsys.readouterr().err
