@@ -48,7 +48,11 @@ def config_hash(cfg: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------- the lease
 
 class HeldElsewhere(RunError):
-    """The run's lease has a live holder."""
+    """The run's lease has a live holder: `holder` says who, as people read it."""
+
+    def __init__(self, message: str, holder: str = ""):
+        super().__init__(message)
+        self.holder = holder
 
 
 class Lease:
@@ -88,7 +92,7 @@ class Lease:
         generation, holder, tags = self._newest()
         live = holder and self._live(generation, holder, tags)
         if live:
-            raise HeldElsewhere(f"{live} is training run {self.run_id}; wait for it to end, or stop it first")
+            raise HeldElsewhere(f"{live} is training run {self.run_id}; wait for it to end, or stop it first", live)
         try:
             MlflowClient().log_param(self.run_id, f"lease.{generation + 1}", self.me)
         except MlflowException:  # another process wrote this generation first
@@ -215,7 +219,10 @@ def _lock_run(purpose: str) -> str:
             if not found:
                 client.create_run(experiment, run_name=purpose, tags={"cnnflow.lock": purpose})
                 found = client.search_runs(**query)
-    return found[0].info.run_id
+    lock = found[0].info
+    if lock.status == "RUNNING":  # bookkeeping, not a training: the MLflow UI must not list it as one running
+        client.set_terminated(lock.run_id, "FINISHED")
+    return lock.run_id
 
 
 # ------------------------------------------------------------------- checkpoints in the artifact store
@@ -476,13 +483,44 @@ def find_unfinished(cfg: dict[str, Any], logger) -> tuple[str | None, dict | Non
         holder = Lease(run_id, cfg["train"]["lease_timeout"]).holder()
         if holder:
             raise HeldElsewhere(f"run {run_id} has these settings and {holder} is training it; wait for it to end (this "
-                           f"command then resumes or finds it done), or add resume=false to start a separate run")
+                                f"command then resumes or finds it done), or add resume=false to start a separate run", holder)
         checkpoint, skipped = newest_checkpoint(run_id, run_folder(run_id, cfg), logger)
         if checkpoint:
             return run_id, checkpoint
         if skipped:
             logger.warning(f"run {run_id} has no usable checkpoint ({'; '.join(skipped)}); starting a new run")
+            close_abandoned(run, f"no usable checkpoint ({'; '.join(skipped)[:300]}): a new run trains these settings")
+        elif run.info.status in ("RUNNING", "KILLED"):  # stopped before its first checkpoint: nothing to lose
+            logger.info(f"run {run_id} stopped before its first checkpoint; training it from the start, in the same run")
+            return run_id, None
     return None, None
+
+
+def close_abandoned(run, why: str) -> bool:
+    """Mark a RUNNING run whose process is gone (kill -9, a crash, a power cut: nothing could end it)
+    KILLED, with the tag `cnnflow.closed` saying `why`; whether it did. A KILLED run resumes as a
+    RUNNING one does: only the MLflow UI's status changes, from a lie to the truth."""
+    from mlflow import MlflowClient
+
+    if run.info.status != "RUNNING":
+        return False
+    set_tags(run.info.run_id, {"cnnflow.closed": f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {why}"[:4000]})
+    MlflowClient().set_terminated(run.info.run_id, "KILLED")
+    return True
+
+
+def closed_if_abandoned(run, timeout: float = 120.0) -> bool:
+    """`close_abandoned` for a RUNNING run whose lease has no live holder (a run without a lease, from
+    before leases, is left as it is: nothing says whether its process lives)."""
+    if run.info.status != "RUNNING" or not any(key.startswith("lease.") for key in run.data.params):
+        return False
+    lease = Lease(run.info.run_id, float(run.data.params.get("train.lease_timeout", timeout)))
+    generation, holder, tags = lease._newest()
+    if not holder or lease._live(generation, holder, tags):
+        return False
+    host, pid = (holder.split() + ["?", "?"])[:2]
+    return close_abandoned(run, f"process {pid} on {host} ended without ending this run (kill -9, a crash or a "
+                                f"power cut); the same command resumes it")
 
 
 def _status(run_id: str) -> str:
@@ -492,7 +530,11 @@ def _status(run_id: str) -> str:
 
 
 def run_name(cfg: dict[str, Any]) -> str:
-    """What ran, as the MLflow UI lists it: recipe, training images, seed (`celeba-16000-s1`)."""
+    """What ran, as the MLflow UI lists it: recipe, training images, seed (`celeba-16000-s1`); a
+    search's trial by its study and number (`quickstart-1a2b3c4d-trial-3`)."""
+    tags = cfg.get("tags", {})
+    if "search" in tags and "search_trial" in tags:
+        return f"{tags['search']}-trial-{tags['search_trial']}"
     return f"{cfg['experiment']}-{cfg['data'].get('train_size') or 'all'}-s{cfg['seed']}"
 
 

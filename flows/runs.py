@@ -6,6 +6,7 @@ import datetime
 
 from cnnflow.components.errors import RunError
 from cnnflow.flows import store
+from cnnflow.flows.lifecycle import closed_if_abandoned
 from cnnflow.flows.store import LOCKS_EXPERIMENT
 
 COLUMNS = ("run", "experiment", "status", "started", "model", "train", "data", "epochs", "best val_acc", "test_acc",
@@ -21,6 +22,13 @@ def _row(run, experiment_names: dict[str, str]) -> list[str]:
     overrides = params.get("overrides", "").strip("[]").replace("'", "")
     if tags.get("evaluation_of"):
         overrides = f"evaluation of {tags['evaluation_of'][:8]} on {tags.get('split')}"
+    if tags.get("search.study"):  # a search: its best trial's numbers
+        best = metrics.get("best_val_accuracy")
+        overrides = f"search, best trial {tags.get('search.best_trial', '-')}: {tags.get('search.best_params', '')}"
+        return [run.info.run_id[:8], experiment_names.get(run.info.experiment_id, "?"), run.info.status, started,
+                "search", "-", "-", f"{int(metrics['epochs_spent'])}" if "epochs_spent" in metrics else "-",
+                f"{best:.4f}" if best is not None else "-",
+                f"{metrics['best_test_accuracy']:.4f}" if "best_test_accuracy" in metrics else "-", overrides[:60]]
     return [
         run.info.run_id[:8], experiment_names.get(run.info.experiment_id, "?"), run.info.status, started,
         params.get("model.name", "-"), tags.get("split.train_size", "-"),
@@ -46,6 +54,8 @@ def runs_table(experiment: str | None = None, limit: int = 20) -> str:
                        f"there are: {', '.join(sorted(names.values())) or 'none'}")
     ids = [i for i, name in names.items() if experiment in (None, name)]
     runs = mlflow.search_runs(ids, output_format="list", order_by=["attributes.start_time DESC"], max_results=limit)
+    # a run whose process is gone is not shown (or left) RUNNING
+    runs = [mlflow.MlflowClient().get_run(run.info.run_id) if closed_if_abandoned(run) else run for run in runs]
     if not runs:
         return f"no runs in {store.tracking_uri({})}"
     rows = [list(COLUMNS)] + [_row(run, names) for run in runs]

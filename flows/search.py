@@ -32,6 +32,7 @@ from cnnflow.components.errors import RunError, ServerOutage, SettingsError, Use
 from cnnflow.flows import report, store
 from cnnflow.flows.config import Experiment, compose_config, parsed_overrides
 from cnnflow.flows.engine import flow, run_logger
+from cnnflow.flows.lifecycle import HeldElsewhere, Lease, store_wide_lock
 
 REPORT_TAG, VERDICT_TAG, STATE_TAG = "search.report", "search.verdict", "search.state"
 VERDICT_SECONDS = 60.0  # how long a trainer waits for a verdict before it trains on without one
@@ -192,12 +193,13 @@ def opened_study(plan: Plan):
               "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=search["startup_trials"],
                                                             n_warmup_steps=1),
               "none": optuna.pruners.NopPruner}[search["pruner"]]()
-    try:
-        storage = optuna.storages.RDBStorage(plan.storage, engine_kwargs=_engine_options(plan.storage))
-        study = optuna.create_study(storage=storage, study_name=plan.study_name, pruner=pruner,
-                                    sampler=optuna.samplers.RandomSampler(),  # replaced below, once seeded
-                                    direction="maximize" if search["direction"] == "max" else "minimize",
-                                    load_if_exists=True)
+    try:  # Optuna creates a new storage's tables unguarded: two commands doing it at once collide
+        with store_wide_lock("open an Optuna storage"):
+            storage = optuna.storages.RDBStorage(plan.storage, engine_kwargs=_engine_options(plan.storage))
+            study = optuna.create_study(storage=storage, study_name=plan.study_name, pruner=pruner,
+                                        sampler=optuna.samplers.RandomSampler(),  # replaced below, once seeded
+                                        direction="maximize" if search["direction"] == "max" else "minimize",
+                                        load_if_exists=True)
     except (SQLAlchemyError, ValueError, ImportError) as error:
         raise SettingsError(f"search.storage={shown(plan.storage)}: cannot open it as an Optuna storage "
                             f"({str(error).splitlines()[0][:200]})") from None
@@ -497,6 +499,13 @@ def _trained_here(study, plan: Plan, trial, logger) -> str | None:
     if not (run and run.info.status == "FINISHED"):  # else it ended before the last command could tell
         try:
             train_flow(plan.experiment, trial.user_attrs["overrides"])
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):  # the run says why it stopped; the study keeps it RUNNING
+                stopped = trial_run(plan, trial.number)
+                if stopped:
+                    store.set_tags(stopped.info.run_id, {STATE_TAG: "stopped (Ctrl-C or SIGTERM); the same search "
+                                                                    "command takes it up in this run"})
+            raise
         except HeldElsewhere as error:  # not this trial's failure: another command trains it
             raise RunError(f"{describe(trial, plan)} is being trained elsewhere ({error}); is the same search "
                            f"running in another command? Stop that one, or wait for it") from None
@@ -623,21 +632,31 @@ def _parent_run(study, plan: Plan, uri: str, logger):
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    run_id = study.user_attrs.get("mlflow_run_id")
-    try:
-        run_id = run_id and client.get_run(run_id).info.run_id
-    except MlflowException:
-        run_id = None  # the study outlived its MLflow store: a new parent run
-    if run_id:
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run_id = client.create_run(store.experiment_id(plan.cfg), run_name=f"search {plan.study_name}").info.run_id
-        study.set_user_attr("mlflow_run_id", run_id)
-        for key, value in {"study": plan.study_name, "storage": shown(plan.storage), "experiment": plan.experiment,
-                           **{f"space.{key}": expression for key, expression in plan.expressions.items()},
-                           **{key: plan.search[key] for key in ("metric", "direction", "sampler", "pruner", "seed",
-                                                                 "startup_trials")},
-                           "fixed": " ".join(plan.fixed) or "(none)"}.items():
+    # one parent run per study, and one command searching it: its lease is held for the whole search
+    with store_wide_lock(f"search {plan.study_name}"):
+        run_id = study.user_attrs.get("mlflow_run_id")
+        try:
+            run_id = run_id and client.get_run(run_id).info.run_id
+        except MlflowException:
+            run_id = None  # the study outlived its MLflow store: a new parent run
+        if not run_id:
+            run_id = client.create_run(store.experiment_id(plan.cfg), run_name=f"search {plan.study_name}").info.run_id
+            study.set_user_attr("mlflow_run_id", run_id)
+        lease = Lease(run_id, plan.cfg["train"]["lease_timeout"])
+        try:
+            lease.acquire()
+        except HeldElsewhere as held:
+            raise RunError(f"study {plan.study_name} is being searched by {held.holder} (MLflow run {run_id}); wait for "
+                           f"it to end, or stop it: the same command then continues the study") from None
+    client.update_run(run_id, status="RUNNING")
+    logged = client.get_run(run_id).data.params
+    for key, value in {"study": plan.study_name, "storage": shown(plan.storage), "experiment": plan.experiment,
+                       **{f"space.{key}": expression for key, expression in plan.expressions.items()},
+                       **{key: plan.search[key] for key in ("metric", "direction", "sampler", "pruner", "seed",
+                                                             "startup_trials")},
+                       **{f"budget.{key}": plan.search[key] for key in ("trials", "epochs", "parallel")},
+                       "budget.epochs_per_trial": plan.max_epochs, "fixed": " ".join(plan.fixed) or "(none)"}.items():
+        if key not in logged:  # params are set once: a continued search's changed budget goes to the tags below
             client.log_param(run_id, key, value)
     store.set_tags(run_id, {"search.study": plan.study_name, "search.budget.trials": plan.search["trials"],
                             "search.budget.epochs": plan.search["epochs"], "cnnflow.experiment": plan.experiment})
@@ -655,6 +674,7 @@ def _parent_run(study, plan: Plan, uri: str, logger):
     finally:
         if status:
             client.set_terminated(run_id, status)
+        lease.release(outage=status is None)
 
 
 def _summary(study, plan: Plan, parent: str, logger) -> dict:

@@ -200,8 +200,11 @@ def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path, features: d
     from mlflow.entities import Param
 
     client = MlflowClient()
+    # a run trained again from its start (stopped before its first checkpoint) has them already; params
+    # are set once, and the same settings may have been spelt otherwise (the `overrides` param)
+    logged = client.get_run(run_id).data.params
     params = [Param(_PARAM_KEY_FORBIDDEN.sub("_", key), str(value)[:_MAX_PARAM_LENGTH])
-              for key, value in flatten(cfg).items()]
+              for key, value in flatten(cfg).items() if _PARAM_KEY_FORBIDDEN.sub("_", key) not in logged]
     for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
     (output_dir / "config.yaml").write_text(to_yaml(cfg))

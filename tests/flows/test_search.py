@@ -234,3 +234,43 @@ def test_only_a_server_outage_holds_a_trial_and_a_failure_of_its_own_is_its_own(
     with caplog.at_level(logging.WARNING, "search-test"):
         assert search._riding_out_outages(plan, logger, blipped) == "told"
     assert len(calls) == 2 and "answers again" in caplog.text
+
+
+def _together(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """The commands started at the same moment, each as its own process; their outcomes."""
+    started = [subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for command in commands]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in started]
+
+
+def search_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    return env | {"TF_CPP_MIN_LOG_LEVEL": "2", "PREFECT_HOME": str(tmp_path / ".prefect")}
+
+
+def test_two_identical_searches_at_once_make_one_study_one_parent_and_one_refusal(tmp_path, idx_folder):
+    """Started together in a fresh folder (no optuna.db, no mlflow.db yet): one searches, the other
+    says who does in one line and exits 4; the study has one parent run, its trial one child run."""
+    work = tmp_path / "work"
+    work.mkdir()
+    command = [sys.executable, "-m", "cnnflow.flows.cli", "search", "experiment=mnist", *tiny_overrides(idx_folder),
+               "search.trials=1", "search.pruner=none", "model.dropout_rate=choice(0.1,0.3)"]
+    outcomes = _together([command, command], work, search_env(tmp_path))
+
+    assert sorted(o.returncode for o in outcomes) == [0, 4], [o.stderr[-3000:] for o in outcomes]
+    refused = next(o for o in outcomes if o.returncode == 4)
+    [line] = [line for line in refused.stderr.splitlines() if line.startswith("cnnflow: error:")]
+    assert "is being searched by process" in line and "the same command then continues the study" in line, line
+    assert "Traceback" not in refused.stderr
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`search.study` != ''")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["budget.trials"] == "1" and parents[0].data.params["budget.epochs_per_trial"] == "1"
+    trials = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string="tags.search != ''")
+    assert [t.info.run_name for t in trials] == [f"{parents[0].data.tags['search.study']}-trial-0"]
+    tested = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string="tags.evaluation_of != ''")
+    assert len(tested) == 1  # the test split evaluated once
+    running = mlflow.search_runs(search_all_experiments=True, output_format="list", run_view_type=3,
+                                 filter_string="attributes.status = 'RUNNING'")
+    assert running == []  # the lock's bookkeeping runs included

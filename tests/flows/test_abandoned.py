@@ -1,0 +1,60 @@
+"""No run stays RUNNING after its process is gone: the next command that finds it trains it again in
+place (the same training) or closes it KILLED, saying why; cnnflow's lock runs never show as running."""
+
+import socket
+
+import mlflow
+from mlflow import MlflowClient
+
+from cnnflow.flows import lifecycle, runs, store
+from cnnflow.flows.config import compose_config
+from cnnflow.flows.train import train_flow
+from conftest import tiny_overrides
+
+DEAD = f"{socket.gethostname()} 999999999 1.00 deadbeef"  # a pid no process has: the holder is gone
+
+
+def _abandoned_run(cfg, **tags) -> str:
+    """A run as `kill -9` leaves it: RUNNING, its lease held by a process that no longer exists."""
+    store.use_store(cfg)
+    client = MlflowClient()
+    run_id = client.create_run(store.experiment_id(cfg), tags=tags).info.run_id
+    client.log_param(run_id, "lease.1", DEAD)
+    return run_id
+
+
+def test_a_training_killed_before_its_first_checkpoint_is_trained_again_in_the_same_run(prefect_harness, mlflow_store,
+                                                                                       idx_folder):
+    overrides = tiny_overrides(idx_folder)
+    cfg = compose_config("mnist", overrides)
+    killed = _abandoned_run(cfg, config_hash=lifecycle.config_hash(cfg))
+
+    assert train_flow("mnist", overrides) == killed
+    finished = MlflowClient().get_run(killed)
+    assert finished.info.status == "FINISHED" and "test_accuracy" in finished.data.metrics
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string="tags.config_hash != ''")) == 1
+
+
+def test_runs_closes_a_run_whose_process_is_gone_and_says_why(mlflow_store):
+    cfg = compose_config("mnist", [])
+    gone = _abandoned_run(cfg)
+    store.use_store(cfg)
+    client = MlflowClient()
+    alive = client.create_run(store.experiment_id(cfg)).info.run_id  # held by this very process
+    lifecycle.Lease(alive, timeout=120).acquire(heartbeats=False)
+    unleased = client.create_run(store.experiment_id(cfg)).info.run_id  # from before leases: nothing says it is gone
+
+    table = runs.runs_table()
+
+    assert f"{gone[:8]}  mnist       KILLED" in table, table
+    closed = client.get_run(gone)
+    assert closed.info.status == "KILLED" and "process 999999999 on" in closed.data.tags["cnnflow.closed"]
+    assert client.get_run(alive).info.status == "RUNNING" and client.get_run(unleased).info.status == "RUNNING"
+
+
+def test_a_lock_run_is_bookkeeping_never_a_running_run(mlflow_store):
+    store.use_store({})
+    with lifecycle.store_wide_lock("start mnist"):
+        locks = MlflowClient().search_runs([store.experiment_id({"experiment": store.LOCKS_EXPERIMENT})])
+        assert [run.info.status for run in locks] == ["FINISHED"]
