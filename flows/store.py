@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -55,18 +56,30 @@ def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
     # "Creating initial MLflow database tables...", "Validating input example against model signature"
     for chatty in ("mlflow.store.db.utils", "alembic", "mlflow.pyfunc", "mlflow.models.model"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    if uri.startswith("sqlite:"):
+    if "://" in uri and uri.split(":", 1)[0].split("+")[0] in _DATABASES:
+        # MLflow creates (or migrates) a database's tables unguarded when it first opens it: two
+        # commands doing that at once collide. One machine's take turns; two machines' second try
+        # finds the tables the other made.
         with store_lock("create"):
-            _create_whole(Path(uri.removeprefix("sqlite:///")).expanduser())
-            try:
-                mlflow.MlflowClient().search_experiments(max_results=1)  # migrates an older store's tables
-            except (SQLAlchemyError, MlflowException) as error:
-                if "disk is full" in str(error):
-                    raise  # the CLI says which disk
-                raise InfrastructureError(f"the MLflow store {uri} cannot be opened ({first_line(error)}); if an "
-                                          f"upgrade of it was interrupted, restore it from a copy or move it aside; "
-                                          f"or {_FIX}") from None
+            if uri.startswith("sqlite:"):
+                _create_whole(Path(uri.removeprefix("sqlite:///")).expanduser())
+            for attempt in (1, 2):
+                try:
+                    mlflow.MlflowClient().search_experiments(max_results=1)  # migrates an older store's tables
+                    break
+                except (SQLAlchemyError, MlflowException) as error:
+                    if "disk is full" in str(error):
+                        raise  # the CLI says which disk
+                    if attempt == 1 and not uri.startswith("sqlite:"):
+                        time.sleep(1.0)
+                        continue
+                    raise InfrastructureError(f"the MLflow store {uri} cannot be opened ({first_line(error)}); if an "
+                                              f"upgrade of it was interrupted, restore it from a copy or move it "
+                                              f"aside; or {_FIX}") from None
     return uri
+
+
+_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # the SQL stores MLflow takes as a tracking URI
 
 
 def _create_whole(path: Path) -> None:
@@ -137,18 +150,17 @@ def _check_server(uri: str) -> None:
 
 @contextlib.contextmanager
 def store_lock(purpose: str):
-    """A lock that every cnnflow process using this store on this machine shares: a file beside a
-    SQLite store, else one in the temporary folder named after the store's URI."""
+    """A lock that every cnnflow process using this store on this machine shares: a file in the
+    temporary folder named after the store's absolute URI (not beside the store: a user's folder
+    keeps only what they made)."""
     import mlflow
     import tempfile
 
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///")).expanduser()
-        path = path.with_name(f".{path.name}.{purpose}.lock")
-    else:
-        path = Path(tempfile.gettempdir()) / f"cnnflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.{purpose}.lock"
+    uri = absolute(mlflow.get_tracking_uri())
+    path = Path(tempfile.gettempdir()) / f"cnnflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.{purpose}.lock"
     with open(path, "a") as handle:
+        with contextlib.suppress(OSError):  # another user of the same store on this machine takes it too
+            os.chmod(path, 0o666)
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -2,6 +2,7 @@
 place (the same training) or closes it KILLED, saying why; cnnflow's lock runs never show as running."""
 
 import socket
+from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
@@ -34,6 +35,7 @@ def test_a_training_killed_before_its_first_checkpoint_is_trained_again_in_the_s
     assert finished.info.status == "FINISHED" and "test_accuracy" in finished.data.metrics
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string="tags.config_hash != ''")) == 1
+    assert not list(Path.cwd().glob(".*lock")), "the working folder keeps only what the user made"
 
 
 def test_runs_closes_a_run_whose_process_is_gone_and_says_why(mlflow_store):
