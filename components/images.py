@@ -5,6 +5,7 @@ evaluation images were."""
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,21 @@ import numpy as np
 from cnnflow.components.errors import DataError
 
 MAX_IMAGE_PIXELS = 50_000_000  # bigger is no photo a CNN here takes; refused from the header, never decoded
+GRAY_SPREAD = 8  # channels this close are a gray picture: lossy WebP and JPEG store gray in colour, a little off
+
+
+def readable_suffixes() -> tuple[str, ...]:
+    """The file name endings of every format PIL reads here (PNG, JPEG, WebP, TIFF, BMP, GIF, ...): what a
+    folder's scan takes is what a file named alone takes."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(sorted(ext for ext, kind in Image.registered_extensions().items()
+                        if kind in Image.OPEN and kind not in _NOT_PICTURES))
+
+
+# formats PIL names but reads only with tools it lacks (a stub, Ghostscript) or that hold no picture
+_NOT_PICTURES = ("BUFR", "GRIB", "HDF5", "WMF", "EPS", "MPEG", "FITS")
 
 
 def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | None = None) -> np.ndarray:
@@ -26,15 +42,17 @@ def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | No
     wanted = f"{'grayscale' if channels == 1 else 'RGB'} {width}x{height} images"
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:  # the header only
-            if image.size != (width, height):
-                raise DataError(f"{name} is {image.size[0]}x{image.size[1]}; the model takes {wanted} "
-                                f"(as in its training data)")
-            image.load()
-            rgb, gray = _pixels(image, name)
+        with warnings.catch_warnings():  # PIL's warning of a big image: refused below, in one line, not printed
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:  # the header only
+                if image.size != (width, height):
+                    raise DataError(f"{name} is {image.size[0]}x{image.size[1]}; the model takes {wanted} "
+                                    f"(as in its training data)")
+                image.load()
+                rgb, gray = _pixels(image, name)
     except DataError:
         raise
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{name}: too large to decode safely (over {MAX_IMAGE_PIXELS:,} pixels); the model takes "
                         f"{wanted}") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
@@ -42,9 +60,9 @@ def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | No
         raise DataError(f"{name}: not a readable image ({why})") from None
     if channels == 3 and rgb is None:
         raise DataError(f"{name} is grayscale; the model takes {wanted}")
-    # A grayscale picture saved as RGB (three equal channels) is fine; real colour is not.
-    if channels == 1 and rgb is not None and not (np.array_equal(rgb[..., 0], rgb[..., 1])
-                                                  and np.array_equal(rgb[..., 1], rgb[..., 2])):
+    # A grayscale picture saved as RGB (three equal channels, or all but equal in a lossy format) is fine;
+    # real colour is not.
+    if channels == 1 and rgb is not None and np.ptp(rgb.astype(np.int16), axis=-1).max(initial=0) > GRAY_SPREAD:
         raise DataError(f"{name} is a colour image; the model takes {wanted}")
     return rgb if channels == 3 else gray[..., np.newaxis]
 

@@ -17,11 +17,9 @@ from typing import Any
 import mlflow
 
 from cnnflow.components.errors import DataError, RunError
-from cnnflow.components.images import read_image
+from cnnflow.components.images import read_image, readable_suffixes
 from cnnflow.flows import report, store
 from cnnflow.flows.engine import flow, run_logger, task
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 def resolve_model(reference: str) -> tuple[str, str]:
@@ -57,7 +55,17 @@ def resolve_model(reference: str) -> tuple[str, str]:
                 raise RunError(f"run {run_id} has no logged model {path!r} ({str(error).splitlines()[0][:120]}); its "
                                f"model is runs:/{run_id}/model") from None
             return uri, run_id
-        return client.get_run(run_id).data.tags.get("model_uri", f"runs:/{run_id}/model"), run_id
+        run = client.get_run(run_id)
+        store.refuse_non_training(run)
+        uri = run.data.tags.get("model_uri", f"runs:/{run_id}/model")
+        try:  # runs of cnnflow before the model_uri tag have their model at `model`
+            "model_uri" in run.data.tags or mlflow.models.get_model_info(uri)
+        except (MlflowException, OSError):
+            raise RunError(f"run {run_id} has no trained model: it ended {run.info.status} before its training finished"
+                           + (f" ({run.data.tags['cnnflow.closed']})" if "cnnflow.closed" in run.data.tags else "")
+                           + f". `cnnflow continue {run_id[:8]}` goes on from its last checkpoint, if it has one; "
+                             f"else train it again") from None
+        return uri, run_id
     except MlflowException as error:
         raise RunError(f"cannot find model {reference!r} in {mlflow.get_tracking_uri()}: "
                        f"{str(error).splitlines()[0]}") from None
@@ -124,7 +132,8 @@ def image_files(paths: list[str]) -> list[Path]:
         path = Path(name).expanduser()
         try:
             if path.is_dir():
-                files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                files += sorted(p for p in path.iterdir() if p.suffix.lower() in readable_suffixes()
+                                and not p.name.startswith("."))
             elif path.exists():
                 files.append(path)
             else:
@@ -139,7 +148,7 @@ def image_files(paths: list[str]) -> list[Path]:
         if not stat.S_ISREG(mode):
             raise DataError(f"{file} is not a regular file (a FIFO, a device or a socket); give image files")
     if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(paths)}")
+        raise DataError(f"no images (PNG, JPEG, WebP, TIFF, BMP, GIF, ...) in {', '.join(paths)}")
     return files
 
 
@@ -159,16 +168,27 @@ def predict_files(model_uri: str, run_id: str, files: list[str]) -> list[dict[st
     cfg, output_dir = store.run_settings(run_id)
     features = store.run_features(run_id, output_dir)
     shape = tuple(features["image_shape"])
-    batch = preprocessed([read_image(Path(f), shape) for f in files], cfg["data"]["transforms"]["eval"])
-    probabilities = outputs.probabilities(mlflow.keras.load_model(model_uri).predict(batch, verbose=0),
-                                          bool(cfg["loss"].get("from_logits")))
-    return [{"file": file, **row} for file, row in zip(files, outputs.labelled(probabilities, features["class_names"]))]
+    images, errors = {}, {}
+    for file in files:  # an unreadable image is its own row's error, as in the served model's answer
+        try:
+            images[file] = read_image(Path(file), shape)
+        except DataError as error:
+            errors[file] = str(error)
+    predicted = {}
+    if images:
+        batch = preprocessed(list(images.values()), cfg["data"]["transforms"]["eval"])
+        probabilities = outputs.probabilities(mlflow.keras.load_model(model_uri).predict(batch, verbose=0),
+                                              bool(cfg["loss"].get("from_logits")))
+        predicted = dict(zip(images, outputs.labelled(probabilities, features["class_names"])))
+    columns = next(iter(predicted.values()), {"label": None, "probability": None}).keys()
+    return [{"file": file, **predicted.get(file, dict.fromkeys(columns)), **({"error": errors.get(file, "")} if errors else {})}
+            for file in files]
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     columns = list(rows[0])
-    cells = [[Path(v).name if c == "file" else f"{v:.4f}" if isinstance(v, float) else str(v) for c, v in row.items()]
-             for row in rows]
+    cells = [[Path(v).name if c == "file" else f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
+              for c, v in row.items()] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
@@ -213,11 +233,16 @@ def predict_flow(model: str, paths: list[str], csv_path: str | None = None,
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    if figure_file:
+    readable = [row for row in rows if not row.get("error")]
+    if figure_file and readable:
         _, output_dir = store.run_settings(run_id)
         with _written_whole(figure_file) as temporary:
-            _figure(rows, tuple(store.run_features(run_id, output_dir)["image_shape"]), temporary)
+            _figure(readable, tuple(store.run_features(run_id, output_dir)["image_shape"]), temporary)
     report.publish_table("predictions", rows, f"{len(rows)} images predicted by {model_uri}")
+    failed = [row for row in rows if row.get("error")]
+    if failed:
+        raise DataError(f"{len(failed)} of {len(rows)} images could not be predicted (their rows say why), the first: "
+                        f"{failed[0]['error']}")
     return rows
 
 

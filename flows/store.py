@@ -320,6 +320,7 @@ def run_settings(run_id: str) -> tuple[dict[str, Any], Path]:
     from mlflow.exceptions import MlflowException
 
     run = mlflow.MlflowClient().get_run(run_id)
+    refuse_non_training(run)
     trained_in = Path(run.data.tags.get("output_dir", "/nonexistent"))
     if (trained_in / "config.yaml").is_file():
         return yaml.safe_load((trained_in / "config.yaml").read_text()), trained_in
@@ -329,6 +330,19 @@ def run_settings(run_id: str) -> tuple[dict[str, Any], Path]:
         raise RunError(f"run {run_id} has no recorded settings (config.yaml): it ended ({run.info.status}) before "
                        f"its training started. Start a new one with cnnflow train") from None
     return cfg, run_folder(run_id, cfg)
+
+
+def refuse_non_training(run) -> None:
+    """A search's run or an evaluation's, named where a training run is needed, is refused in one line
+    naming the training it stands for."""
+    tags, run_id = run.data.tags, run.info.run_id
+    if tags.get("search.study"):
+        best = tags.get("search.best_run")
+        raise RunError(f"run {run_id} is the search {tags['search.study']}, not a training: "
+                       + (f"its best trial is run {best}; give that id" if best else
+                          "it has no best trial yet (cnnflow runs lists its trials' runs)"))
+    if tags.get("evaluation_of"):
+        raise RunError(f"run {run_id} is an evaluation of run {tags['evaluation_of']}, not a training; give that id")
 
 
 def run_folder(run_id: str, cfg: dict[str, Any]) -> Path:

@@ -860,9 +860,10 @@ def test_predict_refuses_non_regular_files_huge_images_and_bad_output_paths(pref
     (tmp_path / "a_file").write_text("")
     with pytest.raises(DataError, match="--csv .*a_file/out.csv: cannot write to .*a_file"):
         predict_flow(run_id, [str(good)], str(tmp_path / "a_file" / "out.csv"))
-    with pytest.raises(DataError, match="big.png is 5000x5000"):  # a failed predict writes no output
-        predict_flow(run_id, [str(good), str(big)], str(tmp_path / "new" / "out.csv"))
-    assert list((tmp_path / "new").iterdir()) == []
+    with pytest.raises(DataError, match="1 of 2 images could not be predicted .*big.png is 5000x5000"):
+        predict_flow(run_id, [str(good), str(big)], str(tmp_path / "new" / "out.csv"))  # the good one has its row
+    assert [line.split(",")[0] for line in (tmp_path / "new" / "out.csv").read_text().splitlines()] == \
+        ["file", str(good), str(big)]
     rows = predict_flow(run_id, [str(good)], str(tmp_path / "new" / "deeper" / "out.csv"))
     assert (tmp_path / "new" / "deeper" / "out.csv").read_text().splitlines()[1].startswith(f"{good},{rows[0]['label']}")
 

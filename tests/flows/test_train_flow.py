@@ -291,3 +291,51 @@ def test_a_checkpoint_that_does_not_load_is_set_aside_only_when_the_file_is_at_f
         with pytest.raises(RunError, match=f"{said}.*it is kept"):
             _load_start_model(str(sound), initial_epoch=2)
         assert sound.with_suffix(".json").exists()
+
+
+def test_predict_takes_a_batch_as_a_batch_every_format_a_row_and_each_bad_image_its_own(finished_run, store, tmp_path):
+    """Every readable image its row, an unreadable one a row with its error and exit 3; a folder's scan takes
+    WebP and TIFF as a named file does; a gray digit saved as lossy WebP is gray; no PIL warning printed."""
+    import warnings
+
+    from PIL import Image
+
+    from cnnflow.components.errors import DataError
+    from cnnflow.flows.inference import predict_flow
+
+    run_id, _ = finished_run
+    digit = np.zeros((28, 28), np.uint8)
+    digit[8:20, 12:16] = 255
+    for suffix, options in ((".png", {}), (".webp", {"quality": 60}), (".tif", {})):
+        Image.fromarray(digit).convert("RGB" if suffix == ".webp" else "L").save(tmp_path / f"digit{suffix}", **options)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "notes.txt").write_text("not an image, not a row")
+
+    rows = predict_flow(run_id, [str(tmp_path / f"digit{s}") for s in (".png", ".webp", ".tif")])
+    assert len({row["label"] for row in rows}) == 1 and "error" not in rows[0]  # the same digit, three formats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a library's warning would be printed raw to the user
+        with pytest.raises(DataError, match=r"1 of 4 images could not be predicted .*broken.png: not a readable image"):
+            predict_flow(run_id, [str(tmp_path)], str(tmp_path / "out" / "predictions.csv"))
+    written = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert written[0] == "file,label,probability,error" and len(written) == 5
+    bad = next(line for line in written if "broken.png" in line)
+    assert ",,," in bad and "not a readable image" in bad
+    assert all(line.split(",")[1] == rows[0]["label"] for line in written[1:] if "digit" in line)
+
+
+def test_a_run_without_a_model_is_refused_in_one_line_naming_what_it_is(finished_run, store):
+    from cnnflow.components.errors import RunError
+    from cnnflow.flows.inference import evaluate_flow, resolve_model
+
+    client = MlflowClient()
+    run_id, _ = finished_run
+    experiment = client.get_run(run_id).info.experiment_id
+    failed = client.create_run(experiment).info.run_id
+    client.set_terminated(failed, "FAILED")
+    with pytest.raises(RunError, match=f"run {failed} has no trained model: it ended FAILED before its training"):
+        evaluate_flow(failed)
+    search = client.create_run(experiment, tags={"search.study": "s1", "search.best_run": run_id}).info.run_id
+    with pytest.raises(RunError, match=f"run {search} is the search s1, not a training: its best trial is run {run_id}"):
+        resolve_model(search[:10])
