@@ -18,3 +18,4 @@ NonNegativeFloat = Annotated[float, Ge(0)]
 Fraction = Annotated[float, Interval(ge=0, le=1)]  # a probability, a share
 DropoutRate = Annotated[float, Interval(ge=0, lt=1)]  # 1 would drop everything
 OpenFraction = Annotated[float, Interval(gt=0, lt=1)]  # Adam's betas, a decay factor
+TwoClasses = Annotated[int, Interval(ge=2, le=2)]  # a model with one logit: a two-class task only

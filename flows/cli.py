@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue a training from its last checkpoint: `cnnflow continue RUN_ID --epochs 10 "
                     "optimizer.learning_rate=1e-4`. Settings that define the model and data cannot change.")
     cont.add_argument("run_id", help="the MLflow run id (cnnflow prints it; also in the MLflow UI)")
-    cont.add_argument("--epochs", type=int, default=10, help="how many more epochs (default 10)")
+    cont.add_argument("--epochs", type=_positive, default=10, help="how many more epochs (default 10)")
     cont.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optimizer.learning_rate=1e-4")
     evaluate = commands.add_parser(
         "evaluate", help="evaluate a logged or registered model on a split; logs an MLflow run",
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     runs = commands.add_parser("runs", help="compare recent runs of an experiment in a table")
     runs.add_argument("experiment", nargs="?", default=None, help="the MLflow experiment (default: all)")
-    runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--limit", type=_positive, default=20, help="how many of the newest runs (default 20)")
     data = commands.add_parser("data", help="compare what two runs trained on: cnnflow data diff RUN_A RUN_B",
                                description="Per split role, how many examples RUN_B added, removed or changed against "
                                            "RUN_A (compared by their bytes), and whether the test split is the same.")
@@ -254,6 +254,19 @@ def run_train(overrides: list[str], multirun: bool) -> int:
     return _summary(sweep_id, outcomes) if multirun else 0 if outcomes[0][1] == "ok" else 1
 
 
+def _positive(text: str) -> int:
+    """A whole number of at least 1, or argparse's one-line refusal naming the value."""
+    import argparse
+
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return number
+
+
 def print_settings(command: str, overrides: list[str]) -> int:
     """`--cfg job`: what a run would be given, composed and checked, without running it."""
     from cnnflow.flows.config import compose_config, to_yaml
@@ -266,6 +279,11 @@ def print_settings(command: str, overrides: list[str]) -> int:
         settings = {**plan.cfg, "search": {**plan.search, "space": plan.expressions, "study": plan.study_name}}
     else:
         settings = compose_config(experiment, rest)
+    if settings["data"]["source"] != "tfds":  # what the data holds, read from files here (TFDS's may need a download)
+        from cnnflow.components.data import source_from
+        from cnnflow.flows.settings import check_model_fits
+
+        check_model_fits(settings, source_from(settings["data"]).info.num_classes)
     print(to_yaml(settings), end="")
     return 0
 
@@ -467,7 +485,12 @@ def run() -> None:
     the signal had interrupted (the process lived on after "cnnflow: terminated"), and with the
     server gone each queued event takes seconds to fail. They get EXIT_GRACE_SECONDS.
     """
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `cnnflow runs | head -3`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        code = 141  # 128 + SIGPIPE, as other commands cut off by their reader end
     if code in (130, 143, 5):  # 5: a server outage, whose dropped events Prefect would try one by one
         _leave_after(EXIT_GRACE_SECONDS, code)
     sys.exit(code)

@@ -284,6 +284,22 @@ def _check_value(key: str, annotation: Any, value: Any) -> None:
         raise SettingsError(f"{key}={value!r}: {_accepted(error.errors()[0])}") from None
 
 
+def check_model_fits(cfg: dict[str, Any], num_classes: int) -> None:
+    """The model takes as many classes as the data has (a one-logit model takes two): checked before
+    any run is made, in one line naming both."""
+    name = cfg["model"]["name"]
+    annotation = typing.get_type_hints(registry.get("model", name), include_extras=True).get("num_classes")
+    if annotation is None:
+        return
+    try:
+        _check_value("num_classes", annotation, num_classes)
+    except SettingsError as error:
+        takes = str(error).partition(": ")[2]
+        raise SettingsError(f"model={name} cannot learn data.source={cfg['data']['source']} {cfg['data']['name']!r}: the "
+                            f"data has {num_classes} classes, and the model's number of classes {takes}; choose a model "
+                            f"for {num_classes} classes (cnnflow components lists them) or other data") from None
+
+
 # --------------------------------------------------------------------------------- messages
 
 def unknown_key(key: str, known: list[str], what: str = "") -> str:
@@ -295,6 +311,10 @@ def unknown_key(key: str, known: list[str], what: str = "") -> str:
         difflib.get_close_matches(key, known, n=1, cutoff=0.85)  # a key put in the wrong section
     siblings = sorted({k[len(parent) + 1:].split(".")[0].split("[")[0] for k in known
                        if k.startswith(f"{parent}.")} if parent else {k.split(".")[0] for k in known})
+    if not nearest and not what and not siblings:  # a section that does not exist
+        top = sorted({k.split(".")[0] for k in known})
+        what = (f"the settings have no section {parent} (the top level takes: {', '.join(top)}); +{key}=VALUE adds a "
+                f"key of your own where a section takes them, as in +tags.owner=me")
     hint = f"did you mean {nearest[0]}?" if nearest else what or f"{parent or 'the top level'} takes: {', '.join(siblings)}"
     return f"unknown setting {key}; {hint}"
 

@@ -462,6 +462,10 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
         healing.wait_before_restart(restart, logger)
     uri = store.use_store(cfg)
     features = load_data(cfg["data"])  # bad data files stop here, before any run exists
+    settings.check_model_fits(cfg, features["num_classes"])
+    from cnnflow.components.data import caching
+
+    caching.check_folder(cfg["data"])
     finished = healing.outcome_of_earlier_attempt(cfg["train"]["lease_timeout"], logger) if restart else None
     if finished:
         logger.info(f"done: run {finished} was finished by an earlier attempt of this job")

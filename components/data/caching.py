@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnflow.components.data.fingerprint import file_hash
+from cnnflow.components.errors import InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,11 @@ def plan(data: dict[str, Any], needs: dict[str, Need]) -> dict[str, str]:
     disk budget between the roles, training first."""
     mode = data.get("cache") or "none"
     if mode != "auto":
+        check_folder(data)
         return {role: mode if role in CACHED_ROLES else "none" for role in needs}
     memory, disk = budgets(data)
+    if unwritable(cache_dir(data)):
+        disk = 0  # `auto` keeps to memory, or decodes every epoch
     chosen = {}
     for role, need in needs.items():
         if role not in CACHED_ROLES or not need.encoded:
@@ -76,6 +80,24 @@ def plan(data: dict[str, Any], needs: dict[str, Need]) -> dict[str, str]:
         else:
             chosen[role] = "none"
     return chosen
+
+
+def check_folder(data: dict[str, Any]) -> None:
+    """data.cache=disk needs a cache folder it can write: refused in one line (exit 5) before any run
+    is made, not a NotADirectoryError in the middle of one."""
+    if data.get("cache") == "disk" and (why := unwritable(cache_dir(data))):
+        raise InfrastructureError(f"data.cache=disk: cannot write the data cache folder {cache_dir(data)} ({why}); "
+                                  f"set data.cache_dir to a folder you can write, or data.cache=memory")
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why `folder` cannot take cache files (made if need be), or None: a HOME or cache_dir that is a
+    file, a read-only mount, no permission."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return error.strerror or str(error)
+    return None if os.access(folder, os.W_OK | os.X_OK) else "permission denied"
 
 
 def budgets(data: dict[str, Any]) -> tuple[float, float]:

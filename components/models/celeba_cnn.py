@@ -3,12 +3,12 @@
 import keras
 from keras import layers
 
-from cnnflow.components.argtypes import DropoutRate, PositiveInt
+from cnnflow.components.argtypes import DropoutRate, TwoClasses
 from cnnflow.components.registry import register
 
 
 @register("model", "celeba_cnn")
-def celeba_cnn(input_shape=(64, 64, 3), num_classes: PositiveInt = 2, dropout_rate: DropoutRate = 0.5) -> keras.Model:
+def celeba_cnn(input_shape=(64, 64, 3), num_classes: TwoClasses = 2, dropout_rate: DropoutRate = 0.5) -> keras.Model:
     """Four 3x3 conv blocks (32, 64, 128, 256 filters), global average pooling, one logit.
 
     A binary task needs one output unit; `num_classes` must be 2. 388,673 parameters for 64x64x3.

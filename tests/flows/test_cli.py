@@ -180,3 +180,61 @@ def test_a_value_hydra_cannot_read_is_answered_with_how_to_quote_it(tmp_path, mo
     assert error.endswith("""quote it: "data.path='/data/a b/é'\"""") and "\\n" not in error, error
     assert cli.main(["train", "--cfg", "job", "data.path='/data/a b/é'"]) == 0  # as the hint says
     assert yaml.safe_load(capsys.readouterr().out)["data"]["path"] == "/data/a b/é"
+
+
+def test_a_model_that_cannot_learn_the_data_is_refused_by_cfg_job_and_by_train_before_any_run(
+        idx_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mismatch = ["experiment=mnist", "model=celeba_cnn", "data.source=idx", f"data.path={idx_folder}"]
+    expected = ("cnnflow: error: model=celeba_cnn cannot learn data.source=idx 'mnist': the data has 10 classes, and "
+                "the model's number of classes should be")
+    assert cli.main(["train", "--cfg", "job", *mismatch]) == 2
+    assert capsys.readouterr().err.startswith(expected)
+    assert cli.main(["train", *mismatch, "train.epochs=1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(expected)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_section_that_does_not_exist_is_named_with_how_to_add_a_key_of_ones_own(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--cfg", "job", "nosuchgroup.key=1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "the settings have no section nosuchgroup (the top level takes: data, experiment," in error
+    assert error.endswith("+nosuchgroup.key=VALUE adds a key of your own where a section takes them, as in +tags.owner=me")
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly_and_a_negative_limit_is_refused(mlflow_store, capsys):
+    import subprocess
+    import sys
+
+    client = MlflowClient()
+    experiment = client.create_experiment("many")
+    for _ in range(150):  # more than a pipe holds before its reader must read
+        client.create_run(experiment)
+    runs = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "runs", "--limit", "150"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    runs.stdout.close()  # as `cnnflow runs | true`: the reader has gone before anything is written
+    assert runs.wait(timeout=120) == 141 and runs.stderr.read() == b""  # 128 + SIGPIPE, no traceback
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["runs", "--limit", "-1"])
+    assert refused.value.code == 2 and "argument --limit: '-1': give a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_a_data_cache_folder_that_cannot_be_written_is_one_line_exit_5_before_any_run(idx_folder, tmp_path, monkeypatch,
+                                                                                     capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "home").write_text("HOME is a file here")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cli.main(["train", "experiment=mnist", "data.source=idx", f"data.path={idx_folder}", "data.cache=disk"]) == 5
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"cnnflow: error: data.cache=disk: cannot write the data cache folder {tmp_path}/home/.cache/cnnflow/tf.data "
+        f"(Not a directory); set data.cache_dir to a folder you can write, or data.cache=memory")
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
