@@ -462,11 +462,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cnnflow: {'interrupted' if exit_code(error) == 130 else 'terminated'} (a training keeps its last "
                   f"checkpoint: the same command resumes it)", file=sys.stderr)
             return exit_code(error)
-        from cnnflow.flows.engine import prefect_outage_raised
-
-        if outage := prefect_outage_raised():
-            print(f"cnnflow: error: {outage}", file=sys.stderr)
-            return exit_code(outage)
         if what := _disk_full(error):
             print(f"cnnflow: error: the disk is full: {what}; free space under {os.getcwd()} (or where "
                   f"MLFLOW_TRACKING_URI points), then the same command resumes", file=sys.stderr)

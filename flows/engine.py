@@ -79,8 +79,12 @@ def in_process():
 
 
 def recording() -> bool:
-    """Whether flows and tasks go to a Prefect server (its UI shows their runs and artifacts)."""
-    return not _in_process.get()
+    """Whether flows and tasks go to a Prefect server (its UI shows their runs and artifacts): one is
+    configured, and it answers now."""
+    if _in_process.get():
+        return False
+    url = configured_api_url()
+    return not url or _observe_prefect(url, _logger()) is None
 
 
 def run_logger():
@@ -122,7 +126,10 @@ class Step:
                 if self.kind == "flow" and _resubmitted_after_crashes():
                     raise StoppedByOutage(str(outage)) from outage
                 raise
-            prefect_answers()
+            if self.kind == "flow" and (finished := _finished.get()) is not None:
+                from prefect.runtime import flow_run
+
+                finished.append((result, flow_run.name))
             return result
 
         # Prefect validates a flow's parameters against its signature, resolved in the wrapper's module:
@@ -135,6 +142,24 @@ class Step:
             raise AttributeError(attribute)
         return getattr(self.prefect, attribute)
 
+    def _recorded(self, args: tuple, kwargs: dict):
+        """The flow under Prefect, started by a command; when its work is done but the server is gone
+        for its end state, the result stands and one warning says the record in Prefect is incomplete."""
+        finished: list = []
+        token = _finished.set(finished)
+        try:
+            return self.prefect(*args, **kwargs)
+        except Exception:
+            url = configured_api_url()
+            if not finished or not (reason := prefect_fails(url)):
+                raise
+            result, name = finished[0]
+            _logger().warning(f"the Prefect server {url} fails ({reason}): flow run {name}'s record there is incomplete "
+                              f"(it may show Running); its work is done, and MLflow has all of it")
+            return result
+        finally:
+            _finished.reset(token)
+
     def with_options(self, **options) -> Step:
         return Step(self.kind, self.fn, {**self.options, **options})
 
@@ -142,7 +167,17 @@ class Step:
         if not _in_process.get():
             if self.kind == "flow":
                 _one_line_per_prefect_outage()
-            prefect_answers()  # a run started into an outage would lose its states
+            url = configured_api_url()
+            if not _inside_a_run():  # a command starting: a server that does not answer is said at once
+                if url and (reason := prefect_fails(url)):
+                    from cnnflow.components.errors import ServerOutage
+
+                    raise ServerOutage(f"cannot reach the Prefect server {url} ({reason}); start it (prefect server "
+                                       f"start), or unset PREFECT_API_URL to run without one")
+                return self._recorded(args, kwargs)
+            if url and _observe_prefect(url, _logger()) is not None:  # Prefect is the orchestrator, not the record:
+                _say_unrecorded(url)  # the work goes on without it
+                return self.fn(*args, **kwargs) if self.kind == "flow" else _with_retries(self, args, kwargs)
             return self.prefect(*args, **kwargs)
         if self.kind == "flow":
             log.info(f"{self.name} flow runs in this process: no Prefect server is configured (set PREFECT_API_URL "
@@ -183,12 +218,27 @@ def _with_retries(step: Step, args: tuple, kwargs: dict):
 
 
 # ------------------------------------------------------------------ the Prefect server's outages
-# Prefect 3 sends task-run states and logs as they happen and drops what its server does not take;
-# a flow run's own state and artifacts need the server. So a step under a server starts and ends
-# only while the server answers: a training rides out an outage of the Prefect server as it rides
-# out the MLflow store's (flows/outbox.py), within train.outage_timeout.
+# Prefect is the orchestrator, not the record (MLflow is). A command does not start without the
+# server it is configured for (one line, at once); a flow going on when the server goes away does
+# its remaining steps without it, says so once, and its result stands though Prefect missed its end.
 
-_outage = {"bound": 600.0, "since": None}
+_outage: dict[str, Any] = {"since": None}
+_finished: contextvars.ContextVar[list | None] = contextvars.ContextVar("cnnflow_finished", default=None)
+
+
+def _inside_a_run() -> bool:
+    """Whether a flow or task run is going on in this context (a step of it, not a command starting)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _say_unrecorded(url: str) -> None:
+    """Once per outage: the steps run while the server is down are not in Prefect's record."""
+    if _outage.get("unrecorded") != _outage["since"]:
+        _outage["unrecorded"] = _outage["since"]
+        _logger().warning(f"the Prefect server {url} is down: the next steps run without it (Prefect will not show "
+                          f"them); MLflow records them as usual")
 WATCH_SECONDS = 5.0  # how often a running flow checks the Prefect server
 
 
@@ -199,31 +249,6 @@ def _resubmitted_after_crashes() -> bool:
     from cnnflow.flows.healing import RESUMABLE_TAG
 
     return RESUMABLE_TAG in (flow_run.tags or [])
-
-
-def bound_prefect_outages(seconds: float) -> None:
-    """How long a flow waits for the Prefect server (train.outage_timeout of the flow going on)."""
-    _outage["bound"] = float(seconds)
-
-
-def prefect_answers() -> None:
-    """Returns once the configured Prefect server answers (at once when it does, or when there is
-    none); raises ServerOutage when it has not answered for the bound. Said in one line when the
-    outage starts and one when it ends."""
-    url = configured_api_url()
-    if not url:
-        return
-    from cnnflow.components.errors import ServerOutage
-
-    while (reason := _observe_prefect(url, _logger())) is not None:
-        lasted = time.monotonic() - _outage["since"]
-        if lasted > _outage["bound"]:
-            _outage["raised"] = ServerOutage(
-                f"the Prefect server {url} has failed for {lasted:.0f} s ({reason}), longer than "
-                f"train.outage_timeout={_outage['bound']:g}; what was trained is in MLflow (a finished run is "
-                f"FINISHED): run the same command again once the server answers, and it resumes or finds the run done")
-            raise _outage["raised"]
-        time.sleep(min(5.0, max(0.5, _outage["bound"] - lasted)))
 
 
 _watch_lock = threading.Lock()
@@ -237,8 +262,7 @@ def _observe_prefect(url: str, logger) -> str | None:
         if reason is not None and _outage["since"] is None:
             _outage["since"] = time.monotonic()
             logger.warning(f"the Prefect server {url} fails: {reason}. Prefect loses the task states and logs sent "
-                           f"while it is down; the work goes on and waits for it before its next step (for at most "
-                           f"{_outage['bound']:g} s: train.outage_timeout)")
+                           f"while it is down; the work goes on without it (MLflow records it as usual)")
         elif reason is None and _outage["since"] is not None:
             logger.warning(f"the Prefect server {url} answers again after {time.monotonic() - _outage['since']:.0f} s")
             _outage["since"] = None
@@ -268,12 +292,6 @@ def _watching_prefect(every: float = WATCH_SECONDS):
         stop.set()
         watcher.join(timeout=15)
         _outage["watching"] = False
-
-
-def prefect_outage_raised() -> Exception | None:
-    """The ServerOutage this process stopped on, if any: Prefect's engine, unable to report it to
-    the server that is gone, raises its own connection error in its place."""
-    return _outage.get("raised")
 
 
 def prefect_fails(url: str) -> str | None:
@@ -314,7 +332,7 @@ def _logger():
 
 def _one_line_per_prefect_outage() -> None:
     """Prefect says an outage every few seconds per event it drops (and prints each failed log
-    upload); cnnflow says it once, in prefect_answers. Idempotent."""
+    upload); cnnflow says it once, in _observe_prefect. Idempotent."""
     if getattr(_one_line_per_prefect_outage, "done", False):
         return
     _one_line_per_prefect_outage.done = True
@@ -323,7 +341,11 @@ def _one_line_per_prefect_outage() -> None:
     class PrefectOutageNoise(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             text = record.getMessage()
-            return not ("Unable to connect to" in text or "EventsWorker' failed to process item" in text)
+            if "Unable to connect to" in text or "EventsWorker' failed to process item" in text:
+                return False
+            # the engine failing to send a finished flow's end state: Step._recorded says it in one line
+            return not (_outage["since"] is not None and record.name == "prefect.flow_runs"
+                        and text.startswith(("Encountered exception during execution", "Finished in state Running")))
 
-    for name in ("prefect.events.clients", "prefect._internal.concurrency"):
+    for name in ("prefect.events.clients", "prefect._internal.concurrency", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(PrefectOutageNoise())

@@ -28,7 +28,7 @@ DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain", "search")
 
 def deployment_names(experiment: str, pool: str | None = None) -> dict[str, str]:
     """Each flow's deployment name, saying what it runs: `cnnflow serve experiment=celeba` gives
-    train/celeba, retrain/celeba, continue/any-run, evaluate/any-model and predict/any-model; on a
+    train/celeba, retrain/celeba, search/celeba, continue/any-run, evaluate/any-model and predict/any-model; on a
     work pool every flow's deployment is named after the pool (train/gpu: "train on the gpu pool")."""
     if pool:
         return dict.fromkeys(DEPLOYMENTS, pool)
@@ -101,10 +101,7 @@ def __getattr__(name: str):
 def serve_all(experiment: str, overrides: list[str]) -> None:
     from prefect import serve
 
-    if not configured_api_url():
-        raise InfrastructureError(
-            "cnnflow serve needs a Prefect server: start one with `prefect server start`, then "
-            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)")
+    _needs_server("cnnflow serve", pool=False)
     jobs = compose_config(experiment, overrides)["jobs"]
     install_automations(jobs)
     os.environ.update(job_environment(jobs))  # the runs are this process's children
@@ -124,7 +121,7 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
     from cnnflow.flows.worker import Worker
     from cnnflow.flows import store
 
-    _needs_pool_server("cnnflow deploy")
+    _needs_server("cnnflow deploy")
     cfg = compose_config(experiment, overrides)
     uri = store.absolute(store.use_store(cfg))
     if not uri.startswith(("http://", "https://")):
@@ -151,15 +148,20 @@ def deploy_all(pool: str, experiment: str, overrides: list[str]) -> list[str]:
     return names
 
 
-def _needs_pool_server(command: str) -> None:
+def _needs_server(command: str, pool: bool = True) -> None:
+    """A Prefect server configured and answering (for a pool: the one its workers use), or one line
+    saying how to get there (exit 5)."""
     url = configured_api_url()
     if not url:
-        raise InfrastructureError(f"{command} needs the Prefect server the pool's workers use: export PREFECT_API_URL="
-                                  f"http://HOST:4200/api (or prefect config set PREFECT_API_URL=...) and run it again")
+        needed = "the Prefect server the pool's workers use" if pool else \
+            "a Prefect server (start one with `prefect server start`)"
+        raise InfrastructureError(f"{command} needs {needed}: export PREFECT_API_URL=http://HOST:4200/api (or prefect "
+                                  f"config set PREFECT_API_URL=...) and run it again")
     reason = prefect_fails(url)
     if reason:
         raise InfrastructureError(f"{command} needs the Prefect server {url}, and it fails: {reason}. Start it "
-                                  f"(prefect server start) or point PREFECT_API_URL at the one the workers use")
+                                  f"(prefect server start) or point PREFECT_API_URL at "
+                                  f"{'the one the workers use' if pool else 'one that answers'}")
 
 
 def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:
@@ -170,7 +172,7 @@ def submitted(pool: str, jobs: list[tuple[str, list[str]]]) -> list:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    _needs_pool_server("cnnflow train --pool")
+    _needs_server("cnnflow train --pool")
     name = f"train/{pool}"
     with get_client(sync_client=True) as client:
         try:

@@ -20,7 +20,7 @@ from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError, is_transient
 from cnnflow.flows import healing, interrupts, lifecycle, outbox, promotion, report, runtime, settings, store
 from cnnflow.flows.config import Experiment, compose_config, with_fields
-from cnnflow.flows.engine import bound_prefect_outages, flow, run_logger, task
+from cnnflow.flows.engine import flow, run_logger, task
 
 
 
@@ -451,7 +451,6 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
     overrides = with_fields(overrides, epochs=epochs, batch_size=batch_size, data_source=data_source,
                             data_path=data_path, train_size=train_size, seed=seed)
     cfg = compose_config(experiment, overrides)
-    bound_prefect_outages(cfg["train"]["outage_timeout"])
     logger = run_logger()
     runtime.use_environment(cfg["runtime"], logger)
     unused = settings.unused_settings(cfg)
@@ -520,7 +519,6 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     recorded = Split.load(split_path)
     lifecycle.refuse_frozen_changes(stored, cfg, tuple(f"data.{key}" for key in DATA_LOCATIONS)
                                     if recorded.fingerprints else ())
-    bound_prefect_outages(cfg["train"]["outage_timeout"])
     logger = run_logger()
     checkpoint, skipped = lifecycle.newest_checkpoint(run_id, output_dir, logger)
     if checkpoint is None:

@@ -336,24 +336,28 @@ def test_a_prefect_server_down_mid_training_is_ridden_out(prefect_server, tmp_pa
     assert prefect_server.flow_run_states().count("COMPLETED") == before + 1  # the flow run's end reached Prefect
 
 
-@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
-def test_a_prefect_outage_past_its_bound_ends_in_one_line_and_the_same_command_resumes(prefect_server, tmp_path,
+def test_a_training_that_loses_its_prefect_server_for_good_finishes_its_work_and_exits_0(prefect_server, tmp_path,
                                                                                         idx_folder):
-    overrides = tiny_overrides(idx_folder, epochs=6) + ["plots=none", "train.outage_timeout=5"]
-    process = _train_under(tmp_path, prefect_server, overrides)
+    """Prefect is the orchestrator, not the record: the training tests, draws and registers its model,
+    ends its MLflow run FINISHED and exits 0 with one warning; a new command then says in one line,
+    within seconds, that the server does not answer (exit 5), and creates nothing."""
+    process = _train_under(tmp_path, prefect_server, tiny_overrides(idx_folder, epochs=6))
     out = _wait_for_line(process, "epoch 2/6  ")
     prefect_server.stop()
-    out += _finish(process, 300)
-    assert process.returncode == 5, out
-    assert out.strip().splitlines()[-1].startswith(f"cnnflow: error: the Prefect server {prefect_server.url} has "
-                                                    f"failed for "), out
-    assert "longer than train.outage_timeout=5" in out and "Traceback" not in out, out
-    client, run = _local_run(tmp_path)
-    assert run.info.status == "RUNNING"  # not FAILED: resumable
+    try:
+        out += _finish(process, 300)
+        assert process.returncode == 0, out
+        assert "record there is incomplete" in out and "Traceback" not in out, out
+        client, run = _local_run(tmp_path)
+        assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics, out
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")}, out  # the figures too
 
-    prefect_server.start()
-    again = _train_under(tmp_path, prefect_server, overrides)  # the same command
-    out = _finish(again, 600)
-    assert again.returncode == 0, out
-    assert f"resuming MLflow run {run.info.run_id} after epoch 6" in out
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+        began = time.monotonic()
+        again = _train_under(tmp_path, prefect_server, tiny_overrides(idx_folder, epochs=6) + ["seed=2"])
+        out = _finish(again, 120)
+        assert again.returncode == 5 and time.monotonic() - began < 60, out
+        assert out.strip().splitlines()[-1].startswith(f"cnnflow: error: cannot reach the Prefect server "
+                                                       f"{prefect_server.url} ("), out
+        assert len(client.search_runs([run.info.experiment_id])) == 1  # nothing was created
+    finally:
+        prefect_server.start()

@@ -238,3 +238,29 @@ def test_a_data_cache_folder_that_cannot_be_written_is_one_line_exit_5_before_an
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.parametrize("command", [["train", "experiment=quickstart", "train.epochs=1"], ["serve"]])
+def test_a_prefect_server_that_does_not_answer_is_one_line_exit_5_within_seconds(command, tmp_path):
+    """PREFECT_API_URL set and nothing listening: said at once, not after minutes of retries; no run made."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api", PREFECT_HOME=str(tmp_path / ".prefect"))
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "cnnflow.flows.cli", *command], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 5 and time.monotonic() - began < 60, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("cnnflow: error: ") and f"the Prefect server {env['PREFECT_API_URL']}" in last, done.stderr
+    assert "Traceback" not in done.stderr
+    if (tmp_path / "mlflow.db").exists():
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
