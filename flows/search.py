@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ REPORT_TAG, VERDICT_TAG, STATE_TAG = "search.report", "search.verdict", "search.
 VERDICT_SECONDS = 60.0  # how long a trainer waits for a verdict before it trains on without one
 JUDGE_SECONDS = 1.0  # how often the judge reads the trials' reports
 MAX_FAILURES_IN_A_ROW = 3
+CHANCE_MARGIN = 0.005  # a trial this close to always answering the most common class has learnt nothing
 
 
 # ------------------------------------------------------------------------------------ the space
@@ -308,7 +310,7 @@ def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str
         study._storage.set_trial_intermediate_value(trial._trial_id, epochs, value)
     if run.data.tags.get(STATE_TAG, "").startswith("pruned"):
         study.tell(number, state=state.PRUNED)
-        return f"{describe(trial, plan)}: pruned at epoch {epochs}, {metric} {value:.4f}  (run {run.info.run_id})"
+        return f"{describe(trial, plan)}: {run.data.tags[STATE_TAG]}, {metric} {value:.4f}  (run {run.info.run_id})"
     value = run.data.metrics[metric]
     MlflowClient().set_tag(run.info.run_id, STATE_TAG, "complete")
     study.tell(number, value)
@@ -366,25 +368,46 @@ class Judge:
             judged = json.loads(tags.get(VERDICT_TAG) or "null")
             if not reported or (judged and judged["epoch"] >= reported["epoch"]):
                 continue
-            prune = self.verdict(int(tags["search_trial"]), reported["epoch"], reported["logs"])
+            prune, why = self.verdict(int(tags["search_trial"]), reported["epoch"], reported["logs"],
+                                      reported.get("chance") or {})
             if prune is not None:
-                client.set_tag(run.info.run_id, VERDICT_TAG, json.dumps({"epoch": reported["epoch"], "prune": prune}))
+                client.set_tag(run.info.run_id, VERDICT_TAG,
+                               json.dumps({"epoch": reported["epoch"], "prune": prune, "why": why}))
 
-    def verdict(self, number: int, epoch: int, logs: dict[str, float]) -> bool | None:
-        """Whether the pruner stops trial `number` after `epoch` (None: it is no longer running)."""
+    def verdict(self, number: int, epoch: int, logs: dict[str, float],
+                chance: dict[str, float]) -> tuple[bool | None, str]:
+        """Whether trial `number` stops after `epoch`, and why (None: it is no longer running). A trial
+        that learns nothing (at chance level) or diverges stops whatever the pruner's brackets say: with
+        few trials, a bracket may hold nobody to compare it with."""
         import optuna
 
         trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
         frozen = self.study._storage.get_trial(trial_id)
         if frozen.state != _states().RUNNING:
-            return None
+            return None, ""
         trial = optuna.trial.Trial(self.study, trial_id)
         value = logs.get(self.plan.search["metric"])
         if value is None:
-            return False
-        if epoch not in frozen.intermediate_values:
+            return False, ""
+        if epoch not in frozen.intermediate_values and math.isfinite(value):
             trial.report(value, epoch)
-        return bool(trial.should_prune())  # numpy's bool, from some pruners
+        hopeless = hopeless_because(logs, chance)
+        if hopeless:
+            return True, hopeless
+        return bool(trial.should_prune()), "weaker than its peers were at this epoch"  # numpy's bool, from some pruners
+
+
+def hopeless_because(logs: dict[str, float], chance: dict[str, float]) -> str:
+    """Why a trial's epoch says it will not learn (its loss not finite, or validation no better than
+    always answering the most common class), or ""."""
+    broken = sorted(name for name, value in logs.items() if not math.isfinite(value))
+    if broken:
+        return f"diverged ({', '.join(f'{name} {logs[name]}' for name in broken)})"
+    accuracy, majority = logs.get("val_accuracy"), chance.get("val_accuracy")
+    if accuracy is not None and majority is not None and accuracy <= majority + CHANCE_MARGIN:
+        return (f"at chance level (val_accuracy {accuracy:.4f}; always answering the most common class gives "
+                f"{majority:.4f})")
+    return ""
 
 
 class Verdicts:
@@ -392,7 +415,8 @@ class Verdicts:
     training): at each epoch end the epoch's metrics go to the run's tag `search.report`; then it
     waits for the judge's verdict on that epoch, and a `prune` stops the training after it."""
 
-    def __init__(self, run_id: str, last_epoch: int, logger, wait: float = VERDICT_SECONDS):
+    def __init__(self, run_id: str, last_epoch: int, logger, chance: dict[str, float] | None = None,
+                 wait: float = VERDICT_SECONDS):
         import keras
 
         class Callback(keras.callbacks.Callback):
@@ -402,13 +426,14 @@ class Verdicts:
 
         self.callback = Callback()
         self.run_id, self.last_epoch, self.logger, self.wait = run_id, last_epoch, logger, wait
+        self.chance = chance or {}  # what validation gives without learning (flows/train.py measures it)
 
     def pruned_after(self, epoch: int, logs: dict[str, Any]) -> bool:
         from mlflow import MlflowClient
 
         client = MlflowClient()
         try:
-            client.set_tag(self.run_id, REPORT_TAG, json.dumps({"epoch": epoch, "logs": {
+            client.set_tag(self.run_id, REPORT_TAG, json.dumps({"epoch": epoch, "chance": self.chance, "logs": {
                 name: float(value) for name, value in logs.items()}}))
         except Exception as error:  # the store is out: the outbox keeps the training's own writes
             self.logger.warning(f"search: could not report epoch {epoch} ({str(error).splitlines()[0][:150]}); "
@@ -422,9 +447,9 @@ class Verdicts:
                 verdict = json.loads(client.get_run(self.run_id).data.tags.get(VERDICT_TAG) or "null")
                 if verdict and verdict["epoch"] >= epoch:
                     if verdict["prune"]:
-                        client.set_tag(self.run_id, STATE_TAG, f"pruned at epoch {epoch}")
-                        self.logger.info(f"search: pruned after epoch {epoch}: the trial is weaker than its peers "
-                                         f"were at this epoch")
+                        why = verdict.get("why") or "weaker than its peers were at this epoch"
+                        client.set_tag(self.run_id, STATE_TAG, f"pruned at epoch {epoch}: {why}")
+                        self.logger.info(f"search: pruned after epoch {epoch}: {why}")
                     return bool(verdict["prune"])
             time.sleep(0.3)
         self.logger.warning(f"search: no verdict on epoch {epoch} within {self.wait:.0f} s (is the search command "

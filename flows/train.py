@@ -187,7 +187,8 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     if "search" in cfg["tags"]:  # a search's trial: its search may prune it at an epoch end (flows/search.py)
         from cnnflow.flows.search import Verdicts
 
-        callbacks.append(Verdicts(run_id, epochs, run_logger()).callback)  # last: after the epoch's checkpoint
+        chance = {"val_accuracy": _majority_share(examples(cfg["data"], split, "valid").labels)}
+        callbacks.append(Verdicts(run_id, epochs, run_logger(), chance).callback)  # last: after the epoch's checkpoint
     needs = cache_needs(cfg["data"], split)
     kept = caching.plan(cfg["data"], needs)
     run_logger().info(caching.describe(kept, needs, cfg["data"]))
@@ -225,6 +226,13 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     store.set_tags(run_id, {"model_uri": logged.model_uri, "serving_uri": serving.model_uri})  # the newest stage's
     (output / "history.json").write_text(json.dumps(checkpoint.history))
     return str(output / "model.keras")
+
+
+def _majority_share(labels) -> float:
+    """The accuracy of always answering the most common class: what a model that learnt nothing gets."""
+    import numpy as np
+
+    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
 
 
 # What the `serving` model imports besides TensorFlow and Keras (components/serving.py and the

@@ -126,7 +126,7 @@ def test_a_pruned_trial_stops_at_an_epoch_end_and_the_best_alone_is_tested(prefe
     runs = {int(r.data.tags["search_trial"]): r for r in mlflow.search_runs(
         search_all_experiments=True, output_format="list", filter_string=f"tags.search = '{plan.study_name}'")}
     assert sorted(runs) == [0, 1, 2]
-    assert runs[1].data.tags[search.STATE_TAG] == "pruned at epoch 1"
+    assert runs[1].data.tags[search.STATE_TAG].startswith("pruned at epoch 1: at chance level (val_accuracy ")
     assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [1]  # stopped after epoch 1
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
     assert {r.data.tags[search.STATE_TAG] for i, r in runs.items() if i != 1} == {"complete"}
@@ -274,3 +274,25 @@ def test_two_identical_searches_at_once_make_one_study_one_parent_and_one_refusa
     running = mlflow.search_runs(search_all_experiments=True, output_format="list", run_view_type=3,
                                  filter_string="attributes.status = 'RUNNING'")
     assert running == []  # the lock's bookkeeping runs included
+
+
+def test_a_trial_at_chance_level_or_diverging_is_stopped_at_its_first_report_whatever_its_bracket():
+    """With few trials Hyperband's brackets compare a trial with almost nobody: a learning rate that
+    learns nothing (0.099 on ten classes) trained on while good trials were pruned."""
+    from types import SimpleNamespace
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.HyperbandPruner(min_resource=1,
+                                                                                            max_resource=3))
+    judge = search.Judge(study, SimpleNamespace(search={"metric": "val_accuracy"}), "parent", logger=None)
+    chance = {"val_accuracy": 0.113}
+    for _ in range(3):
+        study.ask()
+    prune, why = judge.verdict(0, 1, {"val_accuracy": 0.099, "val_loss": 2.30}, chance)
+    assert prune and why == ("at chance level (val_accuracy 0.0990; always answering the most common class gives "
+                             "0.1130)")
+    prune, why = judge.verdict(1, 1, {"val_accuracy": 0.5, "val_loss": float("nan")}, chance)
+    assert prune and why == "diverged (val_loss nan)"
+    prune, why = judge.verdict(2, 1, {"val_accuracy": 0.93, "val_loss": 0.2}, chance)
+    assert not prune and why == "weaker than its peers were at this epoch"  # the pruner's to say, and it keeps it
+    assert study.trials[0].intermediate_values == {1: 0.099} and study.trials[1].intermediate_values == {1: 0.5}
+    assert search.hopeless_because({"val_accuracy": 0.125}, chance) == ""  # a little better than chance: learning
