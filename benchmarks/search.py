@@ -24,19 +24,20 @@ from pathlib import Path
 GRID_BEST = 0.9268  # benchmarks/README.md: the 9-run grid under the same 45 epochs
 
 
-def one_search(data: Path, folder: Path, sampler: str, seed: int, extra: list[str]) -> dict:
+def one_search(data: Path, folder: Path, sampler: str, seed: int, extra: list[str], pruner: str | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "cnnflow.flows.cli", "search", "experiment=fashion_mnist_fast",
                "search=fashion_mnist_fast", "data.source=idx", f"data.path={data.resolve()}",
-               f"search.sampler={sampler}", f"search.seed={seed}", *extra]
+               f"search.sampler={sampler}", f"search.seed={seed}", *([f"search.pruner={pruner}"] if pruner else []),
+               *extra]
     started = time.perf_counter()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder.resolve() / 'mlflow.db'}"}  # its own store
     with open(folder / "search.log", "a") as log:
         done = subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {folder / 'search.log'}")
-    return {"sampler": sampler, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
-            **summary(folder)}
+    return {"sampler": sampler, "pruner": pruner or "default", "seed": seed,
+            "seconds": round(time.perf_counter() - started, 1), **summary(folder)}
 
 
 def summary(folder: Path) -> dict:
@@ -47,9 +48,16 @@ def summary(folder: Path) -> dict:
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                filter_string="tags.`search.study` != ''")
     metrics = run.data.metrics
+    trials = json.loads(Path(client.download_artifacts(run.info.run_id, "trials.json", str(folder))).read_text())
+    rows = [dict(zip(trials["columns"], row)) for row in trials["data"]]
+    pruned = [row["val_accuracy"] for row in rows if row["state"] == "pruned" and row["val_accuracy"] is not None]
     return {"best_val_accuracy": metrics["best_val_accuracy"], "best_test_accuracy": metrics["best_test_accuracy"],
             "trials": int(metrics["trials"]), "pruned": int(metrics["trials_pruned"]),
-            "epochs_spent": int(metrics["epochs_spent"]), "best": run.data.tags["search.best_params"]}
+            "epochs_spent": int(metrics["epochs_spent"]), "best": run.data.tags["search.best_params"],
+            # what a person would judge: epochs given to trials that never learnt (val_accuracy under 0.2 on ten
+            # classes), and the best trial a pruner stopped
+            "epochs_on_hopeless": sum(row["epochs"] for row in rows if (row["val_accuracy"] or 0) < 0.2),
+            "best_pruned": max(pruned, default=None)}
 
 
 def main() -> None:
@@ -58,19 +66,25 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path("runs/search"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samplers", nargs="+", default=["tpe", "random"], choices=["tpe", "random"])
+    parser.add_argument("--pruners", nargs="+", default=[None],
+                        choices=["hyperband", "successive_halving", "median", "none"],
+                        help="search.pruner of each search (default: the search file's)")
     parser.add_argument("extra", nargs="*", help="after --: more overrides for every search (tests shrink the data)")
     args = parser.parse_args()
     rows = []
     for sampler in args.samplers:
-        for seed in args.seeds:
-            row = one_search(args.data, args.folder / f"{sampler}-{seed}", sampler, seed, args.extra)
-            rows.append(row)
-            print(f"{sampler:<6} seed {seed}: best val {row['best_val_accuracy']:.4f} test {row['best_test_accuracy']:.4f}"
-                  f"  {row['trials']} trials ({row['pruned']} pruned), {row['epochs_spent']} epochs, "
-                  f"{row['seconds'] / 60:.1f} min  [{row['best']}]", flush=True)
-    for sampler in args.samplers:
-        values = [r["best_val_accuracy"] for r in rows if r["sampler"] == sampler]
-        print(f"{sampler}: median best val {statistics.median(values):.4f} (range {min(values):.4f}-{max(values):.4f}) "
+        for pruner in args.pruners:
+            for seed in args.seeds:
+                name = f"{sampler}-{seed}" + (f"-{pruner}" if pruner else "")
+                row = one_search(args.data, args.folder / name, sampler, seed, args.extra, pruner)
+                rows.append(row)
+                print(f"{sampler:<6} {row['pruner']:<18} seed {seed}: best val {row['best_val_accuracy']:.4f} test "
+                      f"{row['best_test_accuracy']:.4f}  {row['trials']} trials ({row['pruned']} pruned), "
+                      f"{row['epochs_spent']} epochs ({row['epochs_on_hopeless']} on trials under 0.2), best pruned "
+                      f"{row['best_pruned']}, {row['seconds'] / 60:.1f} min  [{row['best']}]", flush=True)
+    for sampler, pruner in sorted({(r["sampler"], r["pruner"]) for r in rows}):
+        values = [r["best_val_accuracy"] for r in rows if (r["sampler"], r["pruner"]) == (sampler, pruner)]
+        print(f"{sampler} ({pruner} pruner): median best val {statistics.median(values):.4f} (range {min(values):.4f}-{max(values):.4f}) "
               f"over {len(values)} seeds; the grid: {GRID_BEST}")
     out = Path(__file__).parent / "results" / f"search-{date.today()}.json"
     out.parent.mkdir(exist_ok=True)

@@ -92,6 +92,11 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def counted(number: int, noun: str) -> str:
+    """`1 trial`, `3 trials`, `12,000 images`: a count as a sentence says it."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
 def is_transient(error: BaseException) -> bool:
     """A failure that may pass by itself: connection reset or refused, timeout, HTTP 5xx, anywhere in
     the chain of causes (TFDS wraps the network's errors in its own)."""

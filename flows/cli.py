@@ -293,12 +293,14 @@ def run_search(overrides: list[str], pool: str | None) -> int:
     from cnnflow.flows import engine, store
     from cnnflow.flows.search import planned, search_flow
 
+    from cnnflow.components.errors import counted
+
     experiment, rest = split_experiment(overrides)
     store.use_store(planned(experiment, rest).cfg)
     with engine.under_configured_server_or_in_process():
         result = search_flow(experiment, rest, pool)
-    print(f"\nsearch {result['study']}: {result['trials']} trials ({result['pruned']} pruned), {result['epochs_spent']} "
-          f"epochs; MLflow run {result['run_id']}")
+    print(f"\nsearch {result['study']}: {counted(result['trials'], 'trial')} ({result['pruned']} pruned), "
+          f"{counted(result['epochs_spent'], 'epoch')}; MLflow run {result['run_id']}")
     print(f"  best: trial {result['best_trial']}  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in result["params"].items()))
     print("  " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith(("val_", "test_")) or k == "loss")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnflow.components.errors import RunError, ServerOutage, SettingsError, UserError, is_transient
+from cnnflow.components.errors import RunError, ServerOutage, SettingsError, UserError, counted, is_transient
 from cnnflow.flows import report, store
 from cnnflow.flows.config import Experiment, compose_config, parsed_overrides
 from cnnflow.flows.engine import flow, run_logger
@@ -136,10 +136,15 @@ def distribution(key: str, expression: str):
         if isinstance(value, ChoiceSweep):
             return CategoricalDistribution(list(parsed.sweep_iterator()))
         if isinstance(value, RangeSweep):
-            numbers = (value.start, value.stop, value.step)
-            if all(isinstance(n, int) for n in numbers):
-                return IntDistribution(value.start, value.stop - 1, log=log, step=value.step)
-            return FloatDistribution(value.start, value.stop - value.step, step=value.step)
+            if value.step <= 0 or value.start >= value.stop:  # Optuna would name a bound it made, not the user's
+                raise ValueError("range(start,stop,step) counts up from start by a step above 0 and stops before "
+                                 "stop, so it needs start < stop (e.g. range(16,64,16): 16, 32, 48); choice(...) takes "
+                                 "values in any order")
+            # the last value the range reaches, so the distribution's bounds are the range's own values
+            last = value.start + value.step * math.ceil(round((value.stop - value.start) / value.step - 1, 9))
+            if all(isinstance(n, int) for n in (value.start, value.stop, value.step)):
+                return IntDistribution(value.start, int(last), log=log, step=value.step)
+            return FloatDistribution(value.start, last, step=value.step)
         if isinstance(value, IntervalSweep):
             if isinstance(value.start, int) and isinstance(value.end, int):
                 return IntDistribution(value.start, value.end, log=log)
@@ -314,7 +319,7 @@ def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str
     value = run.data.metrics[metric]
     MlflowClient().set_tag(run.info.run_id, STATE_TAG, "complete")
     study.tell(number, value)
-    return f"{describe(trial, plan)}: complete after {epochs} epochs, {metric} {value:.4f}  (run {run.info.run_id})"
+    return f"{describe(trial, plan)}: complete after {counted(epochs, 'epoch')}, {metric} {value:.4f}  (run {run.info.run_id})"
 
 
 # ------------------------------------------------------------------------------------ pruning
@@ -480,7 +485,7 @@ def search_flow(experiment: Experiment = "quickstart", overrides: list[str] | No
     state = _states()
     done = [t for t in study.trials if t.state.is_finished()]
     if study.trials:
-        logger.info(f"search: continuing study {plan.study_name}: {len(done)} trials done, "
+        logger.info(f"search: continuing study {plan.study_name}: {counted(len(done), 'trial')} done, "
                     f"{sum(t.state == state.RUNNING for t in study.trials)} to take up")
     with _parent_run(study, plan, uri, logger) as parent, Judge(study, plan, parent, logger):
         if pool:
@@ -505,11 +510,11 @@ def _run_here(study, plan: Plan, logger) -> None:
             trial = new_trial(study, plan, epochs)
         else:
             logger.info(f"search: taking up {describe(trial, plan)} where it stopped")
-        logger.info(f"search: {describe(trial, plan)}, {trial.user_attrs['epochs']} epochs")
+        logger.info(f"search: {describe(trial, plan)}, {counted(trial.user_attrs['epochs'], 'epoch')}")
         failure = _riding_out_outages(plan, logger, lambda: _trained_here(study, plan, trial, logger))
         failures = failures + 1 if failure else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
-            raise RunError(f"{failures} trials in a row failed, the last: {failure}; the search stops (the same "
+            raise RunError(f"{counted(failures, 'trial')} in a row failed, the last: {failure}; the search stops (the same "
                            f"command continues it once that is fixed)")
 
 
@@ -618,14 +623,14 @@ def _run_on_pool(study, plan: Plan, pool: str, logger) -> None:
                     del in_flight[number]
                     failures = failures + 1 if study.trials[number].state == state.FAIL else 0
                     if failures >= MAX_FAILURES_IN_A_ROW:
-                        raise RunError(f"{failures} trials in a row failed, the last: {failure}; the search stops (the "
+                        raise RunError(f"{counted(failures, 'trial')} in a row failed, the last: {failure}; the search stops (the "
                                        f"same command continues it once that is fixed)")
                 while len(in_flight) < _parallel(client, plan, pool) and (epochs := epochs_for_next_trial(study, plan)):
                     trial = new_trial(study, plan, epochs)
                     [flow_run] = serve.submitted(pool, [(plan.experiment, trial.user_attrs["overrides"])])
                     trial.set_user_attr("flow_run_id", str(flow_run.id))
                     in_flight[trial.number] = str(flow_run.id)
-                    logger.info(f"search: {describe(trial, plan)}, {epochs} epochs -> flow run {flow_run.name} on "
+                    logger.info(f"search: {describe(trial, plan)}, {counted(epochs, 'epoch')} -> flow run {flow_run.name} on "
                                 f"pool {pool}")
                 if unanswered:
                     logger.info("search: the servers answer again")
@@ -736,8 +741,8 @@ def _summary(study, plan: Plan, parent: str, logger) -> dict:
               "trials": len(trials), "pruned": sum(t.state == state.PRUNED for t in trials),
               "epochs_spent": epochs_spent}
     logger.info(f"search: best {describe(best, plan)}: {metric} {best.value:.4f}, test " +
-                ", ".join(f"{k} {v:.4f}" for k, v in test.items()) + f"; {len(trials)} trials, "
-                f"{result['pruned']} pruned, {epochs_spent} epochs")
+                ", ".join(f"{k} {v:.4f}" for k, v in test.items()) + f"; {counted(len(trials), 'trial')}, "
+                f"{result['pruned']} pruned, {counted(epochs_spent, 'epoch')}")
     return result
 
 

@@ -19,7 +19,7 @@ import re
 import typing
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Interval, MinLen
+from annotated_types import Ge, Interval, MaxLen, MinLen
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from cnnflow.components import registry
@@ -54,6 +54,7 @@ def _cron(value: str) -> str:
 SplitString = Annotated[str, AfterValidator(_split_string)]
 Size = Annotated[Count | Literal["full"] | None, Field(description="a count >= 1, full, or null (all)")]
 Seed = Annotated[int, Interval(ge=0, le=2**32 - 1)]
+TagValue = Annotated[str, MaxLen(8000)]  # MLflow keeps 8,000 characters of a tag's value and drops the rest unsaid
 
 
 class Section(BaseModel):
@@ -174,7 +175,7 @@ class Settings(Section):
     output_dir: Name
     tracking_uri: Name | None = None
     mlflow_experiment: Name | None = None
-    tags: dict[str, str | int | float | bool]
+    tags: dict[str, TagValue | int | float | bool]
     resume: bool
     registry: Registry
     retrain: Retrain
@@ -410,4 +411,10 @@ def _describe(error: dict[str, Any], cfg: dict[str, Any]) -> str:
         return f"missing setting {key}"
     value = value_at(cfg, parts)
     description = _field_description(parts)
-    return f"{key}={value!r}: {'should be ' + description if description else _accepted(error)}"
+    return f"{key}={_quoted(value)}: {'should be ' + description if description else _accepted(error)}"
+
+
+def _quoted(value: Any, at_most: int = 60) -> str:
+    """A value as a message quotes it: a long one cut, with its length said."""
+    text = repr(value)
+    return text if len(text) <= at_most else f"{text[:at_most]}... ({len(str(value)):,} characters)"

@@ -84,7 +84,7 @@ def test_the_search_benchmark_runs_a_search_and_reads_its_result_back(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     row = json.loads(Path(out.stdout.strip().splitlines()[-1].removeprefix("written: ")).read_text())["searches"][0]
     assert row["trials"] == 2 and row["epochs_spent"] == 2 and 0 <= row["best_val_accuracy"] <= 1
-    assert "random seed 0: best val" in out.stdout and "random: median best val" in out.stdout
+    assert "seed 0: best val" in out.stdout and "random (default pruner): median best val" in out.stdout
 
 
 def test_the_position_cost_is_counted_per_epoch_even_where_an_upload_was_replaced_before_it_left():

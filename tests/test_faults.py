@@ -48,6 +48,7 @@ BAD_SETTINGS = [
     ("tracking_uri=''", "tracking_uri=''"),
     ("mlflow_experiment=''", "mlflow_experiment=''"),
     ("resume=perhaps", "resume='perhaps': should be a valid boolean"),
+    ("+tags.note=" + "x" * 9000, "tags.note='" + "x" * 59 + "... (9,000 characters): should have at most 8000 characters"),
     ("registry.name=''", "registry.name=''"),
     ("registry.alias='a b'", "registry.alias='a b': should be a name of letters"),
     ("registry.metric=''", "registry.metric=''"),

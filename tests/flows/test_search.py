@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -30,6 +31,10 @@ def test_the_sweep_grammar_becomes_optuna_distributions():
     assert search.distribution("data.batch_size", "choice(64,128,256)") == CategoricalDistribution([64, 128, 256])
     assert search.distribution("seed", "1,2,3") == CategoricalDistribution([1, 2, 3])
     assert search.distribution("model.width", "range(16,65,16)") == IntDistribution(16, 64, step=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns of bounds off the step; the range's own last value is none
+        assert search.distribution("model.width", "range(16,32,8)") == IntDistribution(16, 24, step=8)
+        assert search.distribution("model.dropout_rate", "range(0.1,0.5,0.1)").high == pytest.approx(0.4)
     assert search.distribution("model.dropout_rate", "interval(0,0.5)") == FloatDistribution(0.0, 0.5)
 
 
@@ -46,6 +51,8 @@ def test_a_sampled_value_becomes_the_override_that_sets_it():
     (["model.dropout_rate=interval(0.5,1.5)"], r"^model.dropout_rate=1.5: should be less than 1"),
     (["data.batch_size=choice(64,0)"], r"^data.batch_size=0: should be greater than or equal to 1"),
     (["model.width=int(interval(64,16))"], r"^model.width=int\(interval\(64,16\)\): .*low"),
+    (["model.width=range(32,16,8)"], r"^model.width=range\(32,16,8\): range\(start,stop,step\) counts up .* needs "
+                                     r"start < stop"),
     ([], r"search needs a space"),
     ([*SPACE, "search.trials=null"], r"set a budget"),
     ([*SPACE, "search.metric=test_accuracy"], r"^search.metric='test_accuracy': should be a validation metric"),
@@ -259,6 +266,8 @@ def test_two_identical_searches_at_once_make_one_study_one_parent_and_one_refusa
 
     assert sorted(o.returncode for o in outcomes) == [0, 4], [o.stderr[-3000:] for o in outcomes]
     refused = next(o for o in outcomes if o.returncode == 4)
+    searched = next(o for o in outcomes if o.returncode == 0)
+    assert ": 1 trial (0 pruned), 1 epoch; MLflow run" in searched.stdout, searched.stdout  # counted as said
     [line] = [line for line in refused.stderr.splitlines() if line.startswith("cnnflow: error:")]
     assert "is being searched by process" in line and "the same command then continues the study" in line, line
     assert "Traceback" not in refused.stderr
