@@ -408,10 +408,13 @@ def hopeless_because(logs: dict[str, float], chance: dict[str, float]) -> str:
     broken = sorted(name for name, value in logs.items() if not math.isfinite(value))
     if broken:
         return f"diverged ({', '.join(f'{name} {logs[name]}' for name in broken)})"
-    accuracy, majority = logs.get("val_accuracy"), chance.get("val_accuracy")
-    if accuracy is not None and majority is not None and accuracy <= majority + CHANCE_MARGIN:
-        return (f"at chance level (val_accuracy {accuracy:.4f}; always answering the most common class gives "
-                f"{majority:.4f})")
+    # on training and validation both: validation alone may sit at chance while training learns (a batch
+    # normalisation whose moving statistics lag after an epoch of few steps), and comes up later
+    majority = chance.get("val_accuracy")
+    accuracies = [logs[name] for name in ("val_accuracy", "accuracy") if name in logs]
+    if majority is not None and accuracies and all(value <= majority + CHANCE_MARGIN for value in accuracies):
+        shown = ", ".join(f"{name} {logs[name]:.4f}" for name in ("accuracy", "val_accuracy") if name in logs)
+        return f"at chance level ({shown}; always answering the most common class gives {majority:.4f})"
     return ""
 
 

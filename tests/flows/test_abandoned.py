@@ -60,3 +60,25 @@ def test_a_lock_run_is_bookkeeping_never_a_running_run(mlflow_store):
     with lifecycle.store_wide_lock("start mnist"):
         locks = MlflowClient().search_runs([store.experiment_id({"experiment": store.LOCKS_EXPERIMENT})])
         assert [run.info.status for run in locks] == ["FINISHED"]
+
+
+def test_a_search_trial_whose_process_died_keeps_its_one_child_run(mlflow_store, idx_folder):
+    """A search killed in a trial's first epoch: the continued search trains that trial in the run it
+    had (not in a second child run with the same search_trial), and the parent run is the same."""
+    from cnnflow.flows import search
+
+    overrides = [*tiny_overrides(idx_folder), "search.trials=1", "search.pruner=none", "model.dropout_rate=choice(0.1,0.3)"]
+    plan = search.planned("mnist", overrides)
+    store.use_store(plan.cfg)
+    study = search.opened_study(plan)
+    trial = search.new_trial(study, plan, epochs=1)  # what the killed search had begun
+    cfg = compose_config("mnist", trial.user_attrs["overrides"])
+    killed = _abandoned_run(cfg, config_hash=lifecycle.config_hash(cfg), search=plan.study_name, search_trial="0")
+
+    result = search.search_flow("mnist", overrides)
+
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.search = '{plan.study_name}'")
+    assert [run.info.run_id for run in children] == [killed] and result["best_run"] == killed
+    assert children[0].info.status == "FINISHED" and children[0].data.tags[search.STATE_TAG] == "complete"
+    assert children[0].data.tags["mlflow.parentRunId"] == result["run_id"]

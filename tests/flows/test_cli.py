@@ -264,3 +264,18 @@ def test_a_prefect_server_that_does_not_answer_is_one_line_exit_5_within_seconds
 
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_runs_shows_a_searchs_best_trial_its_epochs_and_its_test_accuracy(mlflow_store):
+    from cnnflow.flows import runs, store
+
+    client = MlflowClient()
+    experiment = client.create_experiment("mnist")
+    parent = client.create_run(experiment, tags={"search.study": "mnist-1a2b3c4d", "search.best_trial": "3",
+                                                 "search.best_params": "optimizer.learning_rate=0.002"}).info.run_id
+    store.log_metrics(parent, {"best_val_accuracy": 0.9312, "best_test_accuracy": 0.9288, "epochs_spent": 41})
+    client.set_terminated(parent, "FINISHED")
+    [row] = runs.runs_table().splitlines()[1:]
+    assert row.split()[:3] == [parent[:8], "mnist", "FINISHED"]
+    assert row.split()[5:] == ["search", "-", "-", "41", "0.9312", "0.9288", "search,", "best", "trial", "3:",
+                               "optimizer.learning_rate=0.002"]

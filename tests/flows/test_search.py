@@ -296,12 +296,14 @@ def test_a_trial_at_chance_level_or_diverging_is_stopped_at_its_first_report_wha
     chance = {"val_accuracy": 0.113}
     for _ in range(3):
         study.ask()
-    prune, why = judge.verdict(0, 1, {"val_accuracy": 0.099, "val_loss": 2.30}, chance)
-    assert prune and why == ("at chance level (val_accuracy 0.0990; always answering the most common class gives "
-                             "0.1130)")
+    prune, why = judge.verdict(0, 1, {"accuracy": 0.101, "val_accuracy": 0.099, "val_loss": 2.30}, chance)
+    assert prune and why == ("at chance level (accuracy 0.1010, val_accuracy 0.0990; always answering the most "
+                             "common class gives 0.1130)")
     prune, why = judge.verdict(1, 1, {"val_accuracy": 0.5, "val_loss": float("nan")}, chance)
     assert prune and why == "diverged (val_loss nan)"
     prune, why = judge.verdict(2, 1, {"val_accuracy": 0.93, "val_loss": 0.2}, chance)
     assert not prune and why == "weaker than its peers were at this epoch"  # the pruner's to say, and it keeps it
     assert study.trials[0].intermediate_values == {1: 0.099} and study.trials[1].intermediate_values == {1: 0.5}
     assert search.hopeless_because({"val_accuracy": 0.125}, chance) == ""  # a little better than chance: learning
+    # validation at chance while training learns: a lagging batch normalisation after few steps, not hopeless
+    assert search.hopeless_because({"accuracy": 0.71, "val_accuracy": 0.096}, chance) == ""
