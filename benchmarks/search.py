@@ -24,10 +24,11 @@ from pathlib import Path
 GRID_BEST = 0.9268  # benchmarks/README.md: the 9-run grid under the same 45 epochs
 
 
-def one_search(data: Path, folder: Path, sampler: str, seed: int, extra: list[str], pruner: str | None = None) -> dict:
+def one_search(data: Path, folder: Path, sampler: str, seed: int, extra: list[str], pruner: str | None = None,
+               experiment: str = "fashion_mnist_fast") -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "cnnflow.flows.cli", "search", "experiment=fashion_mnist_fast",
-               "search=fashion_mnist_fast", "data.source=idx", f"data.path={data.resolve()}",
+    recipe = [f"experiment={experiment}", *(["search=fashion_mnist_fast"] if experiment == "fashion_mnist_fast" else [])]
+    command = [sys.executable, "-m", "cnnflow.flows.cli", "search", *recipe, "data.source=idx", f"data.path={data.resolve()}",
                f"search.sampler={sampler}", f"search.seed={seed}", *([f"search.pruner={pruner}"] if pruner else []),
                *extra]
     started = time.perf_counter()
@@ -66,6 +67,9 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path("runs/search"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samplers", nargs="+", default=["tpe", "random"], choices=["tpe", "random"])
+    parser.add_argument("--experiment", default="fashion_mnist_fast",
+                        help="the recipe searched (fashion_mnist_fast with its search file; another with the space "
+                             "given after --)")
     parser.add_argument("--pruners", nargs="+", default=[None],
                         choices=["hyperband", "successive_halving", "median", "none"],
                         help="search.pruner of each search (default: the search file's)")
@@ -76,7 +80,7 @@ def main() -> None:
         for pruner in args.pruners:
             for seed in args.seeds:
                 name = f"{sampler}-{seed}" + (f"-{pruner}" if pruner else "")
-                row = one_search(args.data, args.folder / name, sampler, seed, args.extra, pruner)
+                row = one_search(args.data, args.folder / name, sampler, seed, args.extra, pruner, args.experiment)
                 rows.append(row)
                 print(f"{sampler:<6} {row['pruner']:<18} seed {seed}: best val {row['best_val_accuracy']:.4f} test "
                       f"{row['best_test_accuracy']:.4f}  {row['trials']} trials ({row['pruned']} pruned), "
