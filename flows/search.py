@@ -299,7 +299,8 @@ def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str
     state = _states()
     trial = study.trials[number]
     run = trial_run(plan, number)
-    if failure or run is None or run.info.status != "FINISHED":
+    pruned = run is not None and run.data.tags.get(STATE_TAG, "").startswith("pruned")  # a diverged one too
+    if not pruned and (failure or run is None or run.info.status != "FINISHED"):
         why = failure or (f"its run {run.info.run_id} ended {run.info.status}" if run else "it has no MLflow run")
         if run:
             MlflowClient().set_tag(run.info.run_id, STATE_TAG, f"failed: {why}"[:500])
@@ -313,9 +314,10 @@ def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str
     value = reported.get("logs", {}).get(metric)
     if value is not None and epochs not in trial.intermediate_values:  # the last epoch, which has no verdict
         study._storage.set_trial_intermediate_value(trial._trial_id, epochs, value)
-    if run.data.tags.get(STATE_TAG, "").startswith("pruned"):
+    if pruned:
         study.tell(number, state=state.PRUNED)
-        return f"{describe(trial, plan)}: {run.data.tags[STATE_TAG]}, {metric} {value:.4f}  (run {run.info.run_id})"
+        shown = "" if value is None else f", {metric} {value:.4f}"
+        return f"{describe(trial, plan)}: {run.data.tags[STATE_TAG]}{shown}  (run {run.info.run_id})"
     value = run.data.metrics[metric]
     MlflowClient().set_tag(run.info.run_id, STATE_TAG, "complete")
     study.tell(number, value)
@@ -400,6 +402,16 @@ class Judge:
         if hopeless:
             return True, hopeless
         return bool(trial.should_prune()), "weaker than its peers were at this epoch"  # numpy's bool, from some pruners
+
+
+def diverged_trial(run_id: str, where: dict[str, Any]) -> None:
+    """A trial whose training diverged is pruned at that epoch, not failed: its values are a region of
+    the space the sampler learns to avoid (Optuna's samplers learn from pruned trials, not from failed
+    ones), and it is no failure of the search's to count towards stopping it."""
+    store.set_tags(run_id, {
+        STATE_TAG: f"pruned at epoch {where['epoch']}: diverged (the loss became {where['loss']:.4g} at batch "
+                   f"{where['batch']})",
+        REPORT_TAG: json.dumps({"epoch": where["epoch"], "logs": {}})})
 
 
 def hopeless_because(logs: dict[str, float], chance: dict[str, float]) -> str:
@@ -515,7 +527,7 @@ def _run_here(study, plan: Plan, logger) -> None:
             logger.info(f"search: taking up {describe(trial, plan)} where it stopped")
         logger.info(f"search: {describe(trial, plan)}, {counted(trial.user_attrs['epochs'], 'epoch')}")
         failure = _riding_out_outages(plan, logger, lambda: _trained_here(study, plan, trial, logger))
-        failures = failures + 1 if failure else 0
+        failures = failures + 1 if study.trials[trial.number].state == state.FAIL else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
             raise RunError(f"{counted(failures, 'trial')} in a row failed, the last: {failure}; the search stops (the same "
                            f"command continues it once that is fixed)")

@@ -91,7 +91,8 @@ def _create_whole(path: Path) -> None:
         return
     for abandoned in path.parent.glob(f"{path.name}.creating-*"):  # under the lock: nobody else creates
         abandoned.unlink(missing_ok=True)
-    partial = path.with_name(f"{path.name}.creating-{os.getpid()}")
+    # absolute: MLflow keeps one store object per URI in a process, and a relative one means another file elsewhere
+    partial = path.resolve().with_name(f"{path.name}.creating-{os.getpid()}")
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{partial}").search_experiments(max_results=1)
     os.replace(partial, path)
 

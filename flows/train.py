@@ -213,6 +213,10 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
         writes.flush()  # what the steps after training read (metrics, the last checkpoint) is in the store
     if divergence.diverged:
         where = divergence.diverged
+        if "search" in cfg["tags"]:
+            from cnnflow.flows.search import diverged_trial
+
+            diverged_trial(run_id, where)
         raise RunError(f"training diverged: the loss became {where['loss']:.4g} in epoch {where['epoch']} (batch "
                        f"{where['batch']}) at learning rate {where['learning_rate']:.3g}; the run is FAILED and not "
                        f"registered. Lower optimizer.learning_rate (or check the data)")

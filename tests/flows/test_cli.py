@@ -185,7 +185,7 @@ def test_a_value_hydra_cannot_read_is_answered_with_how_to_quote_it(tmp_path, mo
 def test_a_model_that_cannot_learn_the_data_is_refused_by_cfg_job_and_by_train_before_any_run(
         idx_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # absolute: one store per URI in a process
     mismatch = ["experiment=mnist", "model=celeba_cnn", "data.source=idx", f"data.path={idx_folder}"]
     expected = ("cnnflow: error: model=celeba_cnn cannot learn data.source=idx 'mnist': the data has 10 classes, and "
                 "the model's number of classes should be")
@@ -227,7 +227,7 @@ def test_a_reader_that_stops_early_ends_the_listing_quietly_and_a_negative_limit
 def test_a_data_cache_folder_that_cannot_be_written_is_one_line_exit_5_before_any_run(idx_folder, tmp_path, monkeypatch,
                                                                                      capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # absolute: one store per URI in a process
     (tmp_path / "home").write_text("HOME is a file here")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cli.main(["train", "experiment=mnist", "data.source=idx", f"data.path={idx_folder}", "data.cache=disk"]) == 5

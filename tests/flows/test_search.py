@@ -307,3 +307,24 @@ def test_a_trial_at_chance_level_or_diverging_is_stopped_at_its_first_report_wha
     assert search.hopeless_because({"val_accuracy": 0.125}, chance) == ""  # a little better than chance: learning
     # validation at chance while training learns: a lagging batch normalisation after few steps, not hopeless
     assert search.hopeless_because({"accuracy": 0.71, "val_accuracy": 0.096}, chance) == ""
+
+
+def test_a_diverged_trial_is_pruned_not_failed_so_the_search_goes_on(mlflow_store, idx_folder):
+    """A learning rate that diverges is a result about the space (the sampler learns from pruned
+    trials, not failed ones), and three of them in a row do not stop the search as failures would."""
+    overrides = [*tiny_overrides(idx_folder), "search.trials=4", "search.pruner=none", "runtime.precision=float32",
+                 "optimizer.learning_rate=choice(0.003,1e6)"]
+    plan = search.planned("mnist", overrides)
+    study = search.opened_study(plan)
+    for rate in (1e6, 1e6, 1e6, 0.003):
+        study.enqueue_trial({"optimizer.learning_rate": rate}, skip_if_exists=False)
+
+    result = search.search_flow("mnist", overrides)
+
+    trials = optuna.load_study(study_name=plan.study_name, storage=plan.storage).trials
+    assert [t.state.name for t in trials] == ["PRUNED", "PRUNED", "PRUNED", "COMPLETE"]
+    assert result["best_trial"] == 3 and result["pruned"] == 3
+    runs = {int(r.data.tags["search_trial"]): r for r in mlflow.search_runs(
+        search_all_experiments=True, output_format="list", filter_string=f"tags.search = '{plan.study_name}'")}
+    assert runs[0].data.tags[search.STATE_TAG].startswith("pruned at epoch 1: diverged (the loss became ")
+    assert trials[0].user_attrs["epochs_trained"] == 1
