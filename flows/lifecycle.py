@@ -83,6 +83,14 @@ class Lease:
         generation, holder, tags = self._newest()
         return self._live(generation, holder, tags) if holder else None
 
+    def abandoned_by(self) -> str | None:
+        """The newest holder ("host pid ...") when it is gone without releasing the lease (kill -9, a
+        crash); None when the lease is held, released or was never taken."""
+        generation, holder, tags = self._newest()
+        if not holder or tags.get("lease.released") == str(generation) or self._live(generation, holder, tags):
+            return None
+        return holder
+
     def acquire(self, heartbeats: bool = True) -> None:
         """Take the lease, or raise RunError naming its live holder. `heartbeats`: beat from a thread
         of the lease's own (a training's outbox beats instead, in order with its writes)."""
@@ -514,9 +522,8 @@ def closed_if_abandoned(run, timeout: float = 120.0) -> bool:
     before leases, is left as it is: nothing says whether its process lives)."""
     if run.info.status != "RUNNING" or not any(key.startswith("lease.") for key in run.data.params):
         return False
-    lease = Lease(run.info.run_id, float(run.data.params.get("train.lease_timeout", timeout)))
-    generation, holder, tags = lease._newest()
-    if not holder or lease._live(generation, holder, tags):
+    holder = Lease(run.info.run_id, float(run.data.params.get("train.lease_timeout", timeout))).abandoned_by()
+    if not holder:
         return False
     host, pid = (holder.split() + ["?", "?"])[:2]
     return close_abandoned(run, f"process {pid} on {host} ended without ending this run (kill -9, a crash or a "
