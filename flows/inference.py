@@ -190,8 +190,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     cells = [[Path(v).name if c == "file" else f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
               for c, v in row.items()] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
 
 

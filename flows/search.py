@@ -498,11 +498,11 @@ def search_flow(experiment: Experiment = "quickstart", overrides: list[str] | No
     uri = store.use_store(plan.cfg)
     study = opened_study(plan)
     state = _states()
-    done = [t for t in study.trials if t.state.is_finished()]
-    if study.trials:
-        logger.info(f"search: continuing study {plan.study_name}: {counted(len(done), 'trial')} done, "
-                    f"{sum(t.state == state.RUNNING for t in study.trials)} to take up")
     with _parent_run(study, plan, uri, logger) as parent, Judge(study, plan, parent, logger):
+        done = [t for t in study.trials if t.state.is_finished()]  # read once this command holds the study
+        if study.trials:
+            logger.info(f"search: continuing study {plan.study_name}: {counted(len(done), 'trial')} done, "
+                        f"{sum(t.state == state.RUNNING for t in study.trials)} to take up")
         if pool:
             _run_on_pool(study, plan, pool, logger)
         else:
