@@ -55,10 +55,7 @@ def summary(folder: Path) -> dict:
     return {"best_val_accuracy": metrics["best_val_accuracy"], "best_test_accuracy": metrics["best_test_accuracy"],
             "trials": int(metrics["trials"]), "pruned": int(metrics["trials_pruned"]),
             "epochs_spent": int(metrics["epochs_spent"]), "best": run.data.tags["search.best_params"],
-            # what a person would judge: epochs given to trials that never learnt (val_accuracy under 0.2 on ten
-            # classes), and the best trial a pruner stopped
-            "epochs_on_hopeless": sum(row["epochs"] for row in rows if (row["val_accuracy"] or 0) < 0.2),
-            "best_pruned": max(pruned, default=None)}
+            "best_pruned": max(pruned, default=None)}  # a good trial stopped is what a person would not agree with
 
 
 def main() -> None:
@@ -84,13 +81,13 @@ def main() -> None:
                 rows.append(row)
                 print(f"{sampler:<6} {row['pruner']:<18} seed {seed}: best val {row['best_val_accuracy']:.4f} test "
                       f"{row['best_test_accuracy']:.4f}  {row['trials']} trials ({row['pruned']} pruned), "
-                      f"{row['epochs_spent']} epochs ({row['epochs_on_hopeless']} on trials under 0.2), best pruned "
+                      f"{row['epochs_spent']} epochs, best pruned "
                       f"{row['best_pruned']}, {row['seconds'] / 60:.1f} min  [{row['best']}]", flush=True)
     for sampler, pruner in sorted({(r["sampler"], r["pruner"]) for r in rows}):
         values = [r["best_val_accuracy"] for r in rows if (r["sampler"], r["pruner"]) == (sampler, pruner)]
         print(f"{sampler} ({pruner} pruner): median best val {statistics.median(values):.4f} (range {min(values):.4f}-{max(values):.4f}) "
               f"over {len(values)} seeds; the grid: {GRID_BEST}")
-    out = Path(__file__).parent / "results" / f"search-{date.today()}.json"
+    out = Path(__file__).parent / "results" / f"search-{args.folder.name}-{date.today()}.json"  # one file per set of searches
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"grid_best": GRID_BEST, "searches": rows}, indent=1))
     print(f"written: {out}")

@@ -159,7 +159,7 @@ class Search(Section):
     direction: Literal["max", "min"] = "max"
     sampler: Literal["tpe", "random"] = "tpe"
     startup_trials: NonNegative = 5
-    pruner: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
+    pruner: Literal["hyperband", "successive_halving", "median", "none"] = "median"
     seed: Seed = 0
     name: Annotated[Annotated[str, Field(pattern=r"^[\w.-]+$")] | None,
                     Field(description="letters, digits, _, . and -")] = None
