@@ -43,3 +43,14 @@ def test_every_guide_page_is_linked_from_readme_and_exists():
     linked = re.findall(r"\]\(docs/([\w-]+\.md)\)", (ROOT / "README.md").read_text())
     pages = sorted(p.name for p in (ROOT / "docs").glob("*.md") if p.name != "index.md")
     assert sorted(linked) == pages
+
+
+def test_the_deployments_serve_registers_are_the_ones_the_guide_lists():
+    from cnnflow.flows.serve import deployment_names
+
+    guide = (ROOT / "docs" / "runs.md").read_text()
+    names = deployment_names("celeba")
+    count = {5: "five", 6: "six", 7: "seven"}[len(names)]
+    assert f"`cnnflow serve` registers {count} deployments" in guide
+    for flow, name in names.items():
+        assert f"`{flow}/{name}`" in guide, (flow, name)

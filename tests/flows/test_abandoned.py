@@ -82,3 +82,28 @@ def test_a_search_trial_whose_process_died_keeps_its_one_child_run(mlflow_store,
     assert [run.info.run_id for run in children] == [killed] and result["best_run"] == killed
     assert children[0].info.status == "FINISHED" and children[0].data.tags[search.STATE_TAG] == "complete"
     assert children[0].data.tags["mlflow.parentRunId"] == result["run_id"]
+
+
+def test_a_trial_stopped_by_ctrl_c_says_so_in_its_run_and_stays_the_studys_to_take_up(mlflow_store, idx_folder,
+                                                                                      monkeypatch):
+    import pytest
+
+    from cnnflow.flows import search, train
+
+    overrides = [*tiny_overrides(idx_folder), "search.trials=1", "model.dropout_rate=choice(0.1,0.3)"]
+    plan = search.planned("mnist", overrides)
+    store.use_store(plan.cfg)
+    study = search.opened_study(plan)
+    trial = search.new_trial(study, plan, epochs=1)
+
+    def stopped_before_its_first_checkpoint(experiment, overrides):
+        cfg = compose_config(experiment, overrides)
+        MlflowClient().create_run(store.experiment_id(cfg), tags={"search": plan.study_name, "search_trial": "0"})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_flow", stopped_before_its_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        search._trained_here(study, plan, trial, logger=None)
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string="tags.search_trial = '0'")
+    assert run.data.tags[search.STATE_TAG] == "stopped (Ctrl-C or SIGTERM); the same search command takes it up in this run"
+    assert study.trials[0].state.name == "RUNNING"  # the next command takes it up
