@@ -674,6 +674,7 @@ def _parent_run(study, plan: Plan, uri: str, logger):
     """The search's MLflow run (the same one when a search is continued): RUNNING while it searches,
     then FINISHED, or KILLED when stopped. Not the active run: each trial's training is that."""
     from mlflow import MlflowClient
+    from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
@@ -695,14 +696,13 @@ def _parent_run(study, plan: Plan, uri: str, logger):
                            f"it to end, or stop it: the same command then continues the study") from None
     client.update_run(run_id, status="RUNNING")
     logged = client.get_run(run_id).data.params
-    for key, value in {"study": plan.study_name, "storage": shown(plan.storage), "experiment": plan.experiment,
-                       **{f"space.{key}": expression for key, expression in plan.expressions.items()},
-                       **{key: plan.search[key] for key in ("metric", "direction", "sampler", "pruner", "seed",
-                                                             "startup_trials")},
-                       **{f"budget.{key}": plan.search[key] for key in ("trials", "epochs", "parallel")},
-                       "budget.epochs_per_trial": plan.max_epochs, "fixed": " ".join(plan.fixed) or "(none)"}.items():
-        if key not in logged:  # params are set once: a continued search's changed budget goes to the tags below
-            client.log_param(run_id, key, value)
+    settings = {"study": plan.study_name, "storage": shown(plan.storage), "experiment": plan.experiment,
+                **{f"space.{key}": expression for key, expression in plan.expressions.items()},
+                **{key: plan.search[key] for key in ("metric", "direction", "sampler", "pruner", "seed", "startup_trials")},
+                **{f"budget.{key}": plan.search[key] for key in ("trials", "epochs", "parallel")},
+                "budget.epochs_per_trial": plan.max_epochs, "fixed": " ".join(plan.fixed) or "(none)"}
+    # params are set once: a continued search's changed budget goes to the tags below
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in settings.items() if key not in logged])
     store.set_tags(run_id, {"search.study": plan.study_name, "search.budget.trials": plan.search["trials"],
                             "search.budget.epochs": plan.search["epochs"], "cnnflow.experiment": plan.experiment})
     logger.info(f"search: study {plan.study_name} in {shown(plan.storage)}; MLflow run {run_id} in {uri}")
