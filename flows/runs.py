@@ -24,7 +24,8 @@ def _row(run, experiment_names: dict[str, str]) -> list[str]:
         overrides = f"evaluation of {tags['evaluation_of'][:8]} on {tags.get('split')}"
     if tags.get("search.study"):  # a search: its best trial's numbers
         best = metrics.get("best_val_accuracy")
-        overrides = f"search, best trial {tags.get('search.best_trial', '-')}: {tags.get('search.best_params', '')}"
+        overrides = (f"search, best trial {tags['search.best_trial']}: {tags.get('search.best_params', '')}"
+                     if "search.best_trial" in tags else "search, no trial complete yet")
         return [run.info.run_id[:8], experiment_names.get(run.info.experiment_id, "?"), run.info.status, started,
                 "search", "-", "-", f"{int(metrics['epochs_spent'])}" if "epochs_spent" in metrics else "-",
                 f"{best:.4f}" if best is not None else "-",
