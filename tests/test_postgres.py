@@ -14,8 +14,9 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import sqlalchemy
 
-from conftest import free_port, kill_tree, make_idx_folder, tiny_overrides
+from conftest import free_port, kill_tree, make_idx_folder, tiny_overrides, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -45,19 +46,17 @@ def postgres():
                                             "-c", "listen_addresses=127.0.0.1"]),
                               stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(f"{url}/postgres", isolation_level="AUTOCOMMIT")
-    from conftest import wait_until
-
-    wait_until(lambda: engine.connect().close() is None, 60, "PostgreSQL")
-    with engine.connect() as connection:
-        for database in ("mlflow", "optuna"):
-            connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
-    engine.dispose()
-    yield url
-    kill_tree(server.pid)
-    shutil.rmtree(root, ignore_errors=True)
+    try:  # the server is ended however the set-up below ends (a missing driver once left it running)
+        engine = sqlalchemy.create_engine(f"{url}/postgres", isolation_level="AUTOCOMMIT")
+        wait_until(lambda: engine.connect().close() is None, 60, "PostgreSQL")
+        with engine.connect() as connection:
+            for database in ("mlflow", "optuna"):
+                connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
+        engine.dispose()
+        yield url
+    finally:
+        kill_tree(server.pid)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_identical_searches_on_a_shared_postgresql_make_one_study(postgres, tmp_path):
