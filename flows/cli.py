@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train a model as an experiment plus overrides say; one Prefect flow run and one MLflow run",
-        description="Run the train flow: load data -> split -> build model -> train -> evaluate -> plot.",
+        description="Run the train flow: load data -> choose precision -> split -> build model -> train -> evaluate "
+                    "-> plot.",
         epilog=_groups_text() + "\n\n" + USAGE_EXAMPLES,
     )
     train.add_argument("-h", "--help", action=_HelpWithComponents, help="show this help and the registered components")

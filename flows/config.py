@@ -91,8 +91,7 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
     runtime.use_environment(resolved["runtime"])  # threads, oneDNN: read once, when TensorFlow starts ...
     runtime.import_tensorflow_quietly()
     settings.check_components(resolved)  # ... and the components import it
-    resolved["runtime"]["precision"] = runtime.resolved_precision(resolved["runtime"]["precision"])
-    return resolved
+    return resolved  # runtime.precision=auto is settled when a training starts: flows/precision.py
 
 
 # Where data is: stored resolved, so a run continued, resumed or evaluated from another folder finds it.

@@ -9,8 +9,8 @@ from cnnflow.flows import store
 from cnnflow.flows.lifecycle import closed_if_abandoned
 from cnnflow.flows.store import LOCKS_EXPERIMENT
 
-COLUMNS = ("run", "experiment", "status", "started", "model", "train", "data", "epochs", "best val_acc", "test_acc",
-           "overrides")
+COLUMNS = ("run", "experiment", "status", "started", "model", "precision", "train", "data", "epochs", "best val_acc",
+           "test_acc", "overrides")
 
 
 def _row(run, experiment_names: dict[str, str]) -> list[str]:
@@ -27,12 +27,12 @@ def _row(run, experiment_names: dict[str, str]) -> list[str]:
         overrides = (f"search, best trial {tags['search.best_trial']}: {tags.get('search.best_params', '')}"
                      if "search.best_trial" in tags else "search, no trial complete yet")
         return [run.info.run_id[:8], experiment_names.get(run.info.experiment_id, "?"), run.info.status, started,
-                "search", "-", "-", f"{int(metrics['epochs_spent'])}" if "epochs_spent" in metrics else "-",
+                "search", "-", "-", "-", f"{int(metrics['epochs_spent'])}" if "epochs_spent" in metrics else "-",
                 f"{best:.4f}" if best is not None else "-",
                 f"{metrics['best_test_accuracy']:.4f}" if "best_test_accuracy" in metrics else "-", overrides[:60]]
     return [
         run.info.run_id[:8], experiment_names.get(run.info.experiment_id, "?"), run.info.status, started,
-        params.get("model.name", "-"), tags.get("split.train_size", "-"),
+        params.get("model.name", "-"), _precision(params), tags.get("split.train_size", "-"),
         # what it trained (or evaluated) on: the fingerprint's first digits, as MLflow's Datasets column shows it
         (tags.get("data.train_fingerprint") or tags.get("data.eval_fingerprint") or "-")[:12],
         str(max((m.step for m in history), default=0) or "-"),
@@ -41,6 +41,15 @@ def _row(run, experiment_names: dict[str, str]) -> list[str]:
         f"{metrics['eval_accuracy']:.4f}" if "eval_accuracy" in metrics else "-",
         overrides[:60],
     ]
+
+
+def _precision(params: dict[str, str]) -> str:
+    """`bfloat16 (auto 1.47x)`: the precision a run trained in and, briefly, why (its param precision.why says it all)."""
+    used = params.get("runtime.precision")
+    if not used:
+        return "-"
+    short = used.removeprefix("mixed_")
+    return f"{short} ({params['precision.basis']})" if "precision.basis" in params else short
 
 
 def runs_table(experiment: str | None = None, limit: int = 20) -> str:

@@ -45,25 +45,10 @@ def use_environment(runtime: dict[str, Any], logger: logging.Logger | logging.Lo
                        f"takes effect in a new process only")
 
 
-def resolved_precision(precision: str) -> str:
-    """`auto`: mixed_float16 on GPUs with tensor cores (compute capability 7.0 or more),
-    mixed_bfloat16 on CPUs with bfloat16 units (AVX512_BF16 or AMX), else float32. Other values
-    stay as they are. A run records (and a continuation keeps) the value this resolves to."""
-    if precision != "auto":
-        return precision
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") or (0, 0)
-        return "mixed_float16" if tuple(capability) >= (7, 0) else "float32"
-    return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
-
-
-def cpu_has_bfloat16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (Linux reports it; elsewhere assume not)."""
-    flags = _cpuinfo("flags").split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_flags() -> set[str] | None:
+    """The first CPU's feature flags, where the system says (Linux's /proc/cpuinfo), else None."""
+    flags = _cpuinfo("flags")
+    return set(flags.split()) if flags else None
 
 
 def _cpuinfo(field: str) -> str:
@@ -152,9 +137,12 @@ def distribution(runtime: dict[str, Any]):
 
 
 def set_precision(runtime: dict[str, Any]) -> None:
-    """Keras' global dtype policy, for the models built after it (a saved model keeps its own)."""
+    """Keras' global dtype policy, for the models built after it (a saved model keeps its own).
+    `auto` is settled before (flows/precision.py), when the run starts."""
     import keras
 
+    if runtime["precision"] == "auto":
+        raise ValueError("runtime.precision=auto reached set_precision unsettled: flows/precision.py settles it")
     keras.mixed_precision.set_global_policy(runtime["precision"])
 
 

@@ -143,6 +143,7 @@ class Jobs(Section):
 
 class Runtime(Section):
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+    calibrate: bool = True
     jit_compile: bool
     intra_op_threads: NonNegative | None = None
     inter_op_threads: NonNegative | None = None

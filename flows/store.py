@@ -206,9 +206,10 @@ def code_version() -> str:
         return f"cnnflow-{version('cnnflow')}"
 
 
-def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path, features: dict[str, Any]) -> None:
-    """All resolved settings as flat params; the composed config (config.yaml) and what the data
-    looks like (features.json: image shape, model input, class names), which predict needs."""
+def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path, features: dict[str, Any],
+                 more: dict[str, str] | None = None) -> None:
+    """All resolved settings as flat params, and `more` params; the composed config (config.yaml) and
+    what the data looks like (features.json: image shape, model input, class names), which predict needs."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -217,7 +218,7 @@ def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path, features: d
     # are set once, and the same settings may have been spelt otherwise (the `overrides` param)
     logged = client.get_run(run_id).data.params
     params = [Param(_PARAM_KEY_FORBIDDEN.sub("_", key), str(value)[:_MAX_PARAM_LENGTH])
-              for key, value in flatten(cfg).items() if _PARAM_KEY_FORBIDDEN.sub("_", key) not in logged]
+              for key, value in (flatten(cfg) | (more or {})).items() if _PARAM_KEY_FORBIDDEN.sub("_", key) not in logged]
     for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
     (output_dir / "config.yaml").write_text(to_yaml(cfg))

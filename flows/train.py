@@ -1,8 +1,11 @@
 """The training flow, a DAG of Prefect tasks:
 
-    load data -> split -> build model -> train -> evaluate -> plot
+    load data -> choose precision -> split -> build model -> train -> evaluate -> plot
 
-one MLflow run per flow run. Tasks pass paths, split files and run ids, never datasets or models, so
+one MLflow run per flow run (choose precision runs for `runtime.precision=auto` in a new run: it
+times the model's steps once per machine, flows/precision.py). Tasks pass paths, split files and run
+ids, never datasets or models (the train task takes the model build model saved from memory when
+they share a process, not from the file it has just written), so
 each step can be read (and retried) on its own in the Prefect UI; `cache_policy="none"` because their
 inputs are settings dicts and files, not values worth hashing.
 """
@@ -18,7 +21,7 @@ import mlflow
 
 from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError, is_transient
-from cnnflow.flows import healing, interrupts, lifecycle, outbox, promotion, report, runtime, settings, store
+from cnnflow.flows import healing, interrupts, lifecycle, outbox, precision, promotion, report, runtime, settings, store
 from cnnflow.flows.config import Experiment, compose_config, with_fields
 from cnnflow.flows.engine import flow, run_logger, task
 
@@ -38,12 +41,17 @@ def _retry_if_transient(task, task_run, state) -> bool:
 
 def _prepare_tensorflow(cfg: dict[str, Any]) -> None:
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(cfg["seed"])
+    _op_determinism(cfg)
+    runtime.set_precision(cfg["runtime"])
+
+
+def _op_determinism(cfg: dict[str, Any]) -> None:
+    import tensorflow as tf
+
     if cfg["train"].get("deterministic"):
         tf.config.experimental.enable_op_determinism()
-    runtime.set_precision(cfg["runtime"])
 
 
 @task(name="load data", cache_policy="none", retries=2, retry_delay_seconds=[5, 30],
@@ -100,29 +108,62 @@ def _metrics(cfg: dict[str, Any]) -> list:
             if one_logit and name == "accuracy" else name for name in cfg["train"]["metrics"]]
 
 
-def _optimizer(cfg: dict[str, Any], split) -> Any:
+def _optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> Any:
     """The configured optimizer; schedules that need the training's length (`total_steps`) get it."""
     import inspect
 
-    from cnnflow.components.data import steps_per_epoch
-
     extra = {}
     if "total_steps" in inspect.signature(registry.get("optimizer", cfg["optimizer"]["name"])).parameters:
-        extra["total_steps"] = cfg["train"]["epochs"] * steps_per_epoch(cfg["data"], split)
+        extra["total_steps"] = cfg["train"]["epochs"] * steps_per_epoch
     return registry.build("optimizer", cfg["optimizer"], **extra)
+
+
+def _compiled_model(cfg: dict[str, Any], features: dict[str, Any], steps_per_epoch: int):
+    """The registered model in Keras' current policy, its weights drawn from the seed, compiled with
+    the configured loss, optimizer and metrics."""
+    with runtime.own_seed_draws(cfg["seed"]):
+        model = registry.build("model", cfg["model"], input_shape=tuple(features["input_shape"]),
+                               num_classes=features["num_classes"])
+    model.compile(optimizer=_optimizer(cfg, steps_per_epoch), loss=registry.build("loss", cfg["loss"]),
+                  metrics=_metrics(cfg))
+    return model
+
+
+@task(name="choose precision", cache_policy="none")
+def choose_precision(cfg: dict[str, Any], features: dict[str, Any]) -> dict[str, str]:
+    """`runtime.precision=auto` settled for a new training: by timing a few steps of its model the
+    first time on this machine, by what was measured then afterwards (flows/precision.py)."""
+    _op_determinism(cfg)  # measured as it will train
+    choice = precision.chosen(cfg, features, lambda: _compiled_model(cfg, features, steps_per_epoch=1))
+    run_logger().info(f"precision {choice.precision} ({choice.why})")
+    return {"precision": choice.precision, "why": choice.why, "basis": choice.basis}
+
+
+def _settled_precision(cfg: dict[str, Any], features: dict[str, Any], run_id: str) -> dict[str, str]:
+    """Sets the precision the run trains in: `auto` becomes what the run recorded when it started (it
+    is resumed, or trained again from its start), else what choose_precision settles now. Returns the
+    params that say why, for a run that has none yet."""
+    from mlflow import MlflowClient
+
+    if cfg["runtime"]["precision"] != "auto":
+        choice = precision.chosen(cfg, features, build=None)
+        return {"precision.why": choice.why, "precision.basis": choice.basis}
+    recorded = MlflowClient().get_run(run_id).data.params.get("runtime.precision")
+    if recorded:
+        cfg["runtime"]["precision"] = recorded
+        return {}
+    choice = choose_precision(cfg, features)
+    cfg["runtime"]["precision"] = choice["precision"]
+    return {"precision.why": choice["why"], "precision.basis": choice["basis"]}
 
 
 @task(name="build model", cache_policy="none")
 def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, output_dir: str) -> str:
     """The registered model, compiled with the configured loss and optimizer, saved untrained."""
-    from cnnflow.components.data import Split
+    from cnnflow.components.data import Split, steps_per_epoch
 
     _prepare_tensorflow(cfg)
-    with runtime.own_seed_draws(cfg["seed"]):
-        model = registry.build("model", cfg["model"], input_shape=tuple(features["input_shape"]),
-                               num_classes=features["num_classes"])
-    model.compile(optimizer=_optimizer(cfg, Split.load(split_path)),
-                  loss=registry.build("loss", cfg["loss"]), metrics=_metrics(cfg))
+    model = _compiled_model(cfg, features, steps_per_epoch(cfg["data"], Split.load(split_path)))
     model.optimizer.build(model.trainable_variables)  # so the saved file holds the optimizer's variables
     if cfg["train"]["init_from"]:
         _start_from(model, cfg["train"]["init_from"])
@@ -130,7 +171,15 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, 
                           + (f", weights from {cfg['train']['init_from']}" if cfg["train"]["init_from"] else ""))
     path = Path(output_dir) / "untrained.keras"
     model.save(path)
+    _just_built.clear()
+    _just_built[str(path)] = model
     return str(path)
+
+
+# The model build_model saved, for the train task of the same process: reading back the file it has
+# just written took a quarter of a second of the start (benchmarks/README.md, "Start-up"). Taken
+# once: a retried train task reads the file.
+_just_built: dict[str, Any] = {}
 
 
 @task(name="train", cache_policy="none")
@@ -153,9 +202,11 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     inside_epoch = Path(model_path).suffix == ".npz"  # a position inside an epoch: its arrays fill a model file
     state = state_of(model_path) if initial_epoch or inside_epoch else {}
     base = str(Path(model_path).with_name(state["file"])) if inside_epoch else model_path
-    with strategy.scope(), runtime.own_seed_draws(cfg["seed"]):  # variables and optimizer state live on every replica
-        model = _load_start_model(base, initial_epoch)
-        restore_random_state(model, state.get("random"))
+    model = _just_built.pop(base, None) if cfg["runtime"].get("strategy", "default") == "default" else None
+    if model is None:
+        with strategy.scope(), runtime.own_seed_draws(cfg["seed"]):  # variables, optimizer state on every replica
+            model = _load_start_model(base, initial_epoch)
+            restore_random_state(model, state.get("random"))
     store.set_tags(run_id, {"replicas": strategy.num_replicas_in_sync})
     model.jit_compile = cfg["runtime"]["jit_compile"]
     _apply_learning_rate(model, cfg["optimizer"])
@@ -488,9 +539,10 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
                         f"(resume=false starts a new run instead)")
             split_path = str(store.run_file(run_id, output_dir, "split.npz"))
             start_model, initial_epoch = checkpoint["path"], checkpoint["epoch"]
+            _settled_precision(cfg, features, run_id)
         else:
             logger.info(f"MLflow run {run_id} in {uri}; outputs in {output_dir}")
-            store.log_settings(run_id, cfg, output_dir, features)
+            store.log_settings(run_id, cfg, output_dir, features, _settled_precision(cfg, features, run_id))
             split_path = split_data(cfg, features, run_id, str(output_dir))
             start_model, initial_epoch = build_model(cfg, features, split_path, str(output_dir)), 0
         metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, split_path, start_model, initial_epoch)
@@ -522,8 +574,8 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     run_id = store.full_run_id(run_id)
     stored, output_dir = store.run_settings(run_id)  # in the store it was found in, whatever the run once named
     cfg = compose_config(stored["experiment"], stored["overrides"] + list(overrides or []))
-    if not any(override.startswith("runtime.precision=") for override in overrides or []):
-        # what `auto` resolved to when the run started, even where it would resolve otherwise now
+    if cfg["runtime"]["precision"] == "auto" or not any(o.startswith("runtime.precision=") for o in overrides or []):
+        # what `auto` settled on when the run started, even where it would settle otherwise now
         cfg["runtime"]["precision"] = stored.get("runtime", {}).get("precision", cfg["runtime"]["precision"])
     split_path = str(store.run_file(run_id, output_dir, "split.npz"))
     # the data may have moved (another folder, machine, a relative path typed elsewhere) when its

@@ -61,6 +61,7 @@ BAD_SETTINGS = [
     ("runtime.intra_op_threads=-2", "runtime.intra_op_threads=-2"),
     ("runtime.inter_op_threads=two", "runtime.inter_op_threads='two'"),
     ("runtime.onednn=1", "runtime.onednn=1: should be a valid boolean"),
+    ("runtime.calibrate=sometimes", "runtime.calibrate='sometimes': should be a valid boolean"),
     ("runtime.strategy=tpu", "runtime.strategy='tpu': should be 'default' or 'mirrored'"),
     ("retrain.warm_start=maybe", "retrain.warm_start='maybe': should be a valid boolean"),
     ("train.init_from=model.keras", "train.init_from='model.keras': should be a logged model's URI"),

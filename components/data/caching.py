@@ -56,7 +56,12 @@ class Need:
 def cache_dir(data: dict[str, Any]) -> Path:
     if data.get("cache_dir"):
         return Path(data["cache_dir"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnflow" / "tf.data"
+    return user_cache() / "tf.data"
+
+
+def user_cache() -> Path:
+    """cnnflow's folder in the user's cache (XDG_CACHE_HOME, else ~/.cache): data caches, calibrations."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnflow"
 
 
 def plan(data: dict[str, Any], needs: dict[str, Need]) -> dict[str, str]:

@@ -23,14 +23,31 @@ _KINDS = {3: "an images file (count, rows, columns)", 1: "a labels file (count)"
 def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
     """One IDX file (gzip or not) as an array of its declared shape; `ndim` is what the file must hold
     (3: images, 1: labels). Every problem is one line naming the file."""
+    raw = _read(path)
+    shape = _shape(raw, path, ndim)
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * len(shape))
+    if body.size != int(np.prod(shape)) or 0 in shape:
+        raise DataError(f"{path} declares shape {shape} but holds {body.size} values: truncated or corrupt")
+    return body.reshape(shape)
+
+
+def idx_shape(path: Path, ndim: int) -> tuple[int, ...]:
+    """The shape an IDX file declares, from its header alone (the whole file is checked when read)."""
+    return _shape(_read(path, 4 + 4 * ndim), path, ndim)
+
+
+def _read(path: Path, size: int = -1) -> bytes:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         if not path.is_file():
             raise DataError(f"{path} is not a regular file")
         with opener(path, "rb") as handle:
-            raw = handle.read()
+            return handle.read(size)
     except (OSError, EOFError) as error:
         raise DataError(f"cannot read IDX file {path}: {_read_failure(error)}") from None
+
+
+def _shape(raw: bytes, path: Path, ndim: int | None) -> tuple[int, ...]:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE:
         raise DataError(f"{path} is not an unsigned-byte IDX file (header {raw[:4].hex() or 'empty'}; expected 000008..)")
     declared = raw[3]
@@ -39,11 +56,7 @@ def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
                         f"is it the wrong file under this name?")
     if len(raw) < 4 + 4 * declared:
         raise DataError(f"{path} ends inside its header: truncated")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(declared))
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * declared)
-    if body.size != int(np.prod(shape)) or 0 in shape:
-        raise DataError(f"{path} declares shape {shape} but holds {body.size} values: truncated or corrupt")
-    return body.reshape(shape)
+    return tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(declared))
 
 
 def _read_failure(error: OSError | EOFError) -> str:
@@ -72,8 +85,9 @@ class IdxSource:
         first = next((p for p in ("train", "test") if _has(folder, p)), None)
         if first is None:
             _find(folder, "train", "images-idx3-ubyte")  # raises the message listing the folder
-        shape = read_idx(_find(folder, first, "images-idx3-ubyte"), ndim=3).shape
-        names = class_names or tuple(str(i) for i in range(int(self.partition(first).labels.max()) + 1))
+        shape = idx_shape(_find(folder, first, "images-idx3-ubyte"), ndim=3)  # the pixels are read once, when used
+        names = class_names or tuple(str(i) for i in range(int(read_idx(_find(folder, first, "labels-idx1-ubyte"),
+                                                                        ndim=1).max()) + 1))
         self.info = DataInfo(image_shape=(shape[1], shape[2], 1), num_classes=len(names), class_names=names)
 
     def partition(self, name: str) -> Partition:

@@ -57,7 +57,8 @@ def test_quickstart_runs_from_the_cli_and_a_configured_prefect_server_records_it
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
     tasks = {task_run.name.rsplit("-", 1)[0]: task_run.state.type.value for task_run in task_runs}
     assert flow_run.name == "quickstart" and flow_run.state.is_completed()
-    assert tasks == {name: "COMPLETED" for name in ("load data", "split", "build model", "train", "evaluate", "plot")}
+    assert tasks == {name: "COMPLETED" for name in ("load data", "choose precision", "split", "build model", "train",
+                                                    "evaluate", "plot")}
 
 
 def test_without_a_prefect_server_the_flow_runs_in_process_and_starts_no_server(mlflow_store, monkeypatch, capsys):
@@ -277,5 +278,5 @@ def test_runs_shows_a_searchs_best_trial_its_epochs_and_its_test_accuracy(mlflow
     client.set_terminated(parent, "FINISHED")
     [row] = runs.runs_table().splitlines()[1:]
     assert row.split()[:3] == [parent[:8], "mnist", "FINISHED"]
-    assert row.split()[5:] == ["search", "-", "-", "41", "0.9312", "0.9288", "search,", "best", "trial", "3:",
+    assert row.split()[5:] == ["search", "-", "-", "-", "41", "0.9312", "0.9288", "search,", "best", "trial", "3:",
                                "optimizer.learning_rate=0.002"]

@@ -86,11 +86,12 @@ def test_flatten():
 
 
 def test_a_learning_rate_schedule_gets_the_length_of_the_training():
+    from cnnflow.components.data import steps_per_epoch
     from cnnflow.flows.train import _optimizer
 
     cfg = compose_config("fashion_mnist_fast")
     fifty_thousand = types.SimpleNamespace(indices={"train": range(50000)})  # a split's training positions
-    schedule = _optimizer(cfg, fifty_thousand)._learning_rate
+    schedule = _optimizer(cfg, steps_per_epoch(cfg["data"], fifty_thousand))._learning_rate
     assert schedule.decay_steps == 5 * 391  # 5 epochs of ceil(50000 / 128) batches
     assert float(schedule(0)) == pytest.approx(0.004) and float(schedule(5 * 391)) == pytest.approx(0.0)
     assert compose_config("mnist_fast")["data"]["name"] == "mnist"

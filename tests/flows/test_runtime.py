@@ -84,22 +84,30 @@ def test_a_mixed_bfloat16_training_runs_end_to_end(prefect_harness, mlflow_store
     assert run.data.metrics["test_accuracy"] >= 0.6  # it learns: 0.9 here after one epoch (chance: 0.1)
 
 
-@pytest.mark.slow
-def test_auto_precision_is_resolved_recorded_and_frozen_for_a_continuation(prefect_harness, mlflow_store, tmp_path,
-                                                                          monkeypatch, float32_afterwards):
-    from cnnflow.flows.config import compose_config
+def test_auto_precision_is_measured_recorded_with_why_and_kept_by_a_continuation(
+        prefect_harness, mlflow_store, tmp_path, monkeypatch, float32_afterwards):
+    import json
+
     from cnnflow.flows.train import continue_flow
 
-    monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: True)
-    assert compose_config("quickstart", ["runtime.precision=auto"])["runtime"]["precision"] == "mixed_bfloat16"
-    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["runtime.precision=auto", "plots=none"]
-    run_id = train_flow("mnist", overrides)
-    tags = MlflowClient().get_run(run_id).data.tags
-    assert (tags["precision"], tags["devices"]) == ("mixed_bfloat16", "CPU:0")
-    monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: False)  # a machine where auto means float32
-    assert compose_config("quickstart", ["runtime.precision=auto"])["runtime"]["precision"] == "float32"
-    continue_flow(run_id, 1)  # goes on in the precision it started with, instead of refusing the change
-    assert MlflowClient().get_run(run_id).data.tags["precision"] == "mixed_bfloat16"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # a CPU with bfloat16 units
+    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["plots=none"]
+    run = MlflowClient().get_run(train_flow("mnist", overrides))
+    chosen, why = run.data.params["runtime.precision"], run.data.params["precision.why"]
+    assert chosen in ("float32", "mixed_bfloat16") and run.data.tags["precision"] == chosen
+    assert why.startswith("auto: mixed_bfloat16 ran mnist_cnn's training step at ") and "measured now in" in why
+    # the machine turns out otherwise next time: the kept timings say the other precision
+    kept = next((tmp_path / "cache" / "cnnflow" / "precision").glob("*.json"))
+    record = json.loads(kept.read_text())
+    flipped = {"float32": 0.01, "mixed_bfloat16": 0.5} if chosen == "mixed_bfloat16" else {"float32": 0.5,
+                                                                                             "mixed_bfloat16": 0.01}
+    record["timings"] = {p: {"wall": t, "cpu": t} for p, t in flipped.items()}
+    kept.write_text(json.dumps(record))
+    continue_flow(run.info.run_id, 1)  # goes on in the precision it started with
+    assert MlflowClient().get_run(run.info.run_id).data.tags["precision"] == chosen
+    other = MlflowClient().get_run(train_flow("mnist", overrides + ["seed=2"])).data
+    assert other.params["runtime.precision"] != chosen and "measured on " in other.params["precision.why"]
 
 
 def test_thread_settings_are_set_before_tensorflow_starts_in_the_process_that_composes_them():
