@@ -91,7 +91,7 @@ def random_brightness(max_delta: NonNegativeFloat = 0.1) -> Transform:
 
 def compose(specs: Sequence[Any]) -> Transform:
     """One function that applies the registered transforms named in `specs`, in order, each with its own seed."""
-    transforms = [registry.build("augment", spec) for spec in specs]
+    transforms = [_graph_ready(spec, registry.build("augment", spec)) for spec in specs]
 
     def apply(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         seeds = tf.random.experimental.stateless_split(seed, num=max(len(transforms), 1))
@@ -100,3 +100,13 @@ def compose(specs: Sequence[Any]) -> Transform:
         return image
 
     return apply
+
+
+def _graph_ready(spec: Any, transform: Transform) -> Transform:
+    """The transforms above are TensorFlow ops alone; a plugin's may use Python `if` or `for` on
+    tensors, which AutoGraph rewrites into graph ops: those are converted here, since the pipeline's
+    own functions are not (data/core.py, as_written)."""
+    name = spec if isinstance(spec, str) else spec["name"]
+    if registry.get("augment", name).__module__ == __name__:
+        return transform
+    return tf.autograph.to_graph(transform)

@@ -6,8 +6,12 @@ The CLI, Prefect deployments, sweeps and tests all call `compose_config(experime
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import hashlib
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -80,7 +84,6 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
         raise SettingsError(f"Unknown experiment {experiment!r}; the experiments are: {', '.join(choices('experiment'))}")
     overrides = list(overrides or [])
     refuse_interpolations(overrides)
-    refuse_group_values(overrides)
     resolved = copy.deepcopy(_composed(experiment, tuple(overrides)))
     overrides = _located(resolved["data"], overrides)
     resolved["experiment"] = experiment
@@ -117,13 +120,58 @@ def _located(data: dict[str, Any], overrides: list[str]) -> list[str]:
 @functools.lru_cache(maxsize=16)
 def _composed(experiment: str, overrides: tuple[str, ...]) -> dict[str, Any]:
     """Hydra's composition, once per process for the same arguments (the CLI checks a run's
-    settings before its flow starts, and the flow composes them again from its parameters)."""
+    settings before its flow starts, and the flow composes them again from its parameters), and
+    kept on disk for the next command: importing Hydra and composing took 0.35 s of every
+    command's start (benchmarks/README.md, "Start-up"). The kept one is named by everything the
+    composition reads: conf/'s files, Hydra's and OmegaConf's versions, the experiment and overrides."""
+    path = _compositions() / f"{_composition_key(experiment, overrides)}.json"
+    with contextlib.suppress(OSError, ValueError):
+        composed = json.loads(path.read_text())
+        os.utime(path)  # recently used: kept by _prune
+        return composed
+    composed = _hydra_composed(experiment, overrides)
+    if json.loads(json.dumps(composed)) == composed:  # what JSON would change (an int key) is not kept
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            partial.write_text(json.dumps(composed))
+            os.replace(partial, path)  # whole or not at all, for a command reading it meanwhile
+            _prune(path.parent)
+    return composed
+
+
+KEPT_COMPOSITIONS = 200  # the newest; each is a few kB, and a new data path or seed makes a new one
+
+
+def _prune(folder: Path) -> None:
+    kept = sorted(folder.glob("*.json"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for path in kept[KEPT_COMPOSITIONS:]:
+        path.unlink(missing_ok=True)
+
+
+def _compositions() -> Path:
+    from cnnflow.components.data.caching import user_cache
+
+    return user_cache() / "settings"
+
+
+def _composition_key(experiment: str, overrides: tuple[str, ...]) -> str:
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(json.dumps([experiment, overrides, version("hydra-core"), version("omegaconf")]).encode())
+    for path in sorted(_conf_dir().rglob("*.yaml")):
+        digest.update(str(path.relative_to(_conf_dir())).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def _hydra_composed(experiment: str, overrides: tuple[str, ...]) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    refuse_group_values(list(overrides))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(_conf_dir()), version_base="1.3"):

@@ -59,7 +59,7 @@ class Records:
         # its size stated: Keras warns "Your input ran out of data" at the end of every evaluation of a
         # dataset whose size it does not know, and a copy that holds fewer fails where it is read
         return (self._read().take(len(selected)).enumerate()
-                .filter(lambda position, _: wanted[position]).map(lambda _, image: image)
+                .filter(as_written(lambda position, _: wanted[position])).map(as_written(lambda _, image: image))
                 .apply(tf.data.experimental.assert_cardinality(len(self.positions))))
 
 
@@ -422,30 +422,43 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache
         images = tf.data.Dataset.from_tensor_slices(chosen.images)
     if chosen.encoded:
         shape = source_from(data).info.image_shape
-        images = images.map(lambda item: tf.ensure_shape(_decode(item, chosen.encoded, shape[-1]), shape),
+        images = images.map(as_written(lambda item: tf.ensure_shape(_decode(item, chosen.encoded, shape[-1]), shape)),
                             num_parallel_calls=tf.data.AUTOTUNE)
     dataset = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(chosen.labels))
     if not training:
         no_seed = tf.zeros(2, tf.int64)  # evaluation transforms are deterministic
-        dataset = dataset.map(lambda image, label: (transform(image, no_seed), label),
+        dataset = dataset.map(as_written(lambda image, label: (transform(image, no_seed), label)),
                               num_parallel_calls=tf.data.AUTOTUNE)
         dataset = _kept(dataset, where, data, split, role, data["transforms"]["eval"])
         return _untuned(dataset.batch(data["batch_size"]).prefetch(tf.data.AUTOTUNE))
     dataset = _kept(dataset, where, data, split, role, "decoded")
 
+    @as_written
     def epoch(number):
         key = tf.constant(seed, tf.int64) * EPOCH_KEYS + number  # one key per (seed, epoch)
         ordered = dataset
         if data.get("shuffle_each_epoch"):
             ordered = dataset.shuffle(data["shuffle_each_epoch"], seed=key, reshuffle_each_iteration=False)
-        seeds = tf.data.Dataset.range(len(chosen.labels)).map(lambda index: tf.stack([key, index]))
+        seeds = tf.data.Dataset.range(len(chosen.labels)).map(as_written(lambda index: tf.stack([key, index])))
         first = tf.cast(number == epochs.start, tf.int64)
         augmented = tf.data.Dataset.zip(ordered, seeds).skip(first * skip * data["batch_size"]).map(
-            lambda example, pair: (transform(example[0], pair), example[1]), num_parallel_calls=tf.data.AUTOTUNE)
+            as_written(lambda example, pair: (transform(example[0], pair), example[1])),
+            num_parallel_calls=tf.data.AUTOTUNE)
         return augmented.batch(data["batch_size"])  # per epoch: its last batch is its own remainder
 
     served = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch)
     return _untuned(served.prefetch(tf.data.AUTOTUNE))
+
+
+def as_written(fn):
+    """`fn` traced by tf.data as it is written. By default AutoGraph first rewrites it (for Python `if`
+    and `for` on tensors), and its first use cost a third of a second of every training's start
+    (benchmarks/README.md, "Start-up"); the pipeline's functions are TensorFlow ops alone, and Keras
+    leaves its own step functions unconverted the same way. Transforms from plugins are converted on
+    their own (augment.compose)."""
+    import tensorflow as tf
+
+    return tf.autograph.experimental.do_not_convert(fn)
 
 
 def _untuned(dataset):

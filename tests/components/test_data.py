@@ -245,3 +245,25 @@ def test_two_processes_preparing_one_tfds_dataset_take_turns(tmp_path):
     assert [process.returncode for process in processes] == [0, 0], outputs
     assert [out.strip().splitlines()[-1] for out, _ in outputs] == ["8", "8"]
     assert (tmp_path / "generated.log").read_text() == "xx"  # prepared once: train and test, by one of them
+
+
+def test_a_plugins_transform_with_python_control_flow_on_tensors_runs_in_the_pipeline():
+    """The pipeline's own functions are traced as written (no AutoGraph: a third of a second of every
+    start); a plugin's transform may still use Python `if` on a tensor, converted on its own."""
+    import tensorflow as tf
+
+    @registry.register("augment", "test_darken_bright")
+    def darken_bright(level: float = 0.25):
+        def apply(image, seed):
+            if tf.reduce_mean(image) > level:  # a Python `if` on a tensor: needs AutoGraph
+                image = image * 0.0
+            return image
+        return apply
+
+    try:
+        data = compose_config("quickstart", ["data.transforms.train=[{name: rescale}, {name: test_darken_bright}]"])["data"]
+        images, _ = next(iter(make_dataset(data, make_split(data, seed=1), "train", seed=1)))
+        means = tf.reduce_mean(images, axis=[1, 2, 3]).numpy()
+        assert means.max() <= 0.25 and (means == 0).any()  # the bright ones were darkened, the others kept
+    finally:
+        registry._registry["augment"].pop("test_darken_bright", None)
