@@ -214,6 +214,7 @@ def _quiet_tracebacks_of_user_errors() -> None:
 def run_train(overrides: list[str], multirun: bool) -> int:
     """One training, or a sweep's jobs one after another. Every job's settings and the store are
     checked first, before any server starts; in a sweep a failed job does not stop the others."""
+    from cnnflow.components.data import read_ahead
     from cnnflow.components.errors import UserError, printable
     from cnnflow.flows import store
     from cnnflow.flows.config import compose_config
@@ -226,7 +227,10 @@ def run_train(overrides: list[str], multirun: bool) -> int:
         if multirun:
             job_overrides += sweep_tags(sweep_id, number)
         try:
-            store.use_store(compose_config(experiment, job_overrides))
+            cfg = compose_config(experiment, job_overrides)
+            if not multirun:
+                read_ahead(cfg["data"])  # while MLflow is imported (components/data/core.py)
+            store.use_store(cfg)
             planned.append((job, experiment, job_overrides, None))
         except UserError as error:
             if not multirun:

@@ -522,11 +522,12 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
     restart = healing.restart_number()
     if restart:  # before anything that needs a server: the outage that crashed it may go on
         healing.wait_before_restart(restart, logger)
+    from cnnflow.components.data import caching, read_ahead
+
+    read_ahead(cfg["data"])  # while the store is set up (a worker's flow; the CLI started it already)
     uri = store.use_store(cfg)
     features = load_data(cfg["data"])  # bad data files stop here, before any run exists
     settings.check_model_fits(cfg, features["num_classes"])
-    from cnnflow.components.data import caching
-
     caching.check_folder(cfg["data"])
     finished = healing.outcome_of_earlier_attempt(cfg["train"]["lease_timeout"], logger) if restart else None
     if finished:

@@ -18,6 +18,7 @@ from cnnflow.components.data.core import (  # noqa: F401
     make_dataset,
     make_split,
     model_input_shape,
+    read_ahead,
     parse_split,
     read_in_full,
     source_from,

@@ -37,11 +37,15 @@ def idx_shape(path: Path, ndim: int) -> tuple[int, ...]:
 
 
 def _read(path: Path, size: int = -1) -> bytes:
-    opener = gzip.open if path.suffix == ".gz" else open
+    """The file's bytes (ungzipped), or its first `size`. A whole gzip file is decompressed in one
+    call, which holds no lock: another thread goes on meanwhile (read_ahead in core.py)."""
     try:
         if not path.is_file():
             raise DataError(f"{path} is not a regular file")
-        with opener(path, "rb") as handle:
+        if size < 0:
+            raw = path.read_bytes()
+            return gzip.decompress(raw) if path.suffix == ".gz" else raw
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
             return handle.read(size)
     except (OSError, EOFError) as error:
         raise DataError(f"cannot read IDX file {path}: {_read_failure(error)}") from None
