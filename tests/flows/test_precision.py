@@ -21,6 +21,7 @@ def calibrations(tmp_path, monkeypatch):
     """A cache folder of the test's own, on a CPU with bfloat16 units (the flags name them)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision, "WINDOW_SECONDS", 0.02)  # the choice, not the speeds, is tested here
     yield tmp_path / "cache" / "cnnflow" / "precision"
     keras.mixed_precision.set_global_policy("float32")
 

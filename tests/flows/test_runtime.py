@@ -8,7 +8,7 @@ import keras
 import pytest
 from mlflow import MlflowClient
 
-from cnnflow.flows import runtime
+from cnnflow.flows import precision, runtime
 from cnnflow.flows.train import train_flow
 from conftest import make_idx_folder, tiny_overrides
 
@@ -92,12 +92,13 @@ def test_auto_precision_is_measured_recorded_with_why_and_kept_by_a_continuation
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # a CPU with bfloat16 units
+    monkeypatch.setattr(precision, "WINDOW_SECONDS", 0.02)  # the choice, not the speeds, is tested here
     overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["plots=none"]
     run = MlflowClient().get_run(train_flow("mnist", overrides))
     chosen, why = run.data.params["runtime.precision"], run.data.params["precision.why"]
     assert chosen in ("float32", "mixed_bfloat16") and run.data.tags["precision"] == chosen
     assert why.startswith("auto: mixed_bfloat16 ran mnist_cnn's training step at ") and "measured now in" in why
-    # the machine turns out otherwise next time: the kept timings say the other precision
+    # the machine turns out otherwise since: the kept timings say the other precision
     kept = next((tmp_path / "cache" / "cnnflow" / "precision").glob("*.json"))
     record = json.loads(kept.read_text())
     flipped = {"float32": 0.01, "mixed_bfloat16": 0.5} if chosen == "mixed_bfloat16" else {"float32": 0.5,
@@ -106,8 +107,6 @@ def test_auto_precision_is_measured_recorded_with_why_and_kept_by_a_continuation
     kept.write_text(json.dumps(record))
     continue_flow(run.info.run_id, 1)  # goes on in the precision it started with
     assert MlflowClient().get_run(run.info.run_id).data.tags["precision"] == chosen
-    other = MlflowClient().get_run(train_flow("mnist", overrides + ["seed=2"])).data
-    assert other.params["runtime.precision"] != chosen and "measured on " in other.params["precision.why"]
 
 
 def test_thread_settings_are_set_before_tensorflow_starts_in_the_process_that_composes_them():
