@@ -210,7 +210,8 @@ def print_table(summary: dict, peak: float, args) -> None:
 def cpu_model() -> str:
     from cnnflow.flows import runtime
 
-    return runtime.fingerprint()["cpu"] + f" ({runtime.fingerprint()['cpu_flags']})"
+    machine = runtime.fingerprint()
+    return f"{machine['cpu']} ({machine['cpu_flags']})"
 
 
 def main() -> None:

@@ -127,12 +127,15 @@ def _composed(experiment: str, overrides: tuple[str, ...]) -> dict[str, Any]:
     path = _compositions() / f"{_composition_key(experiment, overrides)}.json"
     with contextlib.suppress(OSError, ValueError):
         composed = json.loads(path.read_text())
-        os.utime(path)  # recently used: kept by _prune
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: kept by _prune
         return composed
     composed = _hydra_composed(experiment, overrides)
     if json.loads(json.dumps(composed)) == composed:  # what JSON would change (an int key) is not kept
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
+            # not callbacks.write_durably: it imports Keras, and TensorFlow must not start before the
+            # thread settings are set (use_environment); a lost file is composed again, so no fsync
             partial = path.with_name(f".{path.name}.{os.getpid()}")
             partial.write_text(json.dumps(composed))
             os.replace(partial, path)  # whole or not at all, for a command reading it meanwhile

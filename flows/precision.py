@@ -17,7 +17,6 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -211,11 +210,11 @@ def _times(timings: dict[str, dict[str, float]]) -> dict[str, StepTime]:
 
 def _keep(path: Path, record: dict[str, Any]) -> str:
     """Writes the calibration whole (a reader sees the old file or the new one); says where, or why not."""
+    from cnnflow.components.callbacks import write_durably
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps(record, indent=2))
-        os.replace(partial, path)
+        write_durably(path, json.dumps(record, indent=2))  # its writers take turns (_one_at_a_time)
     except OSError as error:
         return f"not kept ({path.parent}: {error.strerror or error}), so measured again next time"
     return f"kept in {path}"
