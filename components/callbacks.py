@@ -211,6 +211,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         started = time.perf_counter()
         self.finish_writing()  # one at a time: a slow disk delays a position, never reorders two
         self._taken = time.monotonic()
+        if not (self.folder / self.base).exists():
+            self._write_base()
         state = {"epoch": self._epoch, "batch": self._done, "history": self.history, "random": random_state(self.model),
                  "file": self.base}
         snapshot = [np.array(part) for part in position_parts(self.model)]
@@ -219,6 +221,15 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self._writing.start()
         self._cost["positions"] += 1
         self._cost["position_seconds"] += time.perf_counter() - started
+
+    def _write_base(self) -> None:
+        """The model file a position's arrays fill, written at the first position of a training whose
+        untrained model was handed over in memory (flows/train.py): any values will do, all are filled."""
+        partial = self.folder / f"partial-{self.base}"
+        self.model.save(partial)
+        _sync(partial)
+        os.replace(partial, self.folder / self.base)
+        _sync(self.folder)
 
     def _write_position(self, snapshot: list[np.ndarray], state: dict) -> None:
         stem = f"checkpoint-epoch{state['epoch'] + 1:04d}-batch{state['batch']:06d}"

@@ -266,6 +266,7 @@ def _short(error: Exception, overrides: list[str]) -> str:
 
 
 def to_yaml(settings: dict[str, Any]) -> str:
-    from omegaconf import OmegaConf
+    import yaml  # what OmegaConf.to_yaml writes for these plain settings, without importing OmegaConf (a test checks)
 
-    return OmegaConf.to_yaml(OmegaConf.create(settings))
+    return yaml.dump(settings, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                     allow_unicode=True)

@@ -170,16 +170,23 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, 
     run_logger().info(f"model {cfg['model']['name']}: {model.count_params():,} parameters"
                           + (f", weights from {cfg['train']['init_from']}" if cfg["train"]["init_from"] else ""))
     path = Path(output_dir) / "untrained.keras"
-    model.save(path)
     _just_built.clear()
-    _just_built[str(path)] = model
+    if _handed_over_in_memory(cfg):
+        _just_built[str(path)] = model
+    else:
+        model.save(path)
     return str(path)
 
 
-# The model build_model saved, for the train task of the same process: reading back the file it has
-# just written took a quarter of a second of the start (benchmarks/README.md, "Start-up"). Taken
-# once: a retried train task reads the file.
+# The model build_model made, for the train task of the same process. Writing it and reading it back
+# took 0.2 and 0.25 s of the start (benchmarks/README.md, "Start-up"); only a distribution strategy,
+# which makes its variables on every replica, loads it from the file. A position inside the first
+# epoch, whose arrays fill a model file, writes that file when it first needs it (EpochCheckpoint).
 _just_built: dict[str, Any] = {}
+
+
+def _handed_over_in_memory(cfg: dict[str, Any]) -> bool:
+    return cfg["runtime"].get("strategy", "default") == "default"
 
 
 @task(name="train", cache_policy="none")
@@ -202,7 +209,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     inside_epoch = Path(model_path).suffix == ".npz"  # a position inside an epoch: its arrays fill a model file
     state = state_of(model_path) if initial_epoch or inside_epoch else {}
     base = str(Path(model_path).with_name(state["file"])) if inside_epoch else model_path
-    model = _just_built.pop(base, None) if cfg["runtime"].get("strategy", "default") == "default" else None
+    model = _just_built.pop(base, None) if _handed_over_in_memory(cfg) else None
     if model is None:
         with strategy.scope(), runtime.own_seed_draws(cfg["seed"]):  # variables, optimizer state on every replica
             model = _load_start_model(base, initial_epoch)

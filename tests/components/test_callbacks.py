@@ -49,3 +49,35 @@ def test_an_epoch_the_data_ran_out_in_is_an_error_not_a_finished_epoch(tmp_path)
     assert not list(tmp_path.iterdir())
     model.fit(three_batches, steps_per_epoch=3, epochs=1, verbose=0, callbacks=[EpochCheckpoint(tmp_path, steps=3)])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-epoch0001.json", "checkpoint-epoch0001.keras"]
+
+
+def test_a_position_in_the_first_epoch_writes_the_model_file_its_arrays_fill(tmp_path):
+    """build_model hands the untrained model over in memory (flows/train.py): no file. A position
+    taken inside the first epoch writes that file first; file and arrays give back the model of that step."""
+    import json
+
+    import numpy as np
+    import tensorflow as tf
+
+    from cnnflow.components.callbacks import EpochCheckpoint, position_parts, restore_position
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    batches = tf.data.Dataset.from_tensor_slices((np.ones((16, 2)), np.ones((16, 1)))).batch(4)
+    checkpoint = EpochCheckpoint(tmp_path, minutes=1e-9, steps=4, base="untrained.keras")
+    at_step_2 = []
+
+    class PowerCut(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                checkpoint.finish_writing()
+                at_step_2.extend(np.array(part) for part in position_parts(self.model))
+                raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        model.fit(batches, epochs=1, verbose=0, callbacks=[checkpoint, PowerCut()])
+    state = json.loads((tmp_path / "checkpoint-epoch0001-batch000002.json").read_text())
+    assert state["file"] == "untrained.keras" and not list(tmp_path.glob("partial-*"))
+    restored = keras.models.load_model(tmp_path / state["file"])
+    restore_position(restored, str(tmp_path / state["arrays"]))
+    assert all(np.array_equal(a, np.array(b)) for a, b in zip(at_step_2, position_parts(restored)))

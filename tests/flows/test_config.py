@@ -1,12 +1,13 @@
 import types
 
 import pytest
+from omegaconf import OmegaConf
 
 from cnnflow.components import registry
 from cnnflow.components.augment import compose
 from cnnflow.components.data import model_input_shape
 from cnnflow.components.errors import SettingsError
-from cnnflow.flows.config import choices, compose_config
+from cnnflow.flows.config import choices, compose_config, to_yaml
 from cnnflow.flows.settings import flatten
 
 
@@ -33,6 +34,7 @@ def test_every_experiment_composes_and_its_components_instantiate(experiment):
         compose(spec)
     for role in ("train", "eval"):
         compose(cfg["data"]["transforms"][role])
+    assert to_yaml(cfg) == OmegaConf.to_yaml(OmegaConf.create(cfg))  # config.yaml as Hydra users know it
 
 
 @pytest.mark.parametrize("group", ["data", "model", "loss", "optimizer", "plots"])
