@@ -117,6 +117,28 @@ def backfill_metrics(run_id: str, history: dict[str, list[float]]) -> int:
 _LOSS_FLOOR = 0.01
 
 
+class WarnAtChance(keras.callbacks.Callback):
+    """One warning line when validation accuracy sits at chance (what always answering the most
+    common validation class scores) while training accuracy has risen at least halfway from chance
+    to 1: a model that fits its training images and predicts nothing on others (batch-norm
+    statistics that lag the weights, a leak between the training images' labels and their files)."""
+
+    def __init__(self, chance: float, logger: logging.Logger | logging.LoggerAdapter):
+        super().__init__()
+        self.chance, self.logger, self.warned = chance, logger, False
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.warned or "accuracy" not in logs or "val_accuracy" not in logs:
+            return
+        trained, validated = float(logs["accuracy"]), float(logs["val_accuracy"])
+        if validated <= self.chance + 0.05 * (1 - self.chance) and trained >= self.chance + 0.5 * (1 - self.chance):
+            self.warned = True
+            self.logger.warning(f"epoch {epoch + 1}: val_accuracy {validated:.4f} is at chance ({self.chance:.4f}, always "
+                                f"the most common class) while training accuracy rose to {trained:.4f}: the model "
+                                f"does not carry over to images it has not trained on (docs/troubleshooting.md)")
+
+
 class StopOnDivergence(keras.callbacks.Callback):
     """Stops training at the first batch whose loss is NaN or infinite (Keras' TerminateOnNaN), or
     grew to more than `max_loss_factor` times the first batch's: such a model is garbage even where

@@ -130,6 +130,13 @@ def arguments_for(kind: str, fn: Callable[..., Any], arguments: Mapping[str, Any
     return {name: value for name, value in arguments.items() if name in parameters or name not in elsewhere}
 
 
+def declared(kind: str, name: str, **available: Any) -> dict[str, Any]:
+    """Those of `available` (what a flow knows of the training: its length, its steps per epoch) that
+    the component `name` takes: a component asks for them by naming them among its parameters."""
+    parameters = inspect.signature(get(kind, name)).parameters
+    return {key: value for key, value in available.items() if key in parameters}
+
+
 def arguments_of_kind(kind: str) -> set[str]:
     """Every argument name that some registered component of `kind` takes."""
     return {name for other in names(kind) for name in inspect.signature(get(kind, other)).parameters}

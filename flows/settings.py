@@ -192,8 +192,9 @@ class Settings(Section):
 
 
 # Arguments the flow passes to a component itself; a config must not set them.
-PROVIDED = {"dataset": ("name", "path", "data_dir", "manual_dir"), "model": ("input_shape", "num_classes"),
-            "optimizer": ("total_steps",), "plot": ("results",)}
+PROVIDED = {"dataset": ("name", "path", "data_dir", "manual_dir"),
+            "model": ("input_shape", "num_classes", "steps_per_epoch"), "optimizer": ("total_steps",),
+            "plot": ("results",)}
 
 
 def components(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:

@@ -110,20 +110,18 @@ def _metrics(cfg: dict[str, Any]) -> list:
 
 def _optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> Any:
     """The configured optimizer; schedules that need the training's length (`total_steps`) get it."""
-    import inspect
-
-    extra = {}
-    if "total_steps" in inspect.signature(registry.get("optimizer", cfg["optimizer"]["name"])).parameters:
-        extra["total_steps"] = cfg["train"]["epochs"] * steps_per_epoch
-    return registry.build("optimizer", cfg["optimizer"], **extra)
+    known = registry.declared("optimizer", cfg["optimizer"]["name"], total_steps=cfg["train"]["epochs"] * steps_per_epoch)
+    return registry.build("optimizer", cfg["optimizer"], **known)
 
 
 def _compiled_model(cfg: dict[str, Any], features: dict[str, Any], steps_per_epoch: int):
     """The registered model in Keras' current policy, its weights drawn from the seed, compiled with
-    the configured loss, optimizer and metrics."""
+    the configured loss, optimizer and metrics. A model that takes `steps_per_epoch` gets it (batch
+    norm's moving statistics are paced by it: models/fast_cnn.py)."""
+    known = registry.declared("model", cfg["model"]["name"], steps_per_epoch=steps_per_epoch)
     with runtime.own_seed_draws(cfg["seed"]):
         model = registry.build("model", cfg["model"], input_shape=tuple(features["input_shape"]),
-                               num_classes=features["num_classes"])
+                               num_classes=features["num_classes"], **known)
     model.compile(optimizer=_optimizer(cfg, steps_per_epoch), loss=registry.build("loss", cfg["loss"]),
                   metrics=_metrics(cfg))
     return model
@@ -197,7 +195,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     import keras
 
     from cnnflow.components.callbacks import (EpochCheckpoint, EpochMetrics, EpochProgress, StopOnDivergence,
-                                              backfill_metrics, restore_random_state, state_of)
+                                              WarnAtChance, backfill_metrics, restore_random_state, state_of)
     from cnnflow.components.data import (Split, cache_needs, caching, check_same_data, examples, make_dataset,
                                          read_in_full, steps_per_epoch)
     from cnnflow.components.serving import log_serving_model
@@ -242,11 +240,13 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     callbacks += [divergence, checkpoint, EpochProgress(epochs, run_logger(), cfg["data"]["batch_size"]),
                   EpochMetrics(writes.metrics),
                   keras.callbacks.LambdaCallback(on_train_batch_end=between_batches)]
+    chance = _majority_share(examples(cfg["data"], split, "valid").labels)
+    callbacks.append(WarnAtChance(chance, run_logger()))
     if "search" in cfg["tags"]:  # a search's trial: its search may prune it at an epoch end (flows/search.py)
         from cnnflow.flows.search import Verdicts
 
-        chance = {"val_accuracy": _majority_share(examples(cfg["data"], split, "valid").labels)}
-        callbacks.append(Verdicts(run_id, epochs, run_logger(), chance).callback)  # last: after the epoch's checkpoint
+        # last: after the epoch's checkpoint
+        callbacks.append(Verdicts(run_id, epochs, run_logger(), {"val_accuracy": chance}).callback)
     needs = cache_needs(cfg["data"], split)
     kept = caching.plan(cfg["data"], needs)
     run_logger().info(caching.describe(kept, needs, cfg["data"]))

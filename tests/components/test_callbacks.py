@@ -81,3 +81,23 @@ def test_a_position_in_the_first_epoch_writes_the_model_file_its_arrays_fill(tmp
     restored = keras.models.load_model(tmp_path / state["file"])
     restore_position(restored, str(tmp_path / state["arrays"]))
     assert all(np.array_equal(a, np.array(b)) for a, b in zip(at_step_2, position_parts(restored)))
+
+
+@pytest.mark.parametrize("epochs, warned", [
+    ([(0.60, 0.47), (0.80, 0.77), (0.90, 0.85)], None),   # learning: quiet
+    ([(0.30, 0.11), (0.45, 0.12)], None),                 # nothing learnt yet either way: quiet
+    ([(0.60, 0.56), (0.80, 0.37), (0.88, 0.12), (0.90, 0.11)], 3),  # fast_cnn's collapse on 2,400 images, once
+])
+def test_validation_at_chance_while_training_rises_is_said_once(epochs, warned, caplog):
+    import logging
+
+    from cnnflow.components.callbacks import WarnAtChance
+
+    watch = WarnAtChance(0.1063, logging.getLogger("test"))
+    with caplog.at_level(logging.WARNING):
+        for epoch, (trained, validated) in enumerate(epochs):
+            watch.on_epoch_end(epoch, {"accuracy": trained, "val_accuracy": validated})
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert said[0].startswith(f"epoch {warned}: val_accuracy 0.1200 is at chance (0.1063")
