@@ -65,6 +65,28 @@ def make_idx_folder(folder: Path, train: int = 240, test: int = 60, seed: int = 
     return folder
 
 
+FORMATS = ("png", "jpg", "bmp", "gif", "webp", "tiff")
+
+
+def make_image_folder(folder: Path, classes=("cat", "dog", "bird"), per_class: int = 12, gray: bool = False,
+                      sizes=((28, 28),), formats=FORMATS, seed: int = 0) -> Path:
+    """Class subfolders of images whose bright bar's position is the class (learnable), in turn in
+    each of `formats` and `sizes`: the layout users' own folders have."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            height, width = sizes[i % len(sizes)]
+            pixels = rng.integers(0, 40, size=(height, width), dtype=np.uint8)
+            row = (2 + 4 * label) * height // 28
+            pixels[row : row + max(2, height // 14), width // 7 : 6 * width // 7] = 255
+            image = Image.fromarray(pixels if gray else np.dstack([pixels, pixels // 2, 255 - pixels]))
+            image.save(folder / name / f"{name}{i:03d}.{formats[i % len(formats)]}")
+    return folder
+
+
 @pytest.fixture
 def idx_folder(tmp_path: Path) -> Path:
     return make_idx_folder(tmp_path / "idx")

@@ -36,7 +36,8 @@ def test_the_component_catalogue_lists_every_registered_component_with_its_argum
     for kind in registry.KINDS:
         for name in registry.names(kind):
             assert f"| `{name}` |" in catalogue, (kind, name)
-    assert "| `fast_cnn` | `width = 24`, `dropout_rate = 0.3` |" in catalogue  # input_shape: the flow's to give
+    # input_shape, num_classes, steps_per_epoch: the flow's to give
+    assert "| `fast_cnn` | `width = 24`, `dropout_rate = 0.3`, `blocks = 3`, `head = 'flatten'` |" in catalogue
 
 
 def test_every_guide_page_is_linked_from_readme_and_exists():

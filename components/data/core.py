@@ -30,6 +30,7 @@ class DataInfo:
     image_shape: tuple[int, int, int]
     num_classes: int
     class_names: tuple[str, ...]
+    note: str = ""  # what the source chose from the data or passed over, said in the flow's data line
 
 
 class Records:
@@ -92,24 +93,42 @@ class Partition:
     images: np.ndarray | Records  # (n, height, width, channels) uint8, or (n,) paths / encoded bytes
     labels: np.ndarray  # (n,) int64
     encoded: str | None = None
+    fit_to: tuple[int, int, int] | None = None  # encoded images of several sizes or colours: made this shape
 
     def take(self, positions: np.ndarray) -> Partition:
         if isinstance(self.images, Records):
             positions = np.sort(positions)  # streamed images come in file order: keep labels in step
-        return Partition(self.images[positions], self.labels[positions], self.encoded)
+        return replace(self, images=self.images[positions], labels=self.labels[positions])
 
     def image(self, index: int) -> np.ndarray:
         """One image as uint8 pixels, decoded if need be (for figures; training decodes in tf.data)."""
         if self.encoded is None:
             return self.images[index]
-        return _decode(self.images[index], self.encoded).numpy()
+        return decoded(self.images[index], self.encoded, self.fit_to, fit=self.fit_to is not None).numpy()
 
 
-def _decode(item, encoded: str, channels: int = 0):
+def decoded(item, encoded: str, shape: tuple[int, ...] | None = None, fit: bool = False):
+    """An encoded image (a path or its bytes) as uint8 pixels of `shape` when given. `fit`: images
+    of several sizes and colours are resized to its height and width where they differ and given its
+    channels (alpha dropped, gray made colour or colour gray)."""
     import tensorflow as tf
 
     data = tf.io.read_file(item) if encoded == "path" else item
-    return tf.io.decode_image(data, channels=channels, expand_animations=False)
+    if not fit:
+        image = tf.io.decode_image(data, channels=shape[-1] if shape else 0, expand_animations=False)
+        return image if shape is None else tf.ensure_shape(image, shape)
+    image = tf.io.decode_image(data, expand_animations=False)  # BMP, GIF and WebP take no channels=1
+    image = tf.cond(tf.shape(image)[-1] == 4, lambda: image[..., :3], lambda: image)
+    image = tf.cond(tf.shape(image)[-1] == 2, lambda: image[..., :1], lambda: image)  # gray with alpha
+    if shape[-1] == 1:
+        image = tf.cond(tf.shape(image)[-1] == 3, lambda: tf.image.rgb_to_grayscale(image), lambda: image)
+    else:
+        image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.image.grayscale_to_rgb(image), lambda: image)
+    image = tf.ensure_shape(image, (None, None, shape[-1]))
+    same = tf.reduce_all(tf.shape(image)[:2] == shape[:2])
+    image = tf.cond(same, lambda: image, lambda: tf.cast(tf.round(tf.clip_by_value(
+        tf.image.resize(image, shape[:2], antialias=True), 0, 255)), tf.uint8))
+    return tf.ensure_shape(image, shape)
 
 
 class Source(Protocol):
@@ -453,8 +472,8 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache
     else:
         images = tf.data.Dataset.from_tensor_slices(chosen.images)
     if chosen.encoded:
-        shape = source_from(data).info.image_shape
-        images = images.map(as_written(lambda item: tf.ensure_shape(_decode(item, chosen.encoded, shape[-1]), shape)),
+        shape, fit = chosen.fit_to or source_from(data).info.image_shape, chosen.fit_to is not None
+        images = images.map(as_written(lambda item: decoded(item, chosen.encoded, shape, fit)),
                             num_parallel_calls=tf.data.AUTOTUNE)
     dataset = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(chosen.labels))
     if not training:
@@ -525,6 +544,9 @@ def _kept(dataset, where: str, data: dict[str, Any], split: Split, role: str, st
 
     contents = {"format": 2, "tensorflow": tf.__version__, "stage": stage, "source": data["source"],
                 "options": source_options(data), "examples": fingerprint_of(data, split, role).digest}
+    fit_to = partition_of(data, split.partitions[role]).fit_to
+    if fit_to:  # a folder's size chosen from all its images: others added elsewhere may change it
+        contents["fit_to"] = list(fit_to)
     cap = data.get("cache_max_gb")
     return caching.on_disk(dataset, caching.cache_dir(data), f"{role}-{caching.key(contents)}",
                            None if cap is None else int(cap * 2**30))

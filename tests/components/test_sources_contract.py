@@ -12,7 +12,7 @@ from cnnflow.components.data import checked_partitions, make_dataset, make_split
 from cnnflow.components.errors import DataError
 from cnnflow.flows.config import choices, compose_config
 from cnnflow.components.data.celeba_layout import write_celeba
-from conftest import make_idx_folder
+from conftest import make_idx_folder, make_image_folder
 
 SMALL = ["data.train_size=8", "data.valid_size=4", "data.batch_size=4", "data.shuffle_buffer=0"]
 
@@ -20,7 +20,7 @@ SMALL = ["data.train_size=8", "data.valid_size=4", "data.batch_size=4", "data.sh
 def _sources(experiment: str) -> list[str]:
     """The sources the guide shows for a recipe: its own, plus TFDS for every recipe of a TFDS dataset."""
     own = compose_config(experiment)["data"]["source"]
-    return sorted({own} | ({"tfds"} if own != "digits" else set()))
+    return sorted({own} | ({"tfds"} if own not in ("digits", "folder") else set()))
 
 
 CASES = [(experiment, source) for experiment in choices("experiment") for source in _sources(experiment)]
@@ -42,6 +42,8 @@ def _location(source: str, tmp_path, tfds_dir: str) -> list[str]:
         return [f"data.path={make_idx_folder(tmp_path / 'idx')}"]
     if source == "celeba_folder":
         return [f"data.path={write_celeba(tmp_path / 'celeba', train=16, valid=8, test=8)}"]
+    if source == "folder":
+        return [f"data.path={make_image_folder(tmp_path / 'mine', per_class=20)}"]
     if source == "tfds":
         return [f"data.data_dir={tfds_dir}"]
     return []

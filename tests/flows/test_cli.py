@@ -13,7 +13,7 @@ def test_help_lists_commands_groups_and_choices(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "train" in text and "components" in text
-    assert "celeba, fashion_mnist, fashion_mnist_fast, mnist, mnist_fast, mnist_small, quickstart" in text
+    assert "celeba, fashion_mnist, fashion_mnist_fast, folder, mnist, mnist_fast, mnist_small, quickstart" in text
     assert "sparse_categorical_crossentropy" in text
 
 
@@ -22,12 +22,12 @@ def test_train_help_lists_registered_components(capsys):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
     assert "--multirun" in text
-    assert "mnist_cnn" in text and "digits, idx, tfds" in text and "confusion_matrix" in text
+    assert "mnist_cnn" in text and "digits, folder, idx, tfds" in text and "confusion_matrix" in text
 
 
 def test_components_command(capsys):
     assert cli.main(["components", "dataset"]) == 0
-    assert capsys.readouterr().out.split() == ["celeba_folder", "digits", "idx", "tfds"]
+    assert capsys.readouterr().out.split() == ["celeba_folder", "digits", "folder", "idx", "tfds"]
 
 
 def test_sweep_expands_to_the_cartesian_product():
