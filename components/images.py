@@ -31,10 +31,33 @@ def readable_suffixes() -> tuple[str, ...]:
 _NOT_PICTURES = ("BUFR", "GRIB", "HDF5", "WMF", "EPS", "MPEG", "FITS")
 
 
-def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | None = None) -> np.ndarray:
+def fitted(image, shape: tuple[int, int, int]):
+    """uint8 pixels (a tensor, height x width x 1-4 channels) made `shape`: alpha dropped, gray made
+    colour or colour gray, resized where the size differs. A folder's training images went through
+    this in tf.data (components/data/core.py), and what `predict` and the served model get of its
+    model goes through it too: one function, the same pixels."""
+    import tensorflow as tf
+
+    image = tf.convert_to_tensor(image, tf.uint8)
+    image = tf.cond(tf.shape(image)[-1] == 4, lambda: image[..., :3], lambda: image)
+    image = tf.cond(tf.shape(image)[-1] == 2, lambda: image[..., :1], lambda: image)  # gray with alpha
+    if shape[-1] == 1:
+        image = tf.cond(tf.shape(image)[-1] == 3, lambda: tf.image.rgb_to_grayscale(image), lambda: image)
+    else:
+        image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.image.grayscale_to_rgb(image), lambda: image)
+    image = tf.ensure_shape(image, (None, None, shape[-1]))
+    same = tf.reduce_all(tf.shape(image)[:2] == shape[:2])
+    image = tf.cond(same, lambda: image, lambda: tf.cast(tf.round(tf.clip_by_value(
+        tf.image.resize(image, shape[:2], antialias=True), 0, 255)), tf.uint8))
+    return tf.ensure_shape(image, shape)
+
+
+def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | None = None,
+               any_size: bool = False) -> np.ndarray:
     """The image (a file, or the bytes of one) as uint8 pixels, if it has the size and the channels
     the model was trained on. The size is read from the header first: an image of another size, or a
-    decompression bomb, is refused without being decoded."""
+    decompression bomb, is refused without being decoded. `any_size` (a model trained on a folder of
+    images of several sizes): any size and colour is taken and `fitted` as its training images were."""
     from PIL import Image, UnidentifiedImageError
 
     name = name or ("the image" if isinstance(source, bytes) else str(source))
@@ -45,7 +68,7 @@ def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | No
         with warnings.catch_warnings():  # PIL's warning of a big image: refused below, in one line, not printed
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:  # the header only
-                if image.size != (width, height):
+                if image.size != (width, height) and not any_size:
                     raise DataError(f"{name} is {image.size[0]}x{image.size[1]}; the model takes {wanted} "
                                     f"(as in its training data)")
                 image.load()
@@ -58,6 +81,8 @@ def read_image(source: Path | bytes, shape: tuple[int, int, int], name: str | No
     except (UnidentifiedImageError, OSError, ValueError) as error:
         why = "not an image file PIL can read: PNG, JPEG, ..." if isinstance(error, UnidentifiedImageError) else error
         raise DataError(f"{name}: not a readable image ({why})") from None
+    if any_size:
+        return fitted(gray[..., np.newaxis] if rgb is None else rgb, shape).numpy()
     if channels == 3 and rgb is None:
         raise DataError(f"{name} is grayscale; the model takes {wanted}")
     # A grayscale picture saved as RGB (three equal channels, or all but equal in a lossy format) is fine;

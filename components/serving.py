@@ -44,7 +44,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         images, answered, rows = [], [], []
         for number, text in enumerate(model_input["image"]):
             try:
-                images.append(read_image(_decoded(text, number), tuple(settings["image_shape"]), f"image {number}"))
+                images.append(read_image(_decoded(text, number), tuple(settings["image_shape"]), f"image {number}",
+                                         settings.get("any_size", False)))
                 answered.append(number)
                 rows.append(None)
             except DataError as error:
@@ -81,7 +82,7 @@ def log_serving_model(model_file: str, features: dict[str, Any], data: dict[str,
     one_logit = len(features["class_names"]) == 2 and outputs.is_one_logit(loss)
     settings = {"image_shape": features["image_shape"], "class_names": features["class_names"],
                 "eval_transforms": data["transforms"]["eval"], "from_logits": bool(loss.get("from_logits")),
-                "one_logit": one_logit}
+                "one_logit": one_logit, "any_size": features.get("any_size", False)}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         (folder / "settings.json").write_text(json.dumps(settings))

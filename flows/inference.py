@@ -171,7 +171,7 @@ def predict_files(model_uri: str, run_id: str, files: list[str]) -> list[dict[st
     images, errors = {}, {}
     for file in files:  # an unreadable image is its own row's error, as in the served model's answer
         try:
-            images[file] = read_image(Path(file), shape)
+            images[file] = read_image(Path(file), shape, any_size=features.get("any_size", False))
         except DataError as error:
             errors[file] = str(error)
     predicted = {}
@@ -201,7 +201,8 @@ def _figure(rows: list[dict[str, Any]], shape, path: Path) -> None:
     from cnnflow.components.plots import image_grid
 
     shown = rows[:24]
-    figure = image_grid((read_image(Path(row["file"]), shape) for row in shown),
+    # each was read and predicted already: shown as the model saw it
+    figure = image_grid((read_image(Path(row["file"]), shape, any_size=True) for row in shown),
                         [f"{row['label']} ({row['probability']:.2f})" for row in shown], cols=max(1, min(6, len(shown))),
                         width=2.0, title=f"Predicted label (its probability) of "
                                          f"{'the first ' if len(rows) > len(shown) else ''}{len(shown)} of {len(rows)} images")

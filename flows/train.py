@@ -67,7 +67,7 @@ def load_data(data: dict[str, Any]) -> dict[str, Any]:
     run_logger().info(f"data: {data['source']} {data['name']!r}, images {info.image_shape} -> model input "
                           f"{input_shape}, {info.num_classes} classes" + (f"; {info.note}" if info.note else ""))
     return {"image_shape": list(info.image_shape), "input_shape": list(input_shape),
-            "num_classes": info.num_classes, "class_names": list(info.class_names)}
+            "num_classes": info.num_classes, "class_names": list(info.class_names), "any_size": info.any_size}
 
 
 @task(name="split", cache_policy="none")

@@ -31,6 +31,7 @@ class DataInfo:
     num_classes: int
     class_names: tuple[str, ...]
     note: str = ""  # what the source chose from the data or passed over, said in the flow's data line
+    any_size: bool = False  # images of any size and colour are fitted to image_shape (a folder of one's own)
 
 
 class Records:
@@ -117,18 +118,9 @@ def decoded(item, encoded: str, shape: tuple[int, ...] | None = None, fit: bool 
     if not fit:
         image = tf.io.decode_image(data, channels=shape[-1] if shape else 0, expand_animations=False)
         return image if shape is None else tf.ensure_shape(image, shape)
-    image = tf.io.decode_image(data, expand_animations=False)  # BMP, GIF and WebP take no channels=1
-    image = tf.cond(tf.shape(image)[-1] == 4, lambda: image[..., :3], lambda: image)
-    image = tf.cond(tf.shape(image)[-1] == 2, lambda: image[..., :1], lambda: image)  # gray with alpha
-    if shape[-1] == 1:
-        image = tf.cond(tf.shape(image)[-1] == 3, lambda: tf.image.rgb_to_grayscale(image), lambda: image)
-    else:
-        image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.image.grayscale_to_rgb(image), lambda: image)
-    image = tf.ensure_shape(image, (None, None, shape[-1]))
-    same = tf.reduce_all(tf.shape(image)[:2] == shape[:2])
-    image = tf.cond(same, lambda: image, lambda: tf.cast(tf.round(tf.clip_by_value(
-        tf.image.resize(image, shape[:2], antialias=True), 0, 255)), tf.uint8))
-    return tf.ensure_shape(image, shape)
+    from cnnflow.components.images import fitted
+
+    return fitted(tf.io.decode_image(data, expand_animations=False), shape)  # BMP, GIF, WebP take no channels=1
 
 
 class Source(Protocol):

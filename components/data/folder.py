@@ -184,9 +184,10 @@ def _check(path: Path) -> Scanned:
 
 
 def _channels_equal(image) -> bool:
-    """Gray content in a colour file: its channels differ by at most 2 (lossy WebP and JPEG round them)."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
-    return bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() <= 2 and np.abs(rgb[..., 1] - rgb[..., 2]).max() <= 2)
+    """Gray content in a colour file (lossy WebP and JPEG store gray a little off): as predict judges it."""
+    from cnnflow.components.images import GRAY_SPREAD
+
+    return bool(np.ptp(np.asarray(image.convert("RGB"), dtype=np.int16), axis=-1).max(initial=0) <= GRAY_SPREAD)
 
 
 def converted(folder: Path, path: str, cache: Path) -> str:
@@ -236,7 +237,7 @@ class ImageFolder:
         shape, said = chosen_shape([checks[path] for _, _, path in rows], image_size, channels)
         counts = ", ".join(f"{role} {len(files)}" + ("" if role == "train" or role in given(rows) else " carved from train")
                            for role, files in self.partitions.items())
-        self.info = DataInfo(shape, len(self.class_names), self.class_names,
+        self.info = DataInfo(shape, len(self.class_names), self.class_names, any_size=True,
                              note=f"{len(rows)} images ({counts}); {said}{_passed_over(passed)}")
         self.folder, self.cache = folder, cache
 
