@@ -22,7 +22,7 @@ import numpy as np
 
 from cnnflow.components import registry
 from cnnflow.components.data import caching, fingerprint
-from cnnflow.components.errors import DataError
+from cnnflow.components.errors import DataError, SettingsError
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,13 @@ CLASS_NAMES = {
 }
 
 
+def two_sides(image_size: list[int] | None) -> list[int] | None:
+    """`data.options.image_size` of a source that resizes: [height, width], or None."""
+    if image_size is not None and len(image_size) != 2:
+        raise SettingsError(f"data.options.image_size={list(image_size)}: give [height, width], like [128, 128]")
+    return image_size
+
+
 def attribute_classes(attribute: str) -> tuple[str, str]:
     """The two class names of a binary attribute (CelebA's): label 0, then label 1."""
     return ("Female" if attribute == "Male" else f"not {attribute}"), attribute
@@ -149,7 +156,8 @@ def source_from(data: dict[str, Any]) -> Source:
     it declares: a recipe may carry options for several sources (celeba_folder's on_bad_image)."""
     _await_read_ahead()
     return _cached_source(data["source"], data["name"], data.get("path"), data.get("data_dir"), data.get("manual_dir"),
-                          tuple(sorted(source_options(data).items())))
+                          tuple(sorted((key, tuple(value) if isinstance(value, list) else value)  # hashable
+                                       for key, value in source_options(data).items())))
 
 
 def source_options(data: dict[str, Any]) -> dict[str, Any]:

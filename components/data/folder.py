@@ -34,8 +34,7 @@ from typing import Literal
 import numpy as np
 
 from cnnflow.components.argtypes import OpenFraction, PositiveInt
-from cnnflow.components.data.core import DataError, DataInfo, Partition
-from cnnflow.components.errors import SettingsError
+from cnnflow.components.data.core import DataError, DataInfo, Partition, two_sides
 from cnnflow.components.registry import register
 
 SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WebP",
@@ -339,6 +338,4 @@ def folder(name: str = "folder", path: str | None = None, data_dir=None, manual_
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"data.path={path!r} is not a folder")
-    if image_size is not None and len(image_size) != 2:
-        raise SettingsError(f"data.options.image_size={image_size}: give [height, width], like [64, 64]")
-    return ImageFolder(root, labels, image_size, channels, on_bad_image, valid_fraction, test_fraction)
+    return ImageFolder(root, labels, two_sides(image_size), channels, on_bad_image, valid_fraction, test_fraction)

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnflow.components.data.core import DataError, DataInfo, Partition, Records, attribute_classes
-from cnnflow.components.errors import TransientError, first_line, is_transient
+from cnnflow.components.argtypes import PositiveInt
+from cnnflow.components.data.core import DataError, DataInfo, Partition, Records, attribute_classes, two_sides
+from cnnflow.components.errors import SettingsError, TransientError, first_line, is_transient
 from cnnflow.components.registry import register
 
 
 class TfdsSource:
-    def __init__(self, name: str, data_dir: str | None, manual_dir: str | None, attribute: str | None = None):
+    def __init__(self, name: str, data_dir: str | None, manual_dir: str | None, attribute: str | None = None,
+                 image_size: list[int] | None = None):
         import tensorflow_datasets as tfds
 
         try:
@@ -51,8 +53,14 @@ class TfdsSource:
                 raise DataError(f"TFDS {name!r} has no attribute {attribute!r}; it has: {', '.join(known) or 'none'}")
             self.info = DataInfo(tuple(features["image"].shape), 2, attribute_classes(attribute))
         else:
-            self.info = DataInfo(tuple(features["image"].shape), features["label"].num_classes,
-                                 tuple(features["label"].names))
+            image_key, label_key = self.builder.info.supervised_keys or ("image", "label")
+            shape, self.keys = tuple(features[image_key].shape), (image_key, label_key)
+            if None in shape and not image_size:
+                raise SettingsError(f"TFDS {name!r} holds images of several sizes ({shape}); set "
+                                    f"data.options.image_size=[height, width] to train on them resized, like [128, 128]")
+            self.fit_to = (*image_size, shape[-1] or 3) if image_size else None
+            self.info = DataInfo(self.fit_to or shape, features[label_key].num_classes, tuple(features[label_key].names),
+                                 any_size=self.fit_to is not None)
 
     def partition(self, name: str) -> Partition:
         """Small images (MNIST) as pixel arrays in memory; large ones (CelebA) stay in TFDS's files,
@@ -66,13 +74,15 @@ class TfdsSource:
                 raise DataError(f"TFDS {self.builder.name!r} has partitions {sorted(self.builder.info.splits)}, "
                                 f"not {name!r} ({first_line(error)})") from None
 
-        if not self.attribute:
+        if not self.attribute and not self.fit_to:
             images, labels = self._arrays(examples(as_supervised=True))
             return Partition(images, labels.astype(np.int64))
-        attribute, encoded = self.attribute, {"image": tfds.decode.SkipDecoding()}
-        _, labels = self._arrays(examples(decoders=encoded).map(lambda ex: (0, ex["attributes"][attribute])))
-        records = Records(lambda: examples(decoders=encoded).map(lambda ex: ex["image"]), np.arange(len(labels)))
-        return Partition(records, labels.astype(np.int64), encoded="bytes")
+        image_key = "image" if self.attribute else self.keys[0]
+        label = (lambda ex: ex["attributes"][self.attribute]) if self.attribute else (lambda ex: ex[self.keys[1]])
+        encoded = {image_key: tfds.decode.SkipDecoding()}
+        _, labels = self._arrays(examples(decoders=encoded).map(lambda ex: (0, label(ex))))
+        records = Records(lambda: examples(decoders=encoded).map(lambda ex: ex[image_key]), np.arange(len(labels)))
+        return Partition(records, labels.astype(np.int64), encoded="bytes", fit_to=self.fit_to)
 
     def _arrays(self, dataset) -> tuple[np.ndarray, np.ndarray]:
         import tensorflow_datasets as tfds
@@ -131,6 +141,7 @@ def _online(host: str = "storage.googleapis.com") -> bool:
 
 @register("dataset", "tfds")
 def tfds_dataset(name: str, path=None, data_dir: str | None = None, manual_dir: str | None = None,
-                 attribute: str | None = None) -> TfdsSource:
-    """The TFDS dataset `name` (mnist, fashion_mnist, celeb_a with attribute=Male, ...)."""
-    return TfdsSource(name, data_dir, manual_dir, attribute)
+                 attribute: str | None = None, image_size: list[PositiveInt] | None = None) -> TfdsSource:
+    """The TFDS dataset `name` (mnist, fashion_mnist, cifar10, celeb_a with attribute=Male, ...); one
+    of images of several sizes (tf_flowers) trains on them resized to `image_size`."""
+    return TfdsSource(name, data_dir, manual_dir, attribute, two_sides(image_size))

@@ -117,3 +117,12 @@ def test_each_image_is_checked_once(tmp_path, monkeypatch):
     shutil.copy(root / "cat" / "cat000.png", root / "cat" / "new.png")
     folder_source.folder(path=str(root))
     assert [path.name for path in checked] == ["new.png"]
+
+
+def test_the_recipes_options_reach_the_source(tmp_path):
+    from cnnflow.components.data import source_from
+    from cnnflow.flows.config import compose_config
+
+    root = make_image_folder(tmp_path / "pets")
+    cfg = compose_config("folder", [f"data.path={root}", "data.options.image_size=[16,20]", "data.options.channels=1"])
+    assert source_from(cfg["data"]).info.image_shape == (16, 20, 1)
