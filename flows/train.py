@@ -513,8 +513,10 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
         epochs: train.epochs: how many epochs to train. None: the recipe's (20 for the chapter's recipes).
         batch_size: data.batch_size: images per training step. None: the recipe's.
         data_source: data.source: where the images come from: tfds (TensorFlow Datasets, downloads), idx
-            (the original MNIST-format files), celeba_folder (CelebA's own files), digits (bundled), or a plugin's (`cnnflow components` lists them). None: the recipe's.
-        data_path: data.path: the folder with the data files, for the idx and celeba_folder sources.
+            (the original MNIST-format files), celeba_folder (CelebA's own files), folder (your own images in
+            class subfolders), digits (bundled), or a plugin's (`cnnflow components` lists them). None: the recipe's.
+        data_path: data.path: the folder with the data files, for the idx, celeba_folder and folder sources
+            (the folder recipe: experiment folder).
         train_size: data.train_size: how many training images, or full for all of them. None: the recipe's.
         seed: The seed of the split, the shuffles, the augmentations and the initial weights. None: the recipe's (1).
     """

@@ -65,7 +65,7 @@ BAD_SETTINGS = [
     ("runtime.strategy=tpu", "runtime.strategy='tpu': should be 'default' or 'mirrored'"),
     ("retrain.warm_start=maybe", "retrain.warm_start='maybe': should be a valid boolean"),
     ("train.init_from=model.keras", "train.init_from='model.keras': should be a logged model's URI"),
-    ("data.source=nope", "data.source='nope': Unknown dataset 'nope'. Registered datasets: celeba_folder, digits, idx"),
+    ("data.source=nope", "data.source='nope': Unknown dataset 'nope'. Registered datasets: celeba_folder, digits, folder, idx"),
     ("data.name=''", "data.name=''"),
     ("data.path=3", "data.path=3: should be a valid string"),
     ("data.data_dir=true", "data.data_dir=True: should be a valid string"),

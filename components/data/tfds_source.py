@@ -46,7 +46,7 @@ class TfdsSource:
                 + _local_hint(name)
             ) from error
         features = self.builder.info.features
-        self.attribute = attribute
+        self.attribute, self.fit_to = attribute, None
         if attribute:  # datasets labelled by binary attributes, like celeb_a
             known = list(features["attributes"].keys()) if "attributes" in features else []
             if attribute not in known:

@@ -93,7 +93,7 @@ def test_auto_precision_is_measured_recorded_with_why_and_kept_by_a_continuation
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # a CPU with bfloat16 units
     monkeypatch.setattr(precision, "WINDOW_SECONDS", 0.02)  # the choice, not the speeds, is tested here
-    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["plots=none"]
+    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1, model="mnist_cnn") + ["plots=none"]
     run = MlflowClient().get_run(train_flow("mnist", overrides))
     chosen, why = run.data.params["runtime.precision"], run.data.params["precision.why"]
     assert chosen in ("float32", "mixed_bfloat16") and run.data.tags["precision"] == chosen

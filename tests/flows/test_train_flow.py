@@ -28,7 +28,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(prefect_harness, store):
     idx = make_idx_folder(store / "idx")
-    overrides = tiny_overrides(idx, epochs=2)
+    overrides = tiny_overrides(idx, epochs=2, model="mnist_cnn")  # the chapter's recipe, its model
     return train_flow("mnist", overrides), overrides
 
 
