@@ -71,8 +71,8 @@ def test_a_run_started_from_the_prefect_form_shows_its_results_in_both_uis(prefe
                TF_CPP_MIN_LOG_LEVEL="2")
     idx = make_idx_folder(tmp_path / "idx")
     # served as the fast recipe; the form then picks the chapter's recipe from the list
-    serving = started(["cnnflow.flows.cli", "serve", "experiment=mnist_fast", *tiny_overrides(idx)[:-1]], tmp_path,
-                      env, "serve.log")
+    recipe_epochs = [o for o in tiny_overrides(idx) if not o.startswith("train.epochs")]
+    serving = started(["cnnflow.flows.cli", "serve", "experiment=mnist_fast", *recipe_epochs], tmp_path, env, "serve.log")
     viewer = None
     try:
         wait_until(lambda: deployment(url, "train/mnist_fast") is not None, 120, "the train deployment")
