@@ -102,3 +102,16 @@ def test_the_position_cost_is_counted_per_epoch_even_where_an_upload_was_replace
     assert [e["upload_cpu"] for e in row["epochs"]] == [0.0, 0.3]
     assert [round(e["cost_percent"], 6) for e in row["epochs"]] == [5.0, 8.0]  # (0.1+0.2+0+0.2)/10, (0.1+0.2+0.3+0.2)/10
     assert row["later_epoch_cpu"] == {"on": [10.0, 10.0], "off": [9.5, 9.5]}
+
+
+def test_the_folder_benchmarks_keras_side_reads_the_folder_keras_reads_and_trains_the_same_model(tmp_path):
+    """benchmarks/folder.py's baseline: image_dataset_from_directory on the same class folders, the
+    folder recipe's model at the shape cnnflow chose, one JSON line of epoch seconds."""
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "mine", per_class=20, formats=("png", "jpg"))
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "folder.py"), "--child", str(folder), "28", "28", "3", "2"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["epoch_seconds"]) == 2 and all(s > 0 for s in result["epoch_seconds"])
+    assert 0 <= result["val_accuracy"] <= 1
