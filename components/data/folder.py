@@ -245,7 +245,8 @@ class ImageFolder:
             raise DataError(f"the folder source has partitions {', '.join(PARTITIONS)}, not {name!r}")
         files = self.partitions[name]
         paths = np.array([converted(self.folder, path, self.cache) for path, _ in files])
-        labels = np.array([self.class_names.index(label) for _, label in files], dtype=np.int64)
+        number = {name: index for index, name in enumerate(self.class_names)}
+        labels = np.array([number[label] for _, label in files], dtype=np.int64)
         # fitted always: a file may hold alpha, or gray as colour (GIF, WebP), whatever its size
         return Partition(paths, labels, encoded="path", fit_to=self.info.image_shape)
 
@@ -270,12 +271,14 @@ def carved(rows: list[tuple[str, str, str]], valid_fraction: float, test_fractio
                         f"{' and '.join(f'{folder}/{r}' for r, _ in missing)}")
     pool["train"] = []
     for name, paths in sorted(by_class.items()):
-        left, low = sorted(paths, key=_place), 0.0
+        places = {path: _place(path) for path in paths}
+        left, low = sorted(paths, key=places.get), 0.0
         for number, (role, fraction) in enumerate(missing):  # a band of places per role: a file's role is its path's
-            band = [path for path in left if low <= _place(path) < low + fraction] or left[:1]  # one at least ...
+            band = [path for path in left if low <= places[path] < low + fraction] or left[:1]  # one at least ...
             band = band[:len(left) - (len(missing) - number)]  # ... and one left for each role after it and train
             pool[role] += [(path, name) for path in band]
-            left, low = [path for path in left if path not in band], low + fraction
+            taken = set(band)
+            left, low = [path for path in left if path not in taken], low + fraction
         pool["train"] += [(path, name) for path in left]
     return {role: sorted(files) for role, files in pool.items()}
 
