@@ -17,9 +17,8 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
-import re
+import pkgutil
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from cnnflow.components.errors import SettingsError
@@ -66,22 +65,18 @@ def _qualname(fn: Callable[..., Any]) -> str:
 
 
 def load_builtins() -> None:
-    """Import each module of this package that registers something: a new component is one file
-    with its decorator, and no list names it. Modules without a top-level ``@register(`` line (the
-    serving code, the data generator, the teaching code) are not imported."""
+    """Import every module of this package: a new component is one file with its decorator, and no
+    list names it. Modules whose name starts with ``_`` are left out (``_serving_model.py`` is a
+    script MLflow runs when it loads a model)."""
     for module in _builtin_modules():
         importlib.import_module(module)
 
 
 @functools.cache
 def _builtin_modules() -> tuple[str, ...]:
-    package = Path(__file__).parent
-    return tuple(sorted(f"cnnflow.components.{'.'.join(path.relative_to(package).with_suffix('').parts)}"
-                        for path in package.rglob("*.py")
-                        if path.name != "__init__.py" and _REGISTERS.search(path.read_text(encoding="utf-8"))))
-
-
-_REGISTERS = re.compile(r"^@register\(", re.MULTILINE)
+    package = importlib.import_module("cnnflow.components")
+    return tuple(sorted(info.name for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
+                        if not info.name.rpartition(".")[2].startswith("_")))
 
 
 def load_plugins() -> list[str]:

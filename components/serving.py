@@ -95,7 +95,7 @@ def log_serving_model(model_file: str, features: dict[str, Any], data: dict[str,
         signature = ModelSignature(inputs=Schema([ColSpec("string", "image")]),
                                    outputs=Schema([*answer, ColSpec("string", "error", required=False)]))
         return mlflow.pyfunc.log_model(
-            name="serving", python_model=str(Path(__file__).with_name("serving_model.py")), code_paths=[str(code)],
+            name="serving", python_model=str(Path(__file__).with_name("_serving_model.py")), code_paths=[str(code)],
             signature=signature,
             artifacts={"keras_model": model_file, "settings": str(folder / "settings.json")},
             pip_requirements=requirements, input_example=example_frame)
@@ -104,9 +104,9 @@ def log_serving_model(model_file: str, features: dict[str, Any], data: dict[str,
 def _code_bundle(target: Path) -> Path:
     """The modules of this package that serving imports, laid out as `cnnflow/components` for import:
     not the teaching code, the data generators or the training's callbacks, which a served model
-    never runs. Found by following the imports from serving_model.py, so the bundle cannot miss one."""
+    never runs. Found by following the imports from _serving_model.py, so the bundle cannot miss one."""
     package = Path(__file__).parent
-    for path in _imported_modules(package / "serving_model.py", package):
+    for path in _imported_modules(package / "_serving_model.py", package):
         (target / "components" / path.relative_to(package)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target / "components" / path.relative_to(package))
     return target

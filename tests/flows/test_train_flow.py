@@ -170,7 +170,7 @@ def test_the_serving_model_carries_what_serving_imports_and_runs_from_it_alone(f
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
     bundled = {p.relative_to(local / "code" / "cnnflow" / "components").as_posix()
                for p in (local / "code" / "cnnflow" / "components").rglob("*.py")}
-    assert {"serving.py", "serving_model.py", "images.py", "augment.py", "outputs.py"} <= bundled
+    assert {"serving.py", "_serving_model.py", "images.py", "augment.py", "outputs.py"} <= bundled
     assert not bundled & {"fundamentals.py", "data/celeba_layout.py", "callbacks.py", "plots.py", "models/mnist_cnn.py"}
     images, _ = run_test_images(run_id, 2)
     script = ("import sys, mlflow, pandas as pd; m = mlflow.pyfunc.load_model(sys.argv[1]); "
