@@ -1,5 +1,5 @@
 """A real training killed mid-epoch and resumed, against the same training never stopped
-(benchmarks/README.md: "Killed and resumed, to the last digit").
+(benchmarks/LOG.md: "Killed and resumed, to the last digit").
 
     python benchmarks/resume.py --data ../shared/data/mnist-test
     python benchmarks/resume.py --data ../shared/data/mnist-test --precision auto    # bfloat16 here

@@ -1,5 +1,5 @@
 """What pruned search buys under a fixed epoch budget: TPE with Hyperband pruning against random
-search, over several search seeds, on real Fashion-MNIST (benchmarks/README.md: Search).
+search, over several search seeds, on real Fashion-MNIST (benchmarks/README.md, "Search").
 
     python benchmarks/search.py --data ../shared/data/fashion-mnist --folder runs/search
     python benchmarks/search.py --data DIR --seeds 0 --samplers tpe      # one search
@@ -21,7 +21,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-GRID_BEST = 0.9268  # benchmarks/README.md: the 9-run grid under the same 45 epochs
+GRID_BEST = 0.9268  # benchmarks/LOG.md, "How the fast recipe was chosen": the 9-run grid under the same 45 epochs
 
 
 def one_search(data: Path, folder: Path, sampler: str, seed: int, extra: list[str], pruner: str | None = None,

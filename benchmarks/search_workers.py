@@ -1,4 +1,4 @@
-"""A search on a pool of 2 workers against the same search on 1 worker (benchmarks/README.md: Search).
+"""A search on a pool of 2 workers against the same search on 1 worker (benchmarks/README.md, "Search").
 
     python benchmarks/search_workers.py --data ../shared/data/fashion-mnist [--trials 6 --epochs 2]
 

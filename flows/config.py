@@ -122,7 +122,7 @@ def _composed(experiment: str, overrides: tuple[str, ...]) -> dict[str, Any]:
     """Hydra's composition, once per process for the same arguments (the CLI checks a run's
     settings before its flow starts, and the flow composes them again from its parameters), and
     kept on disk for the next command: importing Hydra and composing took 0.35 s of every
-    command's start (benchmarks/README.md, "Start-up"). The kept one is named by everything the
+    command's start (benchmarks/LOG.md, "Start-up"). The kept one is named by everything the
     composition reads: conf/'s files, Hydra's and OmegaConf's versions, the experiment and overrides."""
     path = _compositions() / f"{_composition_key(experiment, overrides)}.json"
     with contextlib.suppress(OSError, ValueError):

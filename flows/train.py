@@ -177,7 +177,7 @@ def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, 
 
 
 # The model build_model made, for the train task of the same process. Writing it and reading it back
-# took 0.2 and 0.25 s of the start (benchmarks/README.md, "Start-up"); only a distribution strategy,
+# took 0.2 and 0.25 s of the start (benchmarks/LOG.md, "Start-up"); only a distribution strategy,
 # which makes its variables on every replica, loads it from the file. A position inside the first
 # epoch, whose arrays fill a model file, writes that file when it first needs it (EpochCheckpoint).
 _just_built: dict[str, Any] = {}

@@ -504,7 +504,7 @@ def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache
 def as_written(fn):
     """`fn` traced by tf.data as it is written. By default AutoGraph first rewrites it (for Python `if`
     and `for` on tensors), and its first use cost a third of a second of every training's start
-    (benchmarks/README.md, "Start-up"); the pipeline's functions are TensorFlow ops alone, and Keras
+    (benchmarks/LOG.md, "Start-up"); the pipeline's functions are TensorFlow ops alone, and Keras
     leaves its own step functions unconverted the same way. Transforms from plugins are converted on
     their own (augment.compose)."""
     import tensorflow as tf
