@@ -78,95 +78,95 @@ class Transforms(Section):
 class Data(Section):
     source: Name
     name: Name
-    path: str | None = None
-    data_dir: str | None = None
-    manual_dir: str | None = None
-    options: dict[str, Any] = {}
+    path: str | None
+    data_dir: str | None
+    manual_dir: str | None
+    options: dict[str, Any]
     train_split: SplitString
-    valid_split: SplitString | None = None
+    valid_split: SplitString | None
     test_split: SplitString
-    train_size: Size = None
+    train_size: Size
     valid_size: Annotated[NonNegative | Literal["full"] | None,
-                          Field(description="a count >= 0, full, or null (all)")] = None
-    shuffle_buffer: NonNegative = 0
-    shuffle_each_epoch: NonNegative = 0
+                          Field(description="a count >= 0, full, or null (all)")]
+    shuffle_buffer: NonNegative
+    shuffle_each_epoch: NonNegative
     batch_size: Annotated[int, Interval(ge=1, le=65536)]
-    cache: Literal["auto", "memory", "disk", "none"] = "auto"
+    cache: Literal["auto", "memory", "disk", "none"]
     cache_memory: Annotated[float, Interval(gt=0, le=1),
-                            Field(description="a fraction of the available RAM, above 0 and at most 1, like 0.25")] = 0.25
-    cache_dir: Name | None = None
+                            Field(description="a fraction of the available RAM, above 0 and at most 1, like 0.25")]
+    cache_dir: Name | None
     cache_max_gb: Annotated[Annotated[float, Interval(gt=0)] | None,
-                            Field(description="GiB above 0, like 20, or null for no cap")] = None
+                            Field(description="GiB above 0, like 20, or null for no cap")]
     transforms: Transforms
 
 
 class Train(Section):
     epochs: Annotated[int, Interval(ge=1, le=100000)]
     metrics: list[Name]
-    deterministic: bool = True
-    max_loss_factor: Annotated[float, Interval(gt=1)] | None = None
+    deterministic: bool
+    max_loss_factor: Annotated[float, Interval(gt=1)] | None
     init_from: Annotated[Annotated[str, Field(pattern=r"^(runs|models):/.+")] | None,
                          Field(description="a logged model's URI, like runs:/<run id>/model or "
-                                           "models:/<name>/<version>")] = None
-    callbacks: dict[str, Component | None] = {}
-    checkpoint_every: Annotated[int, Interval(ge=1, le=100000)] = 1
-    checkpoint_slots: Annotated[int, Interval(ge=2, le=100)] = 2
+                                           "models:/<name>/<version>")]
+    callbacks: dict[str, Component | None]
+    checkpoint_every: Annotated[int, Interval(ge=1, le=100000)]
+    checkpoint_slots: Annotated[int, Interval(ge=2, le=100)]
     checkpoint_minutes: Annotated[float, Interval(ge=0, le=10080),
-                                  Field(description="minutes, 0 for epoch ends only, like 10")] = 10
-    keep_checkpoints: Annotated[int, Interval(ge=0, le=100)] = 1
+                                  Field(description="minutes, 0 for epoch ends only, like 10")]
+    keep_checkpoints: Annotated[int, Interval(ge=0, le=100)]
     lease_timeout: Annotated[float, Interval(ge=10, le=86400),
-                             Field(description="seconds, at least 10, like 120")] = 120
+                             Field(description="seconds, at least 10, like 120")]
     outage_timeout: Annotated[float, Interval(ge=5, le=604800),
-                              Field(description="seconds, at least 5, like 600")] = 600
-    test: bool = True
+                              Field(description="seconds, at least 5, like 600")]
+    test: bool
 
 
 class Registry(Section):
-    name: Name | None = None
+    name: Name | None
     alias: Annotated[str, Field(pattern=r"^[A-Za-z_][\w-]*$", description="a name of letters, digits, _ and -")]
     metric: Name
     mode: Literal["max", "min"]
 
 
 class Retrain(Section):
-    schedule: Name | None = None
-    cron: Annotated[str, AfterValidator(_cron)] | None = None
+    schedule: Name | None
+    cron: Annotated[str, AfterValidator(_cron)] | None
     sizes: Annotated[list[Count | Literal["full"]], MinLen(1),
                      Field(description="a list of counts >= 1 or full, like [16000, 32000, full]")]
-    warm_start: bool = False
+    warm_start: bool
 
 
 class Jobs(Section):
-    crash_after: Annotated[float, Interval(ge=60, le=86400), Field(description="seconds, at least 60, like 300")] = 300
-    restarts: Annotated[int, Interval(ge=0, le=100)] = 3
+    crash_after: Annotated[float, Interval(ge=60, le=86400), Field(description="seconds, at least 60, like 300")]
+    restarts: Annotated[int, Interval(ge=0, le=100)]
 
 
 class Runtime(Section):
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
-    calibrate: bool = True
+    calibrate: bool
     jit_compile: bool
-    intra_op_threads: NonNegative | None = None
-    inter_op_threads: NonNegative | None = None
+    intra_op_threads: NonNegative | None
+    inter_op_threads: NonNegative | None
     onednn: bool
-    strategy: Literal["default", "mirrored"] = "default"
+    strategy: Literal["default", "mirrored"]
 
 
 class Search(Section):
-    trials: Count | None = 20
-    epochs: Annotated[int, Interval(ge=1, le=10**7)] | None = None
+    trials: Count | None
+    epochs: Annotated[int, Interval(ge=1, le=10**7)] | None
     metric: Annotated[str, Field(pattern=r"^(val_\w+|loss|val_loss)$",
                                  description="a validation metric, like val_accuracy or val_loss (a search never "
-                                             "looks at test figures)")] = "val_accuracy"
-    direction: Literal["max", "min"] = "max"
-    sampler: Literal["tpe", "random"] = "tpe"
-    startup_trials: NonNegative = 5
-    pruner: Literal["hyperband", "successive_halving", "median", "none"] = "median"
-    seed: Seed = 0
+                                             "looks at test figures)")]
+    direction: Literal["max", "min"]
+    sampler: Literal["tpe", "random"]
+    startup_trials: NonNegative
+    pruner: Literal["hyperband", "successive_halving", "median", "none"]
+    seed: Seed
     name: Annotated[Annotated[str, Field(pattern=r"^[\w.-]+$")] | None,
-                    Field(description="letters, digits, _, . and -")] = None
-    storage: Name | None = None
-    parallel: Count | None = None
-    space: dict[str, str] = {}
+                    Field(description="letters, digits, _, . and -")]
+    storage: Name | None
+    parallel: Count | None
+    space: dict[str, str]
 
 
 class Settings(Section):
@@ -174,8 +174,8 @@ class Settings(Section):
     overrides: list[str]
     seed: Seed
     output_dir: Name
-    tracking_uri: Name | None = None
-    mlflow_experiment: Name | None = None
+    tracking_uri: Name | None
+    mlflow_experiment: Name | None
     tags: dict[str, TagValue | int | float | bool]
     resume: bool
     registry: Registry

@@ -8,6 +8,7 @@ from cnnflow.components.augment import compose
 from cnnflow.components.data import model_input_shape
 from cnnflow.components.errors import SettingsError
 from cnnflow.flows.config import choices, compose_config, to_yaml
+from cnnflow.flows import settings
 from cnnflow.flows.settings import flatten
 
 
@@ -146,3 +147,25 @@ def test_the_flows_parameters_describe_themselves_for_the_prefect_form():
         properties = parameter_schema(step.fn).model_dump()["properties"]
         undescribed = [name for name, field in properties.items() if not field.get("description")]
         assert not undescribed, f"{step.name}: {undescribed}"
+
+
+def test_defaults_live_in_conf_alone_not_in_the_schema():
+    """The schema types and bounds every setting; its value comes from conf/ only, so the two can
+    never disagree (train.max_loss_factor was 1000 in conf/ and None in the schema). Without a
+    default a key left out of conf/ fails as `missing setting`, which the test above would show."""
+    def defaulted(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if not field.is_required():
+                yield f"{prefix}{name} = {field.default!r}"
+            section = settings._section(field.annotation)
+            if section:
+                yield from defaulted(section, f"{prefix}{name}.")
+
+    optional_sections = {"search = None"}  # only `cnnflow search` composes search=NAME
+    assert set(defaulted(settings.Settings)) == optional_sections
+
+
+@pytest.mark.parametrize("choice", choices("search"))
+def test_every_search_choice_composes_with_every_key(choice):
+    cfg = compose_config("fashion_mnist_fast", [f"search={choice}"])
+    assert set(cfg["search"]) == set(settings.Search.model_fields)
