@@ -86,6 +86,21 @@ def first_line(error: BaseException) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
+def described(error: BaseException) -> str:
+    """`TypeError: unexpected keyword 'x'`: an error's type and first line, what a warning about an
+    error it does not raise says (docs/development.md, "Errors")."""
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
+# Errors of cnnflow's own code (or a library's changed API), never of a server or the network: a
+# handler that rides out outages raises these instead of retrying them as one.
+DEFECTS = (TypeError, AttributeError, NameError, AssertionError, ImportError, SyntaxError)
+
+
+def is_defect(error: BaseException) -> bool:
+    return isinstance(error, DEFECTS)
+
+
 def printable(text: str) -> str:
     """`text` with each character that is not printable (line breaks, NEL, other controls) written
     as its escape, so a message that quotes a user's value stays one line on a terminal."""

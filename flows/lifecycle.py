@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cnnflow.components.errors import RunError, ServerOutage
+from cnnflow.components.errors import RunError, ServerOutage, described
 from cnnflow.flows import healing, runtime
 from cnnflow.flows.outbox import Outbox, Write
 from cnnflow.flows.settings import flatten
@@ -137,7 +137,7 @@ class Lease:
                 set_tags(self.run_id, {"lease.released": self.generation})
             except Exception as error:
                 logging.getLogger(__name__).warning(f"could not release the lease of run {self.run_id} "
-                                                    f"({str(error).splitlines()[0][:150]}); it lapses when this process ends")
+                                                    f"({described(error)}); it lapses when this process ends")
 
     def _newest(self) -> tuple[int, str | None, dict[str, str]]:
         from mlflow import MlflowClient
@@ -169,13 +169,18 @@ class Lease:
         return None
 
     def _heartbeats(self) -> None:
+        failing = False
         while not self._stopped.wait(self.timeout / 4):
             try:
                 if not self.confirm():
                     return
                 self.beat()
-            except Exception:  # a store that blips: the next beat may pass, within the timeout
-                continue
+                failing = False
+            except Exception as error:  # a store that blips: the next beat may pass, within the timeout
+                if not failing:  # once per streak: an outage fails every beat
+                    logging.getLogger(__name__).warning(f"run {self.run_id}: a lease heartbeat failed ({described(error)}); "
+                                                        f"trying again every {self.timeout / 4:g} s")
+                failing = True
 
 
 _held: dict[str, Outbox] = {}
@@ -451,7 +456,7 @@ def tidy_finished(run_id: str, folder: Path, epochs_done: int, keep: int, logger
             freed += sum(entry.file_size or 0 for entry in repository.list_artifacts(slot))
             repository.delete_artifacts(slot)
         except Exception as error:  # a store that cannot delete (NotImplementedError, a refusal) keeps them
-            logger.warning(f"run {run_id}: could not delete {slot} from the artifact store ({type(error).__name__}); kept")
+            logger.warning(f"run {run_id}: could not delete {slot} from the artifact store ({described(error)}); kept")
             break
     held_here = artifact_uri.startswith(("file:", "/")) and bool(keep)
     epochs = sorted(folder.glob("checkpoint-epoch[0-9][0-9][0-9][0-9].keras"))

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from cnnflow.components.errors import RunError, ServerOutage, first_line
+from cnnflow.components.errors import RunError, ServerOutage, described, first_line, is_defect
 
 _log = logging.getLogger(__name__)
 _RETRY_SECONDS = (1, 2, 4, 8, 15)  # back-off between tries while the store does not answer
@@ -193,9 +193,15 @@ class Outbox:
                 self._drop_all("another process holds the run now")
                 return
             except Exception as error:
+                if write and is_defect(error):  # a bug, not an outage: retrying it for outage_timeout hides it
+                    self.logger.error(f"run {self.run_id}: the {write.what} failed ({described(error)}); it is dropped",
+                                      exc_info=error)
+                    with self._changed:
+                        self._pending.remove(write)
+                    continue
                 if write and _is_refusal(error):
                     self.logger.warning(f"run {self.run_id}: the store refused the {write.what} "
-                                        f"({first_line(error)}); it is dropped")
+                                        f"({described(error)}); it is dropped")
                     with self._changed:
                         self._pending.remove(write)
                     continue
@@ -273,7 +279,7 @@ class Outbox:
             self._monitor.mlflow_logger = _SystemMetricsThrough(self)  # one writer: never past a lost lease
             self._monitor.start()
         except Exception as error:  # never worth stopping a training for
-            self.logger.debug(f"no system metrics: {error}")
+            self.logger.warning(f"run {self.run_id}: no system metrics ({described(error)})")
             self._monitor = None
 
     def _monitor_alive(self) -> bool:

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnflow.components.errors import RunError, ServerOutage, SettingsError, UserError, counted, is_transient
+from cnnflow.components.errors import (RunError, ServerOutage, SettingsError, UserError, counted, described, is_defect,
+                                      is_transient)
 from cnnflow.flows import report, store
 from cnnflow.flows.config import Experiment, compose_config, parsed_overrides
 from cnnflow.flows.engine import flow, run_logger
@@ -354,9 +355,9 @@ class Judge:
                 if self._failing:
                     self.logger.info("search: the judge reaches the MLflow store again")
                 self._failing = False
-            except Exception as error:  # a store outage: the trainers train on meanwhile
+            except Exception as error:  # a store outage (or a bug, named): the trainers train on meanwhile
                 if not self._failing:
-                    self.logger.warning(f"search: cannot read the trials' reports ({str(error).splitlines()[0][:200]}); "
+                    self.logger.warning(f"search: cannot read the trials' reports ({described(error)}); "
                                         f"trials train on without verdicts until the store answers")
                 self._failing = True
 
@@ -456,14 +457,13 @@ class Verdicts:
             client.set_tag(self.run_id, REPORT_TAG, json.dumps({"epoch": epoch, "chance": self.chance, "logs": {
                 name: float(value) for name, value in logs.items()}}))
         except Exception as error:  # the store is out: the outbox keeps the training's own writes
-            self.logger.warning(f"search: could not report epoch {epoch} ({str(error).splitlines()[0][:150]}); "
-                                f"training on")
+            self.logger.warning(f"search: could not report epoch {epoch} ({described(error)}); training on")
             return False
         if epoch >= self.last_epoch:
             return False
         deadline = time.monotonic() + self.wait
         while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
+            try:
                 verdict = json.loads(client.get_run(self.run_id).data.tags.get(VERDICT_TAG) or "null")
                 if verdict and verdict["epoch"] >= epoch:
                     if verdict["prune"]:
@@ -471,6 +471,9 @@ class Verdicts:
                         client.set_tag(self.run_id, STATE_TAG, f"pruned at epoch {epoch}: {why}")
                         self.logger.info(f"search: pruned after epoch {epoch}: {why}")
                     return bool(verdict["prune"])
+            except Exception as error:  # the store is out: the wait below bounds it
+                if is_defect(error):
+                    raise
             time.sleep(0.3)
         self.logger.warning(f"search: no verdict on epoch {epoch} within {self.wait:.0f} s (is the search command "
                             f"running?); training on, and waiting at most 5 s from now on")
@@ -545,11 +548,13 @@ def _trained_here(study, plan: Plan, trial, logger) -> str | None:
         try:
             train_flow(plan.experiment, trial.user_attrs["overrides"])
         except KeyboardInterrupt:
-            with contextlib.suppress(Exception):  # the run says why it stopped; the study keeps it RUNNING
+            try:  # the run says why it stopped; the study keeps it RUNNING
                 stopped = trial_run(plan, trial.number)
                 if stopped:
                     store.set_tags(stopped.info.run_id, {STATE_TAG: "stopped (Ctrl-C or SIGTERM); the same search "
                                                                     "command takes it up in this run"})
+            except Exception as error:  # the stop goes on: the run's own status says it stopped
+                logger.warning(f"search: could not mark {describe(trial, plan)} stopped ({described(error)})")
             raise
         except HeldElsewhere as error:  # not this trial's failure: another command trains it
             raise RunError(f"{describe(trial, plan)} is being trained elsewhere ({error}); is the same search "

@@ -25,7 +25,10 @@ import signal
 import threading
 import time
 
+import httpx
 from prefect.workers.process import ProcessWorker
+
+from cnnflow.components.errors import described
 
 HAND_BACK_SECONDS = 25.0  # inside the 30 s Kubernetes and Docker wait between SIGTERM and SIGKILL
 MISSED = "cnnflow: resubmitted after a crash (by a worker: the automation missed it)"
@@ -55,9 +58,12 @@ class Worker(ProcessWorker):
             self._next_check = time.monotonic() + CHECK_SECONDS
             try:
                 await self._heal_pool()
-            except Exception as error:  # a check that could not run now runs at the next poll
+            except (httpx.HTTPError, OSError) as error:  # a check that could not run now runs at the next poll
                 self._unheard_since = time.time()  # the server was down: heartbeats were lost, not missed
                 self._logger.debug(f"cnnflow: the pool's check for crashed runs failed: {error}")
+            except Exception as error:  # not the server's outage: a changed Prefect API would switch healing off
+                self._logger.warning(f"cnnflow: the pool's check for crashed runs failed ({described(error)}); "
+                                     f"crashed runs the automations miss are not resubmitted", exc_info=error)
         return await super().get_and_submit_flow_runs()
 
     async def _heal_pool(self, now=None) -> None:

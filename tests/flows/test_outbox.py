@@ -114,3 +114,22 @@ def test_an_epoch_staged_again_after_a_crash_stages_the_new_checkpoint(tmp_path)
     submit(model, {"epoch": 3})
     assert (tmp_path / ".upload" / "epoch0003" / "model.keras").read_bytes() == b"after the resume"
     assert len(queued) == 2
+
+
+def test_a_write_failing_with_a_defect_is_dropped_at_once_and_said_not_retried_as_an_outage(leased_run, caplog):
+    """A TypeError is cnnflow's bug (or a library's changed API), not the store's outage: retrying
+    it for outage_timeout (600 s by default) would hide it behind 'the store fails'."""
+    outbox = Outbox(leased_run, outage_timeout=60)
+
+    def send(confirm):
+        raise TypeError("log_batch() got an unexpected keyword argument 'synchronous'")
+
+    with caplog.at_level("WARNING"):
+        outbox.put(Write("checkpoint of epoch 1", send, kind="checkpoint", epoch=1))
+        outbox.metrics({"loss": 0.5}, 1)
+        outbox.flush()
+    outbox.close()
+    assert outbox.outage_since is None  # never taken for an outage
+    assert [m.step for m in MlflowClient().get_metric_history(leased_run.run_id, "loss")] == [1]
+    failed = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failed) == 1 and "checkpoint of epoch 1 failed (TypeError: log_batch() got an unexpected" in failed[0].message
