@@ -41,7 +41,7 @@ def main() -> None:
 
     from cnnflow.components import registry
     from cnnflow.components.data import make_dataset, make_split
-    from cnnflow.flows.config import compose_config
+    from cnnflow.flows.setup.config import compose_config
 
     cfg = compose_config("celeba", [f"data.path={args.folder}", f"data.train_size={args.images}"])
     data = cfg["data"]

@@ -208,7 +208,7 @@ def print_table(summary: dict, peak: float, args) -> None:
 
 
 def cpu_model() -> str:
-    from cnnflow.flows import runtime
+    from cnnflow.flows.setup import runtime
 
     machine = runtime.fingerprint()
     return f"{machine['cpu']} ({machine['cpu_flags']})"

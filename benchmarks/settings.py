@@ -4,7 +4,7 @@
 
 Every (model, setting) pair runs in a fresh process, because TensorFlow reads threads and oneDNN
 once at start-up: the process applies the setting the way a cnnflow training does
-(cnnflow.flows.runtime), builds the registered model, compiles it, warms up, then times `--steps`
+(cnnflow.flows.setup.runtime), builds the registered model, compiles it, warms up, then times `--steps`
 training steps (repeated for at least --min-seconds) on batches already in memory, so only the model
 step is measured. The settings
 alternate within each repeat so drifts of this shared machine hit all of them alike; the table
@@ -47,7 +47,7 @@ def measure(model_name: str, setting: dict, steps: int, min_seconds: float) -> f
     import tensorflow as tf
 
     from cnnflow.components import registry
-    from cnnflow.flows import runtime
+    from cnnflow.flows.setup import runtime
 
     shape, classes, batch = MODELS[model_name]
     batch *= setting.get("batch_scale", 1)
@@ -71,7 +71,7 @@ def measure(model_name: str, setting: dict, steps: int, min_seconds: float) -> f
 
 
 def in_fresh_process(model_name: str, label: str, steps: int, min_seconds: float) -> float:
-    from cnnflow.flows import runtime
+    from cnnflow.flows.setup import runtime
 
     setting = SETTINGS[label]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

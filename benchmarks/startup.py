@@ -32,7 +32,7 @@ IMPORTS = {
     "tensorflow + keras": "import tensorflow, keras",
     "prefect (flow engine)": "import prefect.main",
     "mlflow": "import mlflow, mlflow.keras",
-    "hydra compose": "from cnnflow.flows.config import compose_config; compose_config('quickstart')",
+    "hydra compose": "from cnnflow.flows.setup.config import compose_config; compose_config('quickstart')",
 }
 TRAIN, VALID = 2000, 500
 

@@ -52,7 +52,7 @@ class ServerOutage(InfrastructureError):
 
 
 class StoppedByOutage(BaseException):
-    """A ServerOutage of a job that its pool resubmits after a crash (flows/healing.py): raised past
+    """A ServerOutage of a job that its pool resubmits after a crash (flows/orchestration/healing.py): raised past
     the flow as a BaseException, which Prefect records as Crashed (an Exception would be Failed), so
     the job is scheduled again and resumes once the servers answer."""
 

@@ -1,7 +1,7 @@
 """MkDocs hook (mkdocs.yml `hooks:`): the pages' generated parts, made at every build from the code,
 so the manual cannot disagree with it.
 
-- `<!-- settings-reference -->`: every setting, from the settings schema (flows/settings.py: type,
+- `<!-- settings-reference -->`: every setting, from the settings schema (flows/setup/settings.py: type,
   range, accepted values) and the root config files (conf/: default and the comment that says what
   it does).
 - `<!-- component-catalogue -->`: every registered component of every kind, with its arguments and
@@ -35,7 +35,7 @@ def on_page_markdown(markdown: str, **_: Any) -> str:
 # ------------------------------------------------------------------------------------ settings
 
 def settings_reference() -> str:
-    from cnnflow.flows.settings import Settings
+    from cnnflow.flows.setup.settings import Settings
 
     schema = Settings.model_json_schema()
     comments, defaults = documented_defaults()
@@ -150,7 +150,7 @@ def component_catalogue() -> str:
 
 def arguments(build, kind: str) -> str:
     """The arguments a config gives (those the flow passes itself are left out), with defaults."""
-    from cnnflow.flows.settings import PROVIDED
+    from cnnflow.flows.setup.settings import PROVIDED
 
     given = set(PROVIDED.get(kind, ()))
     shown = []

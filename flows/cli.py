@@ -16,7 +16,7 @@ import os
 import sys
 import uuid
 
-from cnnflow.flows.config import GROUPS, choices
+from cnnflow.flows.setup.config import GROUPS, choices
 
 USAGE_EXAMPLES = """examples:
   cnnflow train                                    offline quickstart on bundled digits (~1 min)
@@ -35,7 +35,7 @@ def _groups_text() -> str:
 
 
 def _components_text() -> str:
-    from cnnflow.flows import runtime
+    from cnnflow.flows.setup import runtime
 
     runtime.import_tensorflow_quietly()  # the registry imports the components, and they TensorFlow
     from cnnflow.components import registry
@@ -177,7 +177,7 @@ def split_experiment(overrides: list[str], default: str | None = "quickstart") -
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     """Hydra's sweep syntax (`seed=1,2,3`, `range(1,4)`, `choice(a,b)`): the cartesian product of jobs."""
-    from cnnflow.flows.config import parsed_overrides
+    from cnnflow.flows.setup.config import parsed_overrides
 
     axes = []
     for override in parsed_overrides(overrides):
@@ -216,8 +216,8 @@ def run_train(overrides: list[str], multirun: bool) -> int:
     checked first, before any server starts; in a sweep a failed job does not stop the others."""
     from cnnflow.components.data import read_ahead
     from cnnflow.components.errors import UserError, printable
-    from cnnflow.flows import store
-    from cnnflow.flows.config import compose_config
+    from cnnflow.flows.tracking import store
+    from cnnflow.flows.setup.config import compose_config
 
     jobs = sweep_jobs(overrides) if multirun else [overrides]
     sweep_id = uuid.uuid4().hex[:8]
@@ -236,7 +236,7 @@ def run_train(overrides: list[str], multirun: bool) -> int:
             if not multirun:
                 raise
             planned.append((job, experiment, job_overrides, error))
-    from cnnflow.flows import engine
+    from cnnflow.flows.orchestration import engine
     from cnnflow.flows.train import train_flow
 
     outcomes = []
@@ -274,11 +274,11 @@ def _positive(text: str) -> int:
 
 def print_settings(command: str, overrides: list[str]) -> int:
     """`--cfg job`: what a run would be given, composed and checked, without running it."""
-    from cnnflow.flows.config import compose_config, to_yaml
+    from cnnflow.flows.setup.config import compose_config, to_yaml
 
     experiment, rest = split_experiment(overrides)
     if command == "search":
-        from cnnflow.flows.search import planned
+        from cnnflow.flows.search.space import planned
 
         plan = planned(experiment, rest)
         settings = {**plan.cfg, "search": {**plan.search, "space": plan.expressions, "study": plan.study_name}}
@@ -286,7 +286,7 @@ def print_settings(command: str, overrides: list[str]) -> int:
         settings = compose_config(experiment, rest)
     if settings["data"]["source"] != "tfds":  # what the data holds, read from files here (TFDS's may need a download)
         from cnnflow.components.data import source_from
-        from cnnflow.flows.settings import check_model_fits
+        from cnnflow.flows.setup.settings import check_model_fits
 
         check_model_fits(settings, source_from(settings["data"]).info.num_classes)
     print(to_yaml(settings), end="")
@@ -295,8 +295,10 @@ def print_settings(command: str, overrides: list[str]) -> int:
 
 def run_search(overrides: list[str], pool: str | None) -> int:
     """A search: its settings, space and store checked before any server starts; the best trial printed."""
-    from cnnflow.flows import engine, store
-    from cnnflow.flows.search import planned, search_flow
+    from cnnflow.flows.orchestration import engine
+    from cnnflow.flows.tracking import store
+    from cnnflow.flows.search.flow import search_flow
+    from cnnflow.flows.search.space import planned
 
     from cnnflow.components.errors import counted
 
@@ -315,7 +317,7 @@ def run_search(overrides: list[str], pool: str | None) -> int:
 
 def _summary(sweep_id: str, outcomes: list[tuple[list[str], str, str]]) -> int:
     """Prints each job's outcome (its run id, or why it failed); 0 when every job succeeded."""
-    from cnnflow.flows import report
+    from cnnflow.flows.orchestration import report
 
     print(f"\nsweep {sweep_id}: {sum(o[1] == 'ok' for o in outcomes)}/{len(outcomes)} jobs succeeded")
     for job, status, detail in outcomes:
@@ -331,7 +333,8 @@ def run_on_pool(overrides: list[str], multirun: bool, pool: str, wait: bool = Tr
     prints the summary a local sweep prints, the results read from MLflow by the sweep's tag."""
     import mlflow
 
-    from cnnflow.flows import serve, store
+    from cnnflow.flows.orchestration import pool as pool_jobs
+    from cnnflow.flows.tracking import store
 
     jobs = sweep_jobs(overrides) if multirun else [overrides]
     sweep_id = uuid.uuid4().hex[:8]
@@ -339,7 +342,7 @@ def run_on_pool(overrides: list[str], multirun: bool, pool: str, wait: bool = Tr
     for number, job in enumerate(jobs, start=1):
         experiment, job_overrides = split_experiment(job, default=None)
         submitted.append((experiment, job_overrides + sweep_tags(sweep_id, number)))
-    flow_runs = serve.submitted(pool, submitted)
+    flow_runs = pool_jobs.submitted(pool, submitted)
     for number, (job, flow_run) in enumerate(zip(jobs, flow_runs), start=1):
         print(f"[sweep {sweep_id}] job {number}/{len(jobs)}: {' '.join(job) or '(no overrides)'} -> flow run "
               f"{flow_run.name} ({flow_run.id})", flush=True)
@@ -348,7 +351,7 @@ def run_on_pool(overrides: list[str], multirun: bool, pool: str, wait: bool = Tr
         return 0
     print(f"waiting for the workers of pool {pool} (Ctrl-C stops waiting; the jobs go on) ...", flush=True)
     try:
-        ended = serve.finished(flow_runs)
+        ended = pool_jobs.finished(flow_runs)
     except KeyboardInterrupt:
         print(f"stopped waiting; the jobs go on in pool {pool} (cnnflow runs, tag sweep={sweep_id})", file=sys.stderr)
         return 130
@@ -378,7 +381,7 @@ def _run_flow(args: argparse.Namespace):
         names = deploy_all(args.pool, *split_experiment(args.overrides))
         return print(f"deployed on work pool {args.pool}: {', '.join(names)}\nstart a worker on each machine "
                      f"(with cnnflow installed): prefect worker start --pool {args.pool}")
-    from cnnflow.flows import store
+    from cnnflow.flows.tracking import store
 
     store.use_store({}, must_exist=True)  # these read runs: no store here is one line, not an empty new one
     if args.command == "runs":
@@ -389,7 +392,8 @@ def _run_flow(args: argparse.Namespace):
         from cnnflow.flows.runs import data_diff
 
         return print(data_diff(*args.runs))
-    from cnnflow.flows import engine, runtime
+    from cnnflow.flows.orchestration import engine
+    from cnnflow.flows.setup import runtime
 
     runtime.import_tensorflow_quietly()
     with engine.under_configured_server_or_in_process():
@@ -405,14 +409,18 @@ def _run_flow(args: argparse.Namespace):
 
 
 def _is_interruption(error: BaseException) -> bool:
-    return isinstance(error, KeyboardInterrupt) or type(error).__name__ == "TerminationSignal"  # Prefect's, for SIGTERM
+    from cnnflow.components.compat import is_termination_signal
+
+    return isinstance(error, KeyboardInterrupt) or is_termination_signal(error)  # Prefect's, for SIGTERM
 
 
 def _disk_full(error: BaseException) -> str | None:
     """What could not be written because the disk is full, or None for any other error."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return f"{error.filename} could not be written" if error.filename else "a file could not be written"
-    return "the MLflow store could not be written" if "database or disk is full" in str(error) else None
+    from cnnflow.components.compat import is_database_full
+
+    return "the MLflow store could not be written" if is_database_full(error) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from cnnflow.components.errors import UserError, exit_code, printable
 
-    from cnnflow.flows import interrupts
+    from cnnflow.flows.orchestration import interrupts
 
     _quiet_tracebacks_of_user_errors()
     interrupts.terminate_cleanly()  # SIGTERM (workers, Docker, Kubernetes) stops like Ctrl-C

@@ -74,7 +74,7 @@ def _statuses(run_ids: list[str]) -> dict[str, str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from cnnflow.flows import store
+    from cnnflow.flows.tracking import store
 
     try:
         store.use_store({}, must_exist=True)

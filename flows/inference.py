@@ -18,8 +18,9 @@ import mlflow
 
 from cnnflow.components.errors import DataError, RunError
 from cnnflow.components.images import read_image, readable_suffixes
-from cnnflow.flows import report, store
-from cnnflow.flows.engine import flow, run_logger, task
+from cnnflow.flows.orchestration import report
+from cnnflow.flows.tracking import store
+from cnnflow.flows.orchestration.engine import flow, run_logger, task
 
 
 def resolve_model(reference: str) -> tuple[str, str]:

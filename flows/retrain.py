@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 
-from cnnflow.flows import store
-from cnnflow.flows.config import Experiment, compose_config, with_fields
-from cnnflow.flows.engine import flow, run_logger
+from cnnflow.flows.tracking import store
+from cnnflow.flows.setup.config import Experiment, compose_config, with_fields
+from cnnflow.flows.orchestration.engine import flow, run_logger
 from cnnflow.flows.train import train_flow
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime
 
 from cnnflow.components.errors import RunError
-from cnnflow.flows import store
-from cnnflow.flows.lifecycle import closed_if_abandoned
-from cnnflow.flows.store import LOCKS_EXPERIMENT
+from cnnflow.flows.tracking import store
+from cnnflow.flows.tracking.lifecycle import closed_if_abandoned
+from cnnflow.flows.tracking.store import LOCKS_EXPERIMENT
 
 COLUMNS = ("run", "experiment", "status", "started", "model", "precision", "train", "data", "epochs", "best val_acc",
            "test_acc", "overrides")

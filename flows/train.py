@@ -3,7 +3,7 @@
     load data -> choose precision -> split -> build model -> train -> evaluate -> plot
 
 one MLflow run per flow run (choose precision runs for `runtime.precision=auto` in a new run: it
-times the model's steps once per machine, flows/precision.py). Tasks pass paths, split files and run
+times the model's steps once per machine, flows/setup/precision.py). Tasks pass paths, split files and run
 ids, never datasets or models (the train task takes the model build model saved from memory when
 they share a process, not from the file it has just written), so
 each step can be read (and retried) on its own in the Prefect UI; `cache_policy="none"` because their
@@ -19,11 +19,13 @@ from typing import Any, Literal
 
 import mlflow
 
-from cnnflow.components import registry
+from cnnflow.components import compat, registry
 from cnnflow.components.errors import RunError, UserError, is_transient
-from cnnflow.flows import healing, interrupts, lifecycle, outbox, precision, promotion, report, runtime, settings, store
-from cnnflow.flows.config import Experiment, compose_config, with_fields
-from cnnflow.flows.engine import flow, run_logger, task
+from cnnflow.flows.orchestration import healing, interrupts, report
+from cnnflow.flows.setup import precision, runtime, settings
+from cnnflow.flows.tracking import lifecycle, outbox, promotion, store
+from cnnflow.flows.setup.config import Experiment, compose_config, with_fields
+from cnnflow.flows.orchestration.engine import flow, run_logger, task
 
 
 
@@ -130,7 +132,7 @@ def _compiled_model(cfg: dict[str, Any], features: dict[str, Any], steps_per_epo
 @task(name="choose precision", cache_policy="none")
 def choose_precision(cfg: dict[str, Any], features: dict[str, Any]) -> dict[str, str]:
     """`runtime.precision=auto` settled for a new training: by timing a few steps of its model the
-    first time on this machine, by what was measured then afterwards (flows/precision.py)."""
+    first time on this machine, by what was measured then afterwards (flows/setup/precision.py)."""
     _op_determinism(cfg)  # measured as it will train
     choice = precision.chosen(cfg, features, lambda: _compiled_model(cfg, features, steps_per_epoch=1))
     run_logger().info(f"precision {choice.precision} ({choice.why})")
@@ -242,8 +244,8 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
                   keras.callbacks.LambdaCallback(on_train_batch_end=between_batches)]
     chance = _majority_share(examples(cfg["data"], split, "valid").labels)
     callbacks.append(WarnAtChance(chance, run_logger()))
-    if "search" in cfg["tags"]:  # a search's trial: its search may prune it at an epoch end (flows/search.py)
-        from cnnflow.flows.search import Verdicts
+    if "search" in cfg["tags"]:  # a search's trial: its search may prune it at an epoch end (flows/search/)
+        from cnnflow.flows.search.pruning import Verdicts
 
         # last: after the epoch's checkpoint
         callbacks.append(Verdicts(run_id, epochs, run_logger(), {"val_accuracy": chance}).callback)
@@ -256,7 +258,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     with interrupts.noted(), strategy.scope(), outbox.failing_fast(), read_in_full():
         validation = make_dataset(cfg["data"], split, "valid", cfg["seed"], kept["valid"])
         if inside_epoch:  # Keras makes the metrics' (and a new optimizer's) variables when it first traces a step; the
-            model._symbolic_build(data_batch=validation.element_spec)  # position fills them before that
+            compat.build_for_inputs(model, validation.element_spec)  # position fills them before that
         try:
             for first, last, skipped in stages:
                 if first >= last or divergence.diverged or model.stop_training:
@@ -272,7 +274,7 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
     if divergence.diverged:
         where = divergence.diverged
         if "search" in cfg["tags"]:
-            from cnnflow.flows.search import diverged_trial
+            from cnnflow.flows.search.pruning import diverged_trial
 
             diverged_trial(run_id, where)
         raise RunError(f"training diverged: the loss became {where['loss']:.4g} in epoch {where['epoch']} (batch "
@@ -405,8 +407,8 @@ def _apply_learning_rate(model, optimizer: dict[str, Any]) -> None:
 def _say_schedule(optimizer, initial_epoch: int, epochs: int, steps: int) -> None:
     """A learning-rate schedule fixed to the first stage's length is not stretched by a continuation:
     say where it leaves the new epochs (a cosine that has ended leaves them at its final rate)."""
-    schedule = getattr(optimizer, "_learning_rate", None)  # Keras keeps the schedule here, its rate now in learning_rate
-    decay_steps = getattr(schedule, "decay_steps", None) if callable(schedule) else None
+    schedule = compat.learning_rate_schedule(optimizer)
+    decay_steps = getattr(schedule, "decay_steps", None)
     if decay_steps is None or decay_steps >= epochs * steps:
         return
     rate_at = lambda step: float(schedule(step))  # noqa: E731
@@ -542,7 +544,7 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
     if finished:
         logger.info(f"done: run {finished} was finished by an earlier attempt of this job")
         return finished
-    with lifecycle.claimed_run(cfg, logger) as (run_id, output_dir, checkpoint):
+    with lifecycle.claimed_run(cfg, logger, restart) as (run_id, output_dir, checkpoint):
         if checkpoint:
             inside = f" and {checkpoint['batch']} steps of epoch {checkpoint['epoch'] + 1}" if checkpoint.get("batch") else ""
             logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}{inside}; outputs in {output_dir} "
@@ -576,7 +578,7 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     """
     from cnnflow.components.data import Split, check_same_data
     from cnnflow.components.errors import SettingsError
-    from cnnflow.flows.config import DATA_LOCATIONS
+    from cnnflow.flows.setup.config import DATA_LOCATIONS
 
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise SettingsError(f"epochs={epochs!r}: continue needs a positive number of epochs")

@@ -253,7 +253,7 @@ def png_base64(image: np.ndarray) -> str:
 def run_test_images(run_id: str, count: int) -> tuple[list[np.ndarray], Path]:
     """The first `count` test images of a run (raw pixels), and the run's output folder."""
     from cnnflow.components.data import Split, examples
-    from cnnflow.flows import store
+    from cnnflow.flows.tracking import store
 
     cfg, output = store.run_settings(run_id)
     test = examples(cfg["data"], Split.load(output / "split.npz"), "test")

@@ -19,7 +19,8 @@ _held_open: list[int] = []  # the pipes' write ends: closed by the kernel when t
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL to a process and everything it started, each in its whole process group."""
+    """SIGKILL to a process and everything it started, each in its whole process group; returns once
+    they are gone (at most 30 s)."""
     try:
         family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
@@ -29,6 +30,7 @@ def kill_tree(pid: int) -> None:
             os.killpg(os.getpgid(process.pid), signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    psutil.wait_procs(family, timeout=30)
 
 
 def reaped_with_us(process: subprocess.Popen) -> subprocess.Popen:

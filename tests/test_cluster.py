@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -72,12 +71,12 @@ def test_a_sweep_on_a_pool_runs_one_job_on_each_worker(cluster):
 
 @pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself(cluster, monkeypatch):
-    """Nobody resubmits: Prefect hears no heartbeat, marks the run Crashed, resubmits it (flows/healing.py),
+    """Nobody resubmits: Prefect hears no heartbeat, marks the run Crashed, resubmits it (flows/orchestration/healing.py),
     and the other worker resumes it from the artifact store, at the step of the newest position the
     dead worker uploaded (train.checkpoint_minutes: one every 0.6 s, a few an epoch); the waiting command reports one job."""
     import mlflow
 
-    from cnnflow.flows import lifecycle
+    from cnnflow.flows.tracking import lifecycle
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cluster["env"]["MLFLOW_TRACKING_URI"])
     mlflow.set_tracking_uri(cluster["env"]["MLFLOW_TRACKING_URI"])
@@ -103,7 +102,6 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
     worker = worker_training(run, cluster["workers"])
     kill_tree(cluster["workers"][worker].pid)  # the worker and its training: a machine gone
     shutil.rmtree(Path(run.data.tags["output_dir"]).parents[2])  # its temporary folder: as if another machine
-    time.sleep(1)
     [(newest, _), *_] = lifecycle._stored_states(run.info.run_id)  # an epoch's end may have come between look and kill
     epochs_before = len(client.get_metric_history(run.info.run_id, "loss"))
     assert 2 <= epochs_before < 12
@@ -128,7 +126,7 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
 
 @pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_worker_stopped_with_sigterm_hands_its_training_back_at_once(cluster):
-    """flows/worker.py: the training stops cleanly (KILLED), Prefect marks it Crashed and it is
+    """flows/orchestration/worker.py: the training stops cleanly (KILLED), Prefect marks it Crashed and it is
     resubmitted at once, not a heartbeat timeout later; the other worker resumes it."""
     (cluster["root"] / "user").mkdir(exist_ok=True)
     waiting = subprocess.Popen([sys.executable, "-m", "cnnflow.flows.cli", "train", "--pool", "box", "seed=6",

@@ -19,7 +19,7 @@ def _hooks():
 
 
 def test_the_settings_reference_describes_every_setting_of_the_schema():
-    from cnnflow.flows.settings import Settings
+    from cnnflow.flows.setup.settings import Settings
 
     hooks = _hooks()
     schema = Settings.model_json_schema()

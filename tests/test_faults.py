@@ -30,8 +30,10 @@ from cnnflow.components import registry
 from cnnflow.components.callbacks import checkpoints, read_checkpoint
 from cnnflow.components.data import checked_partitions
 from cnnflow.components.errors import DataError, InfrastructureError, RunError, TransientError
-from cnnflow.flows import cli, promotion, settings, store
-from cnnflow.flows.config import compose_config
+from cnnflow.flows import cli
+from cnnflow.flows.setup import settings
+from cnnflow.flows.tracking import promotion, store
+from cnnflow.flows.setup.config import compose_config
 from cnnflow.components.images import read_image
 from cnnflow.flows.inference import evaluate_flow, image_files, predict_flow, resolve_model
 from cnnflow.flows.train import continue_flow, load_data, train_flow
@@ -210,7 +212,7 @@ def test_only_transient_download_errors_are_retried(mode, prefect_harness, monke
 
     from cnnflow.components import data as data_module
     from cnnflow.components.errors import is_transient
-    from cnnflow.flows import engine
+    from cnnflow.flows.orchestration import engine
 
     assert is_transient(ConnectionResetError(104, "reset")) and is_transient(OSError("HTTP Error 503"))
     assert not is_transient(ValueError("checksum mismatch"))
@@ -383,7 +385,7 @@ def test_without_a_usable_checkpoint_a_rerun_starts_afresh_and_says_why(prefect_
 
 
 def _hold_lease(run_id: str, host: str, pid: int, started: float, heartbeat_age: float | None = None) -> None:
-    """What a training process records when it takes a run's lease (flows/lifecycle.py)."""
+    """What a training process records when it takes a run's lease (flows/tracking/lifecycle.py)."""
     client = MlflowClient()
     params = client.get_run(run_id).data.params
     generation = 1 + max((int(k.split(".")[1]) for k in params if k.startswith("lease.")), default=0)
@@ -422,7 +424,7 @@ def test_a_lease_held_on_another_machine_is_refused_until_its_heartbeat_is_older
 
 
 def test_of_two_takers_of_a_lease_exactly_one_wins(mlflow_store):
-    from cnnflow.flows.lifecycle import Lease
+    from cnnflow.flows.tracking.lifecycle import Lease
 
     with mlflow.start_run() as run:
         pass
@@ -451,7 +453,8 @@ def test_of_two_takers_of_a_lease_exactly_one_wins(mlflow_store):
 _RACER = """
 import os, sys, time
 from pathlib import Path
-from cnnflow.flows import cli, lifecycle
+from cnnflow.flows import cli
+from cnnflow.flows.tracking import lifecycle
 ready, wanted = Path(sys.argv[1]), int(sys.argv[2])
 (ready / str(os.getpid())).touch()
 while len(list(ready.iterdir())) < wanted:  # every racer imported: they start the flow together
@@ -496,7 +499,8 @@ def test_identical_commands_started_at_one_instant_give_one_training_and_refusal
 _PAUSED_AFTER_EPOCH_2 = """
 import os, signal, sys
 from cnnflow.components.callbacks import EpochProgress
-from cnnflow.flows import cli, lifecycle
+from cnnflow.flows import cli
+from cnnflow.flows.tracking import lifecycle
 shown = EpochProgress.on_epoch_end
 def pause(self, epoch, logs=None):
     shown(self, epoch, logs)
@@ -597,7 +601,7 @@ def _left_behind(folder: Path) -> list[str]:
 
 def test_an_interrupt_swallowed_below_python_is_raised_again_at_the_next_check():
     from cnnflow.components.errors import Interrupted
-    from cnnflow.flows import interrupts
+    from cnnflow.flows.orchestration import interrupts
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     for number, stop in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Interrupted)):
@@ -713,12 +717,13 @@ def test_a_full_disk_is_one_line_and_exit_code_5(tiny_disk):
 
 
 CREATE_STORE = """
-import sys, time
+import os, sys, time
 from pathlib import Path
+(Path(sys.argv[3]) / str(os.getpid())).touch()  # started: the test says go once every process has
 while not Path(sys.argv[2]).exists():
     time.sleep(0.01)
 import mlflow
-from cnnflow.flows import store
+from cnnflow.flows.tracking import store
 cfg = {"tracking_uri": sys.argv[1], "experiment": "same"}
 store.use_store(cfg)
 with mlflow.start_run(experiment_id=store.experiment_id(cfg)):
@@ -727,10 +732,13 @@ with mlflow.start_run(experiment_id=store.experiment_id(cfg)):
 
 
 def test_two_processes_creating_one_new_store_both_work(tmp_path):
-    uri, go = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", tmp_path / "go"
-    processes = [subprocess.Popen([sys.executable, "-c", CREATE_STORE, uri, str(go)], cwd=tmp_path,
+    uri, go, started = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", tmp_path / "go", tmp_path / "started"
+    started.mkdir()
+    processes = [subprocess.Popen([sys.executable, "-c", CREATE_STORE, uri, str(go), str(started)], cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    time.sleep(3)  # both imported and waiting
+    deadline = time.monotonic() + 60
+    while len(list(started.iterdir())) < 2 and time.monotonic() < deadline:  # both waiting for the word
+        time.sleep(0.01)
     go.write_text("")
     outputs = [p.communicate(timeout=120)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
@@ -743,7 +751,7 @@ def test_a_store_creation_killed_half_way_leaves_no_store_and_a_damaged_store_is
                                                                                           capsys):
     uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
     go.write_text("")
-    creating = subprocess.Popen([sys.executable, "-c", CREATE_STORE, uri, str(go)], cwd=tmp_path)
+    creating = subprocess.Popen([sys.executable, "-c", CREATE_STORE, uri, str(go), str(tmp_path)], cwd=tmp_path)
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob("mlflow.db.creating-*")) and time.monotonic() < deadline:
         time.sleep(0.005)

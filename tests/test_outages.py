@@ -144,7 +144,7 @@ def test_positions_uploaded_beside_the_training_ride_out_a_minute_long_outage(tr
     import mlflow
 
     from cnnflow.components.callbacks import read_checkpoint
-    from cnnflow.flows import lifecycle
+    from cnnflow.flows.tracking import lifecycle
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
     mlflow.set_tracking_uri(tracking_server.uri)  # lifecycle reads the artifact store through it

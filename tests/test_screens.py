@@ -148,7 +148,7 @@ def test_a_run_started_from_the_prefect_form_shows_its_results_in_both_uis(prefe
 
 
 def test_mlflow_models_serve_answers_a_posted_image_with_the_champions_label(mlflow_store, tmp_path):
-    from cnnflow.flows.engine import in_process
+    from cnnflow.flows.orchestration.engine import in_process
     from cnnflow.flows.train import train_flow
 
     idx = make_idx_folder(tmp_path / "idx")

@@ -1,11 +1,110 @@
-"""The code's own rules, checked on its source: no silently swallowed error (docs/development.md,
-"Errors")."""
+"""The code's own rules, checked on its source: imports go down the layers and never round in a
+circle ("Layers"), and no error is swallowed unsaid ("Errors"), both in docs/development.md."""
 
 import ast
+import itertools
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 SOURCES = sorted(p for package in ("flows", "components") for p in (ROOT / package).rglob("*.py"))
+
+# Bottom to top: a module imports its own layer's modules and those of the layers below it, never one
+# above. Within a layer, no circle. A module belongs to the first layer whose prefix it has.
+LAYERS = [
+    ("components", ("components",)),
+    ("setup", ("flows.setup",)),
+    ("tracking", ("flows.tracking",)),
+    ("orchestration", ("flows.orchestration",)),
+    ("flows", ("flows.search", "flows.train", "flows.inference", "flows.retrain", "flows.housekeeping", "flows.runs",
+               "flows.serve")),
+    ("command line", ("flows.cli",)),
+]
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module(path): path for path in SOURCES}
+
+
+def _imports(module: str) -> set[str]:
+    """Every cnnflow module `module` imports, at its top or inside a function: `from package import
+    submodule` counts as the submodule, `from package import name` as the package's __init__."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}".removeprefix("cnnflow.") in MODULES
+                       else node.module for alias in node.names]
+        else:
+            continue
+        found |= {t.removeprefix("cnnflow.") for t in targets if t.removeprefix("cnnflow.") in MODULES}
+    return found - {module}
+
+
+GRAPH = {module: _imports(module) for module in MODULES}
+
+
+def _layer(module: str) -> int:
+    for number, (_, prefixes) in enumerate(LAYERS):
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
+            return number
+    return -1
+
+
+def test_every_module_is_in_a_layer():
+    assert [m for m in MODULES if _layer(m) < 0 and m != "flows"] == []  # flows/__init__.py holds nothing
+
+
+def test_imports_never_run_up_a_layer():
+    upward = sorted(f"{module} ({LAYERS[_layer(module)][0]}) imports {target} ({LAYERS[_layer(target)][0]})"
+                    for module, targets in GRAPH.items() for target in targets if _layer(target) > _layer(module))
+    assert not upward, "imports that run up the layers: " + "; ".join(upward)
+
+
+def _circles() -> list[list[str]]:
+    """Tarjan's strongly connected components of more than one module."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], itertools.count()
+
+    def visit(node):
+        index[node] = low[node] = next(counter)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(GRAPH[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(GRAPH):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circle():
+    assert _circles() == [], "modules that import each other, directly or round a circle: " + \
+        "; ".join(" <-> ".join(circle) for circle in _circles())
+
+
+def test_the_layer_check_sees_imports_inside_functions():
+    """The check would pass vacuously if it read module-level imports alone: search.flow imports the
+    train flow inside a function (train imports the search's pruning channel at the top)."""
+    assert "flows.train" in GRAPH["flows.search.flow"] and "flows.search.pruning" in GRAPH["flows.train"]
 
 # Broad handlers that neither re-raise nor warn, each with the reason it may stay silent.
 QUIET_ON_PURPOSE = {
@@ -61,3 +160,28 @@ def test_no_broad_except_swallows_an_error_unsaid():
 def test_the_quiet_handlers_on_purpose_still_exist():
     found = {(file, function) for file, function, _ in _quiet_handlers()}
     assert set(QUIET_ON_PURPOSE) <= found, set(QUIET_ON_PURPOSE) - found
+
+
+PRIVATE_MODULES = ("keras.src", "tensorflow.python", "mlflow.store", "mlflow.tracking.fluent", "prefect._internal",
+                   "optuna.storages._")
+PUBLIC_UNDERSCORED = {"os._exit"}  # documented, underscore and all
+
+
+def _private_uses(path: Path) -> list[str]:
+    uses = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = ast.unparse(node.value)
+            if owner not in ("self", "cls") and f"{owner}.{node.attr}" not in PUBLIC_UNDERSCORED:
+                uses.append(f"{owner}.{node.attr} (line {node.lineno})")
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PRIVATE_MODULES):
+            uses.append(f"from {node.module} import ... (line {node.lineno})")
+    return uses
+
+
+def test_private_names_of_libraries_are_used_in_compat_alone():
+    """components/compat.py fences them, each with a test (tests/components/test_compat.py) that
+    names the shim when a library changes; anywhere else a private name would break unseen."""
+    found = {str(p.relative_to(ROOT)): _private_uses(p) for p in SOURCES if p.name != "compat.py"}
+    assert {path: uses for path, uses in found.items() if uses} == {}
+    assert _private_uses(ROOT / "components" / "compat.py")  # the check sees what compat holds

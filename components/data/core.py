@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from cnnflow.components import registry
+from cnnflow.components import compat, registry
 from cnnflow.components.data import caching, fingerprint
 from cnnflow.components.errors import DataError, SettingsError
 
@@ -79,10 +79,10 @@ def read_in_full():
     try:
         yield
     except tf.errors.FailedPreconditionError as error:
-        counts = re.search(r"expected to contain (\d+) elements but contained only (\d+)", str(error))
+        counts = compat.cardinality_shortfall(error)
         if not counts:
             raise
-        raise fewer_images(int(counts[2]), int(counts[1])) from None
+        raise fewer_images(counts[1], counts[0]) from None
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,9 @@ class Fingerprint:
 
 def of_partition(partition) -> Fingerprint:
     """The fingerprint of a partition's images and labels, in their order."""
-    from cnnflow.components.data.core import Records
-
     labels = np.asarray(partition.labels, dtype="<i8")
     images = partition.images
-    if isinstance(images, Records):
+    if callable(getattr(images, "dataset", None)):  # core.Records: streamed from their files (core imports this module)
         header: dict[str, Any] = {"encoded": True}
         digests = _digests(_streamed(images), labels)
     elif partition.encoded == "path":

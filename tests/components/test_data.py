@@ -9,7 +9,7 @@ from cnnflow.components.data import tfds_source
 from cnnflow.components.data.core import split_positions
 from cnnflow.components.data.idx import read_idx
 from cnnflow.components.errors import TransientError
-from cnnflow.flows.config import compose_config
+from cnnflow.flows.setup.config import compose_config
 from conftest import make_idx_folder, tiny_overrides, write_idx
 
 

@@ -12,7 +12,7 @@ from cnnflow.components.data import caching, fingerprint_of, fingerprinted, make
 from cnnflow.components.data.celeba_layout import write_celeba
 from cnnflow.components.data.core import Partition, Records
 from cnnflow.components.data.fingerprint import of_partition
-from cnnflow.flows.config import compose_config
+from cnnflow.flows.setup.config import compose_config
 from conftest import make_idx_folder, tiny_overrides, write_idx
 
 

@@ -121,7 +121,7 @@ def test_each_image_is_checked_once(tmp_path, monkeypatch):
 
 def test_the_recipes_options_reach_the_source(tmp_path):
     from cnnflow.components.data import source_from
-    from cnnflow.flows.config import compose_config
+    from cnnflow.flows.setup.config import compose_config
 
     root = make_image_folder(tmp_path / "pets")
     cfg = compose_config("folder", [f"data.path={root}", "data.options.image_size=[16,20]", "data.options.channels=1"])

@@ -144,8 +144,8 @@ SETTING_VALUES = st.one_of(st.text(max_size=20), st.integers(-10**12, 10**12).ma
 @functools.cache
 def _every_key() -> list[str]:
     """Every key the settings of the two recipes accept: the schema's and each component's arguments."""
-    from cnnflow.flows.config import compose_config
-    from cnnflow.flows.settings import known_keys
+    from cnnflow.flows.setup.config import compose_config
+    from cnnflow.flows.setup.settings import known_keys
 
     return sorted({key for recipe in ("mnist", "celeba") for key in known_keys(compose_config(recipe, []))})
 

@@ -12,7 +12,7 @@ from matplotlib.text import Text
 from cnnflow.components import registry
 from cnnflow.components.data.core import Partition
 from cnnflow.components.plots import Results
-from cnnflow.flows.config import compose_config
+from cnnflow.flows.setup.config import compose_config
 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from cnnflow.components import registry
 from cnnflow.components.data import checked_partitions, make_dataset, make_split, tfds_source
 from cnnflow.components.errors import DataError
-from cnnflow.flows.config import choices, compose_config
+from cnnflow.flows.setup.config import choices, compose_config
 from cnnflow.components.data.celeba_layout import write_celeba
 from conftest import make_idx_folder, make_image_folder
 

@@ -10,7 +10,7 @@ from cnnflow.components import registry
 from cnnflow.components.data import checked_partitions, make_dataset, make_split, model_input_shape, source_from
 from cnnflow.components.data import tfds_source
 from cnnflow.components.errors import SettingsError
-from cnnflow.flows.config import compose_config
+from cnnflow.flows.setup.config import compose_config
 
 SMALL = ["data.train_size=8", "data.valid_size=4", "data.batch_size=4", "data.valid_split=null"]
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from cnnflow.flows import lifecycle, runs, store
-from cnnflow.flows.config import compose_config
+from cnnflow.flows import runs
+from cnnflow.flows.tracking import lifecycle, store
+from cnnflow.flows.setup.config import compose_config
 from cnnflow.flows.train import train_flow
 from conftest import tiny_overrides
 
@@ -65,22 +66,24 @@ def test_a_lock_run_is_bookkeeping_never_a_running_run(mlflow_store):
 def test_a_search_trial_whose_process_died_keeps_its_one_child_run(mlflow_store, idx_folder):
     """A search killed in a trial's first epoch: the continued search trains that trial in the run it
     had (not in a second child run with the same search_trial), and the parent run is the same."""
-    from cnnflow.flows import search
+    from cnnflow.flows.search import flow as searching, space
+    from cnnflow.flows.search import study as studies
+    from cnnflow.flows.tracking import names
 
     overrides = [*tiny_overrides(idx_folder), "search.trials=1", "search.pruner=none", "model.dropout_rate=choice(0.1,0.3)"]
-    plan = search.planned("mnist", overrides)
+    plan = space.planned("mnist", overrides)
     store.use_store(plan.cfg)
-    study = search.opened_study(plan)
-    trial = search.new_trial(study, plan, epochs=1)  # what the killed search had begun
+    study = studies.opened_study(plan)
+    trial = studies.new_trial(study, plan, epochs=1)  # what the killed search had begun
     cfg = compose_config("mnist", trial.user_attrs["overrides"])
     killed = _abandoned_run(cfg, config_hash=lifecycle.config_hash(cfg), search=plan.study_name, search_trial="0")
 
-    result = search.search_flow("mnist", overrides)
+    result = searching.search_flow("mnist", overrides)
 
     children = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string=f"tags.search = '{plan.study_name}'")
     assert [run.info.run_id for run in children] == [killed] and result["best_run"] == killed
-    assert children[0].info.status == "FINISHED" and children[0].data.tags[search.STATE_TAG] == "complete"
+    assert children[0].info.status == "FINISHED" and children[0].data.tags[names.STATE_TAG] == "complete"
     assert children[0].data.tags["mlflow.parentRunId"] == result["run_id"]
 
 
@@ -88,13 +91,16 @@ def test_a_trial_stopped_by_ctrl_c_says_so_in_its_run_and_stays_the_studys_to_ta
                                                                                       monkeypatch):
     import pytest
 
-    from cnnflow.flows import search, train
+    from cnnflow.flows import train
+    from cnnflow.flows.search import flow as searching, space
+    from cnnflow.flows.search import study as studies
+    from cnnflow.flows.tracking import names
 
     overrides = [*tiny_overrides(idx_folder), "search.trials=1", "model.dropout_rate=choice(0.1,0.3)"]
-    plan = search.planned("mnist", overrides)
+    plan = space.planned("mnist", overrides)
     store.use_store(plan.cfg)
-    study = search.opened_study(plan)
-    trial = search.new_trial(study, plan, epochs=1)
+    study = studies.opened_study(plan)
+    trial = studies.new_trial(study, plan, epochs=1)
 
     def stopped_before_its_first_checkpoint(experiment, overrides):
         cfg = compose_config(experiment, overrides)
@@ -103,7 +109,7 @@ def test_a_trial_stopped_by_ctrl_c_says_so_in_its_run_and_stays_the_studys_to_ta
 
     monkeypatch.setattr(train, "train_flow", stopped_before_its_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        search._trained_here(study, plan, trial, logger=None)
+        searching._trained_here(study, plan, trial, logger=None)
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string="tags.search_trial = '0'")
-    assert run.data.tags[search.STATE_TAG] == "stopped (Ctrl-C or SIGTERM); the same search command takes it up in this run"
+    assert run.data.tags[names.STATE_TAG] == "stopped (Ctrl-C or SIGTERM); the same search command takes it up in this run"
     assert study.trials[0].state.name == "RUNNING"  # the next command takes it up

@@ -43,6 +43,7 @@ def test_a_user_mistake_is_one_line_without_traceback(capsys, mlflow_store):
     assert "Unknown data config 'nope'; choices for data: celeba, digits" in err and "Traceback" not in err
 
 
+@pytest.mark.smoke
 def test_quickstart_runs_from_the_cli_and_a_configured_prefect_server_records_its_flow_and_tasks(
         prefect_harness, mlflow_store, capsys):
     from prefect.client.orchestration import get_client
@@ -64,7 +65,7 @@ def test_quickstart_runs_from_the_cli_and_a_configured_prefect_server_records_it
 def test_without_a_prefect_server_the_flow_runs_in_process_and_starts_no_server(mlflow_store, monkeypatch, capsys):
     import psutil
 
-    from cnnflow.flows import engine
+    from cnnflow.flows.orchestration import engine
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -117,7 +118,7 @@ def test_pool_commands_without_a_prefect_server_are_one_line_and_start_nothing(m
 
 
 def test_a_sweep_id_that_looks_like_a_number_stays_the_id():
-    from cnnflow.flows.config import compose_config
+    from cnnflow.flows.setup.config import compose_config
 
     tags = compose_config("quickstart", cli.sweep_tags("7002e071", 3))["tags"]  # 7002e071 reads as 7.002e+74 unquoted
     assert tags == {"sweep": "7002e071", "sweep_job": 3}
@@ -140,7 +141,7 @@ def test_cfg_job_prints_the_checked_settings_and_runs_nothing(tmp_path, monkeypa
 
 def test_a_run_id_prefix_of_any_length_is_matched_or_answered_honestly(mlflow_store):
     from cnnflow.components.errors import RunError
-    from cnnflow.flows import store
+    from cnnflow.flows.tracking import store
 
     client = MlflowClient()
     experiment = client.create_experiment("prefixes")
@@ -268,7 +269,8 @@ def test_a_prefect_server_that_does_not_answer_is_one_line_exit_5_within_seconds
 
 
 def test_runs_shows_a_searchs_best_trial_its_epochs_and_its_test_accuracy(mlflow_store):
-    from cnnflow.flows import runs, store
+    from cnnflow.flows import runs
+    from cnnflow.flows.tracking import store
 
     client = MlflowClient()
     experiment = client.create_experiment("mnist")

@@ -7,9 +7,9 @@ from cnnflow.components import registry
 from cnnflow.components.augment import compose
 from cnnflow.components.data import model_input_shape
 from cnnflow.components.errors import SettingsError
-from cnnflow.flows.config import choices, compose_config, to_yaml
-from cnnflow.flows import settings
-from cnnflow.flows.settings import flatten
+from cnnflow.flows.setup.config import choices, compose_config, to_yaml
+from cnnflow.flows.setup import settings
+from cnnflow.flows.setup.settings import flatten
 
 
 # the chapter's counts (README) and the fast recipe's width-24 model (benchmarks/README)
@@ -114,7 +114,7 @@ def test_batch_norm_statistics_are_paced_by_the_steps_of_an_epoch(steps, momentu
 
 
 def test_the_run_forms_fields_are_overrides_before_the_list_checked_by_the_one_schema():
-    from cnnflow.flows.config import fields_of, with_fields
+    from cnnflow.flows.setup.config import fields_of, with_fields
 
     overrides = with_fields(["seed=3"], epochs=2, data_path="/data/it's, [odd] name", train_size="full", batch_size=None)
     assert overrides == ["train.epochs=2", "data.path='/data/it\\'s, [odd] name'", "data.train_size=full", "seed=3"]

@@ -1,4 +1,4 @@
-"""Crashed jobs heal (flows/healing.py): the automations are made once and follow the settings, and a
+"""Crashed jobs heal (flows/orchestration/healing.py): the automations are made once and follow the settings, and a
 job that dies twice at one epoch is not resumed again. A dead worker's job marked Crashed,
 resubmitted and resumed for real: tests/test_cluster.py."""
 
@@ -8,7 +8,8 @@ import mlflow
 import pytest
 
 from cnnflow.components.errors import RunError
-from cnnflow.flows.healing import CRASH_AUTOMATION, RESUBMIT_AUTOMATION, install_automations, record_restart
+from cnnflow.flows.orchestration.healing import CRASH_AUTOMATION, RESUBMIT_AUTOMATION, install_automations
+from cnnflow.flows.tracking.lifecycle import record_restart
 
 
 def test_the_automations_are_made_once_and_follow_the_settings(prefect_harness):
@@ -51,8 +52,9 @@ def test_a_job_handed_back_by_a_stopped_worker_is_not_counted_as_a_crash_at_its_
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.tags["restart_epochs"] == "5,5h,5"
 
 
+@pytest.mark.smoke
 def test_a_cnnflow_worker_heals_what_the_automations_missed_or_cannot_see(prefect_harness):
-    """flows/worker.py: around a restart of the Prefect server the automations miss things: a run
+    """flows/orchestration/worker.py: around a restart of the Prefect server the automations miss things: a run
     that went unheard, a run whose process died as it started (Pending, no heartbeat to miss), a
     Crashed event; the pool's workers apply the automations' rules to all three."""
     import asyncio
@@ -62,8 +64,8 @@ def test_a_cnnflow_worker_heals_what_the_automations_missed_or_cannot_see(prefec
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.states import Crashed, Pending, Running
 
-    from cnnflow.flows.healing import RESUMABLE_TAG
-    from cnnflow.flows.worker import CHECK_SECONDS, MISSED, Worker
+    from cnnflow.flows.orchestration.healing import RESUMABLE_TAG
+    from cnnflow.flows.orchestration.worker import CHECK_SECONDS, MISSED, Worker
 
     async def scenario():
         async with get_client() as client:

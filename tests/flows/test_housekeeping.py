@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from cnnflow.components.data import caching, make_dataset, make_split
 from cnnflow.flows.cli import main
-from cnnflow.flows.config import compose_config
+from cnnflow.flows.setup.config import compose_config
 from cnnflow.flows.train import continue_flow, train_flow
 from conftest import make_idx_folder, tiny_overrides
 
@@ -41,7 +41,7 @@ def test_checkpoint_copies_of_finished_runs_are_pruned_and_an_unfinished_runs_st
                                                                                      tmp_path, capsys):
     import logging
 
-    from cnnflow.flows import lifecycle
+    from cnnflow.flows.tracking import lifecycle
 
     idx = make_idx_folder(tmp_path / "idx")
     run_id = train_flow("mnist", tiny_overrides(idx) + ["plots=none"])

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from cnnflow.flows.retrain import checked_sizes, finished_runs, next_subset_size, retrain_flow, sequence_points
 from cnnflow.flows.runs import runs_table
 from cnnflow.components.errors import RunError, SettingsError
-from cnnflow.flows.config import compose_config
+from cnnflow.flows.setup.config import compose_config
 from conftest import deployment, make_idx_folder, wait_until
 
 SIZES = [16000, 32000, 64000, "full"]

@@ -1,4 +1,4 @@
-"""The one writer into a training's run (flows/outbox.py) against a real SQLite store: writes arrive
+"""The one writer into a training's run (flows/tracking/outbox.py) against a real SQLite store: writes arrive
 in order, a newer checkpoint makes older waiting ones moot, a displaced holder drops what it has not
 sent, and outages are named as an operator reads them. Real server outages: tests/test_outages.py."""
 
@@ -10,8 +10,12 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from cnnflow.flows.lifecycle import Lease
-from cnnflow.flows.outbox import Displaced, Outbox, Write, outage_reason
+from cnnflow.flows.tracking.lifecycle import Lease
+from cnnflow.components.compat import outage_reason
+from cnnflow.flows.tracking.outbox import Displaced, Outbox, Write
+
+
+pytestmark = pytest.mark.smoke
 
 
 @pytest.fixture
@@ -101,7 +105,7 @@ def test_an_epoch_staged_again_after_a_crash_stages_the_new_checkpoint(tmp_path)
     the resumed training rewrites in place: staging it again raised SameFileError mid-training."""
     import types
 
-    from cnnflow.flows.lifecycle import checkpoint_uploader
+    from cnnflow.flows.tracking.lifecycle import checkpoint_uploader
 
     queued = []
     outbox = types.SimpleNamespace(run_id="r", put=queued.append)

@@ -1,4 +1,4 @@
-"""runtime.precision=auto chosen by measuring (flows/precision.py): the choice on recorded timings, the
+"""runtime.precision=auto chosen by measuring (flows/setup/precision.py): the choice on recorded timings, the
 calibration kept per machine and model, the setting that turns it off, a candidate that fails, and a
 training that is the same whether its process measured first or not."""
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cnnflow.flows import precision, runtime
-from cnnflow.flows.config import compose_config
-from cnnflow.flows.precision import StepTime
+from cnnflow.flows.setup import precision, runtime
+from cnnflow.flows.setup.config import compose_config
+from cnnflow.flows.setup.precision import StepTime
 
 FEATURES = {"input_shape": [6, 6, 1], "num_classes": 3}
 

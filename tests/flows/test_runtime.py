@@ -8,7 +8,7 @@ import keras
 import pytest
 from mlflow import MlflowClient
 
-from cnnflow.flows import precision, runtime
+from cnnflow.flows.setup import precision, runtime
 from cnnflow.flows.train import train_flow
 from conftest import make_idx_folder, tiny_overrides
 
@@ -115,8 +115,8 @@ def test_thread_settings_are_set_before_tensorflow_starts_in_the_process_that_co
 
     code = """
 import os, sys
-from cnnflow.flows import runtime
-from cnnflow.flows.config import compose_config
+from cnnflow.flows.setup import runtime
+from cnnflow.flows.setup.config import compose_config
 seen = []
 original = runtime.use_environment
 runtime.use_environment = lambda settings, logger=None: (seen.append("tensorflow" in sys.modules), original(settings, logger))
@@ -155,7 +155,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from cnnflow.flows import interrupts
+from cnnflow.flows.orchestration import interrupts
 
 def trained(run):
     weights = keras.models.load_model(Path(run.data.tags["output_dir"]) / "model.keras").get_weights()

@@ -16,7 +16,10 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnflow.components.errors import SettingsError
-from cnnflow.flows import cli, search
+from cnnflow.flows import cli
+from cnnflow.flows.search import flow as searching, pruning, space
+from cnnflow.flows.search import study as studies
+from cnnflow.flows.tracking import names
 from conftest import tiny_overrides
 
 SPACE = ["model.dropout_rate=interval(0.0,0.5)", "optimizer.learning_rate=tag(log,interval(1e-4,1e-2))"]
@@ -25,24 +28,24 @@ SPACE = ["model.dropout_rate=interval(0.0,0.5)", "optimizer.learning_rate=tag(lo
 def test_the_sweep_grammar_becomes_optuna_distributions():
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    assert search.distribution("model.width", "int(interval(16,64))") == IntDistribution(16, 64)
-    assert search.distribution("optimizer.learning_rate", "tag(log,interval(1e-4,1e-2))") == \
+    assert space.distribution("model.width", "int(interval(16,64))") == IntDistribution(16, 64)
+    assert space.distribution("optimizer.learning_rate", "tag(log,interval(1e-4,1e-2))") == \
         FloatDistribution(1e-4, 1e-2, log=True)
-    assert search.distribution("data.batch_size", "choice(64,128,256)") == CategoricalDistribution([64, 128, 256])
-    assert search.distribution("seed", "1,2,3") == CategoricalDistribution([1, 2, 3])
-    assert search.distribution("model.width", "range(16,65,16)") == IntDistribution(16, 64, step=16)
+    assert space.distribution("data.batch_size", "choice(64,128,256)") == CategoricalDistribution([64, 128, 256])
+    assert space.distribution("seed", "1,2,3") == CategoricalDistribution([1, 2, 3])
+    assert space.distribution("model.width", "range(16,65,16)") == IntDistribution(16, 64, step=16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Optuna warns of bounds off the step; the range's own last value is none
-        assert search.distribution("model.width", "range(16,32,8)") == IntDistribution(16, 24, step=8)
-        assert search.distribution("model.dropout_rate", "range(0.1,0.5,0.1)").high == pytest.approx(0.4)
-    assert search.distribution("model.dropout_rate", "interval(0,0.5)") == FloatDistribution(0.0, 0.5)
+        assert space.distribution("model.width", "range(16,32,8)") == IntDistribution(16, 24, step=8)
+        assert space.distribution("model.dropout_rate", "range(0.1,0.5,0.1)").high == pytest.approx(0.4)
+    assert space.distribution("model.dropout_rate", "interval(0,0.5)") == FloatDistribution(0.0, 0.5)
 
 
 def test_a_sampled_value_becomes_the_override_that_sets_it():
-    assert search.as_override("model.width", 41) == "model.width=41"
-    assert search.as_override("optimizer.learning_rate", 0.004312) == "optimizer.learning_rate=0.004312"
-    assert search.as_override("model", "fast_cnn") == "model=fast_cnn"
-    assert search.as_override("data.path", "/data/a b") == "data.path='/data/a b'"
+    assert space.as_override("model.width", 41) == "model.width=41"
+    assert space.as_override("optimizer.learning_rate", 0.004312) == "optimizer.learning_rate=0.004312"
+    assert space.as_override("model", "fast_cnn") == "model=fast_cnn"
+    assert space.as_override("data.path", "/data/a b") == "data.path='/data/a b'"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -76,7 +79,7 @@ def test_a_bad_space_or_search_setting_is_one_line_exit_2_and_creates_nothing(ov
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(SettingsError, match=message):
-        search.planned("mnist", overrides)
+        space.planned("mnist", overrides)
     assert cli.main(["search", "experiment=mnist", *overrides]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("cnnflow: error: ") and "\n" not in error and "Traceback" not in error, error
@@ -84,10 +87,10 @@ def test_a_bad_space_or_search_setting_is_one_line_exit_2_and_creates_nothing(ov
 
 
 def test_each_search_file_composes_with_every_bound_checked():
-    from cnnflow.flows.config import choices
+    from cnnflow.flows.setup.config import choices
 
     for name in choices("search"):
-        plan = search.planned("fashion_mnist_fast", [f"search={name}"] + (["model.width=choice(16,32)"]
+        plan = space.planned("fashion_mnist_fast", [f"search={name}"] + (["model.width=choice(16,32)"]
                                                                          if name == "default" else []))
         assert plan.space and (plan.search["trials"] or plan.search["epochs"])
         # the median rule by default (docs/search.md: measured); the benchmark's search keeps what it was measured with
@@ -99,16 +102,16 @@ def test_a_continued_search_draws_on_instead_of_drawing_its_first_values_again(s
     """A new process opens the study with the same search.seed: its sampler must not repeat the
     values the first process already trained (a benchmark search stopped after one trial and run
     again trained the same width, rate and batch twice)."""
-    plan = search.planned("mnist", [f"search.sampler={sampler}", "model.dropout_rate=interval(0.0,0.9)",
+    plan = space.planned("mnist", [f"search.sampler={sampler}", "model.dropout_rate=interval(0.0,0.9)",
                                     "optimizer.learning_rate=tag(log,interval(1e-4,1e-1))"])
-    first = search.opened_study(plan)
+    first = studies.opened_study(plan)
     drawn = first.ask(plan.space)
     first.tell(drawn, 0.5)
-    again = search.opened_study(plan)  # as the same command in a new process opens it
+    again = studies.opened_study(plan)  # as the same command in a new process opens it
     assert again.ask(plan.space).params != drawn.params
-    fresh = optuna.create_study(sampler=search._sampler(plan.search, 0))
+    fresh = optuna.create_study(sampler=studies._sampler(plan.search, 0))
     assert fresh.ask(plan.space).params == drawn.params  # a new study still starts where the seed says
-    next_seed = optuna.create_study(sampler=search._sampler(plan.search | {"seed": plan.search["seed"] + 1}, 0))
+    next_seed = optuna.create_study(sampler=studies._sampler(plan.search | {"seed": plan.search["seed"] + 1}, 0))
     assert next_seed.ask(plan.space).params != again.trials[-1].params  # another seed is another search
 
 
@@ -119,14 +122,14 @@ def test_a_pruned_trial_stops_at_an_epoch_end_and_the_best_alone_is_tested(prefe
     # whose oneDNN kernels vary with load: one run here gave the third trial 0.925 against 1.0)
     overrides = [*tiny_overrides(idx_folder, epochs=3), "search.trials=3", "search.pruner=median",
                  "search.startup_trials=1", "optimizer.learning_rate=choice(0.003,1e-9)", "runtime.precision=float32"]
-    plan = search.planned("mnist", overrides)
-    study = search.opened_study(plan)
+    plan = space.planned("mnist", overrides)
+    study = studies.opened_study(plan)
     # a rate that learns nothing comes second: the median pruner stops it. The third trial draws the
     # first one's values: a training of its own, as good as the first at every epoch, so not pruned.
     for rate in (0.003, 1e-9, 0.003):
         study.enqueue_trial({"optimizer.learning_rate": rate}, skip_if_exists=False)
 
-    result = search.search_flow("mnist", overrides)
+    result = searching.search_flow("mnist", overrides)
 
     trials = optuna.load_study(study_name=plan.study_name, storage=plan.storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
@@ -135,10 +138,10 @@ def test_a_pruned_trial_stops_at_an_epoch_end_and_the_best_alone_is_tested(prefe
     runs = {int(r.data.tags["search_trial"]): r for r in mlflow.search_runs(
         search_all_experiments=True, output_format="list", filter_string=f"tags.search = '{plan.study_name}'")}
     assert sorted(runs) == [0, 1, 2]
-    assert runs[1].data.tags[search.STATE_TAG].startswith("pruned at epoch 1: at chance level (val_accuracy ")
+    assert runs[1].data.tags[names.STATE_TAG].startswith("pruned at epoch 1: at chance level (val_accuracy ")
     assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [1]  # stopped after epoch 1
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
-    assert {r.data.tags[search.STATE_TAG] for i, r in runs.items() if i != 1} == {"complete"}
+    assert {r.data.tags[names.STATE_TAG] for i, r in runs.items() if i != 1} == {"complete"}
     assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {result["run_id"]}
     assert all(r.data.params["train.test"] == "False" and not any(k.startswith("test_") for k in r.data.metrics)
                for r in runs.values())  # trials never look at the test split
@@ -157,7 +160,7 @@ def test_a_pruned_trial_stops_at_an_epoch_end_and_the_best_alone_is_tested(prefe
     table = json.loads(Path(client.download_artifacts(result["run_id"], "trials.json", str(tmp_path))).read_text())
     assert table["data"][0][0] == best and len(table["data"]) == 3
 
-    again = search.search_flow("mnist", overrides)  # the same command once the budget is spent: nothing new
+    again = searching.search_flow("mnist", overrides)  # the same command once the budget is spent: nothing new
     assert again["run_id"] == result["run_id"] and again["trials"] == 3
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string="tags.evaluation_of != ''")) == 1
@@ -167,8 +170,8 @@ def test_a_pruned_trial_stops_at_an_epoch_end_and_the_best_alone_is_tested(prefe
 def test_an_epoch_budget_is_never_overrun(prefect_harness, mlflow_store, idx_folder):
     overrides = [*tiny_overrides(idx_folder, epochs=2), "search.trials=null", "search.epochs=5",
                  "search.pruner=none", "model.dropout_rate=choice(0.1,0.2,0.3)"]
-    result = search.search_flow("mnist", overrides)
-    plan = search.planned("mnist", overrides)
+    result = searching.search_flow("mnist", overrides)
+    plan = space.planned("mnist", overrides)
     trials = optuna.load_study(study_name=plan.study_name, storage=plan.storage).trials
     assert [t.user_attrs["epochs_trained"] for t in trials] == [2, 2, 1]  # the last trial gets what is left
     assert result["epochs_spent"] == 5
@@ -230,7 +233,7 @@ def test_only_a_server_outage_holds_a_trial_and_a_failure_of_its_own_is_its_own(
         raise ConnectionError("connection reset by peer")
 
     with pytest.raises(ConnectionError):
-        search._riding_out_outages(plan, logger, download)
+        searching._riding_out_outages(plan, logger, download)
 
     calls = []
 
@@ -241,7 +244,7 @@ def test_only_a_server_outage_holds_a_trial_and_a_failure_of_its_own_is_its_own(
         return "told"
 
     with caplog.at_level(logging.WARNING, "search-test"):
-        assert search._riding_out_outages(plan, logger, blipped) == "told"
+        assert searching._riding_out_outages(plan, logger, blipped) == "told"
     assert len(calls) == 2 and "answers again" in caplog.text
 
 
@@ -294,7 +297,7 @@ def test_a_trial_at_chance_level_or_diverging_is_stopped_at_its_first_report_wha
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.HyperbandPruner(min_resource=1,
                                                                                             max_resource=3))
-    judge = search.Judge(study, SimpleNamespace(search={"metric": "val_accuracy"}), "parent", logger=None)
+    judge = pruning.Judge(study, SimpleNamespace(search={"metric": "val_accuracy"}), "parent", logger=None)
     chance = {"val_accuracy": 0.113}
     for _ in range(3):
         study.ask()
@@ -306,27 +309,28 @@ def test_a_trial_at_chance_level_or_diverging_is_stopped_at_its_first_report_wha
     prune, why = judge.verdict(2, 1, {"val_accuracy": 0.93, "val_loss": 0.2}, chance)
     assert not prune and why == "weaker than its peers were at this epoch"  # the pruner's to say, and it keeps it
     assert study.trials[0].intermediate_values == {1: 0.099} and study.trials[1].intermediate_values == {1: 0.5}
-    assert search.hopeless_because({"val_accuracy": 0.125}, chance) == ""  # a little better than chance: learning
+    assert pruning.hopeless_because({"val_accuracy": 0.125}, chance) == ""  # a little better than chance: learning
     # validation at chance while training learns: a lagging batch normalisation after few steps, not hopeless
-    assert search.hopeless_because({"accuracy": 0.71, "val_accuracy": 0.096}, chance) == ""
+    assert pruning.hopeless_because({"accuracy": 0.71, "val_accuracy": 0.096}, chance) == ""
 
 
+@pytest.mark.smoke
 def test_a_diverged_trial_is_pruned_not_failed_so_the_search_goes_on(mlflow_store, idx_folder):
     """A learning rate that diverges is a result about the space (the sampler learns from pruned
     trials, not failed ones), and three of them in a row do not stop the search as failures would."""
     overrides = [*tiny_overrides(idx_folder), "search.trials=4", "search.pruner=none", "runtime.precision=float32",
                  "optimizer.learning_rate=choice(0.003,1e6)"]
-    plan = search.planned("mnist", overrides)
-    study = search.opened_study(plan)
+    plan = space.planned("mnist", overrides)
+    study = studies.opened_study(plan)
     for rate in (1e6, 1e6, 1e6, 0.003):
         study.enqueue_trial({"optimizer.learning_rate": rate}, skip_if_exists=False)
 
-    result = search.search_flow("mnist", overrides)
+    result = searching.search_flow("mnist", overrides)
 
     trials = optuna.load_study(study_name=plan.study_name, storage=plan.storage).trials
     assert [t.state.name for t in trials] == ["PRUNED", "PRUNED", "PRUNED", "COMPLETE"]
     assert result["best_trial"] == 3 and result["pruned"] == 3
     runs = {int(r.data.tags["search_trial"]): r for r in mlflow.search_runs(
         search_all_experiments=True, output_format="list", filter_string=f"tags.search = '{plan.study_name}'")}
-    assert runs[0].data.tags[search.STATE_TAG].startswith("pruned at epoch 1: diverged (the loss became ")
+    assert runs[0].data.tags[names.STATE_TAG].startswith("pruned at epoch 1: diverged (the loss became ")
     assert trials[0].user_attrs["epochs_trained"] == 1

@@ -22,7 +22,7 @@ from PIL import Image
 from cnnflow.components.callbacks import read_checkpoint
 from cnnflow.components.data.celeba_layout import write_celeba
 from cnnflow.components.errors import DataError, RunError
-from cnnflow.flows import promotion
+from cnnflow.flows.tracking import promotion
 from cnnflow.flows.inference import evaluate_flow, predict_flow
 from cnnflow.flows.train import continue_flow, train_flow
 from conftest import make_idx_folder, tiny_overrides
@@ -150,7 +150,7 @@ def test_stages_add_up_to_one_training_bit_for_bit(prefect_harness, mlflow_store
     assert len(whole[1]["loss"]) == 3
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", [pytest.param("mnist", marks=pytest.mark.smoke), "celeba"])
 def test_a_training_stopped_three_ways_ends_as_if_never_stopped(prefect_harness, mlflow_store, tmp_path, recipe):
     """`cnnflow train` stopped with Ctrl-C inside its third epoch or later, the same command stopped with
     SIGTERM inside a later epoch, then with kill -9 inside a later one still, the same command once more:
@@ -196,7 +196,7 @@ def test_a_training_stopped_inside_an_epoch_goes_on_from_that_step_bit_for_bit(p
     metrics of the same training never stopped and never checkpointed inside an epoch. `elsewhere`: the
     run folder is gone (the machine died; the job runs on another), so the position comes from the
     run's artifact store."""
-    from cnnflow.flows import interrupts
+    from cnnflow.flows.orchestration import interrupts
 
     overrides = RECIPES[recipe](tmp_path / "data") + ["runtime.precision=float32", "plots=none", "train.epochs=2"]
     never_stopped = trained(train_flow(recipe, overrides + ["train.checkpoint_minutes=0", "mlflow_experiment=plain"]))
@@ -236,7 +236,7 @@ def _a_cut_off_position_upload_is_passed_over(run_id: str, folder: Path) -> None
     is fetched instead, saying why. (The arrays are put back whole after.)"""
     from urllib.parse import urlparse
 
-    from cnnflow.flows import lifecycle
+    from cnnflow.flows.tracking import lifecycle
 
     [(newest, slot), *_] = lifecycle._stored_states(run_id)
     assert (newest["epoch"], newest["batch"]) == (1, 2)
@@ -265,7 +265,7 @@ def test_a_run_going_on_in_another_environment_trains_on_and_says_what_differs(p
                                                                                monkeypatch, caplog):
     import tensorflow as tf
 
-    from cnnflow.flows import runtime
+    from cnnflow.flows.setup import runtime
 
     run_id = train_flow("mnist", tiny_overrides(idx) + ["plots=none"])
     tags = MlflowClient().get_run(run_id).data.tags

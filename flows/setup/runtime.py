@@ -138,11 +138,11 @@ def distribution(runtime: dict[str, Any]):
 
 def set_precision(runtime: dict[str, Any]) -> None:
     """Keras' global dtype policy, for the models built after it (a saved model keeps its own).
-    `auto` is settled before (flows/precision.py), when the run starts."""
+    `auto` is settled before (flows/setup/precision.py), when the run starts."""
     import keras
 
     if runtime["precision"] == "auto":
-        raise ValueError("runtime.precision=auto reached set_precision unsettled: flows/precision.py settles it")
+        raise ValueError("runtime.precision=auto reached set_precision unsettled: flows/setup/precision.py settles it")
     keras.mixed_precision.set_global_policy(runtime["precision"])
 
 
@@ -155,11 +155,9 @@ def own_seed_draws(seed: int):
     websockets under Prefect's event client draw a ping's payload, and one such draw between the
     seeding and a model's construction gave two identical float32 trainings different dropout
     masks (epoch-1 loss 1.92412 against 1.92431)."""
-    from keras.src.random import seed_generator
+    from cnnflow.components import compat
 
-    if not isinstance(seed_generator.python_random, _ThreadsOwnDraws):  # AttributeError: Keras moved its draws
-        seed_generator.python_random = _ThreadsOwnDraws()
-    draws = seed_generator.python_random
+    draws = compat.swap_keras_seed_source(_ThreadsOwnDraws)
     before, draws.local.generator = getattr(draws.local, "generator", None), random.Random(seed)
     try:
         yield

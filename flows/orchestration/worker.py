@@ -7,7 +7,7 @@ systemd stop that way), ends at once and its flow-run processes die with it (SIG
 are found only when Prefect misses their heartbeat, `jobs.crash_after` later. This one takes no new
 run, sends each flow-run process SIGTERM and waits for them: a training stops after its batch with
 its MLflow run KILLED and its lease released, Prefect marks the flow run Crashed, and the resubmit
-automation (flows/healing.py) schedules it again for any free worker, which resumes it. Then the
+automation (flows/orchestration/healing.py) schedules it again for any free worker, which resumes it. Then the
 worker stops as Prefect's does. A second SIGTERM stops it at once.
 
 Every CHECK_SECONDS it also does what the two automations miss around a restart of the Prefect
@@ -28,6 +28,7 @@ import time
 import httpx
 from prefect.workers.process import ProcessWorker
 
+from cnnflow.components import compat
 from cnnflow.components.errors import described
 
 HAND_BACK_SECONDS = 25.0  # inside the 30 s Kubernetes and Docker wait between SIGTERM and SIGKILL
@@ -43,6 +44,7 @@ class Worker(ProcessWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._log = compat.worker_logger(self)
         self._handing_back = threading.Event()
         self._next_check = time.monotonic() + CHECK_SECONDS
         self._unheard_since = 0.0  # when this worker last failed to reach the Prefect server
@@ -60,14 +62,14 @@ class Worker(ProcessWorker):
                 await self._heal_pool()
             except (httpx.HTTPError, OSError) as error:  # a check that could not run now runs at the next poll
                 self._unheard_since = time.time()  # the server was down: heartbeats were lost, not missed
-                self._logger.debug(f"cnnflow: the pool's check for crashed runs failed: {error}")
+                self._log.debug(f"cnnflow: the pool's check for crashed runs failed: {error}")
             except Exception as error:  # not the server's outage: a changed Prefect API would switch healing off
-                self._logger.warning(f"cnnflow: the pool's check for crashed runs failed ({described(error)}); "
+                self._log.warning(f"cnnflow: the pool's check for crashed runs failed ({described(error)}); "
                                      f"crashed runs the automations miss are not resubmitted", exc_info=error)
         return await super().get_and_submit_flow_runs()
 
     async def _heal_pool(self, now=None) -> None:
-        """What the two automations (flows/healing.py) do, for the pool's runs they cannot see or
+        """What the two automations (flows/orchestration/healing.py) do, for the pool's runs they cannot see or
         missed. A run that sent no heartbeat for jobs.crash_after (the crash automation's trigger
         state does not survive a restart of the Prefect server), or stayed Pending that long (its
         process died before it started, so it never sent one), is marked Crashed, unless this worker
@@ -79,7 +81,7 @@ class Worker(ProcessWorker):
         from prefect.client.schemas.objects import StateType
         from prefect.states import AwaitingRetry, Crashed
 
-        from cnnflow.flows.healing import CRASH_AUTOMATION, RESUBMIT_AUTOMATION, RESUMABLE_TAG
+        from cnnflow.flows.orchestration.healing import CRASH_AUTOMATION, RESUBMIT_AUTOMATION, RESUMABLE_TAG
 
         now = now or datetime.now(timezone.utc)
         crash_rule = await self._automation(CRASH_AUTOMATION)
@@ -91,7 +93,7 @@ class Worker(ProcessWorker):
                     if flow_run.state.timestamp <= since and not await self._heard_from(flow_run, since, now):
                         message = (f"cnnflow: no heartbeat for {crash_after:g} s" if flow_run.state.is_running() else
                                    f"cnnflow: pending for more than {crash_after:g} s (its process never started)")
-                        self._logger.warning(f"{message}: flow run {flow_run.name} ({flow_run.id})")
+                        self._log.warning(f"{message}: flow run {flow_run.name} ({flow_run.id})")
                         await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
         resubmit_rule = await self._automation(RESUBMIT_AUTOMATION)
         if resubmit_rule is None or not resubmit_rule.enabled:
@@ -99,7 +101,7 @@ class Worker(ProcessWorker):
         run_counts = {int(count) for count in resubmit_rule.trigger.match.root.get("prefect.run-count", [])}
         for flow_run in await self._runs_in(StateType.CRASHED, tag=RESUMABLE_TAG):
             if flow_run.run_count in run_counts and flow_run.state.timestamp <= now - timedelta(seconds=CHECK_SECONDS):
-                self._logger.warning(f"cnnflow: flow run {flow_run.name} ({flow_run.id}) crashed and was not "
+                self._log.warning(f"cnnflow: flow run {flow_run.name} ({flow_run.id}) crashed and was not "
                                      f"resubmitted by the automation; resubmitting it")
                 await self.client.set_flow_run_state(flow_run.id, AwaitingRetry(message=MISSED), force=True)
 
@@ -121,7 +123,7 @@ class Worker(ProcessWorker):
         return await self.client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[state_type])),
                                           tags=FlowRunFilterTags(all_=[tag]) if tag else None),
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])))
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[compat.worker_pool_name(self)])))
 
     def _hand_back(self, number, frame) -> None:
         # Only flags here: a handler that prints can land inside another write to stdout (a

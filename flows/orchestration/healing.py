@@ -9,19 +9,17 @@ Prefect does both, set up by `cnnflow deploy` and `cnnflow serve` (idempotently,
 - the automation "cnnflow: resubmit crashed trainings" sets a Crashed run of a resumable deployment
   (train, retrain) back to Scheduled while its run count is at most `jobs.restarts`: the same flow run,
   its parameters unchanged, for any free worker of the pool; the training resumes its MLflow run
-  from the artifact store (flows/lifecycle.py).
+  from the artifact store (flows/tracking/lifecycle.py).
 The restarted job itself waits a back-off, waits for the MLflow lease of a holder that may still be
 alive (cnnflow's lease, not Prefect's heartbeat, decides whether a training is alive), and stops
 being resubmitted when two attempts in a row crashed at the same epoch. A worker stopped with
-SIGTERM hands its trainings back the same way (flows/worker.py): stopped cleanly, Crashed, resubmitted.
+SIGTERM hands its trainings back the same way (flows/orchestration/worker.py): stopped cleanly, Crashed, resubmitted.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
-
-from cnnflow.components.errors import RunError
 
 CRASH_AUTOMATION = "cnnflow: crash unheard flow runs"
 RESUBMIT_AUTOMATION = "cnnflow: resubmit crashed trainings"
@@ -114,23 +112,6 @@ def wait_before_restart(restart: int, logger) -> None:
     time.sleep(wait)
 
 
-def record_restart(run_id: str, epoch: int, restart: int, handed_back: bool = False) -> None:
-    """Notes the epoch a restart resumed from (`3h`: the job was handed back by a worker stopped with
-    SIGTERM, flows/worker.py); refuses (RunError) when the previous restart resumed from the same
-    epoch and this one follows a crash: the attempt between them crashed before finishing an epoch."""
-    from mlflow import MlflowClient
-
-    from cnnflow.flows.store import set_tags
-
-    earlier = [e for e in MlflowClient().get_run(run_id).data.tags.get("restart_epochs", "").split(",") if e]
-    if not handed_back and earlier and earlier[-1] == str(epoch):
-        raise RunError(f"run {run_id} crashed twice in a row at epoch {epoch + 1} (restarts {restart - 1} and "
-                       f"{restart}); not resumed again: see the worker's log for why its process died, then run "
-                       f"the same job again")
-    set_tags(run_id, {"restart_epochs": ",".join([*earlier, f"{epoch}h" if handed_back else str(epoch)]),
-                      "restarts": restart})
-
-
 def outcome_of_earlier_attempt(lease_timeout: float, logger) -> str | None:
     """The MLflow run an earlier attempt of this flow run finished, or None for this attempt to resume
     (or start) the training. While an earlier attempt still holds its run's lease, it waits: a run
@@ -139,7 +120,7 @@ def outcome_of_earlier_attempt(lease_timeout: float, logger) -> str | None:
     import mlflow
     from prefect.runtime import flow_run
 
-    from cnnflow.flows.lifecycle import Lease
+    from cnnflow.flows.tracking.lifecycle import Lease
 
     said = False
     while True:

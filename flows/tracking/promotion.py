@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from cnnflow.components.errors import RunError
-from cnnflow.flows.lifecycle import store_wide_lock
-from cnnflow.flows.store import set_tags
+from cnnflow.flows.tracking.lifecycle import store_wide_lock
+from cnnflow.flows.tracking.store import set_tags
 
 def maybe_register(cfg: dict[str, Any], run_id: str, logger) -> int | None:
     """Register the run's model as a new version of `registry.name` (every run, so each is there to

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cnnflow.components import compat
+
 _in_process = contextvars.ContextVar("cnnflow_in_process", default=False)
 log = logging.getLogger("cnnflow")
 
@@ -243,10 +245,10 @@ WATCH_SECONDS = 5.0  # how often a running flow checks the Prefect server
 
 
 def _resubmitted_after_crashes() -> bool:
-    """Whether this flow run is a job its pool schedules again when it crashes (flows/healing.py)."""
+    """Whether this flow run is a job its pool schedules again when it crashes (flows/orchestration/healing.py)."""
     from prefect.runtime import flow_run
 
-    from cnnflow.flows.healing import RESUMABLE_TAG
+    from cnnflow.flows.orchestration.healing import RESUMABLE_TAG
 
     return RESUMABLE_TAG in (flow_run.tags or [])
 
@@ -298,7 +300,7 @@ def prefect_fails(url: str) -> str | None:
     """None when the server's health check answers; else what failed, as an operator reads it."""
     import httpx
 
-    from cnnflow.flows.outbox import outage_reason
+    from cnnflow.components.compat import outage_reason
 
     try:
         response = httpx.get(f"{url.rstrip('/')}/health", timeout=10, headers=_prefect_auth())
@@ -341,11 +343,11 @@ def _one_line_per_prefect_outage() -> None:
     class PrefectOutageNoise(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             text = record.getMessage()
-            if "Unable to connect to" in text or "EventsWorker' failed to process item" in text:
+            if compat.is_prefect_outage_noise(text):
                 return False
             # the engine failing to send a finished flow's end state: Step._recorded says it in one line
             return not (_outage["since"] is not None and record.name == "prefect.flow_runs"
                         and text.startswith(("Encountered exception during execution", "Finished in state Running")))
 
-    for name in ("prefect.events.clients", "prefect._internal.concurrency", "prefect.flow_runs"):
+    for name in compat.PREFECT_OUTAGE_LOGGERS:
         logging.getLogger(name).addFilter(PrefectOutageNoise())

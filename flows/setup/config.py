@@ -1,5 +1,5 @@
 """The one place settings are parsed: an experiment name plus `key=value` overrides, composed by Hydra
-and checked against the schema (flows/settings.py).
+and checked against the schema (flows/setup/settings.py).
 
 The CLI, Prefect deployments, sweeps and tests all call `compose_config(experiment, overrides)`.
 """
@@ -16,9 +16,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from cnnflow.components import compat
 from cnnflow.components.errors import SettingsError
 
-_NOT_IN_STRUCT = re.compile(r"Could not override '([^']+)'")
 
 
 def _conf_dir() -> Path:
@@ -88,13 +88,13 @@ def compose_config(experiment: str = "quickstart", overrides: list[str] | None =
     overrides = _located(resolved["data"], overrides)
     resolved["experiment"] = experiment
     resolved["overrides"] = overrides
-    from cnnflow.flows import runtime, settings
+    from cnnflow.flows.setup import runtime, settings
 
     settings.check_schema(resolved)
     runtime.use_environment(resolved["runtime"])  # threads, oneDNN: read once, when TensorFlow starts ...
     runtime.import_tensorflow_quietly()
     settings.check_components(resolved)  # ... and the components import it
-    return resolved  # runtime.precision=auto is settled when a training starts: flows/precision.py
+    return resolved  # runtime.precision=auto is settled when a training starts: flows/setup/precision.py
 
 
 # Where data is: stored resolved, so a run continued, resumed or evaluated from another folder finds it.
@@ -236,30 +236,30 @@ def _settings_error(error: Exception, experiment: str, overrides: list[str]) -> 
     (a list for a mapping, ...) what it should be, a value Hydra cannot read how to quote it."""
     from hydra.errors import OverrideParseException
 
-    from cnnflow.flows import settings
+    from cnnflow.flows.setup import settings
 
     if isinstance(error, OverrideParseException):
         parsed_overrides(overrides)  # raises the line naming the override
 
-    not_in_struct = _NOT_IN_STRUCT.search(str(error))
-    if not_in_struct and "not in struct" in str(error.__cause__):
-        return SettingsError(settings.unknown_key(not_in_struct[1], settings.known_keys(compose_config(experiment))))
-    merge = re.match(r"Error merging override ([^=]+)=(.*)", str(error))
+    unknown = compat.unknown_override_key(error)
+    if unknown:
+        return SettingsError(settings.unknown_key(unknown, settings.known_keys(compose_config(experiment))))
+    merge = compat.merge_failure(error)
     if merge:
-        current = settings.value_at(compose_config(experiment), merge[1].lstrip("+").split("."))
+        current = settings.value_at(compose_config(experiment), merge[0].lstrip("+").split("."))
         shape = "a mapping, like {key: value}" if isinstance(current, dict) else \
             "a list, like [a, b]" if isinstance(current, list) else "a single value"
-        return SettingsError(f"{merge[1]}={merge[2]}: should be {shape}")
+        return SettingsError(f"{merge[0]}={merge[1]}: should be {shape}")
     return SettingsError(_short(error, overrides))
 
 
 def _short(error: Exception, overrides: list[str]) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     message = " ".join(line for line in lines if not line.startswith(("full_key", "object_type", "Available options")))
-    missing_group = re.search(r"Could not (?:find|load) '(\w+)/([^']*)'", message)
-    if missing_group and missing_group[1] in GROUPS:
-        group = missing_group[1]
-        return f"Unknown {group} config {missing_group[2]!r}; choices for {group}: {', '.join(choices(group))}"
+    missing = compat.missing_group_option(message)
+    if missing and missing[0] in GROUPS:
+        group = missing[0]
+        return f"Unknown {group} config {missing[1]!r}; choices for {group}: {', '.join(choices(group))}"
     if "'['" in message:
         message += ". Quote values with brackets, e.g. 'data.train_split=\"test[:8000]\"'"
     return f"{message} (overrides: {' '.join(overrides) or 'none'})"

@@ -21,13 +21,14 @@ import collections
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from cnnflow.components.errors import RunError, ServerOutage, described, first_line, is_defect
+from cnnflow.components import compat
+from cnnflow.components.compat import outage_reason
+from cnnflow.components.errors import RunError, ServerOutage, described, is_defect
 
 _log = logging.getLogger(__name__)
 _RETRY_SECONDS = (1, 2, 4, 8, 15)  # back-off between tries while the store does not answer
@@ -46,24 +47,6 @@ class Write:
     epoch: int = 0
 
 
-def outage_reason(error: BaseException) -> str:
-    """What failed, as an operator reads it: unreachable, a timeout, HTTP 5xx, a full disk."""
-    text = str(error)
-    lowered = text.lower()
-    if "no space left" in lowered or "disk is full" in lowered or "errno 28" in lowered:
-        return "its disk is full"
-    status = re.search(r"too many (5\d\d) error responses|error code (5\d\d)|\b(5\d\d) (?:server|internal)", lowered)
-    if status:
-        code = next(group for group in status.groups() if group)
-        return f"it answers HTTP {code} (a failing server, or its artifact store full or unwritable: see its log)"
-    if "timed out" in lowered or "timeout" in lowered:
-        return "it does not answer (timeout)"
-    if "connection refused" in lowered or "failed to establish" in lowered or "max retries" in lowered \
-            or "connection" in lowered:
-        return "it is unreachable"
-    return first_line(error)
-
-
 def _is_refusal(error: BaseException) -> bool:
     """The store answered and refused this write (a bad value, a deleted run): sending it again
     will not help, unlike an outage."""
@@ -74,7 +57,7 @@ def _is_refusal(error: BaseException) -> bool:
 
 
 class Outbox:
-    """The one writer into a leased run (flows/lifecycle.py hands it out with the lease)."""
+    """The one writer into a leased run (flows/tracking/lifecycle.py hands it out with the lease)."""
 
     def __init__(self, lease, outage_timeout: float, logger: logging.Logger | logging.LoggerAdapter | None = None):
         self.lease, self.run_id, self.outage_timeout = lease, lease.run_id, outage_timeout
@@ -272,24 +255,20 @@ class Outbox:
 
     def _start_system_metrics(self) -> None:
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
             logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # it says every start and stop
-            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
-            self._monitor.mlflow_logger = _SystemMetricsThrough(self)  # one writer: never past a lost lease
-            self._monitor.start()
+            # one writer: never past a lost lease
+            self._monitor = compat.started_system_metrics(self.run_id, _SystemMetricsThrough(self))
         except Exception as error:  # never worth stopping a training for
             self.logger.warning(f"run {self.run_id}: no system metrics ({described(error)})")
             self._monitor = None
 
     def _monitor_alive(self) -> bool:
-        process = getattr(self._monitor, "_process", None)
-        return bool(process and process.is_alive())
+        return compat.system_metrics_alive(self._monitor)
 
     def _stop_system_metrics(self) -> None:
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
-            monitor._shutdown_event.set()  # without the final flush, which waits on a store that may be gone
+            compat.stop_system_metrics(monitor)  # without the final flush, which waits on a store that may be gone
 
 
 class _SystemMetricsThrough:

@@ -24,11 +24,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from cnnflow.components import compat
 from cnnflow.components.errors import RunError, ServerOutage, described
-from cnnflow.flows import healing, runtime
-from cnnflow.flows.outbox import Outbox, Write
-from cnnflow.flows.settings import flatten
-from cnnflow.flows.store import (LOCKS_EXPERIMENT, code_version, experiment_id, log_metrics, new_run_folder, run_folder,
+from cnnflow.flows.setup import runtime
+from cnnflow.flows.tracking.outbox import Outbox, Write
+from cnnflow.flows.setup.settings import flatten
+from cnnflow.flows.tracking.store import (LOCKS_EXPERIMENT, code_version, experiment_id, log_metrics, new_run_folder, run_folder,
                                  set_tags, store_lock)
 
 # What a continuation may not change: it would no longer be the same training.
@@ -187,7 +188,7 @@ _held: dict[str, Outbox] = {}
 
 
 def writer(run_id: str) -> Outbox:
-    """The one writer into a run this process holds (flows/outbox.py)."""
+    """The one writer into a run this process holds (flows/tracking/outbox.py)."""
     return _held[run_id]
 
 
@@ -439,7 +440,6 @@ def tidy_finished(run_id: str, folder: Path, epochs_done: int, keep: int, logger
     this machine that holds it whole: the same file twice. Nothing goes before the store holds the
     last epoch's checkpoint."""
     import mlflow
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     stored = _stored_states(run_id)
     epoch_slots = [slot for state, slot in stored if not state["batch"]]
@@ -450,7 +450,7 @@ def tidy_finished(run_id: str, folder: Path, epochs_done: int, keep: int, logger
     freed = 0
     gone = [slot for state, slot in stored if state["batch"]] + epoch_slots[keep:]
     artifact_uri = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
-    repository = get_artifact_repository(artifact_uri)
+    repository = compat.artifact_repository(artifact_uri)
     for slot in gone:
         try:
             freed += sum(entry.file_size or 0 for entry in repository.list_artifacts(slot))
@@ -554,17 +554,16 @@ _START_WAIT = 600.0  # seconds another start may hold the lock (it may be downlo
 
 
 @contextlib.contextmanager
-def claimed_run(cfg: dict[str, Any], logger):
+def claimed_run(cfg: dict[str, Any], logger, restart: int = 0):
     """The run this training is: an unfinished one of the same settings resumed (with its newest
     checkpoint), else a new one; yields (run_id, folder, checkpoint or None) inside `tracked_run`.
 
     Finding the run and taking its lease are one step for every process that shares the store (a
     lock of the experiment): of two identical commands started at the same instant, on one
     machine or two, one trains and the other is refused, naming it. `resume=false` always starts a
-    separate run."""
+    separate run. `restart`: this job's automatic resubmission (flows/orchestration/healing.py), its back-off behind it."""
     experiment = cfg.get("mlflow_experiment") or cfg["experiment"]
     experiment_id(cfg)  # made first: the experiment ids a team knows are not taken by the lock's
-    restart = healing.restart_number()  # its back-off is behind it (flows/train.py)
     # a crashed job's lease lapses a lease_timeout after its last heartbeat: a restart waits for it
     patience = time.monotonic() + (cfg["train"]["lease_timeout"] + 30 if restart else 0)
     with contextlib.ExitStack() as stack:
@@ -582,8 +581,23 @@ def claimed_run(cfg: dict[str, Any], logger):
                 logger.info(f"{held}; waiting for its lease to lapse")
                 time.sleep(10)
         if restart and checkpoint:
-            healing.record_restart(run_id, checkpoint["epoch"], restart, handed_back)
+            record_restart(run_id, checkpoint["epoch"], restart, handed_back)
         yield run_id, output_dir, checkpoint
+
+
+def record_restart(run_id: str, epoch: int, restart: int, handed_back: bool = False) -> None:
+    """Notes the epoch a restart resumed from (`3h`: the job was handed back by a worker stopped with
+    SIGTERM, flows/orchestration/worker.py); refuses (RunError) when the previous restart resumed from the same
+    epoch and this one follows a crash: the attempt between them crashed before finishing an epoch."""
+    from mlflow import MlflowClient
+
+    earlier = [e for e in MlflowClient().get_run(run_id).data.tags.get("restart_epochs", "").split(",") if e]
+    if not handed_back and earlier and earlier[-1] == str(epoch):
+        raise RunError(f"run {run_id} crashed twice in a row at epoch {epoch + 1} (restarts {restart - 1} and "
+                       f"{restart}); not resumed again: see the worker's log for why its process died, then run "
+                       f"the same job again")
+    set_tags(run_id, {"restart_epochs": ",".join([*earlier, f"{epoch}h" if handed_back else str(epoch)]),
+                      "restarts": restart})
 
 
 @contextlib.contextmanager
@@ -598,7 +612,7 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None, logger=None):
     """
     import mlflow
 
-    under_prefect = "prefect" in sys.modules  # in process (flows/engine.py), Prefect is not even imported
+    under_prefect = "prefect" in sys.modules  # in process (flows/orchestration/engine.py), Prefect is not even imported
     if under_prefect:
         from prefect.exceptions import TerminationSignal
         from prefect.runtime import flow_run
@@ -672,11 +686,7 @@ def _leased(run_id: str, cfg: dict[str, Any], held: contextlib.ExitStack, logger
 
 def _leave_run() -> None:
     """Stop being in the active run without ending it (MLflow's end_run always sets a status)."""
-    from mlflow.environment_variables import MLFLOW_RUN_ID
-    from mlflow.tracking import fluent
-
-    MLFLOW_RUN_ID.unset()
-    fluent._active_run_stack.get().pop()
+    compat.leave_active_run()
 
 
 def _end_run(status: str) -> None:
@@ -692,7 +702,7 @@ def _end_run(status: str) -> None:
         if status == "FINISHED":
             raise
         text = str(error)
-        reason = "database or disk is full" if "database or disk is full" in text else text.splitlines()[0][:200]
+        reason = "database or disk is full" if compat.is_database_full(error) else text.splitlines()[0][:200]
         logging.getLogger(__name__).warning(f"could not mark the run {status}: {reason}")
 
 

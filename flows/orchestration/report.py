@@ -3,7 +3,7 @@ made (test metrics, epochs, registry outcome, a link to the run in the MLflow UI
 curves, and a sweep's table of jobs.
 
 Artifacts exist only where a Prefect server records the flow run; a command that runs in process
-(no server configured, flows/engine.py) publishes nothing. The MLflow UI's address is known when the
+(no server configured, flows/orchestration/engine.py) publishes nothing. The MLflow UI's address is known when the
 store is a tracking server (it serves the UI too) or when CNNFLOW_MLFLOW_UI names it (for a SQLite
 store: `mlflow ui` prints it, http://127.0.0.1:5000 by default).
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import mlflow
 
-from cnnflow.flows import engine
+from cnnflow.flows.orchestration import engine
 
 
 def mlflow_ui() -> str | None:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cnnflow.flows import runtime
+from cnnflow.flows.setup import runtime
 
 CLEARLY_FASTER = 1.15  # in wall and in CPU time: float32's bit-exact repeats are worth more than a few percent
 ROUNDS = 3  # windows per precision, alternating: these machines' speed jumps between phases for seconds

@@ -15,12 +15,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from cnnflow.components import compat
 from cnnflow.components.errors import InfrastructureError, RunError, ServerOutage, first_line
-from cnnflow.flows.config import to_yaml
-from cnnflow.flows.settings import flatten
+from cnnflow.flows.setup.config import to_yaml
+from cnnflow.flows.setup.settings import flatten
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a file in the working directory
-LOCKS_EXPERIMENT = "cnnflow.locks"  # cnnflow's bookkeeping: one run per lock, its lease the lock (flows/lifecycle.py)
+LOCKS_EXPERIMENT = "cnnflow.locks"  # cnnflow's bookkeeping: one run per lock, its lease the lock (flows/tracking/lifecycle.py)
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 _MAX_PARAM_LENGTH = 6000
 _PARAM_KEY_FORBIDDEN = re.compile(r"[^\w\-. :/]")  # MLflow refuses other characters in param names
@@ -68,7 +69,7 @@ def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
                     mlflow.MlflowClient().search_experiments(max_results=1)  # migrates an older store's tables
                     break
                 except (SQLAlchemyError, MlflowException) as error:
-                    if "disk is full" in str(error):
+                    if compat.is_database_full(error):
                         raise  # the CLI says which disk
                     if attempt == 1 and not uri.startswith("sqlite:"):
                         time.sleep(1.0)
@@ -144,7 +145,7 @@ def _check_server(uri: str) -> None:
                   "ConnectionError": "connection refused"}.get(type(error).__name__, type(error).__name__)
         raise ServerOutage(f"cannot reach the MLflow tracking server {uri} ({reason}). Start it "
                            f"(mlflow server --host ... --port ...) or {_FIX}") from None
-    if answer.status_code >= 500:  # an outage: a job on a pool is scheduled again (flows/healing.py)
+    if answer.status_code >= 500:  # an outage: a job on a pool is scheduled again (flows/orchestration/healing.py)
         raise ServerOutage(f"the MLflow tracking server {uri} answers HTTP {answer.status_code}; check its log, "
                            f"or {_FIX}")
 

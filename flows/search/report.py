@@ -1,0 +1,136 @@
+"""What a search ends with: the best trial evaluated on test (once per study), the table of every
+trial and two figures, on the search's MLflow run and in the Prefect UI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cnnflow.components.errors import RunError, counted
+from cnnflow.flows.orchestration.report import publish_table
+from cnnflow.flows.search.space import Plan, as_override, rounded
+from cnnflow.flows.search.study import describe, states
+from cnnflow.flows.tracking import store
+
+
+def summary(study, plan: Plan, parent: str, logger) -> dict:
+    """The best trial evaluated on test (once per study), figures and the table on the search's run."""
+    from mlflow import MlflowClient
+
+    from cnnflow.flows.inference import evaluate_flow
+
+    state = states()
+    trials = study.trials
+    complete = [t for t in trials if t.state == state.COMPLETE]
+    if not complete:
+        raise RunError(f"no trial of study {plan.study_name} completed ({len(trials)} tried); nothing to evaluate")
+    best = study.best_trial
+    client = MlflowClient()
+    recorded = client.get_run(parent).data
+    test = {k.removeprefix("best_test_"): v for k, v in recorded.metrics.items() if k.startswith("best_test_")}
+    if not test or recorded.tags.get("search.best_trial") != str(best.number):
+        test = evaluate_flow(best.user_attrs["run_id"], "test")
+        store.log_metrics(parent, {f"best_test_{name}": value for name, value in test.items()})
+    metric = plan.search["metric"]
+    store.set_tags(parent, {"search.best_trial": best.number, "search.best_run": best.user_attrs["run_id"],
+                            "search.best_params": " ".join(as_override(k, rounded(v)) for k, v in best.params.items())})
+    epochs_spent = sum(t.user_attrs.get("epochs_trained", 0) for t in trials)
+    store.log_metrics(parent, {f"best_{metric}": best.value, "epochs_spent": epochs_spent, "trials": len(trials),
+                               "trials_pruned": sum(t.state == state.PRUNED for t in trials)})
+    rows = table(study, plan)
+    client.log_table(parent, {key: [row[key] for row in rows] for key in rows[0]}, "trials.json")
+    for path in figures(study, plan, store.run_folder(parent, plan.cfg)):
+        client.log_artifact(parent, str(path), "figures")
+    publish_table(f"search-{plan.study_name}", rows, f"search {plan.study_name}: every trial, best first")
+    result = {"study": plan.study_name, "run_id": parent, "best_trial": best.number, "best_run": best.user_attrs["run_id"],
+              "params": best.params, metric: best.value, **{f"test_{k}": v for k, v in test.items()},
+              "trials": len(trials), "pruned": sum(t.state == state.PRUNED for t in trials),
+              "epochs_spent": epochs_spent}
+    logger.info(f"search: best {describe(best, plan)}: {metric} {best.value:.4f}, test " +
+                ", ".join(f"{k} {v:.4f}" for k, v in test.items()) + f"; {counted(len(trials), 'trial')}, "
+                f"{result['pruned']} pruned, {counted(epochs_spent, 'epoch')}")
+    return result
+
+
+def table(study, plan: Plan) -> list[dict[str, Any]]:
+    """One row per trial, the best first, then by value (pruned ones by their last value)."""
+    state = states()
+    sign = -1 if plan.search["direction"] == "max" else 1
+    metric = plan.search["metric"]
+
+    ordered = sorted(study.trials, key=lambda t: (t.state != state.COMPLETE, sign * (last_value(t) or 0)))
+    return [{"trial": t.number, "state": t.state.name.lower(),
+             metric: round(last_value(t), 4) if last_value(t) is not None else None,
+             "epochs": t.user_attrs.get("epochs_trained", 0),
+             **{key: rounded(t.params.get(key)) for key in plan.space}, "run": t.user_attrs.get("run_id", "")}
+            for t in ordered]
+
+
+def figures(study, plan: Plan, folder: Path) -> list[Path]:
+    """best-so-far against epochs spent; each parameter against the objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    state = states()
+    metric, better = plan.search["metric"], (max if plan.search["direction"] == "max" else min)
+    folder.mkdir(parents=True, exist_ok=True)
+    ended = sorted((t for t in study.trials if t.state in (state.COMPLETE, state.PRUNED)),
+                   key=lambda t: t.datetime_complete)
+    spent, best, xs, ys, points = 0, None, [], [], []
+    for t in ended:
+        spent += t.user_attrs.get("epochs_trained", 0)
+        if t.state == state.COMPLETE:
+            best = t.value if best is None else better(best, t.value)
+        points.append((spent, last_value(t), t.state == state.COMPLETE))
+        if best is not None:
+            xs.append(spent)
+            ys.append(best)
+    figure, axes = plt.subplots(figsize=(6.4, 4))
+    axes.step(xs, ys, where="post", color="tab:blue", label=f"best {metric} so far")
+    for done in (True, False):
+        chosen = [(x, y) for x, y, c in points if c == done and y is not None]
+        if chosen:
+            axes.scatter(*zip(*chosen), s=28, label="complete trial" if done else "pruned trial (last value)",
+                         color="tab:blue" if done else "none", edgecolors="tab:blue" if done else "tab:grey")
+    axes.set(xlabel="epochs spent (all trials)", ylabel=metric,
+             title=f"best {metric} against epochs spent\nsearch {plan.study_name}")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right" if plan.search["direction"] == "max" else "upper right", fontsize=8)
+    paths = [folder / "best_so_far.png"]
+    figure.tight_layout()
+    figure.savefig(paths[0], dpi=110)
+    plt.close(figure)
+
+    figure, all_axes = plt.subplots(1, len(plan.space), figsize=(3.6 * len(plan.space), 3.4), squeeze=False)
+    best_trial = study.best_trial if any(t.state == state.COMPLETE for t in study.trials) else None
+    for axes, (key, dist) in zip(all_axes[0], plan.space.items()):
+        for done in (True, False):
+            chosen = [(t.params[key], last_value(t)) for t in ended
+                      if (t.state == state.COMPLETE) == done and last_value(t) is not None]
+            if chosen:
+                axes.scatter(*zip(*chosen), s=28, color="tab:blue" if done else "none",
+                             edgecolors="tab:blue" if done else "tab:grey",
+                             label="complete" if done else "pruned (last value)")
+        if best_trial:
+            axes.scatter([best_trial.params[key]], [best_trial.value], s=120, marker="*", color="tab:orange",
+                         label=f"best (trial {best_trial.number})", zorder=3)
+        if getattr(dist, "log", False):
+            axes.set_xscale("log")
+        axes.set(xlabel=key, ylabel=metric)
+        axes.grid(alpha=0.3)
+    all_axes[0][0].legend(fontsize=7)
+    figure.suptitle(f"each setting against {metric} (pruned trials: their last value)\nsearch {plan.study_name}")
+    figure.tight_layout()
+    paths.append(folder / "parameters.png")
+    figure.savefig(paths[1], dpi=110)
+    plt.close(figure)
+    return paths
+
+
+def last_value(trial) -> float | None:
+    """A complete trial's value; a pruned one's last reported value."""
+    if trial.value is not None:
+        return trial.value
+    return trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None
