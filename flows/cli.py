@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(commands)
+    _add_search(commands)
+    _add_stages(commands)
+    _add_orchestration(commands)
+    _add_store_commands(commands)
+    return parser
+
+
+def _add_train(commands) -> None:
+    """`train`: one training, a sweep (-m) or jobs on a pool."""
     train = commands.add_parser(
         "train", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train a model as an experiment plus overrides say; one Prefect flow run and one MLflow run",
@@ -82,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "Hydra runtime section: all prints the same as job)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="experiment=NAME picks the recipe (default quickstart); others override settings")
+
+
+def _add_search(commands) -> None:
+    """`search`: a pruned hyperparameter search."""
     search = commands.add_parser(
         "search", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="pruned hyperparameter search (Optuna): trials until the budget is spent, the best one on test",
@@ -98,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--cfg", choices=("job", "all"), help="print the fixed settings, the search's own and its "
                                                               "space, checked, and stop")
     search.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+
+def _add_stages(commands) -> None:
+    """`continue`, `evaluate` and `predict`: what comes after a training."""
     cont = commands.add_parser(
         "continue", help="train a run for more epochs, in the same MLflow run (epochs, history, optimizer state go on)",
         description="Continue a training from its last checkpoint: `cnnflow continue RUN_ID --epochs 10 "
@@ -120,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files and/or folders of images")
     predict.add_argument("--csv", help="also write the table to this CSV file")
     predict.add_argument("--figure", help="also draw the images with their predictions to this PNG file")
+
+
+def _add_orchestration(commands) -> None:
+    """`serve` and `deploy`: every flow as a Prefect deployment."""
     serve = commands.add_parser(
         "serve", help="serve every flow as a Prefect deployment (needs a Prefect server)",
         description="Registers train, continue, evaluate, predict, retrain and search as deployments (train/EXPERIMENT, "
@@ -136,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "defaults of train/retrain runs; runs report to this command's MLflow store.")
     deploy.add_argument("--pool", required=True, help="the Prefect work pool")
     deploy.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+
+def _add_store_commands(commands) -> None:
+    """`runs`, `data`, `cache` and `components`: what the store and this machine hold."""
     runs = commands.add_parser("runs", help="compare recent runs of an experiment in a table")
     runs.add_argument("experiment", nargs="?", default=None, help="the MLflow experiment (default: all)")
     runs.add_argument("--limit", type=_positive, default=20, help="how many of the newest runs (default 20)")
@@ -160,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "the rest fit in SIZE (500M, 20G)")
     components = commands.add_parser("components", help="list the registered components of each kind")
     components.add_argument("kind", nargs="?", help="only this kind")
-    return parser
 
 
 def split_experiment(overrides: list[str], default: str | None = "quickstart") -> tuple[str | None, list[str]]:
@@ -192,7 +217,9 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 def sweep_tags(sweep_id: str, number: int) -> list[str]:
     """The tags that find a sweep's jobs in MLflow; the id is quoted, or a hex id such as 7002e071
     would be read as the number 7.002e+74."""
-    return [f"+tags.sweep='{sweep_id}'", f"+tags.sweep_job={number}"]
+    from cnnflow.flows.tracking.names import SWEEP, SWEEP_JOB
+
+    return [f"+tags.{SWEEP}='{sweep_id}'", f"+tags.{SWEEP_JOB}={number}"]
 
 
 def _quiet_tracebacks_of_user_errors() -> None:
@@ -216,8 +243,8 @@ def run_train(overrides: list[str], multirun: bool) -> int:
     checked first, before any server starts; in a sweep a failed job does not stop the others."""
     from cnnflow.components.data import read_ahead
     from cnnflow.components.errors import UserError, printable
-    from cnnflow.flows.tracking import store
     from cnnflow.flows.setup.config import compose_config
+    from cnnflow.flows.tracking import store
 
     jobs = sweep_jobs(overrides) if multirun else [overrides]
     sweep_id = uuid.uuid4().hex[:8]
@@ -295,12 +322,11 @@ def print_settings(command: str, overrides: list[str]) -> int:
 
 def run_search(overrides: list[str], pool: str | None) -> int:
     """A search: its settings, space and store checked before any server starts; the best trial printed."""
+    from cnnflow.components.errors import counted
     from cnnflow.flows.orchestration import engine
-    from cnnflow.flows.tracking import store
     from cnnflow.flows.search.flow import search_flow
     from cnnflow.flows.search.space import planned
-
-    from cnnflow.components.errors import counted
+    from cnnflow.flows.tracking import store
 
     experiment, rest = split_experiment(overrides)
     store.use_store(planned(experiment, rest).cfg)
@@ -334,7 +360,7 @@ def run_on_pool(overrides: list[str], multirun: bool, pool: str, wait: bool = Tr
     import mlflow
 
     from cnnflow.flows.orchestration import pool as pool_jobs
-    from cnnflow.flows.tracking import store
+    from cnnflow.flows.tracking import names, store
 
     jobs = sweep_jobs(overrides) if multirun else [overrides]
     sweep_id = uuid.uuid4().hex[:8]
@@ -356,8 +382,8 @@ def run_on_pool(overrides: list[str], multirun: bool, pool: str, wait: bool = Tr
         print(f"stopped waiting; the jobs go on in pool {pool} (cnnflow runs, tag sweep={sweep_id})", file=sys.stderr)
         return 130
     store.use_store({}, must_exist=True)
-    runs = {run.data.tags.get("sweep_job"): run for run in mlflow.search_runs(
-        search_all_experiments=True, output_format="list", filter_string=f"tags.sweep = '{sweep_id}'")}
+    runs = {run.data.tags.get(names.SWEEP_JOB): run for run in mlflow.search_runs(
+        search_all_experiments=True, output_format="list", filter_string=f"tags.{names.SWEEP} = '{sweep_id}'")}
     outcomes = []
     for number, (job, flow_run) in enumerate(zip(jobs, ended), start=1):
         run = runs.get(str(number))
@@ -446,7 +472,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from cnnflow.components.errors import UserError, exit_code, printable
-
     from cnnflow.flows.orchestration import interrupts
 
     _quiet_tracebacks_of_user_errors()

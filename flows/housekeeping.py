@@ -71,7 +71,6 @@ def _statuses(run_ids: list[str]) -> dict[str, str]:
     without a store here."""
     if not run_ids:
         return {}
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from cnnflow.flows.tracking import store
@@ -83,7 +82,7 @@ def _statuses(run_ids: list[str]) -> dict[str, str]:
     statuses = {}
     for run_id in run_ids:
         try:
-            statuses[run_id] = MlflowClient().get_run(run_id).info.status
+            statuses[run_id] = store.mlflow_client().get_run(run_id).info.status
         except MlflowException:
             continue
     return statuses

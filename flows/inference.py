@@ -19,18 +19,17 @@ import mlflow
 from cnnflow.components.errors import DataError, RunError
 from cnnflow.components.images import read_image, readable_suffixes
 from cnnflow.flows.orchestration import report
-from cnnflow.flows.tracking import store
 from cnnflow.flows.orchestration.engine import flow, run_logger, task
+from cnnflow.flows.tracking import names, store
 
 
 def resolve_model(reference: str) -> tuple[str, str]:
     """(model URI, training run id) of a run id (or a unique prefix), `runs:/<id>/<path>`,
     `models:/<name>`, `models:/<name>/<version>` or `models:/<name>@<alias>`."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     store.use_store({}, must_exist=True)
-    client = MlflowClient()
+    client = store.mlflow_client()
     try:
         if reference.startswith("models:/"):
             name, _, version = reference.removeprefix("models:/").partition("/")
@@ -45,7 +44,7 @@ def resolve_model(reference: str) -> tuple[str, str]:
                 found = max(versions, key=lambda v: int(v.version))
                 reference = f"models:/{name}/{found.version}"
             # a version serves through its pyfunc; evaluate and predict use the Keras model beside it
-            return found.tags.get("keras_model_uri", reference), found.run_id
+            return found.tags.get(names.KERAS_MODEL_URI, reference), found.run_id
         run_id, _, path = reference.removeprefix("runs:/").partition("/")
         run_id = store.full_run_id(run_id)
         if path:  # the model named, never silently another one
@@ -58,12 +57,12 @@ def resolve_model(reference: str) -> tuple[str, str]:
             return uri, run_id
         run = client.get_run(run_id)
         store.refuse_non_training(run)
-        uri = run.data.tags.get("model_uri", f"runs:/{run_id}/model")
+        uri = run.data.tags.get(names.MODEL_URI, f"runs:/{run_id}/model")
         try:  # runs of cnnflow before the model_uri tag have their model at `model`
-            "model_uri" in run.data.tags or mlflow.models.get_model_info(uri)
+            names.MODEL_URI in run.data.tags or mlflow.models.get_model_info(uri)
         except (MlflowException, OSError):
             raise RunError(f"run {run_id} has no trained model: it ended {run.info.status} before its training finished"
-                           + (f" ({run.data.tags['cnnflow.closed']})" if "cnnflow.closed" in run.data.tags else "")
+                           + (f" ({run.data.tags[names.CLOSED]})" if names.CLOSED in run.data.tags else "")
                            + f". `cnnflow continue {run_id[:8]}` goes on from its last checkpoint, if it has one; "
                              f"else train it again") from None
         return uri, run_id
@@ -113,8 +112,8 @@ def evaluate_flow(model: str, split: str = "test") -> dict[str, float]:
     cfg, _ = store.run_settings(run_id)
     metrics, fingerprint = evaluate_split(model_uri, run_id, split)
     with mlflow.start_run(experiment_id=store.experiment_id(cfg), run_name=f"evaluate {split}") as run:
-        store.set_tags(run.info.run_id, {"evaluation_of": run_id, "model_uri": model_uri, "split": split,
-                                         "data.eval_fingerprint": fingerprint})
+        store.set_tags(run.info.run_id, {names.EVALUATION_OF: run_id, names.MODEL_URI: model_uri,
+                                         names.EVALUATED_SPLIT: split, names.EVALUATED_FINGERPRINT: fingerprint})
         store.log_metrics(run.info.run_id, {f"eval_{name}": value for name, value in metrics.items()})
     named = model if model == model_uri else f"{model} ({model_uri})"  # what the user asked for, and what it is
     run_logger().info(f"{named} on {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

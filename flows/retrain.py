@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-
-from cnnflow.flows.tracking import store
-from cnnflow.flows.setup.config import Experiment, compose_config, with_fields
 from cnnflow.flows.orchestration.engine import flow, run_logger
+from cnnflow.flows.setup.config import Experiment, compose_config, with_fields
+from cnnflow.flows.tracking import names, store
 from cnnflow.flows.train import train_flow
 
 
@@ -51,17 +50,16 @@ def finished_runs(cfg: dict[str, Any], schedule: str) -> list:
     if not found:
         return []
     return mlflow.search_runs([found.experiment_id], output_format="list", order_by=["attributes.start_time ASC"],
-                              filter_string=f"tags.retrain_schedule = '{schedule}' and attributes.status = 'FINISHED'")
+                              filter_string=f"tags.{names.RETRAIN_SCHEDULE} = '{schedule}' and attributes.status = 'FINISHED'")
 
 
 def current_champion(cfg: dict[str, Any]):
     """The registry version that holds the alias, or None."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     spec = cfg["registry"]
     try:
-        return MlflowClient().get_model_version_by_alias(spec["name"], spec["alias"])
+        return store.mlflow_client().get_model_version_by_alias(spec["name"], spec["alias"])
     except MlflowException:
         return None
 
@@ -101,9 +99,9 @@ def retrain_flow(experiment: Experiment = "celeba", overrides: list[str] | None 
                           f"champion before: {before}" + (", starting from its weights" if warm else ""))
     run_id = train_flow(experiment, overrides + [
         f"data.train_size={size}", f"registry.name={name}",
-        f"+tags.retrain_schedule={schedule}", f"+tags.retrain_subset_size={size}",
-        f"+tags.retrain_sequence={len(done) + 1}", f"+tags.retrain_previous_champion='{before}'",
-        f"+tags.retrain_warm_start={warm or 'no'}", *([f"train.init_from={warm}"] if warm else []),
+        f"+tags.{names.RETRAIN_SCHEDULE}={schedule}", f"+tags.{names.RETRAIN_SUBSET_SIZE}={size}",
+        f"+tags.{names.RETRAIN_SEQUENCE}={len(done) + 1}", f"+tags.{names.RETRAIN_PREVIOUS_CHAMPION}='{before}'",
+        f"+tags.{names.RETRAIN_WARM_START}={warm or 'no'}", *([f"train.init_from={warm}"] if warm else []),
         "resume=false",
     ])
     if done:
@@ -125,8 +123,8 @@ def _check_growth(previous: str, run_id: str) -> None:
         run_logger().warning(f"retrain: not compared with run {previous}: {error}")
         return
     grew = not found["removed"] and not found["changed"]
-    store.set_tags(run_id, {"retrain_previous_run": previous, "retrain_added": found["added"],
-                            "retrain_contains_previous": grew})
+    store.set_tags(run_id, {names.RETRAIN_PREVIOUS_RUN: previous, names.RETRAIN_ADDED: found["added"],
+                            names.RETRAIN_CONTAINS_PREVIOUS: grew})
     if grew:
         run_logger().info(f"retrain: the training subset holds all {found['kept']:,} examples of run {previous[:8]} "
                           f"and {found['added']:,} more")
@@ -138,8 +136,9 @@ def _check_growth(previous: str, run_id: str) -> None:
 
 def sequence_points(runs: list) -> list[tuple[int, float, str]]:
     """(training images, last validation accuracy, run id) of each finished run of a sequence, in order."""
-    return [(int(run.data.tags["split.train_size"]), run.data.metrics["val_accuracy"], run.info.run_id)
-            for run in runs if "split.train_size" in run.data.tags and "val_accuracy" in run.data.metrics]
+    train_size = names.split_size("train")
+    return [(int(run.data.tags[train_size]), run.data.metrics["val_accuracy"], run.info.run_id)
+            for run in runs if train_size in run.data.tags and "val_accuracy" in run.data.metrics]
 
 
 def _log_sequence_figure(run_id: str, runs: list, champion) -> None:
@@ -150,7 +149,6 @@ def _log_sequence_figure(run_id: str, runs: list, champion) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    from mlflow import MlflowClient
 
     points = sequence_points(runs)
     if not points:
@@ -179,5 +177,5 @@ def _log_sequence_figure(run_id: str, runs: list, champion) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "retrain_sequence.png"
         figure.savefig(path, dpi=110)
-        MlflowClient().log_artifact(run_id, str(path), "figures")
+        store.mlflow_client().log_artifact(run_id, str(path), "figures")
     plt.close(figure)

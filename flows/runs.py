@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 
 from cnnflow.components.errors import RunError
-from cnnflow.flows.tracking import store
+from cnnflow.flows.tracking import names, store
 from cnnflow.flows.tracking.lifecycle import closed_if_abandoned
 from cnnflow.flows.tracking.store import LOCKS_EXPERIMENT
 
@@ -14,27 +14,26 @@ COLUMNS = ("run", "experiment", "status", "started", "model", "precision", "trai
 
 
 def _row(run, experiment_names: dict[str, str]) -> list[str]:
-    from mlflow import MlflowClient
 
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
-    history = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+    history = store.mlflow_client().get_metric_history(run.info.run_id, "val_accuracy")
     started = datetime.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
     overrides = params.get("overrides", "").strip("[]").replace("'", "")
-    if tags.get("evaluation_of"):
-        overrides = f"evaluation of {tags['evaluation_of'][:8]} on {tags.get('split')}"
-    if tags.get("search.study"):  # a search: its best trial's numbers
+    if tags.get(names.EVALUATION_OF):
+        overrides = f"evaluation of {tags[names.EVALUATION_OF][:8]} on {tags.get(names.EVALUATED_SPLIT)}"
+    if tags.get(names.SEARCH_STUDY):  # a search: its best trial's numbers
         best = metrics.get("best_val_accuracy")
-        overrides = (f"search, best trial {tags['search.best_trial']}: {tags.get('search.best_params', '')}"
-                     if "search.best_trial" in tags else "search, no trial complete yet")
+        overrides = (f"search, best trial {tags[names.SEARCH_BEST_TRIAL]}: {tags.get(names.SEARCH_BEST_PARAMS, '')}"
+                     if names.SEARCH_BEST_TRIAL in tags else "search, no trial complete yet")
         return [run.info.run_id[:8], experiment_names.get(run.info.experiment_id, "?"), run.info.status, started,
                 "search", "-", "-", "-", f"{int(metrics['epochs_spent'])}" if "epochs_spent" in metrics else "-",
                 f"{best:.4f}" if best is not None else "-",
                 f"{metrics['best_test_accuracy']:.4f}" if "best_test_accuracy" in metrics else "-", overrides[:60]]
     return [
         run.info.run_id[:8], experiment_names.get(run.info.experiment_id, "?"), run.info.status, started,
-        params.get("model.name", "-"), _precision(params), tags.get("split.train_size", "-"),
+        params.get("model.name", "-"), _precision(params), tags.get(names.split_size("train"), "-"),
         # what it trained (or evaluated) on: the fingerprint's first digits, as MLflow's Datasets column shows it
-        (tags.get("data.train_fingerprint") or tags.get("data.eval_fingerprint") or "-")[:12],
+        (tags.get(names.data_fingerprint("train")) or tags.get(names.EVALUATED_FINGERPRINT) or "-")[:12],
         str(max((m.step for m in history), default=0) or "-"),
         f"{max(m.value for m in history):.4f}" if history else "-",
         f"{metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else
@@ -49,7 +48,7 @@ def _precision(params: dict[str, str]) -> str:
     if not used:
         return "-"
     short = used.removeprefix("mixed_")
-    return f"{short} ({params['precision.basis']})" if "precision.basis" in params else short
+    return f"{short} ({params[names.PRECISION_BASIS]})" if names.PRECISION_BASIS in params else short
 
 
 def runs_table(experiment: str | None = None, limit: int = 20) -> str:
@@ -65,7 +64,7 @@ def runs_table(experiment: str | None = None, limit: int = 20) -> str:
     ids = [i for i, name in names.items() if experiment in (None, name)]
     runs = mlflow.search_runs(ids, output_format="list", order_by=["attributes.start_time DESC"], max_results=limit)
     # a run whose process is gone is not shown (or left) RUNNING
-    runs = [mlflow.MlflowClient().get_run(run.info.run_id) if closed_if_abandoned(run) else run for run in runs]
+    runs = [store.mlflow_client().get_run(run.info.run_id) if closed_if_abandoned(run) else run for run in runs]
     if not runs:
         return f"no runs in {store.tracking_uri({})}"
     rows = [list(COLUMNS)] + [_row(run, names) for run in runs]

@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 
 from cnnflow.components.errors import DataError
-from cnnflow.flows.setup.config import compose_config, fields_of
 from cnnflow.flows.orchestration.healing import RESUMABLE_TAG, install_automations, job_environment
 from cnnflow.flows.orchestration.pool import needs_server
+from cnnflow.flows.setup.config import compose_config, fields_of
 
 DEPLOYMENTS = ("train", "continue", "evaluate", "predict", "retrain", "search")
 

@@ -19,14 +19,13 @@ from typing import Any, Literal
 
 import mlflow
 
-from cnnflow.components import compat, registry
+from cnnflow.components import registry
 from cnnflow.components.errors import RunError, UserError, is_transient
-from cnnflow.flows.orchestration import healing, interrupts, report
-from cnnflow.flows.setup import precision, runtime, settings
-from cnnflow.flows.tracking import lifecycle, outbox, promotion, store
-from cnnflow.flows.setup.config import Experiment, compose_config, with_fields
+from cnnflow.flows.orchestration import healing, report
 from cnnflow.flows.orchestration.engine import flow, run_logger, task
-
+from cnnflow.flows.setup import precision, runtime, settings
+from cnnflow.flows.setup.config import Experiment, compose_config, with_fields
+from cnnflow.flows.tracking import lifecycle, names, promotion, store
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -83,9 +82,9 @@ def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, outpu
     split = fingerprinted(cfg["data"], split)
     store.log_metrics(run_id, {"fingerprint_seconds": time.perf_counter() - started})  # once per run (benchmarks/)
     sizes = split.sizes()
-    store.set_tags(run_id, {f"split.{role}_size": size for role, size in sizes.items()}
-                      | {f"split.{role}": split.partitions[role] for role in sizes}
-                      | {f"data.{role}_fingerprint": value for role, value in split.fingerprints.items()})
+    store.set_tags(run_id, {names.split_size(role): size for role, size in sizes.items()}
+                      | {names.split_partition(role): split.partitions[role] for role in sizes}
+                      | {names.data_fingerprint(role): value for role, value in split.fingerprints.items()})
     counts = class_counts(cfg["data"], split, tuple(features["class_names"]))
     rows = [(role, name, n) for role, per_class in counts.items() for name, n in per_class.items()]
     mlflow.log_table({"split": [r[0] for r in rows], "class": [r[1] for r in rows], "count": [r[2] for r in rows]},
@@ -94,7 +93,7 @@ def split_data(cfg: dict[str, Any], features: dict[str, Any], run_id: str, outpu
         f"{role} {sizes[role]} ({', '.join(f'{name} {n}' for name, n in counts[role].items())})" for role in sizes))
     store.log_data_inputs(run_id, cfg["data"], split, features)
     path = split.save(Path(output_dir) / "split.npz")
-    mlflow.MlflowClient().log_artifact(run_id, path)  # a machine without this folder resumes or evaluates from it
+    store.mlflow_client().log_artifact(run_id, path)  # a machine without this folder resumes or evaluates from it
     return path
 
 
@@ -143,30 +142,30 @@ def _settled_precision(cfg: dict[str, Any], features: dict[str, Any], run_id: st
     """Sets the precision the run trains in: `auto` becomes what the run recorded when it started (it
     is resumed, or trained again from its start), else what choose_precision settles now. Returns the
     params that say why, for a run that has none yet."""
-    from mlflow import MlflowClient
 
     if cfg["runtime"]["precision"] != "auto":
         choice = precision.chosen(cfg, features, build=None)
-        return {"precision.why": choice.why, "precision.basis": choice.basis}
-    recorded = MlflowClient().get_run(run_id).data.params.get("runtime.precision")
+        return {names.PRECISION_WHY: choice.why, names.PRECISION_BASIS: choice.basis}
+    recorded = store.mlflow_client().get_run(run_id).data.params.get("runtime.precision")
     if recorded:
         cfg["runtime"]["precision"] = recorded
         return {}
     choice = choose_precision(cfg, features)
     cfg["runtime"]["precision"] = choice["precision"]
-    return {"precision.why": choice["why"], "precision.basis": choice["basis"]}
+    return {names.PRECISION_WHY: choice["why"], names.PRECISION_BASIS: choice["basis"]}
 
 
 @task(name="build model", cache_policy="none")
 def build_model(cfg: dict[str, Any], features: dict[str, Any], split_path: str, output_dir: str) -> str:
     """The registered model, compiled with the configured loss and optimizer, saved untrained."""
     from cnnflow.components.data import Split, steps_per_epoch
+    from cnnflow.flows import fitting
 
     _prepare_tensorflow(cfg)
     model = _compiled_model(cfg, features, steps_per_epoch(cfg["data"], Split.load(split_path)))
     model.optimizer.build(model.trainable_variables)  # so the saved file holds the optimizer's variables
     if cfg["train"]["init_from"]:
-        _start_from(model, cfg["train"]["init_from"])
+        fitting.start_from(model, cfg["train"]["init_from"])
     run_logger().info(f"model {cfg['model']['name']}: {model.count_params():,} parameters"
                           + (f", weights from {cfg['train']['init_from']}" if cfg["train"]["init_from"] else ""))
     path = Path(output_dir) / "untrained.keras"
@@ -194,229 +193,34 @@ def train_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id: s
                 initial_epoch: int = 0) -> str:
     """Fits from `initial_epoch` up to train.epochs, logging and checkpointing every epoch; saves the
     model and logs it to MLflow. `model_path` is the untrained model or the checkpoint to go on from."""
-    import keras
-
-    from cnnflow.components.callbacks import (EpochCheckpoint, EpochMetrics, EpochProgress, StopOnDivergence,
-                                              WarnAtChance, backfill_metrics, restore_random_state, state_of)
-    from cnnflow.components.data import (Split, cache_needs, caching, check_same_data, examples, make_dataset,
-                                         read_in_full, steps_per_epoch)
-    from cnnflow.components.serving import log_serving_model
+    from cnnflow.components.data import Split, check_same_data, steps_per_epoch
+    from cnnflow.flows import fitting  # with it Keras: only now, after the thread settings (_prepare_tensorflow)
+    from cnnflow.flows.tracking import checkpoints
 
     _prepare_tensorflow(cfg)
     split = Split.load(split_path)
     check_same_data(cfg["data"], split, run_id)  # a resumed or continued training goes on with what it began
     strategy = runtime.distribution(cfg["runtime"])
-    inside_epoch = Path(model_path).suffix == ".npz"  # a position inside an epoch: its arrays fill a model file
-    state = state_of(model_path) if initial_epoch or inside_epoch else {}
-    base = str(Path(model_path).with_name(state["file"])) if inside_epoch else model_path
-    model = _just_built.pop(base, None) if _handed_over_in_memory(cfg) else None
+    start = fitting.Start.of(model_path, initial_epoch)
+    model = _just_built.pop(start.base, None) if _handed_over_in_memory(cfg) else None
     if model is None:
         with strategy.scope(), runtime.own_seed_draws(cfg["seed"]):  # variables, optimizer state on every replica
-            model = _load_start_model(base, initial_epoch)
-            restore_random_state(model, state.get("random"))
-    store.set_tags(run_id, {"replicas": strategy.num_replicas_in_sync})
+            model = fitting.load_start_model(start.base, initial_epoch)
+            checkpoints.restore_random_state(model, start.state.get("random"))
+    store.set_tags(run_id, {names.REPLICAS: strategy.num_replicas_in_sync})
     model.jit_compile = cfg["runtime"]["jit_compile"]
-    _apply_learning_rate(model, cfg["optimizer"])
+    fitting.apply_learning_rate(model, cfg["optimizer"])
     steps = steps_per_epoch(cfg["data"], split)
     if initial_epoch:
-        _say_schedule(model.optimizer, initial_epoch, cfg["train"]["epochs"], steps)
-    output = Path(output_dir)
-    history = state.get("history")
-    if history:
-        backfill_metrics(run_id, history)
-    divergence = StopOnDivergence(cfg["train"]["max_loss_factor"], first_loss=(history or {}).get("loss", [None])[0])
-    epochs = cfg["train"]["epochs"]
+        fitting.say_schedule(model.optimizer, initial_epoch, cfg["train"]["epochs"], steps)
+    if start.history:
+        store.backfill_metrics(run_id, start.history)
     writes = lifecycle.writer(run_id)  # metrics and checkpoints go to the store beside the training
-    upload = lifecycle.checkpoint_uploader(writes, output, cfg["train"]["checkpoint_every"],
-                                           cfg["train"]["checkpoint_slots"], last_epoch=epochs)
-    done = state.get("batch", 0)  # batches of epoch initial_epoch + 1 trained before a stop
-    checkpoint = EpochCheckpoint(output, history, divergence, on_saved=upload, minutes=cfg["train"]["checkpoint_minutes"],
-                                 steps=steps, base=Path(base).name, resume=(model_path, done) if inside_epoch else None,
-                                 log=writes.metrics, on_position=lifecycle.position_uploader(writes, output))
-
-    def between_batches(batch, logs):
-        interrupts.raise_if_received()
-        writes.check()
-
-    callbacks = [registry.build("callback", spec) for spec in cfg["train"]["callbacks"].values() if spec]
-    callbacks += [divergence, checkpoint, EpochProgress(epochs, run_logger(), cfg["data"]["batch_size"]),
-                  EpochMetrics(writes.metrics),
-                  keras.callbacks.LambdaCallback(on_train_batch_end=between_batches)]
-    chance = _majority_share(examples(cfg["data"], split, "valid").labels)
-    callbacks.append(WarnAtChance(chance, run_logger()))
-    if "search" in cfg["tags"]:  # a search's trial: its search may prune it at an epoch end (flows/search/)
-        from cnnflow.flows.search.pruning import Verdicts
-
-        # last: after the epoch's checkpoint
-        callbacks.append(Verdicts(run_id, epochs, run_logger(), {"val_accuracy": chance}).callback)
-    needs = cache_needs(cfg["data"], split)
-    kept = caching.plan(cfg["data"], needs)
-    run_logger().info(caching.describe(kept, needs, cfg["data"]))
-    store.set_tags(run_id, {f"cache.{role}": where for role, where in kept.items() if role in caching.CACHED_ROLES})
-    # Keras runs every epoch of a fit call for the same steps: the rest of an epoch stopped inside is a call of its own
-    stages = [(initial_epoch, initial_epoch + 1, done), (initial_epoch + 1, epochs, 0)] if done else [(initial_epoch, epochs, 0)]
-    with interrupts.noted(), strategy.scope(), outbox.failing_fast(), read_in_full():
-        validation = make_dataset(cfg["data"], split, "valid", cfg["seed"], kept["valid"])
-        if inside_epoch:  # Keras makes the metrics' (and a new optimizer's) variables when it first traces a step; the
-            compat.build_for_inputs(model, validation.element_spec)  # position fills them before that
-        try:
-            for first, last, skipped in stages:
-                if first >= last or divergence.diverged or model.stop_training:
-                    break
-                # one pipeline for its epochs, each drawn from (seed, epoch): a resumed training draws what it would have
-                model.fit(make_dataset(cfg["data"], split, "train", cfg["seed"], kept["train"], range(first, last),
-                                       skipped),
-                          validation_data=validation, steps_per_epoch=steps - skipped, initial_epoch=first, epochs=last,
-                          callbacks=callbacks, shuffle=False, verbose=0)
-        finally:  # a stop keeps the position being written
-            checkpoint.finish_writing(quietly=True)
-        writes.flush()  # what the steps after training read (metrics, the last checkpoint) is in the store
-    if divergence.diverged:
-        where = divergence.diverged
-        if "search" in cfg["tags"]:
-            from cnnflow.flows.search.pruning import diverged_trial
-
-            diverged_trial(run_id, where)
-        raise RunError(f"training diverged: the loss became {where['loss']:.4g} in epoch {where['epoch']} (batch "
-                       f"{where['batch']}) at learning rate {where['learning_rate']:.3g}; the run is FAILED and not "
-                       f"registered. Lower optimizer.learning_rate (or check the data)")
-    model.save(output / "model.keras")
-    # The input example goes with `serving` only: MLflow 3.17's Keras flavor writes an input example
-    # before it makes the model's folder (FileNotFoundError), so `model` has its signature alone.
-    logged = mlflow.keras.log_model(model, name="model", pip_requirements=model_requirements(), signature=_signature(model))
-    example = examples(cfg["data"], split, "test").image(0)
-    serving = log_serving_model(str(output / "model.keras"), store.run_features(run_id, output), cfg["data"], cfg["loss"],
-                                example, model_requirements(*SERVING_NEEDS))
-    store.set_tags(run_id, {"model_uri": logged.model_uri, "serving_uri": serving.model_uri})  # the newest stage's
-    (output / "history.json").write_text(json.dumps(checkpoint.history))
-    return str(output / "model.keras")
-
-
-def _majority_share(labels) -> float:
-    """The accuracy of always answering the most common class: what a model that learnt nothing gets."""
-    import numpy as np
-
-    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
-
-
-# What the `serving` model imports besides TensorFlow and Keras (components/serving.py and the
-# components it carries).
-SERVING_NEEDS = (("mlflow",), ("numpy",), ("pandas",), ("scipy",), ("pillow",), ("annotated-types",))
-
-
-def model_requirements(*more: tuple[str, ...]) -> list[str]:
-    """What a logged model needs, pinned to the versions it was trained with (MLflow's own inference
-    of requirements would start a subprocess per logged model): TensorFlow, Keras and `more`."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pinned = []
-    for names in (("tensorflow", "tensorflow-cpu", "tensorflow-macos"), ("keras",), *more):
-        for name in names:  # whichever build of TensorFlow is installed here
-            try:
-                pinned.append(f"{name}=={version(name)}")
-                break
-            except PackageNotFoundError:
-                continue
-    return pinned
-
-
-def _start_from(model, uri: str) -> None:
-    """Copy the weights of the logged model `uri` into `model` (a warm start); they must fit."""
-    from mlflow.exceptions import MlflowException
-
-    from cnnflow.components.errors import SettingsError
-
-    from cnnflow.flows.inference import resolve_model
-
-    try:  # a registry version's Keras model (versions point at the serving pyfunc beside it)
-        source = mlflow.keras.load_model(resolve_model(uri)[0] if uri.startswith("models:/") else uri)
-    except (MlflowException, OSError, RunError) as error:
-        raise SettingsError(f"train.init_from={uri}: cannot load it ({str(error).splitlines()[0][:150]})") from None
-    mine, theirs = [w.shape for w in model.get_weights()], [w.shape for w in source.get_weights()]
-    if mine != theirs:
-        raise SettingsError(f"train.init_from={uri}: its weights ({len(theirs)} arrays) do not fit "
-                            f"{model.name} ({len(mine)} arrays); start from a model of the same architecture")
-    model.set_weights(source.get_weights())
-
-
-def _signature(model):
-    """The model's input and output as MLflow records them: float32 tensors, any batch size."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    def tensor(shape):
-        return Schema([TensorSpec(np.dtype(np.float32), (-1, *shape[1:]))])
-
-    return ModelSignature(inputs=tensor(model.input_shape), outputs=tensor(model.output_shape))
-
-
-def _load_start_model(model_path: str, initial_epoch: int):
-    """The untrained model or the checkpoint to go on from. A checkpoint that passed its checksum but
-    whose contents do not read is set aside (renamed *.damaged), so the next run resumes from the one
-    before it. Failures that say nothing about the file (memory, permissions, a Keras that cannot
-    read what another Keras wrote) leave it in place and are reported as what they are."""
-    import zipfile
-
-    import keras
-    import tensorflow as tf
-
-    try:
-        return keras.models.load_model(model_path)
-    except (MemoryError, tf.errors.ResourceExhaustedError) as error:
-        raise RunError(f"out of memory loading the checkpoint {model_path} ({type(error).__name__}); it is kept: "
-                       f"free memory (or use a machine with more) and run the same command again") from None
-    except PermissionError as error:
-        raise RunError(f"cannot read the checkpoint {model_path}: {error.strerror}; it is kept: fix the folder's "
-                       f"permissions and run the same command again") from None
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, TypeError) as error:
-        if not initial_epoch:
-            raise
-        written = _keras_version_of(model_path)
-        if written not in (None, keras.__version__):
-            raise RunError(f"the checkpoint {model_path} was written by Keras {written} and "
-                           f"does not load in Keras {keras.__version__} ({type(error).__name__}); it is kept: resume "
-                           f"with that Keras version") from None
-        state = Path(model_path).with_suffix(".json")
-        if state.is_file():
-            state.rename(state.with_name(state.name + ".damaged"))
-        raise RunError(f"the checkpoint {model_path} does not load ({type(error).__name__}); it is set aside: run the "
-                       f"same command again to resume from the checkpoint before it (or resume=false to start afresh)") \
-            from None
-
-
-def _keras_version_of(model_path: str) -> str | None:
-    """The Keras version recorded in a .keras file's metadata.json, or None when it cannot be read."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(model_path) as archive:
-            return json.loads(archive.read("metadata.json"))["keras_version"]
-    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
-        return None
-
-
-def _apply_learning_rate(model, optimizer: dict[str, Any]) -> None:
-    """A stage may change a fixed learning rate; the rest of the optimizer state comes from the
-    checkpoint. (A schedule's rate is not a variable and stays the schedule's.)"""
-    rate, current = optimizer.get("learning_rate"), model.optimizer.learning_rate
-    if rate is not None and hasattr(current, "assign"):
-        current.assign(rate)
-
-
-def _say_schedule(optimizer, initial_epoch: int, epochs: int, steps: int) -> None:
-    """A learning-rate schedule fixed to the first stage's length is not stretched by a continuation:
-    say where it leaves the new epochs (a cosine that has ended leaves them at its final rate)."""
-    schedule = compat.learning_rate_schedule(optimizer)
-    decay_steps = getattr(schedule, "decay_steps", None)
-    if decay_steps is None or decay_steps >= epochs * steps:
-        return
-    rate_at = lambda step: float(schedule(step))  # noqa: E731
-    run_logger().warning(
-        f"the learning rate follows this run's {type(schedule).__name__} over its first "
-        f"{decay_steps / steps:g} epochs, not stretched over epochs {initial_epoch + 1}-{epochs}: they train at "
-        f"{rate_at(initial_epoch * steps):.3g} falling to {rate_at(epochs * steps):.3g} (a new run with "
-        f"train.epochs={epochs} would spread the schedule over all of them)")
+    watch = fitting.watchers(cfg, run_id, split, Path(output_dir), start, steps, writes)
+    fitting.fit(cfg, model, split, start, steps, initial_epoch, watch, strategy, writes, fitting.cache_plan(cfg, split, run_id))
+    if watch.divergence.diverged:
+        fitting.refuse_diverged(cfg, run_id, watch.divergence.diverged)
+    return fitting.saved_and_logged(cfg, model, split, run_id, Path(output_dir), watch.checkpoint.history)
 
 
 @task(name="evaluate", cache_policy="none")
@@ -448,7 +252,6 @@ def plot_results(cfg: dict[str, Any], features: dict[str, Any], split_path: str,
     """The configured figures, written to <output>/figures/ and logged to the run's figures/."""
     import matplotlib.pyplot as plt
     import numpy as np
-    from mlflow import MlflowClient
 
     from cnnflow.components.data import Split, examples
     from cnnflow.components.plots import Results
@@ -468,7 +271,7 @@ def plot_results(cfg: dict[str, Any], features: dict[str, Any], split_path: str,
         path = figures_dir / f"{label}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
-        MlflowClient().log_artifact(run_id, str(path), "figures")
+        store.mlflow_client().log_artifact(run_id, str(path), "figures")
         paths.append(str(path))
     return paths
 
@@ -476,24 +279,22 @@ def plot_results(cfg: dict[str, Any], features: dict[str, Any], split_path: str,
 def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, features: dict[str, Any],
                        split_path: str, start_model: str, initial_epoch: int) -> dict[str, float]:
     """The part of the DAG that a new training, a resumed one and a continuation share."""
-    from mlflow import MlflowClient
+    from cnnflow.flows.tracking import checkpoints
 
-    from cnnflow.components.callbacks import read_checkpoint
-
-    hardware = {"devices": runtime.devices(), "precision": cfg["runtime"]["precision"]}
+    hardware = {names.DEVICES: runtime.devices(), names.PRECISION: cfg["runtime"]["precision"]}
     store.set_tags(run_id, hardware)
     run_logger().info(f"training on {hardware['devices']} in {hardware['precision']}")
     trained = train_model(cfg, split_path, start_model, run_id, str(output_dir), initial_epoch)
-    epochs_done = read_checkpoint(output_dir)["epoch"]
+    epochs_done = checkpoints.read_checkpoint(output_dir)["epoch"]
     if cfg["train"]["test"]:
         metrics = evaluate_model(cfg, split_path, trained, run_id, str(output_dir), epochs_done)
         plot_results(cfg, features, split_path, run_id, str(output_dir))
     else:  # a search chooses on validation; the test split is kept for the one run chosen
-        metrics = {name: MlflowClient().get_run(run_id).data.metrics[name] for name in ("val_loss", "val_accuracy")}
+        metrics = {name: store.mlflow_client().get_run(run_id).data.metrics[name] for name in ("val_loss", "val_accuracy")}
         run_logger().info("test split not evaluated (train.test=false): validation only")
     promotion.maybe_register(cfg, run_id, run_logger())
     report.publish_training(run_id, epochs_done, metrics, output_dir)
-    lifecycle.tidy_finished(run_id, Path(output_dir), epochs_done, cfg["train"]["keep_checkpoints"], run_logger())
+    checkpoints.tidy_finished(run_id, Path(output_dir), epochs_done, cfg["train"]["keep_checkpoints"], run_logger())
     return metrics
 
 
@@ -596,7 +397,9 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     lifecycle.refuse_frozen_changes(stored, cfg, tuple(f"data.{key}" for key in DATA_LOCATIONS)
                                     if recorded.fingerprints else ())
     logger = run_logger()
-    checkpoint, skipped = lifecycle.newest_checkpoint(run_id, output_dir, logger)
+    from cnnflow.flows.tracking.checkpoints import newest_checkpoint
+
+    checkpoint, skipped = newest_checkpoint(run_id, output_dir, logger)
     if checkpoint is None:
         why = "; ".join(skipped) or f"none in {output_dir} or in the run's artifacts"
         raise RunError(f"run {run_id} has no usable checkpoint ({why}); it cannot be continued")
@@ -606,9 +409,9 @@ def continue_flow(run_id: str, epochs: int = 10, overrides: list[str] | None = N
     check_same_data(cfg["data"], recorded, run_id)  # refused before the run is touched
     with lifecycle.tracked_run(cfg, run_id, logger) as (run_id, output_dir):
         stage = lifecycle.next_stage(run_id)
-        store.set_tags(run_id, {f"stage.{stage}.epochs": f"{checkpoint['epoch'] + 1}-{cfg['train']['epochs']}",
-                                   f"stage.{stage}.overrides": " ".join(overrides or []) or "(none)",
-                                   "stages": stage, "epochs_total": cfg["train"]["epochs"]})
+        store.set_tags(run_id, {names.stage_epochs(stage): f"{checkpoint['epoch'] + 1}-{cfg['train']['epochs']}",
+                                   names.stage_overrides(stage): " ".join(overrides or []) or "(none)",
+                                   names.STAGES: stage, names.EPOCHS_TOTAL: cfg["train"]["epochs"]})
         logger.info(f"continuing run {run_id}: stage {stage}, epochs {checkpoint['epoch'] + 1}-{cfg['train']['epochs']}")
         metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, split_path, checkpoint["path"], checkpoint["epoch"])
     logger.info(f"done: run {run_id}, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

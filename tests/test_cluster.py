@@ -76,7 +76,7 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
     dead worker uploaded (train.checkpoint_minutes: one every 0.6 s, a few an epoch); the waiting command reports one job."""
     import mlflow
 
-    from cnnflow.flows.tracking import lifecycle
+    from cnnflow.flows.tracking import checkpoints
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cluster["env"]["MLFLOW_TRACKING_URI"])
     mlflow.set_tracking_uri(cluster["env"]["MLFLOW_TRACKING_URI"])
@@ -92,7 +92,7 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
 
     def inside_a_later_epoch():
         runs = client.search_runs(["1"], filter_string="tags.seed = '5'")
-        newest = lifecycle._stored_states(runs[0].info.run_id)[:1] if runs else []
+        newest = checkpoints._stored_states(runs[0].info.run_id)[:1] if runs else []
         if newest and newest[0][0]["epoch"] >= 2 and newest[0][0]["batch"]:
             seen.append(runs[0])
         return seen
@@ -102,7 +102,7 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
     worker = worker_training(run, cluster["workers"])
     kill_tree(cluster["workers"][worker].pid)  # the worker and its training: a machine gone
     shutil.rmtree(Path(run.data.tags["output_dir"]).parents[2])  # its temporary folder: as if another machine
-    [(newest, _), *_] = lifecycle._stored_states(run.info.run_id)  # an epoch's end may have come between look and kill
+    [(newest, _), *_] = checkpoints._stored_states(run.info.run_id)  # an epoch's end may have come between look and kill
     epochs_before = len(client.get_metric_history(run.info.run_id, "loss"))
     assert 2 <= epochs_before < 12
 

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cnnflow.components import registry
-from cnnflow.components.callbacks import checkpoints, read_checkpoint
+from cnnflow.flows.tracking.checkpoints import checkpoints, read_checkpoint
 from cnnflow.components.data import checked_partitions
 from cnnflow.components.errors import DataError, InfrastructureError, RunError, TransientError
 from cnnflow.flows import cli

@@ -143,8 +143,8 @@ def test_positions_uploaded_beside_the_training_ride_out_a_minute_long_outage(tr
 
     import mlflow
 
-    from cnnflow.components.callbacks import read_checkpoint
-    from cnnflow.flows.tracking import lifecycle
+    from cnnflow.flows.tracking.checkpoints import read_checkpoint
+    from cnnflow.flows.tracking import checkpoints
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
     mlflow.set_tracking_uri(tracking_server.uri)  # lifecycle reads the artifact store through it
@@ -155,8 +155,8 @@ def test_positions_uploaded_beside_the_training_ride_out_a_minute_long_outage(tr
     run_id = _wait_for_epochs(tracking_server, 1, process)
 
     def newest_stored() -> tuple[int, int]:
-        states = lifecycle._stored_states(run_id)
-        return lifecycle._place(states[0][0]) if states else (0, 0)
+        states = checkpoints._stored_states(run_id)
+        return checkpoints._place(states[0][0]) if states else (0, 0)
 
     wait_until(lambda: newest_stored()[1], 120, "a position inside an epoch in the artifact store")
     before = newest_stored()
@@ -164,7 +164,7 @@ def test_positions_uploaded_beside_the_training_ride_out_a_minute_long_outage(tr
     time.sleep(60)
     assert process.poll() is None  # trained on
     folder = _the_run_folder(tmp_path / "user", run_id)
-    taken_while_down = lifecycle._place(read_checkpoint(folder))  # the newest that reads (one may be replaced)
+    taken_while_down = checkpoints._place(read_checkpoint(folder))  # the newest that reads (one may be replaced)
     assert taken_while_down > before
     tracking_server.start()
     wait_until(lambda: newest_stored() > taken_while_down, 180, "a position taken after the outage in the store")

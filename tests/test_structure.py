@@ -3,6 +3,7 @@ circle ("Layers"), and no error is swallowed unsaid ("Errors"), both in docs/dev
 
 import ast
 import itertools
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -15,7 +16,7 @@ LAYERS = [
     ("setup", ("flows.setup",)),
     ("tracking", ("flows.tracking",)),
     ("orchestration", ("flows.orchestration",)),
-    ("flows", ("flows.search", "flows.train", "flows.inference", "flows.retrain", "flows.housekeeping", "flows.runs",
+    ("flows", ("flows.search", "flows.train", "flows.fitting", "flows.inference", "flows.retrain", "flows.housekeeping", "flows.runs",
                "flows.serve")),
     ("command line", ("flows.cli",)),
 ]
@@ -103,8 +104,8 @@ def test_no_import_circle():
 
 def test_the_layer_check_sees_imports_inside_functions():
     """The check would pass vacuously if it read module-level imports alone: search.flow imports the
-    train flow inside a function (train imports the search's pruning channel at the top)."""
-    assert "flows.train" in GRAPH["flows.search.flow"] and "flows.search.pruning" in GRAPH["flows.train"]
+    train flow inside a function, and so does fitting the search's pruning channel."""
+    assert "flows.train" in GRAPH["flows.search.flow"] and "flows.search.pruning" in GRAPH["flows.fitting"]
 
 # Broad handlers that neither re-raise nor warn, each with the reason it may stay silent.
 QUIET_ON_PURPOSE = {
@@ -185,3 +186,55 @@ def test_private_names_of_libraries_are_used_in_compat_alone():
     found = {str(p.relative_to(ROOT)): _private_uses(p) for p in SOURCES if p.name != "compat.py"}
     assert {path: uses for path, uses in found.items() if uses} == {}
     assert _private_uses(ROOT / "components" / "compat.py")  # the check sees what compat holds
+
+
+def _literal_tag_names(path: Path) -> list[str]:
+    """String literals used as MLflow tag names: keys written by set_tags/set_tag, keys read from a
+    run's tags, names in a filter string."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+            if called == "set_tags" and len(node.args) > 1 and isinstance(node.args[1], ast.Dict):
+                found += [ast.unparse(k) for k in node.args[1].keys if isinstance(k, (ast.Constant, ast.JoinedStr))]
+            if called == "set_tag" and len(node.args) > 1 and isinstance(node.args[1], (ast.Constant, ast.JoinedStr)):
+                found.append(ast.unparse(node.args[1]))
+            if called == "get" and isinstance(node.func, ast.Attribute) and ast.unparse(node.func.value).endswith("tags") \
+                    and node.args and isinstance(node.args[0], (ast.Constant, ast.JoinedStr)):
+                found.append(ast.unparse(node.args[0]))
+        if isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("tags") \
+                and isinstance(node.slice, (ast.Constant, ast.JoinedStr)):
+            found.append(ast.unparse(node.slice))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                re.search(r"(^|\s)tags\.`?[a-z][\w.]*`?\s*(=|!=|LIKE)", node.value):  # a filter string
+            found.append(repr(node.value))
+    return found
+
+
+def test_every_tag_name_is_a_constant_of_tracking_names():
+    """flows/tracking/names.py is the one home of the names cnnflow gives MLflow tags: a literal
+    elsewhere is a name a reader of the other side of the channel cannot find."""
+    found = {str(p.relative_to(ROOT)): _literal_tag_names(p) for p in SOURCES if p.name != "names.py"}
+    assert {path: names for path, names in found.items() if names} == {}
+
+
+def test_mlflow_clients_are_made_in_one_place():
+    """flows/tracking/store.py's mlflow_client(): one place to change how cnnflow talks to MLflow."""
+    makers = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in SOURCES if p.name != "store.py"
+              for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+              if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("MlflowClient")]
+    assert makers == [], "MlflowClient() made outside flows/tracking/store.py: " + ", ".join(makers)
+
+
+def test_importing_the_command_line_and_the_flows_starts_no_tensorflow():
+    """TensorFlow must start after a run's thread settings are applied (flows/setup/runtime.py), and
+    `cnnflow runs` or `--help` should not pay for it: Keras is imported inside the tasks that use it."""
+    import subprocess
+    import sys
+
+    modules = ["cnnflow.flows.cli", "cnnflow.flows.train", "cnnflow.flows.inference", "cnnflow.flows.retrain",
+               "cnnflow.flows.serve", "cnnflow.flows.runs", "cnnflow.flows.search.flow", "cnnflow.flows.housekeeping"]
+    code = f"import sys; import {', '.join(modules)}; print(sorted({{'tensorflow', 'keras'}} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]", f"imported at module level by one of {modules}"

@@ -136,7 +136,7 @@ def _from_csv(folder: Path, table: Path) -> tuple[list[tuple[str, str, str]], co
 
 def scanned(folder: Path, paths: list[str], cache: Path) -> dict[str, Scanned]:
     """Each image checked by decoding it whole, once: results are kept under the file's size and time."""
-    from cnnflow.components.callbacks import write_durably
+    from cnnflow.components.durable import write_durably
 
     kept_file = cache / f"{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]}.json"
     try:

@@ -121,11 +121,12 @@ def outcome_of_earlier_attempt(lease_timeout: float, logger) -> str | None:
     from prefect.runtime import flow_run
 
     from cnnflow.flows.tracking.lifecycle import Lease
+    from cnnflow.flows.tracking.names import PREFECT_FLOW_RUN
 
     said = False
     while True:
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                                  filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'",
+                                  filter_string=f"tags.`{PREFECT_FLOW_RUN}` = '{flow_run.id}'",
                                   order_by=["attributes.start_time DESC"])
         if not runs:
             return None

@@ -18,6 +18,7 @@ from typing import Any
 import mlflow
 
 from cnnflow.flows.orchestration import engine
+from cnnflow.flows.tracking import names, store
 
 
 def mlflow_ui() -> str | None:
@@ -30,7 +31,7 @@ def run_address(run_id: str) -> str | None:
     ui = mlflow_ui()
     if not ui:
         return None
-    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    experiment_id = store.mlflow_client().get_run(run_id).info.experiment_id
     return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -40,16 +41,16 @@ def publish_training(run_id: str, epochs: int, metrics: dict[str, float], output
         return
     from prefect.artifacts import create_markdown_artifact
 
-    run = mlflow.MlflowClient().get_run(run_id)
+    run = store.mlflow_client().get_run(run_id)
     tags = run.data.tags
     address = run_address(run_id)
     rows = [("store", f"`{mlflow.get_tracking_uri()}`"),
             ("epochs", epochs),
             *[(name, f"{value:.4f}") for name, value in metrics.items()],
             ("best val_accuracy", _best(run_id, "val_accuracy")),
-            ("training images", tags.get("split.train_size", "?")),
-            ("precision, devices", f"{tags.get('precision', '?')}, {tags.get('devices', '?')}"),
-            ("registry", tags.get("registry.outcome", "not registered (set registry.name)"))]
+            ("training images", tags.get(names.split_size("train"), "?")),
+            ("precision, devices", f"{tags.get(names.PRECISION, '?')}, {tags.get(names.DEVICES, '?')}"),
+            ("registry", tags.get(names.REGISTRY_OUTCOME, "not registered (set registry.name)"))]
     curves = output_dir / "figures" / "learning_curves.png"
     link = f"[{run.info.run_name}]({address})" if address else f"{run.info.run_name} (`{run_id}`)"
     markdown = "\n".join([f"# {run.info.run_name}", "", f"| MLflow run | {link} |", "|---|---|",
@@ -91,7 +92,7 @@ def _figure(path: Path, title: str) -> str:
 
 
 def _best(run_id: str, metric: str) -> str:
-    history = mlflow.MlflowClient().get_metric_history(run_id, metric)
+    history = store.mlflow_client().get_metric_history(run_id, metric)
     return f"{max(point.value for point in history):.4f}" if history else "-"
 
 

@@ -117,8 +117,14 @@ class Worker(ProcessWorker):
         return next(iter(await self.client.read_automations_by_name(name)), None)
 
     async def _runs_in(self, state_type, tag: str | None = None) -> list:
-        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
-                                                    FlowRunFilterTags, WorkPoolFilter, WorkPoolFilterName)
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            FlowRunFilterTags,
+            WorkPoolFilter,
+            WorkPoolFilterName,
+        )
 
         return await self.client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[state_type])),

@@ -11,10 +11,17 @@ from cnnflow.flows.orchestration.engine import flow, run_logger
 from cnnflow.flows.search.pruning import Judge
 from cnnflow.flows.search.report import summary
 from cnnflow.flows.search.space import Plan, planned, shown
-from cnnflow.flows.search.study import (concluded, describe, epochs_for_next_trial, new_trial, opened_study, states,
-                                        trial_run)
+from cnnflow.flows.search.study import (
+    concluded,
+    describe,
+    epochs_for_next_trial,
+    new_trial,
+    opened_study,
+    states,
+    trial_run,
+)
 from cnnflow.flows.setup.config import Experiment
-from cnnflow.flows.tracking import store
+from cnnflow.flows.tracking import names, store
 from cnnflow.flows.tracking.lifecycle import HeldElsewhere, Lease, store_wide_lock
 from cnnflow.flows.tracking.names import STATE_TAG
 
@@ -162,8 +169,8 @@ def _run_on_pool(study, plan: Plan, pool: str, logger) -> None:
     import httpx
     from prefect import get_client
 
-    from cnnflow.flows.orchestration.pool import has_ended, submitted
     from cnnflow.components.compat import outage_reason
+    from cnnflow.flows.orchestration.pool import has_ended, submitted
 
     state = states()
     in_flight = {t.number: t.user_attrs.get("flow_run_id") for t in study.trials if t.state == state.RUNNING}
@@ -216,11 +223,10 @@ def _parallel(client, plan: Plan, pool: str) -> int:
 def _parent_run(study, plan: Plan, uri: str, logger):
     """The search's MLflow run (the same one when a search is continued): RUNNING while it searches,
     then FINISHED, or KILLED when stopped. Not the active run: each trial's training is that."""
-    from mlflow import MlflowClient
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
+    client = store.mlflow_client()
     # one parent run per study, and one command searching it: its lease is held for the whole search
     with store_wide_lock(f"search {plan.study_name}"):
         run_id = study.user_attrs.get("mlflow_run_id")
@@ -246,8 +252,8 @@ def _parent_run(study, plan: Plan, uri: str, logger):
                 "budget.epochs_per_trial": plan.max_epochs, "fixed": " ".join(plan.fixed) or "(none)"}
     # params are set once: a continued search's changed budget goes to the tags below
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in settings.items() if key not in logged])
-    store.set_tags(run_id, {"search.study": plan.study_name, "search.budget.trials": plan.search["trials"],
-                            "search.budget.epochs": plan.search["epochs"], "cnnflow.experiment": plan.experiment})
+    store.set_tags(run_id, {names.SEARCH_STUDY: plan.study_name, names.SEARCH_BUDGET_TRIALS: plan.search["trials"],
+                            names.SEARCH_BUDGET_EPOCHS: plan.search["epochs"], names.EXPERIMENT: plan.experiment})
     logger.info(f"search: study {plan.study_name} in {shown(plan.storage)}; MLflow run {run_id} in {uri}")
     status = "FAILED"
     try:

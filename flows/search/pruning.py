@@ -15,7 +15,7 @@ from cnnflow.components.errors import described, is_defect
 from cnnflow.flows.search.space import Plan
 from cnnflow.flows.search.study import states
 from cnnflow.flows.tracking import store
-from cnnflow.flows.tracking.names import REPORT_TAG, STATE_TAG, VERDICT_TAG
+from cnnflow.flows.tracking.names import PARENT_RUN, REPORT_TAG, SEARCH, SEARCH_TRIAL, STATE_TAG, VERDICT_TAG
 
 VERDICT_SECONDS = 60.0  # how long a trainer waits for a verdict before it trains on without one
 JUDGE_SECONDS = 1.0  # how often the judge reads the trials' reports
@@ -58,20 +58,19 @@ class Judge:
 
     def judge_reports(self) -> None:
         import mlflow
-        from mlflow import MlflowClient
 
-        client = MlflowClient()
+        client = store.mlflow_client()
         runs = mlflow.search_runs([store.experiment_id(self.plan.cfg)], output_format="list",
-                                  filter_string=f"tags.search = '{self.plan.study_name}' and attributes.status = 'RUNNING'")
+                                  filter_string=f"tags.{SEARCH} = '{self.plan.study_name}' and attributes.status = 'RUNNING'")
         for run in runs:
             tags = run.data.tags
-            if tags.get("mlflow.parentRunId") != self.parent:
-                client.set_tag(run.info.run_id, "mlflow.parentRunId", self.parent)
+            if tags.get(PARENT_RUN) != self.parent:
+                client.set_tag(run.info.run_id, PARENT_RUN, self.parent)
             reported = json.loads(tags.get(REPORT_TAG) or "null")
             judged = json.loads(tags.get(VERDICT_TAG) or "null")
             if not reported or (judged and judged["epoch"] >= reported["epoch"]):
                 continue
-            prune, why = self.verdict(int(tags["search_trial"]), reported["epoch"], reported["logs"],
+            prune, why = self.verdict(int(tags[SEARCH_TRIAL]), reported["epoch"], reported["logs"],
                                       reported.get("chance") or {})
             if prune is not None:
                 client.set_tag(run.info.run_id, VERDICT_TAG,
@@ -145,9 +144,8 @@ class Verdicts:
         self.chance = chance or {}  # what validation gives without learning (flows/train.py measures it)
 
     def pruned_after(self, epoch: int, logs: dict[str, Any]) -> bool:
-        from mlflow import MlflowClient
 
-        client = MlflowClient()
+        client = store.mlflow_client()
         try:
             client.set_tag(self.run_id, REPORT_TAG, json.dumps({"epoch": epoch, "chance": self.chance, "logs": {
                 name: float(value) for name, value in logs.items()}}))

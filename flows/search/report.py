@@ -10,12 +10,11 @@ from cnnflow.components.errors import RunError, counted
 from cnnflow.flows.orchestration.report import publish_table
 from cnnflow.flows.search.space import Plan, as_override, rounded
 from cnnflow.flows.search.study import describe, states
-from cnnflow.flows.tracking import store
+from cnnflow.flows.tracking import names, store
 
 
 def summary(study, plan: Plan, parent: str, logger) -> dict:
     """The best trial evaluated on test (once per study), figures and the table on the search's run."""
-    from mlflow import MlflowClient
 
     from cnnflow.flows.inference import evaluate_flow
 
@@ -25,15 +24,15 @@ def summary(study, plan: Plan, parent: str, logger) -> dict:
     if not complete:
         raise RunError(f"no trial of study {plan.study_name} completed ({len(trials)} tried); nothing to evaluate")
     best = study.best_trial
-    client = MlflowClient()
+    client = store.mlflow_client()
     recorded = client.get_run(parent).data
     test = {k.removeprefix("best_test_"): v for k, v in recorded.metrics.items() if k.startswith("best_test_")}
-    if not test or recorded.tags.get("search.best_trial") != str(best.number):
+    if not test or recorded.tags.get(names.SEARCH_BEST_TRIAL) != str(best.number):
         test = evaluate_flow(best.user_attrs["run_id"], "test")
         store.log_metrics(parent, {f"best_test_{name}": value for name, value in test.items()})
     metric = plan.search["metric"]
-    store.set_tags(parent, {"search.best_trial": best.number, "search.best_run": best.user_attrs["run_id"],
-                            "search.best_params": " ".join(as_override(k, rounded(v)) for k, v in best.params.items())})
+    store.set_tags(parent, {names.SEARCH_BEST_TRIAL: best.number, names.SEARCH_BEST_RUN: best.user_attrs["run_id"],
+                            names.SEARCH_BEST_PARAMS: " ".join(as_override(k, rounded(v)) for k, v in best.params.items())})
     epochs_spent = sum(t.user_attrs.get("epochs_trained", 0) for t in trials)
     store.log_metrics(parent, {f"best_{metric}": best.value, "epochs_spent": epochs_spent, "trials": len(trials),
                                "trials_pruned": sum(t.state == state.PRUNED for t in trials)})

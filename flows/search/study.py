@@ -11,7 +11,7 @@ from cnnflow.components.errors import SettingsError, counted
 from cnnflow.flows.search.space import Plan, as_override, rounded, shown
 from cnnflow.flows.tracking import store
 from cnnflow.flows.tracking.lifecycle import store_wide_lock
-from cnnflow.flows.tracking.names import REPORT_TAG, STATE_TAG
+from cnnflow.flows.tracking.names import REPORT_TAG, SEARCH, SEARCH_TRIAL, STATE_TAG
 
 
 def opened_study(plan: Plan):
@@ -88,8 +88,8 @@ def trial_overrides(plan: Plan, trial, epochs: int) -> list[str]:
     """The training a trial is: the fixed settings, the sampled ones, validation only, its tags."""
     sampled = [as_override(key, trial.params[key]) for key in plan.space]
     shorter = [f"train.epochs={epochs}"] if epochs < plan.max_epochs else []
-    return [*plan.fixed, *sampled, *shorter, "train.test=false", f"+tags.search='{plan.study_name}'",
-            f"+tags.search_trial={trial.number}"]
+    return [*plan.fixed, *sampled, *shorter, "train.test=false", f"+tags.{SEARCH}='{plan.study_name}'",
+            f"+tags.{SEARCH_TRIAL}={trial.number}"]
 
 
 def new_trial(study, plan: Plan, epochs: int):
@@ -110,13 +110,12 @@ def trial_run(plan: Plan, number: int):
 
     runs = mlflow.search_runs([store.experiment_id(plan.cfg)], output_format="list", max_results=1,
                               order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.search = '{plan.study_name}' and tags.search_trial = '{number}'")
+                              filter_string=f"tags.{SEARCH} = '{plan.study_name}' and tags.{SEARCH_TRIAL} = '{number}'")
     return runs[0] if runs else None
 
 
 def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str:
     """Tell the study how trial `number` ended, from its MLflow run; returns one line saying it."""
-    from mlflow import MlflowClient
 
     state = states()
     trial = study.trials[number]
@@ -125,7 +124,7 @@ def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str
     if not pruned and (failure or run is None or run.info.status != "FINISHED"):
         why = failure or (f"its run {run.info.run_id} ended {run.info.status}" if run else "it has no MLflow run")
         if run:
-            MlflowClient().set_tag(run.info.run_id, STATE_TAG, f"failed: {why}"[:500])
+            store.mlflow_client().set_tag(run.info.run_id, STATE_TAG, f"failed: {why}"[:500])
         study.tell(number, state=state.FAIL)  # last: a step repeated after an outage finds the trial untold
         return f"{describe(trial, plan)}: failed ({why}); another trial takes its place"
     reported = json.loads(run.data.tags.get(REPORT_TAG) or "{}")
@@ -141,7 +140,7 @@ def concluded(study, plan: Plan, number: int, failure: str | None = None) -> str
         shown = "" if value is None else f", {metric} {value:.4f}"
         return f"{describe(trial, plan)}: {run.data.tags[STATE_TAG]}{shown}  (run {run.info.run_id})"
     value = run.data.metrics[metric]
-    MlflowClient().set_tag(run.info.run_id, STATE_TAG, "complete")
+    store.mlflow_client().set_tag(run.info.run_id, STATE_TAG, "complete")
     study.tell(number, value)
     return f"{describe(trial, plan)}: complete after {counted(epochs, 'epoch')}, {metric} {value:.4f}  (run {run.info.run_id})"
 

@@ -20,7 +20,6 @@ from cnnflow.components import compat
 from cnnflow.components.errors import SettingsError
 
 
-
 def _conf_dir() -> Path:
     import cnnflow.conf
 
@@ -134,8 +133,7 @@ def _composed(experiment: str, overrides: tuple[str, ...]) -> dict[str, Any]:
     if json.loads(json.dumps(composed)) == composed:  # what JSON would change (an int key) is not kept
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            # not callbacks.write_durably: it imports Keras, and TensorFlow must not start before the
-            # thread settings are set (use_environment); a lost file is composed again, so no fsync
+            # not durable.write_durably: a lost file is composed again, so no fsync
             partial = path.with_name(f".{path.name}.{os.getpid()}")
             partial.write_text(json.dumps(composed))
             os.replace(partial, path)  # whole or not at all, for a command reading it meanwhile

@@ -210,7 +210,7 @@ def _times(timings: dict[str, dict[str, float]]) -> dict[str, StepTime]:
 
 def _keep(path: Path, record: dict[str, Any]) -> str:
     """Writes the calibration whole (a reader sees the old file or the new one); says where, or why not."""
-    from cnnflow.components.callbacks import write_durably
+    from cnnflow.components.durable import write_durably
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,26 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
-import logging
 import json
+import logging
 import os
-import shutil
 import socket
 import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from cnnflow.components import compat
 from cnnflow.components.errors import RunError, ServerOutage, described
 from cnnflow.flows.setup import runtime
-from cnnflow.flows.tracking.outbox import Outbox, Write
 from cnnflow.flows.setup.settings import flatten
-from cnnflow.flows.tracking.store import (LOCKS_EXPERIMENT, code_version, experiment_id, log_metrics, new_run_folder, run_folder,
-                                 set_tags, store_lock)
+from cnnflow.flows.tracking import names, store
+from cnnflow.flows.tracking.outbox import Outbox
+from cnnflow.flows.tracking.store import (
+    LOCKS_EXPERIMENT,
+    code_version,
+    experiment_id,
+    new_run_folder,
+    run_folder,
+    set_tags,
+    store_lock,
+)
 
 # What a continuation may not change: it would no longer be the same training.
 FROZEN_SETTINGS = ("data.", "model.", "loss.", "seed", "optimizer.name", "runtime.precision")
@@ -40,9 +45,9 @@ def config_hash(cfg: dict[str, Any]) -> str:
     """Identity of a training's settings (tags, the spelling of overrides and how jobs run aside)."""
     identity = {key: value for key, value in cfg.items() if key not in ("tags", "overrides", "resume", "jobs")}
     # a search's trial is its own training, even where another trial drew the same values
-    trial = {key: value for key, value in cfg.get("tags", {}).items() if key in ("search", "search_trial")}
+    trial = {key: value for key, value in cfg.get("tags", {}).items() if key in (names.SEARCH, names.SEARCH_TRIAL)}
     if trial:
-        identity["search_trial"] = trial
+        identity[names.SEARCH_TRIAL] = trial
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -88,14 +93,13 @@ class Lease:
         """The newest holder ("host pid ...") when it is gone without releasing the lease (kill -9, a
         crash); None when the lease is held, released or was never taken."""
         generation, holder, tags = self._newest()
-        if not holder or tags.get("lease.released") == str(generation) or self._live(generation, holder, tags):
+        if not holder or tags.get(names.LEASE_RELEASED) == str(generation) or self._live(generation, holder, tags):
             return None
         return holder
 
     def acquire(self, heartbeats: bool = True) -> None:
         """Take the lease, or raise RunError naming its live holder. `heartbeats`: beat from a thread
         of the lease's own (a training's outbox beats instead, in order with its writes)."""
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
         generation, holder, tags = self._newest()
@@ -103,7 +107,7 @@ class Lease:
         if live:
             raise HeldElsewhere(f"{live} is training run {self.run_id}; wait for it to end, or stop it first", live)
         try:
-            MlflowClient().log_param(self.run_id, f"lease.{generation + 1}", self.me)
+            store.mlflow_client().log_param(self.run_id, names.lease_holder(generation + 1), self.me)
         except MlflowException:  # another process wrote this generation first
             raise RunError(f"another process took over run {self.run_id} at this moment; it trains it now") from None
         self.generation = generation + 1
@@ -122,7 +126,7 @@ class Lease:
     def beat(self) -> None:
         # a tag of this generation's own: a beat of a holder displaced while it was on the wire
         # cannot overwrite the new holder's
-        set_tags(self.run_id, {f"lease.heartbeat.{self.generation}": f"{time.time():.0f}"})
+        set_tags(self.run_id, {names.lease_heartbeat(self.generation): f"{time.time():.0f}"})
 
     def release(self, outage: bool = False) -> None:
         """Never raises: a store that cannot take it (a full disk) must not hide why the training
@@ -135,23 +139,22 @@ class Lease:
             self._heartbeat.join()
         if self.generation and not self.lost.is_set() and not outage:
             try:
-                set_tags(self.run_id, {"lease.released": self.generation})
+                set_tags(self.run_id, {names.LEASE_RELEASED: self.generation})
             except Exception as error:
                 logging.getLogger(__name__).warning(f"could not release the lease of run {self.run_id} "
                                                     f"({described(error)}); it lapses when this process ends")
 
     def _newest(self) -> tuple[int, str | None, dict[str, str]]:
-        from mlflow import MlflowClient
 
-        data = MlflowClient().get_run(self.run_id).data
-        generations = [int(key.split(".", 1)[1]) for key in data.params if key.startswith("lease.")]
+        data = store.mlflow_client().get_run(self.run_id).data
+        generations = [int(key.removeprefix(names.LEASE)) for key in data.params if key.startswith(names.LEASE)]
         newest = max(generations, default=0)
-        return newest, data.params.get(f"lease.{newest}"), data.tags
+        return newest, data.params.get(names.lease_holder(newest)), data.tags
 
     def _live(self, generation: int, holder: str, tags: dict[str, str]) -> str | None:
         import psutil
 
-        if tags.get("lease.released") == str(generation):
+        if tags.get(names.LEASE_RELEASED) == str(generation):
             return None
         host, pid, started, _ = (holder.split() + ["", "", "0", ""])[:4]
         if host == socket.gethostname():
@@ -160,9 +163,9 @@ class Lease:
             except (psutil.NoSuchProcess, ValueError):
                 alive = False
             return f"process {pid} on this machine" if alive else None
-        beat_time = tags.get(f"lease.heartbeat.{generation}")
+        beat_time = tags.get(names.lease_heartbeat(generation))
         if beat_time is None:  # cnnflow before 0.2: one tag "generation time"
-            beat_generation, _, beat_time = tags.get("lease.heartbeat", "").partition(" ")
+            beat_generation, _, beat_time = tags.get(names.LEASE_HEARTBEAT_BEFORE_0_2, "").partition(" ")
             beat_time = beat_time if beat_generation == str(generation) else None
         age = time.time() - float(beat_time or 0)
         if age < self.timeout:
@@ -218,11 +221,10 @@ def store_wide_lock(purpose: str, wait: float = 120.0):
 def _lock_run(purpose: str) -> str:
     """The run whose lease is the lock: the oldest of those tagged with `purpose` (processes that
     make one at the same moment all settle on the oldest)."""
-    from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = store.mlflow_client()
     experiment = experiment_id({"experiment": LOCKS_EXPERIMENT})
-    query = dict(experiment_ids=[experiment], filter_string=f"tags.`cnnflow.lock` = '{purpose}'",
+    query = dict(experiment_ids=[experiment], filter_string=f"tags.`{names.LOCK}` = '{purpose}'",
                  order_by=["attributes.start_time ASC", "attributes.run_id ASC"], max_results=1)
     found = client.search_runs(**query)
     if not found:
@@ -231,249 +233,12 @@ def _lock_run(purpose: str) -> str:
         with store_lock("create"):
             found = client.search_runs(**query)
             if not found:
-                client.create_run(experiment, run_name=purpose, tags={"cnnflow.lock": purpose})
+                client.create_run(experiment, run_name=purpose, tags={names.LOCK: purpose})
                 found = client.search_runs(**query)
     lock = found[0].info
     if lock.status == "RUNNING":  # bookkeeping, not a training: the MLflow UI must not list it as one running
         client.set_terminated(lock.run_id, "FINISHED")
     return lock.run_id
-
-
-# ------------------------------------------------------------------- checkpoints in the artifact store
-
-CHECKPOINTS = "checkpoints"  # artifact folder: slot-<k>/model.keras, then slot-<k>/state.json (the commit point)
-
-
-def checkpoint_uploader(outbox: Outbox, folder: Path, every: int, slots: int, last_epoch: int):
-    """What EpochCheckpoint calls with each complete local checkpoint: every `every`-th epoch (and
-    the last) goes to artifact slot epoch % slots, overwritten in turn (MLflow cannot delete
-    artifacts). The model goes first, then the state file with the model's sha256: a slot caught
-    half-written does not verify, and the slot before it resumes."""
-
-    def submit(model_file: Path, state: dict) -> None:
-        epoch = state["epoch"]
-        if epoch % every and epoch != last_epoch:
-            return
-        started = time.perf_counter()
-        staged = _staged(folder, f"epoch{epoch:04d}", {"model.keras": model_file})
-        (staged / "state.json").write_text(json.dumps({**state, "sha256": sha256_of(staged / "model.keras")}))
-        staging_seconds = time.perf_counter() - started
-
-        def send(confirm) -> None:
-            from mlflow import MlflowClient
-
-            slot, client = f"{CHECKPOINTS}/slot-{epoch % slots}", MlflowClient()
-            began, cpu_began = time.perf_counter(), time.thread_time()
-            client.log_artifact(outbox.run_id, str(staged / "model.keras"), slot)
-            confirm()  # the state file commits the slot: never from a displaced holder
-            client.log_artifact(outbox.run_id, str(staged / "state.json"), slot)
-            # what a checkpoint costs: the part the epoch waits for, and this thread's wall and CPU time
-            log_metrics(outbox.run_id, {"checkpoint_stage_seconds": staging_seconds,
-                                        "checkpoint_upload_seconds": time.perf_counter() - began,
-                                        "checkpoint_upload_cpu_seconds": time.thread_time() - cpu_began}, step=epoch)
-            shutil.rmtree(staged, ignore_errors=True)
-
-        outbox.put(Write(f"checkpoint of epoch {epoch}", send, kind="checkpoint", epoch=epoch,
-                         discard=lambda: shutil.rmtree(staged, ignore_errors=True)))
-
-    return submit
-
-
-def position_uploader(outbox: Outbox, folder: Path):
-    """What EpochCheckpoint calls with each complete position inside an epoch: its arrays and the model
-    file they fill go to artifact slot position-0 or position-1 in turn, so one slot is always whole
-    while the other is written, and the state file (with both files' sha256) commits it. The model
-    file changes once an epoch: a slot that holds it already is not sent it again."""
-    turns, held, digests = itertools.count(), {}, {}  # slot -> sha256 of its model file; file -> sha256
-
-    def digest_of(path: Path) -> str:
-        identity = (path.name, path.stat().st_mtime_ns, path.stat().st_size)
-        if identity not in digests:
-            digests[identity] = sha256_of(path)
-        return digests[identity]
-
-    def submit(arrays: Path, state: dict) -> None:
-        epoch, batch = state["epoch"], state["batch"]
-        model = Path(folder) / state["file"]
-        staged = _staged(folder, f"epoch{epoch + 1:04d}-batch{batch:06d}", {"model.keras": model, "position.npz": arrays})
-        committed = {"epoch": epoch, "batch": batch, "history": state["history"], "random": state["random"],
-                     "sha256": digest_of(model), "arrays_sha256": sha256_of(staged / "position.npz")}
-        (staged / "state.json").write_text(json.dumps(committed))
-        slot = f"{CHECKPOINTS}/position-{next(turns) % 2}"
-
-        def send(confirm) -> None:
-            from mlflow import MlflowClient
-
-            client, began, cpu_began = MlflowClient(), time.perf_counter(), time.thread_time()
-            if held.get(slot) != committed["sha256"]:
-                held.pop(slot, None)
-                client.log_artifact(outbox.run_id, str(staged / "model.keras"), slot)
-                held[slot] = committed["sha256"]
-            client.log_artifact(outbox.run_id, str(staged / "position.npz"), slot)
-            confirm()  # the state file commits the slot: never from a displaced holder
-            client.log_artifact(outbox.run_id, str(staged / "state.json"), slot)
-            # what it costs beside the training: one value per position, at the step of its epoch
-            log_metrics(outbox.run_id, {"position_upload_seconds": time.perf_counter() - began,
-                                        "position_upload_cpu_seconds": time.thread_time() - cpu_began}, step=epoch + 1)
-            shutil.rmtree(staged, ignore_errors=True)
-
-        # a newer position or epoch checkpoint makes this one moot while it waits: kind "checkpoint"
-        outbox.put(Write(f"position at step {batch} of epoch {epoch + 1}", send, kind="checkpoint", epoch=epoch,
-                         discard=lambda: shutil.rmtree(staged, ignore_errors=True)))
-
-    return submit
-
-
-def _staged(folder: Path, name: str, files: dict[str, Path]) -> Path:
-    """A folder of links to `files` (under their artifact names) that an upload sends from: the local
-    checkpoint may be pruned or replaced before the upload."""
-    staged = Path(folder) / ".upload" / name
-    staged.mkdir(parents=True, exist_ok=True)
-    for artifact, source in files.items():
-        # a crash can leave it staged: a link to a file a resumed training rewrites in place
-        (staged / artifact).unlink(missing_ok=True)
-        try:
-            os.link(source, staged / artifact)
-        except OSError:
-            shutil.copyfile(source, staged / artifact)
-    return staged
-
-
-def sha256_of(path: Path) -> str:
-    from cnnflow.components.data.fingerprint import file_hash
-
-    return file_hash(path).hexdigest()
-
-
-def _stored_states(run_id: str) -> list[tuple[dict, str]]:
-    """The state files of the run's artifact slots that read, newest (epoch, step) first, with their
-    slot: an epoch's checkpoint has step 0, a position inside the next epoch its steps done."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        slots = [entry.path for entry in mlflow.MlflowClient().list_artifacts(run_id, CHECKPOINTS) if entry.is_dir]
-    except (MlflowException, OSError):
-        return []
-    states = []
-    for slot in slots:
-        try:
-            state = mlflow.artifacts.load_dict(f"runs:/{run_id}/{slot}/state.json")
-            states.append(({"epoch": int(state["epoch"]), "batch": int(state.get("batch", 0)),
-                            "history": dict(state["history"]), "sha256": state["sha256"],
-                            "arrays_sha256": state.get("arrays_sha256"), "random": state.get("random")}, slot))
-        except (MlflowException, OSError, ValueError, KeyError, TypeError):
-            continue
-    return sorted(states, key=lambda found: _place(found[0]), reverse=True)
-
-
-def _place(checkpoint: dict) -> tuple[int, int]:
-    """How far a checkpoint is: (completed epochs, steps of the next)."""
-    return checkpoint["epoch"], checkpoint.get("batch", 0)
-
-
-def _fetched(run_id: str, state: dict, slot: str, folder: Path) -> dict | None:
-    """The slot's checkpoint, downloaded into `folder` under the local names (so the local code reads
-    it as its own), or None when a file does not match its state file. A position's model file is
-    the one its arrays fill."""
-    import mlflow
-
-    from cnnflow.components.callbacks import write_durably
-
-    epoch, batch = _place(state)
-    stem = f"checkpoint-epoch{epoch + 1:04d}-batch{batch:06d}" if batch else f"checkpoint-epoch{epoch:04d}"
-    local = {"model.keras": (f"checkpoint-epoch{epoch:04d}-base.keras" if batch else f"{stem}.keras", state["sha256"])}
-    if batch:
-        local["position.npz"] = (f"{stem}.npz", state["arrays_sha256"])
-    download = folder / ".download"
-    shutil.rmtree(download, ignore_errors=True)
-    try:
-        fetched = {artifact: Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{slot}/{artifact}",
-                                                                      dst_path=str(download))) for artifact in local}
-        if any(sha256_of(fetched[artifact]) != digest for artifact, (_, digest) in local.items()):
-            return None
-        for artifact, (name, _) in local.items():
-            os.replace(fetched[artifact], folder / name)
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
-    model = local["model.keras"][0]
-    kept = {"epoch": epoch, "file": model, "history": state["history"], "random": state["random"]}
-    if batch:
-        kept.update(batch=batch, arrays=f"{stem}.npz")
-    write_durably(folder / f"{stem}.json", json.dumps(kept))
-    checkpoint = {"epoch": epoch, "history": state["history"], "path": str(folder / (kept.get("arrays") or model))}
-    return {**checkpoint, "batch": batch} if batch else checkpoint
-
-
-def newest_checkpoint(run_id: str, folder: Path, logger) -> tuple[dict | None, list[str]]:
-    """The newest usable checkpoint of a run: this machine's, or a newer one from the artifact store
-    (downloaded into `folder`); and why newer ones are unusable (said in `logger` when one is used)."""
-    from cnnflow.components.callbacks import checkpoints
-
-    skipped, here = [], None
-    for checkpoint, why in checkpoints(folder) if folder.is_dir() else []:
-        if checkpoint:
-            here = checkpoint, why
-            break
-        skipped.append(why)
-    for state, slot in _stored_states(run_id):
-        if here and _place(state) <= _place(here[0]):
-            break
-        inside = f" at step {state['batch']}" if state["batch"] else ""
-        stored = f"the checkpoint of epoch {state['epoch'] + bool(inside)}{inside} in the artifact store"
-        checkpoint = _fetched(run_id, state, slot, folder)
-        if checkpoint:
-            here = checkpoint, stored
-            break
-        skipped.append(f"{stored} is incomplete (its upload was cut off)")
-    if here:
-        for note in skipped:
-            logger.warning(f"run {run_id}: {note}; resuming from {here[1]} instead")
-    return (here[0] if here else None), skipped
-
-
-def tidy_finished(run_id: str, folder: Path, epochs_done: int, keep: int, logger) -> int:
-    """What a finished training no longer needs, removed; returns the bytes freed. Positions inside
-    epochs go (here and in the artifact store: only a stopped training resumes from one), and so do
-    the untrained model and all but the newest `keep` epoch checkpoints (the newest is what `continue`
-    needs). This machine's copy of a kept checkpoint goes too when the artifact store is a folder on
-    this machine that holds it whole: the same file twice. Nothing goes before the store holds the
-    last epoch's checkpoint."""
-    import mlflow
-
-    stored = _stored_states(run_id)
-    epoch_slots = [slot for state, slot in stored if not state["batch"]]
-    if not epoch_slots or stored[0][0]["epoch"] != epochs_done:
-        logger.warning(f"run {run_id}: the artifact store does not hold the checkpoint of epoch {epochs_done} yet; "
-                       f"its checkpoints are kept as they are")
-        return 0
-    freed = 0
-    gone = [slot for state, slot in stored if state["batch"]] + epoch_slots[keep:]
-    artifact_uri = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
-    repository = compat.artifact_repository(artifact_uri)
-    for slot in gone:
-        try:
-            freed += sum(entry.file_size or 0 for entry in repository.list_artifacts(slot))
-            repository.delete_artifacts(slot)
-        except Exception as error:  # a store that cannot delete (NotImplementedError, a refusal) keeps them
-            logger.warning(f"run {run_id}: could not delete {slot} from the artifact store ({described(error)}); kept")
-            break
-    held_here = artifact_uri.startswith(("file:", "/")) and bool(keep)
-    epochs = sorted(folder.glob("checkpoint-epoch[0-9][0-9][0-9][0-9].keras"))
-    local = epochs if held_here or not keep else epochs[:-keep]
-    doomed = [file for model in local for file in (model, model.with_suffix(".json"))]
-    doomed += list(folder.glob("checkpoint-epoch*-batch*")) + list(folder.glob("checkpoint-epoch*-base.keras"))
-    doomed += [folder / "untrained.keras"] + [file for file in (folder / ".upload").rglob("*") if file.is_file()]
-    for file in doomed:
-        if file.is_file():
-            freed += file.stat().st_size
-            file.unlink()
-    shutil.rmtree(folder / ".upload", ignore_errors=True)
-    from cnnflow.components.data.caching import readable_size
-
-    logger.info(f"finished: {readable_size(freed)} of checkpoints no longer needed removed (train.keep_checkpoints="
-                f"{keep}: the newest epoch's is kept{' in the artifact store' if held_here else ''} for continue)")
-    return freed
 
 
 # ---------------------------------------------------------------------------------- resume, run
@@ -490,13 +255,15 @@ def find_unfinished(cfg: dict[str, Any], logger) -> tuple[str | None, dict | Non
     if not found:
         return None, None
     runs = mlflow.search_runs([found.experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.config_hash = '{config_hash(cfg)}' and attributes.status != 'FINISHED'")
+                              filter_string=f"tags.{names.CONFIG_HASH} = '{config_hash(cfg)}' and attributes.status != 'FINISHED'")
     for run in runs:
         run_id = run.info.run_id
         holder = Lease(run_id, cfg["train"]["lease_timeout"]).holder()
         if holder:
             raise HeldElsewhere(f"run {run_id} has these settings and {holder} is training it; wait for it to end (this "
                                 f"command then resumes or finds it done), or add resume=false to start a separate run", holder)
+        from cnnflow.flows.tracking.checkpoints import newest_checkpoint  # and Keras: only for a run to resume
+
         checkpoint, skipped = newest_checkpoint(run_id, run_folder(run_id, cfg), logger)
         if checkpoint:
             return run_id, checkpoint
@@ -513,19 +280,18 @@ def close_abandoned(run, why: str) -> bool:
     """Mark a RUNNING run whose process is gone (kill -9, a crash, a power cut: nothing could end it)
     KILLED, with the tag `cnnflow.closed` saying `why`; whether it did. A KILLED run resumes as a
     RUNNING one does: only the MLflow UI's status changes, from a lie to the truth."""
-    from mlflow import MlflowClient
 
     if run.info.status != "RUNNING":
         return False
-    set_tags(run.info.run_id, {"cnnflow.closed": f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {why}"[:4000]})
-    MlflowClient().set_terminated(run.info.run_id, "KILLED")
+    set_tags(run.info.run_id, {names.CLOSED: f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {why}"[:4000]})
+    store.mlflow_client().set_terminated(run.info.run_id, "KILLED")
     return True
 
 
 def closed_if_abandoned(run, timeout: float = 120.0) -> bool:
     """`close_abandoned` for a RUNNING run whose lease has no live holder (a run without a lease, from
     before leases, is left as it is: nothing says whether its process lives)."""
-    if run.info.status != "RUNNING" or not any(key.startswith("lease.") for key in run.data.params):
+    if run.info.status != "RUNNING" or not any(key.startswith(names.LEASE) for key in run.data.params):
         return False
     holder = Lease(run.info.run_id, float(run.data.params.get("train.lease_timeout", timeout))).abandoned_by()
     if not holder:
@@ -536,17 +302,16 @@ def closed_if_abandoned(run, timeout: float = 120.0) -> bool:
 
 
 def _status(run_id: str) -> str:
-    from mlflow import MlflowClient
 
-    return MlflowClient().get_run(run_id).info.status
+    return store.mlflow_client().get_run(run_id).info.status
 
 
 def run_name(cfg: dict[str, Any]) -> str:
     """What ran, as the MLflow UI lists it: recipe, training images, seed (`celeba-16000-s1`); a
     search's trial by its study and number (`quickstart-1a2b3c4d-trial-3`)."""
     tags = cfg.get("tags", {})
-    if "search" in tags and "search_trial" in tags:
-        return f"{tags['search']}-trial-{tags['search_trial']}"
+    if names.SEARCH in tags and names.SEARCH_TRIAL in tags:
+        return f"{tags[names.SEARCH]}-trial-{tags[names.SEARCH_TRIAL]}"
     return f"{cfg['experiment']}-{cfg['data'].get('train_size') or 'all'}-s{cfg['seed']}"
 
 
@@ -589,15 +354,14 @@ def record_restart(run_id: str, epoch: int, restart: int, handed_back: bool = Fa
     """Notes the epoch a restart resumed from (`3h`: the job was handed back by a worker stopped with
     SIGTERM, flows/orchestration/worker.py); refuses (RunError) when the previous restart resumed from the same
     epoch and this one follows a crash: the attempt between them crashed before finishing an epoch."""
-    from mlflow import MlflowClient
 
-    earlier = [e for e in MlflowClient().get_run(run_id).data.tags.get("restart_epochs", "").split(",") if e]
+    earlier = [e for e in store.mlflow_client().get_run(run_id).data.tags.get(names.RESTART_EPOCHS, "").split(",") if e]
     if not handed_back and earlier and earlier[-1] == str(epoch):
         raise RunError(f"run {run_id} crashed twice in a row at epoch {epoch + 1} (restarts {restart - 1} and "
                        f"{restart}); not resumed again: see the worker's log for why its process died, then run "
                        f"the same job again")
-    set_tags(run_id, {"restart_epochs": ",".join([*earlier, f"{epoch}h" if handed_back else str(epoch)]),
-                      "restarts": restart})
+    set_tags(run_id, {names.RESTART_EPOCHS: ",".join([*earlier, f"{epoch}h" if handed_back else str(epoch)]),
+                      names.RESTARTS: restart})
 
 
 @contextlib.contextmanager
@@ -629,17 +393,18 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None, logger=None):
             if not run_id:
                 run_id = run.info.run_id
                 output_dir = new_run_folder(run_id, cfg)
-                set_tags(run_id, {"cnnflow.experiment": cfg["experiment"], "seed": cfg["seed"],
-                                  "output_dir": output_dir, "host": socket.gethostname(), "code_version": code_version(),
-                                  "config_hash": config_hash(cfg), **cfg.get("tags", {}),
-                                  **{f"env.{key}": value for key, value in runtime.fingerprint().items()}})
+                set_tags(run_id, {names.EXPERIMENT: cfg["experiment"], names.SEED: cfg["seed"],
+                                  names.OUTPUT_DIR: output_dir, names.HOST: socket.gethostname(),
+                                  names.CODE_VERSION: code_version(), names.CONFIG_HASH: config_hash(cfg),
+                                  **cfg.get("tags", {}),
+                                  **{f"{names.ENV}{key}": value for key, value in runtime.fingerprint().items()}})
                 output_dir.mkdir(parents=True, exist_ok=True)
                 outbox = _leased(run_id, cfg, held, logger)
             else:  # the command that resumes it is the run's now (a sweep finds its jobs by these tags)
                 set_tags(run_id, cfg.get("tags", {}))
                 _say_other_environment(run_id, logger)
             if under_prefect and flow_run.id:  # the two UIs point at each other's record
-                set_tags(run_id, {"prefect.flow_run_id": flow_run.id})
+                set_tags(run_id, {names.PREFECT_FLOW_RUN: flow_run.id})
             yield run_id, output_dir
             status = "FINISHED"
         except stops:
@@ -663,11 +428,9 @@ def tracked_run(cfg: dict[str, Any], run_id: str | None = None, logger=None):
 def _say_other_environment(run_id: str, logger) -> None:
     """A run going on where it did not start trains on; one line says that its results will not
     repeat bit for bit, and why."""
-    import mlflow
-
-    tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    changes = runtime.fingerprint_changes({key.removeprefix("env."): value for key, value in tags.items()
-                                           if key.startswith("env.")})
+    tags = store.mlflow_client().get_run(run_id).data.tags
+    changes = runtime.fingerprint_changes({key.removeprefix(names.ENV): value for key, value in tags.items()
+                                           if key.startswith(names.ENV)})
     if changes:
         (logger or logging.getLogger(__name__)).warning(
             f"run {run_id} goes on in another environment than the one it started in ({'; '.join(changes)}): it "
@@ -721,8 +484,7 @@ def refuse_frozen_changes(before: dict[str, Any], after: dict[str, Any], movable
 
 
 def next_stage(run_id: str) -> int:
-    from mlflow import MlflowClient
 
-    return int(MlflowClient().get_run(run_id).data.tags.get("stages", "1")) + 1
+    return int(store.mlflow_client().get_run(run_id).data.tags.get(names.STAGES, "1")) + 1
 
 

@@ -29,6 +29,7 @@ from typing import Callable
 from cnnflow.components import compat
 from cnnflow.components.compat import outage_reason
 from cnnflow.components.errors import RunError, ServerOutage, described, is_defect
+from cnnflow.flows.tracking import store
 
 _log = logging.getLogger(__name__)
 _RETRY_SECONDS = (1, 2, 4, 8, 15)  # back-off between tries while the store does not answer
@@ -99,12 +100,11 @@ class Outbox:
 
     def metrics_write(self, what: str, metrics: dict[str, float], step: int, kind: str) -> Write:
         """A write of `metrics` at `step`, stamped now (when they were measured, not when sent)."""
-        from mlflow import MlflowClient
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(name, float(value), now, step) for name, value in metrics.items()]
-        return Write(what, lambda confirm: MlflowClient().log_batch(self.run_id, metrics=batch), kind=kind, epoch=step)
+        return Write(what, lambda confirm: store.mlflow_client().log_batch(self.run_id, metrics=batch), kind=kind, epoch=step)
 
     def check(self) -> None:
         """Raise what stops the training: the run taken over by another process, or an outage past

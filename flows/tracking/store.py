@@ -19,6 +19,7 @@ from cnnflow.components import compat
 from cnnflow.components.errors import InfrastructureError, RunError, ServerOutage, first_line
 from cnnflow.flows.setup.config import to_yaml
 from cnnflow.flows.setup.settings import flatten
+from cnnflow.flows.tracking import names
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a file in the working directory
 LOCKS_EXPERIMENT = "cnnflow.locks"  # cnnflow's bookkeeping: one run per lock, its lease the lock (flows/tracking/lifecycle.py)
@@ -66,7 +67,7 @@ def use_store(cfg: dict[str, Any], must_exist: bool = False) -> str:
                 _create_whole(Path(uri.removeprefix("sqlite:///")).expanduser())
             for attempt in (1, 2):
                 try:
-                    mlflow.MlflowClient().search_experiments(max_results=1)  # migrates an older store's tables
+                    mlflow_client().search_experiments(max_results=1)  # migrates an older store's tables
                     break
                 except (SQLAlchemyError, MlflowException) as error:
                     if compat.is_database_full(error):
@@ -155,8 +156,9 @@ def store_lock(purpose: str):
     """A lock that every cnnflow process using this store on this machine shares: a file in the
     temporary folder named after the store's absolute URI (not beside the store: a user's folder
     keeps only what they made)."""
-    import mlflow
     import tempfile
+
+    import mlflow
 
     uri = absolute(mlflow.get_tracking_uri())
     path = Path(tempfile.gettempdir()) / f"cnnflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.{purpose}.lock"
@@ -211,10 +213,9 @@ def log_settings(run_id: str, cfg: dict[str, Any], output_dir: Path, features: d
                  more: dict[str, str] | None = None) -> None:
     """All resolved settings as flat params, and `more` params; the composed config (config.yaml) and
     what the data looks like (features.json: image shape, model input, class names), which predict needs."""
-    from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    client = MlflowClient()
+    client = mlflow_client()
     # a run trained again from its start (stopped before its first checkpoint) has them already; params
     # are set once, and the same settings may have been spelt otherwise (the `overrides` param)
     logged = client.get_run(run_id).data.params
@@ -238,7 +239,6 @@ def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str
     import warnings
 
     import numpy as np
-    from mlflow import MlflowClient
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
@@ -263,34 +263,40 @@ def log_data_inputs(run_id: str, data: dict[str, Any], split, features: dict[str
         inputs.append(DatasetInput(entity, [
             InputTag("mlflow.data.context", contexts.get(role, role)), InputTag("partition", partition),
             InputTag("size", str(len(positions))), InputTag("fingerprint", fingerprint)]))
-    MlflowClient().log_inputs(run_id, datasets=inputs)
+    mlflow_client().log_inputs(run_id, datasets=inputs)
 
 
 _DIGEST_LENGTH = 36  # MLflow's datasets.digest column: String(36)
 
 
-def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+def mlflow_client():
+    """The MLflow client of the configured store: the one place cnnflow makes one (a client reads the
+    tracking URI when it is made, so it is made per call, never kept across a store change)."""
     from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
-    MlflowClient().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+    mlflow_client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     import time
 
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    mlflow_client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def training_runs(filter_string: str = "") -> list:
     """Runs of every experiment but cnnflow's bookkeeping (the locks)."""
     import mlflow
 
-    ids = [e.experiment_id for e in mlflow.MlflowClient().search_experiments() if e.name != LOCKS_EXPERIMENT]
+    ids = [e.experiment_id for e in mlflow_client().search_experiments() if e.name != LOCKS_EXPERIMENT]
     return mlflow.search_runs(ids, filter_string=filter_string, output_format="list") if ids else []
 
 
@@ -299,7 +305,7 @@ def full_run_id(reference: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
+    client = mlflow_client()
     try:
         return client.get_run(reference).info.run_id
     except MlflowException:
@@ -322,9 +328,9 @@ def run_settings(run_id: str) -> tuple[dict[str, Any], Path]:
     import yaml
     from mlflow.exceptions import MlflowException
 
-    run = mlflow.MlflowClient().get_run(run_id)
+    run = mlflow_client().get_run(run_id)
     refuse_non_training(run)
-    trained_in = Path(run.data.tags.get("output_dir", "/nonexistent"))
+    trained_in = Path(run.data.tags.get(names.OUTPUT_DIR, "/nonexistent"))
     if (trained_in / "config.yaml").is_file():
         return yaml.safe_load((trained_in / "config.yaml").read_text()), trained_in
     try:
@@ -339,22 +345,20 @@ def refuse_non_training(run) -> None:
     """A search's run or an evaluation's, named where a training run is needed, is refused in one line
     naming the training it stands for."""
     tags, run_id = run.data.tags, run.info.run_id
-    if tags.get("search.study"):
-        best = tags.get("search.best_run")
-        raise RunError(f"run {run_id} is the search {tags['search.study']}, not a training: "
+    if tags.get(names.SEARCH_STUDY):
+        best = tags.get(names.SEARCH_BEST_RUN)
+        raise RunError(f"run {run_id} is the search {tags[names.SEARCH_STUDY]}, not a training: "
                        + (f"its best trial is run {best}; give that id" if best else
                           "it has no best trial yet (cnnflow runs lists its trials' runs)"))
-    if tags.get("evaluation_of"):
-        raise RunError(f"run {run_id} is an evaluation of run {tags['evaluation_of']}, not a training; give that id")
+    if tags.get(names.EVALUATION_OF):
+        raise RunError(f"run {run_id} is an evaluation of run {tags[names.EVALUATION_OF]}, not a training; give that id")
 
 
 def run_folder(run_id: str, cfg: dict[str, Any]) -> Path:
     """This machine's folder of a run: the one it trained in when that is here, else
     <output_dir>/<experiment>/<run id> under the working directory (made now). Only a cache: what
     it lacks comes from the run's artifacts (`run_file`)."""
-    import mlflow
-
-    trained_in = Path(mlflow.MlflowClient().get_run(run_id).data.tags.get("output_dir", "/nonexistent"))
+    trained_in = Path(mlflow_client().get_run(run_id).data.tags.get(names.OUTPUT_DIR, "/nonexistent"))
     if trained_in.is_dir():
         return trained_in
     folder = new_run_folder(run_id, cfg)
@@ -377,7 +381,7 @@ def run_file(run_id: str, folder: Path, name: str) -> Path:
         try:
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(folder))
         except (MlflowException, OSError):
-            trained_in = mlflow.MlflowClient().get_run(run_id).data.tags.get("output_dir")
+            trained_in = mlflow_client().get_run(run_id).data.tags.get(names.OUTPUT_DIR)
             raise RunError(f"run {run_id} has no {name} in its artifacts (cnnflow 0.1 kept it only in the folder it "
                            f"trained in, {trained_in}): run this command on the machine that has that folder") from None
     return path
@@ -386,7 +390,6 @@ def run_file(run_id: str, folder: Path, name: str) -> Path:
 def run_features(run_id: str, output_dir: Path) -> dict[str, Any]:
     """What the run's data looked like (image shape, model input, class names): features.json."""
     import mlflow
-
     from mlflow.exceptions import MlflowException
 
     path = output_dir / "features.json"
@@ -397,3 +400,19 @@ def run_features(run_id: str, output_dir: Path) -> dict[str, Any]:
     except MlflowException:
         raise RunError(f"run {run_id} has no features.json (an older cnnflow trained it); "
                             f"train it again to predict with it") from None
+
+
+def backfill_metrics(run_id: str, history: dict[str, list[float]]) -> int:
+    """Log the epochs of `history` that the run lacks (a process killed between its checkpoint and its
+    metrics); returns how many epochs were filled in. Keeps the MLflow curve unbroken after a resume."""
+    from mlflow.entities import Metric
+
+    client = mlflow_client()
+    now = int(time.time() * 1000)
+    missing = []
+    for name, values in history.items():
+        logged = {metric.step for metric in client.get_metric_history(run_id, name)}
+        missing += [Metric(name, value, now, step) for step, value in enumerate(values, start=1) if step not in logged]
+    if missing:
+        client.log_batch(run_id, metrics=missing)
+    return len({metric.step for metric in missing})

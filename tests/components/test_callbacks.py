@@ -37,7 +37,7 @@ def test_an_epoch_the_data_ran_out_in_is_an_error_not_a_finished_epoch(tmp_path)
     import numpy as np
     import tensorflow as tf
 
-    from cnnflow.components.callbacks import EpochCheckpoint
+    from cnnflow.flows.tracking.checkpoints import EpochCheckpoint
     from cnnflow.components.errors import DataError
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -59,7 +59,7 @@ def test_a_position_in_the_first_epoch_writes_the_model_file_its_arrays_fill(tmp
     import numpy as np
     import tensorflow as tf
 
-    from cnnflow.components.callbacks import EpochCheckpoint, position_parts, restore_position
+    from cnnflow.flows.tracking.checkpoints import EpochCheckpoint, position_parts, restore_position
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3), keras.layers.Dense(1)])
     model.compile(optimizer="adam", loss="mse")

@@ -41,13 +41,13 @@ def test_checkpoint_copies_of_finished_runs_are_pruned_and_an_unfinished_runs_st
                                                                                      tmp_path, capsys):
     import logging
 
-    from cnnflow.flows.tracking import lifecycle
+    from cnnflow.flows.tracking import checkpoints
 
     idx = make_idx_folder(tmp_path / "idx")
     run_id = train_flow("mnist", tiny_overrides(idx) + ["plots=none"])
     folder = Path(MlflowClient().get_run(run_id).data.tags["output_dir"])
     assert not list(folder.glob("checkpoint-*"))  # a local store holds it: no copy
-    lifecycle.newest_checkpoint(run_id, folder, logging.getLogger())  # fetched, as continue does on another machine
+    checkpoints.newest_checkpoint(run_id, folder, logging.getLogger())  # fetched, as continue does on another machine
     copy = sum(file.stat().st_size for file in folder.glob("checkpoint-*"))
     unfinished = folder.parent / mlflow.start_run(experiment_id=MlflowClient().get_run(run_id).info.experiment_id).info.run_id
     mlflow.end_run("KILLED")  # a stopped training: its checkpoints are what resumes it

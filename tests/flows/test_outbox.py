@@ -105,7 +105,7 @@ def test_an_epoch_staged_again_after_a_crash_stages_the_new_checkpoint(tmp_path)
     the resumed training rewrites in place: staging it again raised SameFileError mid-training."""
     import types
 
-    from cnnflow.flows.tracking.lifecycle import checkpoint_uploader
+    from cnnflow.flows.tracking.checkpoints import checkpoint_uploader
 
     queued = []
     outbox = types.SimpleNamespace(run_id="r", put=queued.append)

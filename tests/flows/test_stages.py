@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from cnnflow.components.callbacks import read_checkpoint
+from cnnflow.flows.tracking.checkpoints import read_checkpoint
 from cnnflow.components.data.celeba_layout import write_celeba
 from cnnflow.components.errors import DataError, RunError
 from cnnflow.flows.tracking import promotion
@@ -236,15 +236,15 @@ def _a_cut_off_position_upload_is_passed_over(run_id: str, folder: Path) -> None
     is fetched instead, saying why. (The arrays are put back whole after.)"""
     from urllib.parse import urlparse
 
-    from cnnflow.flows.tracking import lifecycle
+    from cnnflow.flows.tracking import checkpoints
 
-    [(newest, slot), *_] = lifecycle._stored_states(run_id)
+    [(newest, slot), *_] = checkpoints._stored_states(run_id)
     assert (newest["epoch"], newest["batch"]) == (1, 2)
     arrays = Path(urlparse(MlflowClient().get_run(run_id).info.artifact_uri).path) / slot / "position.npz"
     whole = arrays.read_bytes()
     arrays.write_bytes(whole[: len(whole) // 2])
     folder.mkdir()
-    fetched, skipped = lifecycle.newest_checkpoint(run_id, folder, logging.getLogger("test"))
+    fetched, skipped = checkpoints.newest_checkpoint(run_id, folder, logging.getLogger("test"))
     arrays.write_bytes(whole)
     assert skipped == ["the checkpoint of epoch 2 at step 2 in the artifact store is incomplete (its upload was cut off)"]
     assert (fetched["epoch"], fetched.get("batch", 0)) < (1, 2) and Path(fetched["path"]).is_file()
@@ -301,7 +301,7 @@ def wait_for_checkpoint(store: Path, epochs: int, process: subprocess.Popen, ins
 
 @pytest.mark.slow
 def test_a_killed_training_resumes_from_its_last_completed_epoch(prefect_harness, mlflow_store, idx, monkeypatch):
-    from cnnflow.flows import train as train_module
+    from cnnflow.flows import fitting
 
     overrides = tiny_overrides(idx, epochs=25)
     process = cli(["train", "experiment=mnist", *overrides])
@@ -319,8 +319,8 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(prefect_harness
         started_from.append(([w.copy() for w in model.get_weights()], int(model.optimizer.iterations)))
         return model
 
-    load = train_module._load_start_model
-    monkeypatch.setattr(train_module, "_load_start_model", load_start_model)
+    load = fitting.load_start_model
+    monkeypatch.setattr(fitting, "load_start_model", load_start_model)
     run_id = train_flow("mnist", overrides)
     [(weights, iterations)] = started_from
     assert all(np.array_equal(a, b) for a, b in zip(weights, saved, strict=True))  # the checkpoint's weights

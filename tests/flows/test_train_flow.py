@@ -263,23 +263,23 @@ def _checkpoint(folder: Path, metadata: dict | None = None) -> Path:
 
 
 def test_a_checkpoint_that_does_not_load_is_set_aside_only_when_the_file_is_at_fault(tmp_path, monkeypatch):
-    """flows/train.py _load_start_model: damaged contents -> *.damaged (the next run takes the one
+    """flows/fitting.py load_start_model: damaged contents -> *.damaged (the next run takes the one
     before); out of memory, no permission or another Keras's file -> kept, and said as such."""
     import keras
 
     from cnnflow.components.errors import RunError
-    from cnnflow.flows.train import _load_start_model
+    from cnnflow.flows.fitting import load_start_model
 
     damaged = _checkpoint(tmp_path)
     damaged.write_bytes(damaged.read_bytes()[:200])
     with pytest.raises(RunError, match="does not load .*set aside"):
-        _load_start_model(str(damaged), initial_epoch=2)
+        load_start_model(str(damaged), initial_epoch=2)
     assert not damaged.with_suffix(".json").exists() and damaged.with_name(damaged.stem + ".json.damaged").exists()
 
     (tmp_path / "other").mkdir()
     newer = _checkpoint(tmp_path / "other", {"keras_version": "2.99.0"})
     with pytest.raises(RunError, match=f"written by Keras 2.99.0 and does not load in Keras {keras.__version__}"):
-        _load_start_model(str(newer), initial_epoch=2)
+        load_start_model(str(newer), initial_epoch=2)
     assert newer.with_suffix(".json").exists()
 
     sound = _checkpoint(tmp_path)
@@ -289,7 +289,7 @@ def test_a_checkpoint_that_does_not_load_is_set_aside_only_when_the_file_is_at_f
 
         monkeypatch.setattr(keras.models, "load_model", failing)
         with pytest.raises(RunError, match=f"{said}.*it is kept"):
-            _load_start_model(str(sound), initial_epoch=2)
+            load_start_model(str(sound), initial_epoch=2)
         assert sound.with_suffix(".json").exists()
 
 
