@@ -115,6 +115,19 @@ def prefect_harness():
         yield
 
 
+def finished_checkpoint(run_id: str, folder: Path) -> dict:
+    """A finished run's newest epoch checkpoint, as `cnnflow continue` finds it: its local copy is
+    gone when the artifact store is a folder here that holds it (flows/tracking/checkpoints.py,
+    tidy_finished), so it is fetched from there."""
+    import logging
+
+    from cnnflow.flows.tracking.checkpoints import newest_checkpoint
+
+    checkpoint, skipped = newest_checkpoint(run_id, folder, logging.getLogger("test"))
+    assert checkpoint, skipped
+    return checkpoint
+
+
 def tiny_overrides(idx: Path, epochs: int = 1, model: str = "fast_cnn") -> list[str]:
     """The MNIST recipe shrunk to seconds: a few hundred generated images, one epoch, and the fast
     recipe's model (dropout and batch norm; its checkpoints 1.2 MB where mnist_cnn's are 39 MB)

@@ -75,7 +75,8 @@ def float32_afterwards():
 
 @pytest.mark.slow
 def test_a_mixed_bfloat16_training_runs_end_to_end(prefect_harness, mlflow_store, tmp_path, float32_afterwards):
-    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1) + ["runtime.precision=mixed_bfloat16"]
+    overrides = tiny_overrides(make_idx_folder(tmp_path / "idx"), epochs=1, model="mnist_cnn") + [
+        "runtime.precision=mixed_bfloat16"]
     run = MlflowClient().get_run(train_flow("mnist", overrides))
     model = keras.models.load_model(f"{run.data.tags['output_dir']}/model.keras")
     assert model.get_layer("conv_1").dtype_policy.name == "mixed_bfloat16"

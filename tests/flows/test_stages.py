@@ -25,7 +25,7 @@ from cnnflow.components.errors import DataError, RunError
 from cnnflow.flows.tracking import promotion
 from cnnflow.flows.inference import evaluate_flow, predict_flow
 from cnnflow.flows.train import continue_flow, train_flow
-from conftest import make_idx_folder, tiny_overrides
+from conftest import finished_checkpoint, make_idx_folder, tiny_overrides
 
 STEPS_PER_EPOCH = 4  # 200 training images, batch 64
 
@@ -65,7 +65,7 @@ def test_continue_in_a_new_process_extends_one_history(prefect_harness, mlflow_s
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "test_accuracy")] == [1, 2]
     assert run.data.tags["stage.2.epochs"] == "2-2" and run.data.tags["stages"] == "2"
     assert "optimizer.learning_rate=0.0005" in run.data.tags["stage.2.overrides"]
-    checkpoint = read_checkpoint(output_of(run_id))
+    checkpoint = finished_checkpoint(run_id, output_of(run_id))
     assert checkpoint["epoch"] == 2 and len(checkpoint["history"]["loss"]) == 2
     model = keras.models.load_model(checkpoint["path"])
     assert int(model.optimizer.iterations) == 2 * STEPS_PER_EPOCH
@@ -328,7 +328,7 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(prefect_harness
     assert run_id == folder.name  # the same MLflow run, resumed
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert steps(run_id) == list(range(1, 26))  # one unbroken curve, no epoch twice
-    assert read_checkpoint(folder)["epoch"] == 25
+    assert finished_checkpoint(run_id, folder)["epoch"] == 25
 
 
 @pytest.mark.slow
