@@ -20,7 +20,7 @@ PLATFORMS = {"Linux x86_64": ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", 
                               "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64",
                               "manylinux1_x86_64"],
              "macOS Apple silicon": ["macosx_12_0_arm64", "macosx_11_0_arm64"]}
-PYTHONS = ("3.10", "3.11", "3.12")
+PYTHONS = ("3.11", "3.12")  # pyproject.toml requires-python: Prefect 3.9 needs 3.11
 
 
 def _name(requirement: str) -> str:
