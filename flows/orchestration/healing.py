@@ -9,7 +9,7 @@ Prefect does both, set up by `cnnflow deploy` and `cnnflow serve` (idempotently,
 - the automation "cnnflow: resubmit crashed trainings" sets a Crashed run of a resumable deployment
   (train, retrain) back to Scheduled while its run count is at most `jobs.restarts`: the same flow run,
   its parameters unchanged, for any free worker of the pool; the training resumes its MLflow run
-  from the artifact store (flows/tracking/lifecycle.py).
+  from the artifact store (flows/tracking/checkpoints.py).
 The restarted job itself waits a back-off, waits for the MLflow lease of a holder that may still be
 alive (cnnflow's lease, not Prefect's heartbeat, decides whether a training is alive), and stops
 being resubmitted when two attempts in a row crashed at the same epoch. A worker stopped with
