@@ -22,8 +22,8 @@ from cnnflow.components.errors import first_line
 def swap_keras_seed_source(source: Any) -> Any:
     """Keras draws the seeds of unseeded layers and initializers from the module-level `random` it
     keeps in `keras.src.random.seed_generator.python_random` (no public hook exists). cnnflow puts a
-    per-thread stand-in there (flows/setup/runtime.py, own_seed_draws): `source(current)` makes it
-    from what is there unless it is one already. Returns what is there afterwards."""
+    per-thread stand-in there (flows/setup/runtime.py, own_seed_draws): `source()` makes one unless
+    one is there already. Returns what is there afterwards."""
     from keras.src.random import seed_generator
 
     if not isinstance(seed_generator.python_random, source):
@@ -135,9 +135,9 @@ def trial_id(study: Any, number: int) -> int:
     return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
 
 
-def stored_trial(study: Any, number: int) -> Any:
-    """The trial as stored now (a FrozenTrial), read without loading the whole study."""
-    return study._storage.get_trial(trial_id(study, number))
+def stored_trial(study: Any, trial_id: int) -> Any:
+    """The trial as stored now (a FrozenTrial), read by its storage id without loading the whole study."""
+    return study._storage.get_trial(trial_id)
 
 
 def set_trial_user_attr(study: Any, trial: Any, key: str, value: Any) -> None:

@@ -84,7 +84,7 @@ class Judge:
         import optuna
 
         trial_id = compat.trial_id(self.study, number)
-        frozen = compat.stored_trial(self.study, number)
+        frozen = compat.stored_trial(self.study, trial_id)
         if frozen.state != states().RUNNING:
             return None, ""
         trial = optuna.trial.Trial(self.study, trial_id)

@@ -157,7 +157,7 @@ def test_the_optuna_shims_reach_a_trial_by_its_number():
 
     study = optuna.create_study()
     study.ask()
-    assert compat.stored_trial(study, 0).number == 0, shim("trial_id / stored_trial")
+    assert compat.stored_trial(study, compat.trial_id(study, 0)).number == 0, shim("trial_id / stored_trial")
     frozen = study.trials[0]
     compat.set_trial_user_attr(study, frozen, "run_id", "abc")
     compat.set_intermediate_value(study, frozen, 3, 0.5)
