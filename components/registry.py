@@ -1,5 +1,5 @@
 """One registry for every building block: datasets, augmentations, models, losses, optimizers,
-callbacks and plots are registered by (kind, name) and built from a config that names them.
+callbacks, plots and search plots are registered by (kind, name) and built from a config that names them.
 
     @register("model", "mnist_cnn")
     def mnist_cnn(input_shape, num_classes, dropout_rate=0.5): ...
@@ -23,7 +23,7 @@ from typing import Any
 
 from cnnflow.components.errors import SettingsError
 
-KINDS = ("dataset", "augment", "model", "loss", "optimizer", "callback", "plot")
+KINDS = ("dataset", "augment", "model", "loss", "optimizer", "callback", "plot", "search_plot")
 ENTRY_POINT_GROUP = "cnnflow.components"
 
 _registry: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}

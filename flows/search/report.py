@@ -66,66 +66,38 @@ def table(study, plan: Plan) -> list[dict[str, Any]]:
 
 
 def figures(study, plan: Plan, folder: Path) -> list[Path]:
-    """best-so-far against epochs spent; each parameter against the objective."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """The search's configured figures (search.plots), written to folder."""
     import matplotlib.pyplot as plt
 
-    state = states()
-    metric, better = plan.search["metric"], (max if plan.search["direction"] == "max" else min)
-    folder.mkdir(parents=True, exist_ok=True)
-    ended = sorted((t for t in study.trials if t.state in (state.COMPLETE, state.PRUNED)),
-                   key=lambda t: t.datetime_complete)
-    spent, best, xs, ys, points = 0, None, [], [], []
-    for t in ended:
-        spent += t.user_attrs.get("epochs_trained", 0)
-        if t.state == state.COMPLETE:
-            best = t.value if best is None else better(best, t.value)
-        points.append((spent, last_value(t), t.state == state.COMPLETE))
-        if best is not None:
-            xs.append(spent)
-            ys.append(best)
-    figure, axes = plt.subplots(figsize=(6.4, 4))
-    axes.step(xs, ys, where="post", color="tab:blue", label=f"best {metric} so far")
-    for done in (True, False):
-        chosen = [(x, y) for x, y, c in points if c == done and y is not None]
-        if chosen:
-            axes.scatter(*zip(*chosen), s=28, label="complete trial" if done else "pruned trial (last value)",
-                         color="tab:blue" if done else "none", edgecolors="tab:blue" if done else "tab:grey")
-    axes.set(xlabel="epochs spent (all trials)", ylabel=metric,
-             title=f"best {metric} against epochs spent\nsearch {plan.study_name}")
-    axes.grid(alpha=0.3)
-    axes.legend(loc="lower right" if plan.search["direction"] == "max" else "upper right", fontsize=8)
-    paths = [folder / "best_so_far.png"]
-    figure.tight_layout()
-    figure.savefig(paths[0], dpi=110)
-    plt.close(figure)
+    from cnnflow.components import registry
 
-    figure, all_axes = plt.subplots(1, len(plan.space), figsize=(3.6 * len(plan.space), 3.4), squeeze=False)
-    best_trial = study.best_trial if any(t.state == state.COMPLETE for t in study.trials) else None
-    for axes, (key, dist) in zip(all_axes[0], plan.space.items()):
-        for done in (True, False):
-            chosen = [(t.params[key], last_value(t)) for t in ended
-                      if (t.state == state.COMPLETE) == done and last_value(t) is not None]
-            if chosen:
-                axes.scatter(*zip(*chosen), s=28, color="tab:blue" if done else "none",
-                             edgecolors="tab:blue" if done else "tab:grey",
-                             label="complete" if done else "pruned (last value)")
-        if best_trial:
-            axes.scatter([best_trial.params[key]], [best_trial.value], s=120, marker="*", color="tab:orange",
-                         label=f"best (trial {best_trial.number})", zorder=3)
-        if getattr(dist, "log", False):
-            axes.set_xscale("log")
-        axes.set(xlabel=key, ylabel=metric)
-        axes.grid(alpha=0.3)
-    all_axes[0][0].legend(fontsize=7)
-    figure.suptitle(f"each setting against {metric} (pruned trials: their last value)\nsearch {plan.study_name}")
-    figure.tight_layout()
-    paths.append(folder / "parameters.png")
-    figure.savefig(paths[1], dpi=110)
-    plt.close(figure)
+    folder.mkdir(parents=True, exist_ok=True)
+    trials = drawn(study, plan)
+    paths = []
+    for label, spec in plan.search["plots"].items():
+        if spec:
+            figure = registry.build("search_plot", spec, trials=trials)
+            paths.append(folder / f"{label}.png")
+            figure.savefig(paths[-1], dpi=110)
+            plt.close(figure)
     return paths
+
+
+def drawn(study, plan: Plan):
+    """The study as the search plots take it: plain data, no Optuna."""
+    from cnnflow.components.search_plots import Trial, Trials
+
+    state = states()
+
+    def plain(trial) -> Trial:
+        return Trial(trial.number, trial.state == state.COMPLETE, last_value(trial),
+                     trial.user_attrs.get("epochs_trained", 0), dict(trial.params))
+
+    ended = sorted((t for t in study.trials if t.state in (state.COMPLETE, state.PRUNED)), key=lambda t: t.datetime_complete)
+    best = study.best_trial if any(t.state == state.COMPLETE for t in study.trials) else None
+    return Trials(plan.study_name, plan.search["metric"], plan.search["direction"] == "max",
+                  {key: bool(getattr(dist, "log", False)) for key, dist in plan.space.items()},
+                  tuple(plain(t) for t in ended), plain(best) if best else None)
 
 
 def last_value(trial) -> float | None:

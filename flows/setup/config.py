@@ -239,12 +239,13 @@ def _settings_error(error: Exception, experiment: str, overrides: list[str]) -> 
     if isinstance(error, OverrideParseException):
         parsed_overrides(overrides)  # raises the line naming the override
 
+    groups = [o for o in overrides if re.match(r"^\w+=", o) and o.split("=")[0] in GROUPS]  # search=..., plots=...
     unknown = compat.unknown_override_key(error)
     if unknown:
-        return SettingsError(settings.unknown_key(unknown, settings.known_keys(compose_config(experiment))))
+        return SettingsError(settings.unknown_key(unknown, settings.known_keys(compose_config(experiment, groups))))
     merge = compat.merge_failure(error)
     if merge:
-        current = settings.value_at(compose_config(experiment), merge[0].lstrip("+").split("."))
+        current = settings.value_at(compose_config(experiment, groups), merge[0].lstrip("+").split("."))
         shape = "a mapping, like {key: value}" if isinstance(current, dict) else \
             "a list, like [a, b]" if isinstance(current, list) else "a single value"
         return SettingsError(f"{merge[0]}={merge[1]}: should be {shape}")

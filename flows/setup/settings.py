@@ -167,6 +167,7 @@ class Search(Section):
     storage: Name | None
     parallel: Count | None
     space: dict[str, str]
+    plots: dict[str, Component | None]
 
 
 class Settings(Section):
@@ -194,7 +195,7 @@ class Settings(Section):
 # Arguments the flow passes to a component itself; a config must not set them.
 PROVIDED = {"dataset": ("name", "path", "data_dir", "manual_dir"),
             "model": ("input_shape", "num_classes", "steps_per_epoch"), "optimizer": ("total_steps",),
-            "plot": ("results",)}
+            "plot": ("results",), "search_plot": ("trials",)}
 
 
 def components(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -210,6 +211,8 @@ def components(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
                 found += [(f"plots.{label}.columns.{column}[{i}]", "augment", t) for i, t in enumerate(transforms)]
             if isinstance(spec.get("transforms"), list):
                 found += [(f"plots.{label}.transforms[{i}]", "augment", t) for i, t in enumerate(spec["transforms"])]
+    search_plots = (cfg.get("search") or {}).get("plots") or {}
+    found += [(f"search.plots.{label}", "search_plot", spec) for label, spec in search_plots.items() if spec]
     for role in ("train", "eval"):
         found += [(f"data.transforms.{role}[{i}]", "augment", t) for i, t in enumerate(cfg["data"]["transforms"][role])]
     return found

@@ -1,4 +1,5 @@
-"""Every figure of conf/plots/, drawn for digits-like and face-like test sets, says what it shows
+"""Every figure of conf/plots/, drawn for digits-like and face-like test sets, and every figure of a
+search (conf/search/default.yaml), drawn for a search with complete and pruned trials, says what it shows
 and is readable: a title of several words, no text cut off at the figure's edge, no text running
 into another text or into another picture."""
 
@@ -12,6 +13,7 @@ from matplotlib.text import Text
 from cnnflow.components import registry
 from cnnflow.components.data.core import Partition
 from cnnflow.components.plots import Results
+from cnnflow.components.search_plots import Trial, Trials
 from cnnflow.flows.setup.config import compose_config
 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -33,15 +35,33 @@ CASES = {"classification": ("quickstart", _results(FASHION, (28, 28, 1))),
          "binary": ("celeba", _results(("Female", "Male"), (218, 178, 3)))}
 
 
+def _trials() -> Trials:
+    """Six trials of a two-setting search, the fourth and fifth pruned (the fifth before any report)."""
+    rng = np.random.default_rng(0)
+    ended = tuple(Trial(n, n not in (3, 4), None if n == 4 else float(rng.uniform(0.7, 0.95)), int(rng.integers(1, 9)),
+                        {"optimizer.learning_rate": float(10 ** rng.uniform(-4, -2)), "model.width": int(rng.integers(16, 64))})
+                  for n in range(6))
+    best = max((t for t in ended if t.complete), key=lambda t: t.value)
+    return Trials("quickstart-0123abcd", "val_accuracy", True, {"optimizer.learning_rate": True, "model.width": False},
+                  ended, best)
+
+
 def _figures():
     for group, (experiment, _) in CASES.items():
         for label, spec in compose_config(experiment, [f"plots={group}"])["plots"].items():
-            yield pytest.param(group, spec, id=f"{group}-{label}")
+            yield pytest.param("plot", spec, CASES[group][1], id=f"{group}-{label}")
+    for label, spec in compose_config("quickstart", ["search=default"])["search"]["plots"].items():
+        yield pytest.param("search_plot", spec, _trials(), id=f"search-{label}")
 
 
-@pytest.mark.parametrize("group, spec", list(_figures()))
-def test_every_figure_says_what_it_shows_and_no_text_is_cut_or_overlaps(group, spec):
-    figure = registry.build("plot", spec, results=CASES[group][1])
+def test_every_registered_plot_is_drawn_by_a_group_of_conf():
+    drawn = {(kind, spec["name"]) for kind, spec, _ in (p.values for p in _figures())}
+    assert drawn == {(kind, name) for kind in ("plot", "search_plot") for name in registry.names(kind)}
+
+
+@pytest.mark.parametrize("kind, spec, results", list(_figures()))
+def test_every_figure_says_what_it_shows_and_no_text_is_cut_or_overlaps(kind, spec, results):
+    figure = registry.build(kind, spec, **{"plot": {"results": results}, "search_plot": {"trials": results}}[kind])
     try:
         figure.canvas.draw()
         renderer = figure.canvas.get_renderer()
