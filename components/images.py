@@ -34,7 +34,7 @@ _NOT_PICTURES = ("BUFR", "GRIB", "HDF5", "WMF", "EPS", "MPEG", "FITS")
 def fitted(image, shape: tuple[int, int, int]):
     """uint8 pixels (a tensor, height x width x 1-4 channels) made `shape`: alpha dropped, gray made
     colour or colour gray, resized where the size differs. A folder's training images went through
-    this in tf.data (components/data/core.py), and what `predict` and the served model get of its
+    this in tf.data (components/data/pipeline.py), and what `predict` and the served model get of its
     model goes through it too: one function, the same pixels."""
     import tensorflow as tf
 

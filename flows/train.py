@@ -346,21 +346,31 @@ def train_flow(experiment: Experiment = "quickstart", overrides: list[str] | Non
         logger.info(f"done: run {finished} was finished by an earlier attempt of this job")
         return finished
     with lifecycle.claimed_run(cfg, logger, restart) as (run_id, output_dir, checkpoint):
-        if checkpoint:
-            inside = f" and {checkpoint['batch']} steps of epoch {checkpoint['epoch'] + 1}" if checkpoint.get("batch") else ""
-            logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}{inside}; outputs in {output_dir} "
-                        f"(resume=false starts a new run instead)")
-            split_path = str(store.run_file(run_id, output_dir, "split.npz"))
-            start_model, initial_epoch = checkpoint["path"], checkpoint["epoch"]
-            _settled_precision(cfg, features, run_id)
-        else:
-            logger.info(f"MLflow run {run_id} in {uri}; outputs in {output_dir}")
-            store.log_settings(run_id, cfg, output_dir, features, _settled_precision(cfg, features, run_id))
-            split_path = split_data(cfg, features, run_id, str(output_dir))
-            start_model, initial_epoch = build_model(cfg, features, split_path, str(output_dir)), 0
-        metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, split_path, start_model, initial_epoch)
+        start = _resumed(cfg, features, run_id, output_dir, checkpoint, logger) if checkpoint else \
+            _started(cfg, features, run_id, output_dir, uri, logger)
+        metrics = _fit_evaluate_plot(cfg, run_id, output_dir, features, *start)
     logger.info(f"done: run {run_id}, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return run_id
+
+
+def _started(cfg: dict[str, Any], features: dict[str, Any], run_id: str, output_dir: Path, uri: str,
+             logger) -> tuple[str, str, int]:
+    """A new run's (split file, model to train, first epoch): settings logged, data split, model built."""
+    logger.info(f"MLflow run {run_id} in {uri}; outputs in {output_dir}")
+    store.log_settings(run_id, cfg, output_dir, features, _settled_precision(cfg, features, run_id))
+    split_path = split_data(cfg, features, run_id, str(output_dir))
+    return split_path, build_model(cfg, features, split_path, str(output_dir)), 0
+
+
+def _resumed(cfg: dict[str, Any], features: dict[str, Any], run_id: str, output_dir: Path, checkpoint: dict,
+             logger) -> tuple[str, str, int]:
+    """An unfinished run's (split file, model to train, first epoch): where its last checkpoint left it."""
+    inside = f" and {checkpoint['batch']} steps of epoch {checkpoint['epoch'] + 1}" if checkpoint.get("batch") else ""
+    logger.info(f"resuming MLflow run {run_id} after epoch {checkpoint['epoch']}{inside}; outputs in {output_dir} "
+                f"(resume=false starts a new run instead)")
+    split_path = str(store.run_file(run_id, output_dir, "split.npz"))
+    _settled_precision(cfg, features, run_id)
+    return split_path, checkpoint["path"], checkpoint["epoch"]
 
 
 @flow(name="continue", flow_run_name="continue {run_id}")

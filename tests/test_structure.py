@@ -18,7 +18,7 @@ LAYERS = [
     ("orchestration", ("flows.orchestration",)),
     ("flows", ("flows.search", "flows.train", "flows.fitting", "flows.inference", "flows.retrain", "flows.housekeeping", "flows.runs",
                "flows.serve")),
-    ("command line", ("flows.cli",)),
+    ("command line", ("flows.cli", "flows.arguments")),
 ]
 
 

@@ -1,27 +1,32 @@
-"""Data sources (one module each, found by the registry) and the split/pipeline code they all share."""
+"""Data sources (one module each, found by the registry) and what they all share: core.py (features,
+partitions, sources), splits.py (which examples train, validate and test) and pipeline.py (tf.data)."""
 
 from cnnflow.components.data.core import (  # noqa: F401
     CLASS_NAMES,
     DataError,
-    changes,
-    checked_partitions,
-    check_same_data,
     DataInfo,
     Partition,
-    Split,
+    checked_partitions,
+    fewer_images,
+    parse_split,
+    read_ahead,
+    read_in_full,
+    source_from,
+)
+from cnnflow.components.data.pipeline import (  # noqa: F401
     cache_needs,
+    make_dataset,
+    model_input_shape,
+    steps_per_epoch,
+)
+from cnnflow.components.data.splits import (  # noqa: F401
+    Split,
+    changes,
+    check_same_data,
     class_counts,
     examples,
     fingerprint_of,
     fingerprinted,
-    fewer_images,
-    make_dataset,
     make_split,
-    model_input_shape,
-    read_ahead,
-    parse_split,
-    read_in_full,
-    source_from,
-    steps_per_epoch,
     training_pool_size,
 )

@@ -1,27 +1,22 @@
-"""What every data source shares: partitions, split strings, the fixed-seed split and the tf.data pipeline.
+"""What every data source shares: features (`DataInfo`), partitions of images and labels, the
+`Source` protocol, and a source made once per process from `data.*` settings.
 
-A data source (registered as kind "dataset") returns a `Source`: its features (`DataInfo`) and its
-partitions ("train", "test", ...) as arrays. Which examples train, validate and test is set by
-TFDS-style split strings (`train`, `test[:8000]`, `train[10%:]`) and sizes, the same for every source:
-
-    train_split: train     valid_split: null (carve valid_size from the shuffled train pool)
-    train_size: 50000      valid_size: 10000     shuffle_buffer: 10000     test_split: test
+A data source (registered as kind "dataset") returns a `Source`: its features and its partitions
+("train", "test", ...) as arrays or as records streamed from their files. Which examples train,
+validate and test is splits.py; the tf.data pipeline that serves them is pipeline.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import re
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from cnnflow.components import compat, registry
-from cnnflow.components.data import caching, fingerprint
 from cnnflow.components.errors import DataError, SettingsError
 
 
@@ -149,6 +144,17 @@ def attribute_classes(attribute: str) -> tuple[str, str]:
     return ("Female" if attribute == "Male" else f"not {attribute}"), attribute
 
 
+def as_written(fn):
+    """`fn` traced by tf.data as it is written. By default AutoGraph first rewrites it (for Python `if`
+    and `for` on tensors), and its first use cost a third of a second of every training's start
+    (benchmarks/LOG.md, "Start-up"); the pipeline's functions are TensorFlow ops alone, and Keras
+    leaves its own step functions unconverted the same way. Transforms from plugins are converted on
+    their own (augment.compose)."""
+    import tensorflow as tf
+
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 # ---------------------------------------------------------------------------------------- sources
 
 def source_from(data: dict[str, Any]) -> Source:
@@ -254,299 +260,3 @@ def split_positions(split: str, partition_size: int) -> np.ndarray:
         return int(bound)
 
     return np.arange(partition_size)[resolve(bounds.start) : resolve(bounds.stop)]
-
-
-# ------------------------------------------------------------------------------------------ split
-
-@dataclass(frozen=True)
-class Split:
-    """Which examples of which partition each of train/valid/test uses, and, once a run has recorded
-    them, what they held (fingerprint.py): each role's fingerprint and each example's digest."""
-
-    partitions: dict[str, str]  # role -> partition name
-    indices: dict[str, np.ndarray]  # role -> positions in that partition
-    fingerprints: dict[str, str] = field(default_factory=dict)  # role -> hex SHA-256 of its examples and labels
-    digests: dict[str, np.ndarray] = field(default_factory=dict)  # role -> (n, 32) uint8, one SHA-256 per example
-
-    def sizes(self) -> dict[str, int]:
-        return {role: len(positions) for role, positions in self.indices.items()}
-
-    def save(self, path: str | Path) -> str:
-        np.savez(path, **{f"{role}_indices": pos for role, pos in self.indices.items()},
-                 **{f"{role}_partition": np.array(name) for role, name in self.partitions.items()},
-                 **{f"{role}_fingerprint": np.array(value) for role, value in self.fingerprints.items()},
-                 **{f"{role}_digests": value for role, value in self.digests.items()})
-        return str(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Split:
-        with np.load(path) as saved:
-            roles = [key.removesuffix("_indices") for key in saved.files if key.endswith("_indices")]
-            recorded = [r for r in roles if f"{r}_fingerprint" in saved.files]  # splits saved before 0.2 have none
-            return cls({r: str(saved[f"{r}_partition"]) for r in roles}, {r: saved[f"{r}_indices"] for r in roles},
-                       {r: str(saved[f"{r}_fingerprint"]) for r in recorded},
-                       {r: saved[f"{r}_digests"] for r in recorded})
-
-
-def shuffled(positions: np.ndarray, buffer_size: int, seed: int) -> np.ndarray:
-    """The order the chapter's `tf.random.set_seed(seed)` then `shuffle(buffer_size,
-    reshuffle_each_iteration=False)` gives, so the same seed carves the book's validation images.
-
-    Like the chapter, no op seed is passed: tf.data draws it from the global seed, and setting that
-    seed first makes the draw the same whatever ran before in the process. A buffer smaller than the
-    data shuffles only locally, exactly like the chapter's pipeline. The order depends only on the
-    seeds, the buffer and the count, never on the images, so shuffling positions gives it.
-    """
-    if buffer_size <= 1 or len(positions) <= 1:
-        return positions
-    import tensorflow as tf
-
-    tf.random.set_seed(seed)
-    order = tf.data.Dataset.range(len(positions)).shuffle(buffer_size, reshuffle_each_iteration=False)
-    return positions[next(iter(order.batch(len(positions)))).numpy()]
-
-
-def _size(data: dict[str, Any], key: str) -> int | None:
-    """A subset size: a count, or null / "full" for everything."""
-    value = data.get(key)
-    if value is None or value == "full":
-        return None
-    if not isinstance(value, int) or value < 0:
-        raise DataError(f"data.{key}={value!r}; use a count of examples, or null / full for all of them")
-    return value
-
-
-def training_pool_size(data: dict[str, Any]) -> int:
-    """How many examples a training subset can draw from: the train split, less the validation
-    examples carved from it (when there is no valid_split)."""
-    pool_name, _ = parse_split(data["train_split"])
-    pool = len(split_positions(data["train_split"], len(partition_of(data, pool_name).labels)))
-    return pool if data.get("valid_split") else pool - (_size(data, "valid_size") or 0)
-
-
-def make_split(data: dict[str, Any], seed: int) -> Split:
-    """Train, validation and test positions as `data` configures them; same settings, same split."""
-    pool_name, _ = parse_split(data["train_split"])
-    pool = shuffled(split_positions(data["train_split"], len(partition_of(data, pool_name).labels)),
-                    data.get("shuffle_buffer") or 0, seed)
-    valid_size, train_size = _size(data, "valid_size"), _size(data, "train_size")
-    if data.get("valid_split"):
-        valid_name, _ = parse_split(data["valid_split"])
-        valid = split_positions(data["valid_split"], len(partition_of(data, valid_name).labels))[:valid_size]
-        train = pool[:train_size]
-    else:
-        valid_name, valid_size = pool_name, valid_size or 0
-        if valid_size >= len(pool):
-            raise DataError(f"data.valid_size={valid_size} leaves no training examples: "
-                            f"{data['train_split']!r} has only {len(pool)}")
-        valid = pool[:valid_size]
-        train = pool[valid_size:][:train_size]
-    test_name, _ = parse_split(data["test_split"])
-    test = split_positions(data["test_split"], len(partition_of(data, test_name).labels))
-    wanted = {"train": (train, train_size), "valid": (valid, valid_size)}
-    for role, (positions, size) in wanted.items():
-        if size is not None and len(positions) < size:
-            raise DataError(f"data.{role}_size={size} but only {len(positions)} examples are available "
-                            f"for {role}; lower data.{role}_size or widen the split")
-    return Split({"train": pool_name, "valid": valid_name, "test": test_name},
-                 {"train": train, "valid": valid, "test": test})
-
-
-def changes(before: Split, after: Split, role: str) -> dict[str, int]:
-    """How `role` differs between two recorded splits, example by example, each named by its place
-    (partition, position): added, removed, changed (the same place, other bytes) and kept."""
-    def placed(split: Split) -> dict[tuple[str, int], bytes]:
-        if role not in split.digests:
-            raise DataError(f"a split of role {role!r} without recorded examples (cnnflow before 0.2 did not record "
-                            f"them): train the run again to compare it")
-        partition = split.partitions[role]
-        return {(partition, int(position)): digest.tobytes()
-                for position, digest in zip(split.indices[role], split.digests[role])}
-
-    old, new = placed(before), placed(after)
-    common = old.keys() & new.keys()
-    changed = sum(1 for place in common if old[place] != new[place])
-    return {"added": len(new.keys() - old.keys()), "removed": len(old.keys() - new.keys()), "changed": changed,
-            "kept": len(common) - changed}
-
-
-# ---------------------------------------------------------------------------------------- tf.data
-
-def model_input_shape(data: dict[str, Any], image_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape images have after the evaluation transforms: what the model's input must take."""
-    return tuple(_model_input(data, image_shape).shape)
-
-
-def _model_input(data: dict[str, Any], image_shape: tuple[int, ...]):
-    """A blank image through the evaluation transforms."""
-    import tensorflow as tf
-
-    from cnnflow.components.augment import compose
-
-    return compose(data["transforms"]["eval"])(tf.zeros(image_shape, tf.uint8), tf.zeros(2, tf.int64))
-
-
-def class_counts(data: dict[str, Any], split: Split, class_names: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """role -> class name -> number of examples."""
-    counts = {}
-    for role in split.indices:
-        labels = examples(data, split, role).labels
-        counts[role] = {name: int(n) for name, n in zip(class_names, np.bincount(labels, minlength=len(class_names)))}
-    return counts
-
-
-def examples(data: dict[str, Any], split: Split, role: str) -> Partition:
-    """The images and labels of one role (train, valid or test) of a split."""
-    return partition_of(data, split.partitions[role]).take(split.indices[role])
-
-
-_fingerprints: dict[tuple, fingerprint.Fingerprint] = {}  # once per process for the same examples
-
-
-def fingerprint_of(data: dict[str, Any], split: Split, role: str) -> fingerprint.Fingerprint:
-    """What one role of a split holds now, as read from the source (fingerprint.py)."""
-    key = (source_from(data), split.partitions[role],
-           hashlib.sha256(np.ascontiguousarray(split.indices[role], dtype=np.int64).tobytes()).hexdigest())
-    if key not in _fingerprints:
-        if len(_fingerprints) >= 32:  # a long-lived worker: keep the newest
-            _fingerprints.pop(next(iter(_fingerprints)))
-        _fingerprints[key] = fingerprint.of_partition(examples(data, split, role))
-    return _fingerprints[key]
-
-
-def fingerprinted(data: dict[str, Any], split: Split) -> Split:
-    """`split` with what each of its roles holds now recorded in it."""
-    found = {role: fingerprint_of(data, split, role) for role in split.indices}
-    return replace(split, fingerprints={role: f.digest for role, f in found.items()},
-                   digests={role: f.examples for role, f in found.items()})
-
-
-def check_same_data(data: dict[str, Any], split: Split, run_id: str, roles: tuple[str, ...] | None = None) -> None:
-    """Refuses, in one line naming both fingerprints, to go on training, or to evaluate, a run on data
-    other than what it recorded (a file overwritten, another folder that holds something else); only
-    `roles` when given."""
-    for role, recorded in split.fingerprints.items():
-        if roles is not None and role not in roles:
-            continue
-        now = fingerprint_of(data, split, role).digest
-        if now != recorded:
-            where = data.get("path") or data.get("data_dir") or data.get("manual_dir") or data["source"]
-            raise DataError(f"run {run_id} used other data: its {role} examples had fingerprint {recorded[:16]}, "
-                            f"{where} now gives {now[:16]}; point data.path at the data it used, or start a new run "
-                            f"on this data (cnnflow train ... resume=false)")
-
-
-def cache_needs(data: dict[str, Any], split: Split) -> dict[str, caching.Need]:
-    """What caching each role would take: decoded images for training (cached before the random
-    transforms), finished model inputs for evaluation."""
-    shape = source_from(data).info.image_shape
-    model_input = _model_input(data, shape)
-    bytes_each = {"train": int(np.prod(shape)), "eval": model_input.shape.num_elements() * model_input.dtype.size}
-    return {role: caching.Need(len(positions), bytes_each["train" if role == "train" else "eval"],
-                               partition_of(data, split.partitions[role]).encoded is not None)
-            for role, positions in split.indices.items()}
-
-
-def make_dataset(data: dict[str, Any], split: Split, role: str, seed: int, cache: str | None = None,
-                 epochs: range = range(1), skip: int = 0):
-    """A batched, prefetched tf.data pipeline for one role; train-time transforms only for "train".
-
-    Encoded images are read and decoded in parallel. Decoded training images (before the random
-    transforms) and finished evaluation images are kept where `cache` says (memory | disk | none;
-    default: as `data.cache` plans it, see caching.py). For "train" the pipeline serves `epochs`
-    (counted from 0) one after the other, and what an epoch draws (its order, each example's
-    transform seed) depends on the seed and the epoch's number alone: a training resumed or
-    continued at epoch k gets exactly what epoch k of one uninterrupted training got. `skip`: batches
-    of the first epoch not served (a training resumed inside it), skipped before they are transformed.
-    """
-    import tensorflow as tf
-
-    from cnnflow.components.augment import compose
-
-    chosen = examples(data, split, role)
-    where = cache or (caching.plan(data, cache_needs(data, split))[role] if role in caching.CACHED_ROLES else "none")
-    training = role == "train"
-    transform = compose(data["transforms"]["train" if training else "eval"])
-    if isinstance(chosen.images, Records):
-        images = chosen.images.dataset()
-    else:
-        images = tf.data.Dataset.from_tensor_slices(chosen.images)
-    if chosen.encoded:
-        shape, fit = chosen.fit_to or source_from(data).info.image_shape, chosen.fit_to is not None
-        images = images.map(as_written(lambda item: decoded(item, chosen.encoded, shape, fit)),
-                            num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(chosen.labels))
-    if not training:
-        no_seed = tf.zeros(2, tf.int64)  # evaluation transforms are deterministic
-        dataset = dataset.map(as_written(lambda image, label: (transform(image, no_seed), label)),
-                              num_parallel_calls=tf.data.AUTOTUNE)
-        dataset = _kept(dataset, where, data, split, role, data["transforms"]["eval"])
-        return _untuned(dataset.batch(data["batch_size"]).prefetch(tf.data.AUTOTUNE))
-    dataset = _kept(dataset, where, data, split, role, "decoded")
-
-    @as_written
-    def epoch(number):
-        key = tf.constant(seed, tf.int64) * EPOCH_KEYS + number  # one key per (seed, epoch)
-        ordered = dataset
-        if data.get("shuffle_each_epoch"):
-            ordered = dataset.shuffle(data["shuffle_each_epoch"], seed=key, reshuffle_each_iteration=False)
-        seeds = tf.data.Dataset.range(len(chosen.labels)).map(as_written(lambda index: tf.stack([key, index])))
-        first = tf.cast(number == epochs.start, tf.int64)
-        augmented = tf.data.Dataset.zip(ordered, seeds).skip(first * skip * data["batch_size"]).map(
-            as_written(lambda example, pair: (transform(example[0], pair), example[1])),
-            num_parallel_calls=tf.data.AUTOTUNE)
-        return augmented.batch(data["batch_size"])  # per epoch: its last batch is its own remainder
-
-    served = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch)
-    return _untuned(served.prefetch(tf.data.AUTOTUNE))
-
-
-def as_written(fn):
-    """`fn` traced by tf.data as it is written. By default AutoGraph first rewrites it (for Python `if`
-    and `for` on tensors), and its first use cost a third of a second of every training's start
-    (benchmarks/LOG.md, "Start-up"); the pipeline's functions are TensorFlow ops alone, and Keras
-    leaves its own step functions unconverted the same way. Transforms from plugins are converted on
-    their own (augment.compose)."""
-    import tensorflow as tf
-
-    return tf.autograph.experimental.do_not_convert(fn)
-
-
-def _untuned(dataset):
-    """`dataset` without tf.data's autotuning thread. That thread sleeps between passes, for up to
-    a minute once an iterator is old, and TensorFlow 2.21 often waited out the sleep when Keras dropped
-    the iterator at the end of a fit: 2-60 s after a training's last epoch, in most search trials run
-    by a worker (benchmarks/README). Untuned, AUTOTUNE keeps tf.data's starting values, and
-    epochs measured here were as fast."""
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return dataset.with_options(options)
-
-
-EPOCH_KEYS = 1 << 20  # epochs a run can have before two (seed, epoch) keys could meet
-
-
-def steps_per_epoch(data: dict[str, Any], split: Split) -> int:
-    """Batches in one training epoch (the last one may be short)."""
-    return -(-len(split.indices["train"]) // data["batch_size"])
-
-
-def _kept(dataset, where: str, data: dict[str, Any], split: Split, role: str, stage: Any):
-    """`dataset` cached where the plan says; a disk cache is named by the content it is made from
-    (the examples' fingerprint, never a path or a folder's time) and how it is made from it."""
-    if where == "memory":
-        return dataset.cache()
-    if where != "disk":
-        return dataset
-    import tensorflow as tf
-
-    contents = {"format": 2, "tensorflow": tf.__version__, "stage": stage, "source": data["source"],
-                "options": source_options(data), "examples": fingerprint_of(data, split, role).digest}
-    fit_to = partition_of(data, split.partitions[role]).fit_to
-    if fit_to:  # a folder's size chosen from all its images: others added elsewhere may change it
-        contents["fit_to"] = list(fit_to)
-    cap = data.get("cache_max_gb")
-    return caching.on_disk(dataset, caching.cache_dir(data), f"{role}-{caching.key(contents)}",
-                           None if cap is None else int(cap * 2**30))

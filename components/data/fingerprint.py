@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cnnflow.components.data.core import Partition, Records
+
 DIGEST_BYTES = 32  # SHA-256
 
 
@@ -26,11 +28,11 @@ class Fingerprint:
     examples: np.ndarray  # (n, 32) uint8: each example's SHA-256, in the role's order
 
 
-def of_partition(partition) -> Fingerprint:
+def of_partition(partition: Partition) -> Fingerprint:
     """The fingerprint of a partition's images and labels, in their order."""
     labels = np.asarray(partition.labels, dtype="<i8")
     images = partition.images
-    if callable(getattr(images, "dataset", None)):  # core.Records: streamed from their files (core imports this module)
+    if isinstance(images, Records):  # streamed from their files
         header: dict[str, Any] = {"encoded": True}
         digests = _digests(_streamed(images), labels)
     elif partition.encoded == "path":

@@ -14,7 +14,8 @@ from cnnflow.components.augment import compose
 from cnnflow.components.errors import SettingsError
 from cnnflow.components.data import DataError, class_counts, examples, make_dataset, make_split, model_input_shape
 from cnnflow.components.data import caching
-from cnnflow.components.data.core import Partition, Records, cache_needs
+from cnnflow.components.data.core import Partition, Records
+from cnnflow.components.data.pipeline import cache_needs
 from cnnflow.flows.setup.config import compose_config
 from cnnflow.flows.train import train_flow
 from cnnflow.components.data.celeba_layout import MALE, write_celeba
