@@ -277,7 +277,7 @@ def test_a_search_outage_past_its_bound_ends_in_one_line_and_the_same_command_co
     again = _search(tmp_path, tracking_server, idx_folder, "train.outage_timeout=5")  # the same command
     out = _finish(again, 600)
     assert again.returncode == 0, out
-    assert "continuing study outage: 1 trials done" in out, out
+    assert "continuing study outage: 1 trial done" in out, out
     states, runs = _trials_in(tracking_server, tmp_path)
     assert states == ["COMPLETE"] * 3
     assert sorted(r.data.tags["search_trial"] for r in runs) == ["0", "1", "2"]
