@@ -99,13 +99,15 @@ def plain(workload: Workload, epochs: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1]) | {"wall_seconds": time.time() - started}
 
 
-def cnnflow_train(overrides: list[str], workdir: Path, env: dict[str, str] | None = None, launcher: list[str] = ()):
+def cnnflow_train(overrides: list[str], workdir: Path, env: dict[str, str] | None = None, launcher: list[str] = (),
+                  python: str = sys.executable):
     """`cnnflow train OVERRIDES` in a new process with its own MLflow store (started through
-    `launcher`, a command that runs the one after it); returns its finished run."""
+    `launcher`, a command that runs the one after it; `python`: the installation that runs it);
+    returns its finished run."""
     from mlflow import MlflowClient
 
     store = f"sqlite:///{workdir / 'mlflow.db'}"
-    out = subprocess.run([*launcher, sys.executable, "-m", "cnnflow.flows.cli", "train", *overrides], cwd=workdir,
+    out = subprocess.run([*launcher, python, "-m", "cnnflow.flows.cli", "train", *overrides], cwd=workdir,
                          env=dict(env or os.environ, MLFLOW_TRACKING_URI=store), capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"cnnflow train {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")

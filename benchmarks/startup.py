@@ -9,6 +9,12 @@ metric), with no Prefect server configured (the flow runs in process) and agains
 server (PREFECT_API_URL, which records the flow run); and the whole `cnnflow predict` of one image.
 A first `cnnflow train`, which measures `auto` precision in a fresh cache folder, is shown apart.
 DIR holds MNIST-format IDX files (default: ../shared/data/fashion-mnist, else generated digits).
+
+    python benchmarks/startup.py --baseline OTHER/bin/python
+
+also alternates `cnnflow train` run by another installation (an earlier commit's code in a virtual
+environment of its own, made with --system-site-packages so every library is the same) and prints
+the paired difference: what a change of cnnflow's own code cost in start-up.
 """
 
 from __future__ import annotations
@@ -51,9 +57,9 @@ def plain_startup(folder: Path) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["startup_seconds"]
 
 
-def cnnflow_startup(folder: Path, workdir: Path, env: dict[str, str]) -> tuple[float, str]:
+def cnnflow_startup(folder: Path, workdir: Path, env: dict[str, str], python: str = sys.executable) -> tuple[float, str]:
     _, run = cnnflow_train(["experiment=mnist", "data.source=idx", f"data.path={folder}", f"data.train_size={TRAIN}",
-                            f"data.valid_size={VALID}", "train.epochs=1", "plots=none"], workdir, env)
+                            f"data.valid_size={VALID}", "train.epochs=1", "plots=none"], workdir, env, python=python)
     return run.data.metrics["startup_seconds"], run.info.run_id
 
 
@@ -87,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", type=Path, default=HERE.parent.parent / "shared" / "data" / "fashion-mnist")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", help="another installation's python: its cnnflow train, alternated with this one's")
     args = parser.parse_args()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
@@ -113,6 +120,8 @@ def main() -> None:
             times["plain"].append(plain_startup(folder))
             seconds, run_id = cnnflow_startup(folder, workdir, env)
             times["in process"].append(seconds)
+            if args.baseline:
+                times.setdefault("baseline", []).append(cnnflow_startup(folder, workdir, env, args.baseline)[0])
             predict = [sys.executable, "-m", "cnnflow.flows.cli", "predict", run_id, str(image)]
             times["predict"].append(seconds_to_run(predict, env, workdir))
         server, url = running_prefect_server(workdir, env)
@@ -128,10 +137,15 @@ def main() -> None:
               "server": "cnnflow train -> first step, running Prefect server",
               "predict": "cnnflow predict, one image, whole command",
               "predict, server": "cnnflow predict, one image, running Prefect server"}
+    if args.baseline:
+        labels["baseline"] = f"cnnflow train -> first step, run by {args.baseline}"
     for key, label in labels.items():
         print(f"{label:<58}{statistics.median(times[key]):>8.1f}   ({', '.join(f'{t:.1f}' for t in times[key])})")
     gap = statistics.median(a - b for a, b in zip(times["in process"], times["plain"]))
     print(f"cnnflow train - plain script, first step (median of paired differences): {gap:+.1f} s")
+    if args.baseline:
+        gap = statistics.median(a - b for a, b in zip(times["in process"], times["baseline"]))
+        print(f"cnnflow train - the baseline's, first step (median of paired differences): {gap:+.1f} s")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ def test_a_sweep_on_a_pool_runs_one_job_on_each_worker(cluster):
     assert [sum(f"done: run {run_id}" in log for run_id in run_ids) for log in logs] == [1, 1]  # one each
 
 
-@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself(cluster, monkeypatch):
     """Nobody resubmits: Prefect hears no heartbeat, marks the run Crashed, resubmits it (flows/orchestration/healing.py),
     and the other worker resumes it from the artifact store, at the step of the newest position the
@@ -126,7 +125,6 @@ def test_a_training_whose_worker_is_killed_resumes_on_the_other_worker_by_itself
     cluster["workers"][worker] = start_worker("box", worker, cluster["root"], cluster["worker_env"])  # as it was
 
 
-@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_worker_stopped_with_sigterm_hands_its_training_back_at_once(cluster):
     """flows/orchestration/worker.py: the training stops cleanly (KILLED), Prefect marks it Crashed and it is
     resubmitted at once, not a heartbeat timeout later; the other worker resumes it."""
@@ -161,7 +159,6 @@ def test_a_worker_stopped_with_sigterm_hands_its_training_back_at_once(cluster):
     cluster["workers"][worker] = start_worker("box", worker, cluster["root"], cluster["worker_env"])
 
 
-@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_run_trained_in_one_folder_is_continued_and_evaluated_from_another(cluster):
     folder_a, folder_b = cluster["root"] / "a", cluster["root"] / "b"
     env = {k: v for k, v in cluster["env"].items() if k != "PREFECT_API_URL"}  # a CLI user: flows run in process

@@ -112,7 +112,6 @@ def _finish(process: subprocess.Popen, timeout: float) -> str:
         kill_tree(process.pid)
 
 
-@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_tracking_server_down_for_half_a_minute_is_ridden_out(tracking_server, tmp_path, idx_folder):
     epochs = 60
     process = _train_against(tmp_path / "user", tracking_server,
@@ -132,7 +131,6 @@ def test_a_tracking_server_down_for_half_a_minute_is_ridden_out(tracking_server,
     assert any(key.startswith("system/") for key in run.data.metrics)
 
 
-@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_positions_uploaded_beside_the_training_ride_out_a_minute_long_outage(tracking_server, tmp_path, monkeypatch):
     """A position every 0.6 s (train.checkpoint_minutes=0.01), several an epoch, goes to the artifact
     store beside the training. The server is down for a minute: the training goes on, its positions
@@ -238,7 +236,6 @@ def _trials_in(server: TrackingServer, folder: Path) -> tuple[list[str], list]:
                                       filter_string="tags.search = 'outage'")
 
 
-@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_search_waits_out_a_tracking_server_outage_between_trials(tracking_server, tmp_path, idx_folder):
     process = _search(tmp_path, tracking_server, idx_folder)
     out = _wait_for_line(process, "search: trial 0 (")  # trial 0 starts ...
@@ -260,7 +257,6 @@ def test_a_search_waits_out_a_tracking_server_outage_between_trials(tracking_ser
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))
 
 
-@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow`
 def test_a_search_outage_past_its_bound_ends_in_one_line_and_the_same_command_continues(tracking_server, tmp_path,
                                                                                         idx_folder):
     process = _search(tmp_path, tracking_server, idx_folder, "train.outage_timeout=5")

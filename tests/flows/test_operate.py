@@ -107,7 +107,6 @@ def start_serving(url, env, cwd, idx):
 
 
 @pytest.mark.cluster  # a real Prefect server and `cnnflow serve`
-@pytest.mark.slow  # by hand, with -m cluster: .ci/run keeps to `cluster and not slow` (the browser test serves too)
 def test_serve_runs_deployments_from_the_api_and_keeps_schedules(prefect_server, tmp_path, monkeypatch):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -150,7 +150,8 @@ def test_stages_add_up_to_one_training_bit_for_bit(prefect_harness, mlflow_store
     assert len(whole[1]["loss"]) == 3
 
 
-@pytest.mark.parametrize("recipe", [pytest.param("mnist", marks=pytest.mark.smoke), "celeba"])
+@pytest.mark.parametrize("recipe", [pytest.param("mnist", marks=pytest.mark.smoke),
+                                    pytest.param("celeba", marks=pytest.mark.slow)])  # ~50 s each; CI runs both
 def test_a_training_stopped_three_ways_ends_as_if_never_stopped(prefect_harness, mlflow_store, tmp_path, recipe):
     """`cnnflow train` stopped with Ctrl-C inside its third epoch or later, the same command stopped with
     SIGTERM inside a later epoch, then with kill -9 inside a later one still, the same command once more:
