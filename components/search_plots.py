@@ -62,7 +62,7 @@ def best_so_far(trials: Trials) -> plt.Figure:
     axis.set(xlabel="epochs spent (all trials)", ylabel=trials.metric,
              title=f"best {trials.metric} against epochs spent\nsearch {trials.study}")
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right" if trials.maximize else "upper right", fontsize=8)
+    axis.legend(loc="best", fontsize=8)  # where it hides the fewest points
     figure.tight_layout()
     return figure
 
@@ -70,7 +70,8 @@ def best_so_far(trials: Trials) -> plt.Figure:
 @register("search_plot", "parameters")
 def parameters(trials: Trials) -> plt.Figure:
     """Each searched setting against the objective, one panel per setting, the best trial starred."""
-    figure, axes = plt.subplots(1, len(trials.log_scale), figsize=(3.6 * len(trials.log_scale), 3.4), squeeze=False)
+    count = len(trials.log_scale)  # one setting still leaves room for the title
+    figure, axes = plt.subplots(1, count, figsize=(max(6.4, 3.6 * count), 3.4 if count > 1 else 4), squeeze=False)
     for axis, (key, log) in zip(axes[0], trials.log_scale.items()):
         _scatter(axis, [(t.params[key], t.value, t.complete) for t in trials.ended], "complete", "pruned (last value)")
         if trials.best:

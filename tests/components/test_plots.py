@@ -35,15 +35,15 @@ CASES = {"classification": ("quickstart", _results(FASHION, (28, 28, 1))),
          "binary": ("celeba", _results(("Female", "Male"), (218, 178, 3)))}
 
 
-def _trials() -> Trials:
-    """Six trials of a two-setting search, the fourth and fifth pruned (the fifth before any report)."""
+def _trials(settings: int) -> Trials:
+    """Six trials of a search of one or two settings, the fourth and fifth pruned (the fifth before any report)."""
     rng = np.random.default_rng(0)
     ended = tuple(Trial(n, n not in (3, 4), None if n == 4 else float(rng.uniform(0.7, 0.95)), int(rng.integers(1, 9)),
                         {"optimizer.learning_rate": float(10 ** rng.uniform(-4, -2)), "model.width": int(rng.integers(16, 64))})
                   for n in range(6))
     best = max((t for t in ended if t.complete), key=lambda t: t.value)
-    return Trials("quickstart-0123abcd", "val_accuracy", True, {"optimizer.learning_rate": True, "model.width": False},
-                  ended, best)
+    log_scale = dict(list({"optimizer.learning_rate": True, "model.width": False}.items())[:settings])
+    return Trials("quickstart-0123abcd", "val_accuracy", True, log_scale, ended, best)
 
 
 def _figures():
@@ -51,7 +51,8 @@ def _figures():
         for label, spec in compose_config(experiment, [f"plots={group}"])["plots"].items():
             yield pytest.param("plot", spec, CASES[group][1], id=f"{group}-{label}")
     for label, spec in compose_config("quickstart", ["search=default"])["search"]["plots"].items():
-        yield pytest.param("search_plot", spec, _trials(), id=f"search-{label}")
+        for settings in (1, 2):
+            yield pytest.param("search_plot", spec, _trials(settings), id=f"search-{label}-{settings} settings")
 
 
 def test_every_registered_plot_is_drawn_by_a_group_of_conf():
