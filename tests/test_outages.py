@@ -248,7 +248,8 @@ def test_a_search_waits_out_a_tracking_server_outage_between_trials(tracking_ser
     assert process.returncode == 0, out
     assert out.count(f"search: the MLflow store {tracking_server.uri} fails") == 1, out
     assert out.count(f"search: the MLflow store {tracking_server.uri} answers again after") == 1, out
-    assert "Traceback" not in out and "failed (" not in out, out
+    # no trial failed ("trial 1 (...): failed (why)"); the lease's heartbeat may say it failed meanwhile
+    assert "Traceback" not in out and ": failed (" not in out, out
     states, runs = _trials_in(tracking_server, tmp_path)
     assert states == ["COMPLETE"] * 3  # none failed and replaced for the outage
     assert sorted(r.data.tags["search_trial"] for r in runs) == ["0", "1", "2"]  # each trained once

@@ -136,7 +136,9 @@ class Lease:
 
         self._stopped.set()
         if self._heartbeat:
-            self._heartbeat.join()
+            # in an outage a beat can sit in MLflow's retries for minutes: not waited for (a daemon
+            # thread), so a command that ends on an outage ends at once
+            self._heartbeat.join(timeout=0 if outage else None)
         if self.generation and not self.lost.is_set() and not outage:
             try:
                 set_tags(self.run_id, {names.LEASE_RELEASED: self.generation})

@@ -2,6 +2,7 @@
 place (the same training) or closes it KILLED, saying why; cnnflow's lock runs never show as running."""
 
 import socket
+import threading
 from pathlib import Path
 
 import mlflow
@@ -113,3 +114,27 @@ def test_a_trial_stopped_by_ctrl_c_says_so_in_its_run_and_stays_the_studys_to_ta
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string="tags.search_trial = '0'")
     assert run.data.tags[names.STATE_TAG] == "stopped (Ctrl-C or SIGTERM); the same search command takes it up in this run"
     assert study.trials[0].state.name == "RUNNING"  # the next command takes it up
+
+
+def test_a_command_ending_on_an_outage_does_not_wait_for_a_heartbeat_stuck_in_retries(mlflow_store, monkeypatch):
+    """An outage past its bound ends the command in one line: its lease's heartbeat, which may sit in
+    MLflow's retries for minutes against a server that is gone, is not waited for (the lease lapses)."""
+    cfg = compose_config("mnist", [])
+    store.use_store(cfg)
+    lease = lifecycle.Lease(MlflowClient().create_run(store.experiment_id(cfg)).info.run_id, timeout=0.2)
+    lease.acquire()  # a beat every 0.05 s
+    beating, server_back = threading.Event(), threading.Event()
+
+    def beat_in_retries():
+        beating.set()
+        server_back.wait(60)
+
+    monkeypatch.setattr(lease, "beat", beat_in_retries)
+    assert beating.wait(10), "no heartbeat began"
+    releasing = threading.Thread(target=lease.release, kwargs={"outage": True})
+    releasing.start()
+    releasing.join(timeout=10)
+    try:
+        assert not releasing.is_alive() and not server_back.is_set(), "release waited for the stuck heartbeat"
+    finally:
+        server_back.set()
