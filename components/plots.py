@@ -4,6 +4,7 @@ arguments) that returns a matplotlib Figure; the flow saves it and logs it to ML
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 
@@ -36,6 +37,22 @@ class Results:
     @property
     def predictions(self) -> np.ndarray:
         return outputs.predicted(self.probabilities)
+
+
+def saved(kind: str, specs: dict, folder: Path, **provided) -> list[Path]:
+    """Each configured figure of `kind` (label -> spec; a null spec is skipped) built with what the
+    flow provides, written to folder/<label>.png: a training's plots and a search's alike."""
+    from cnnflow.components import registry
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for label, spec in specs.items():
+        if spec:
+            figure = registry.build(kind, spec, **provided)
+            paths.append(folder / f"{label}.png")
+            figure.savefig(paths[-1], dpi=110)
+            plt.close(figure)
+    return paths
 
 
 def _show(axis, image: np.ndarray, title: str, color: str = "black") -> None:

@@ -250,30 +250,20 @@ def evaluate_model(cfg: dict[str, Any], split_path: str, model_path: str, run_id
 def plot_results(cfg: dict[str, Any], features: dict[str, Any], split_path: str, run_id: str,
                  output_dir: str) -> list[str]:
     """The configured figures, written to <output>/figures/ and logged to the run's figures/."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
     from cnnflow.components.data import Split, examples
-    from cnnflow.components.plots import Results
+    from cnnflow.components.plots import Results, saved
 
     output = Path(output_dir)
     test = examples(cfg["data"], Split.load(split_path), "test")
     with np.load(output / "predictions.npz") as predictions:
         results = Results(history=json.loads((output / "history.json").read_text()), test=test,
                           probabilities=predictions["probabilities"], class_names=tuple(features["class_names"]))
-    figures_dir = output / "figures"
-    figures_dir.mkdir(exist_ok=True)
-    paths = []
-    for label, spec in cfg["plots"].items():
-        if not spec:
-            continue
-        figure = registry.build("plot", spec, results=results)
-        path = figures_dir / f"{label}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+    paths = saved("plot", cfg["plots"], output / "figures", results=results)
+    for path in paths:
         store.mlflow_client().log_artifact(run_id, str(path), "figures")
-        paths.append(str(path))
-    return paths
+    return [str(path) for path in paths]
 
 
 def _fit_evaluate_plot(cfg: dict[str, Any], run_id: str, output_dir: Path, features: dict[str, Any],

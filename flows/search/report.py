@@ -67,20 +67,9 @@ def table(study, plan: Plan) -> list[dict[str, Any]]:
 
 def figures(study, plan: Plan, folder: Path) -> list[Path]:
     """The search's configured figures (search.plots), written to folder."""
-    import matplotlib.pyplot as plt
+    from cnnflow.components.plots import saved
 
-    from cnnflow.components import registry
-
-    folder.mkdir(parents=True, exist_ok=True)
-    trials = drawn(study, plan)
-    paths = []
-    for label, spec in plan.search["plots"].items():
-        if spec:
-            figure = registry.build("search_plot", spec, trials=trials)
-            paths.append(folder / f"{label}.png")
-            figure.savefig(paths[-1], dpi=110)
-            plt.close(figure)
-    return paths
+    return saved("search_plot", plan.search["plots"], folder, trials=drawn(study, plan))
 
 
 def drawn(study, plan: Plan):

@@ -239,7 +239,7 @@ def _settings_error(error: Exception, experiment: str, overrides: list[str]) -> 
     if isinstance(error, OverrideParseException):
         parsed_overrides(overrides)  # raises the line naming the override
 
-    groups = [o for o in overrides if re.match(r"^\w+=", o) and o.split("=")[0] in GROUPS]  # search=..., plots=...
+    groups = [o for o in overrides if o.partition("=")[0] in GROUPS]  # search=..., plots=...
     unknown = compat.unknown_override_key(error)
     if unknown:
         return SettingsError(settings.unknown_key(unknown, settings.known_keys(compose_config(experiment, groups))))
